@@ -1,0 +1,109 @@
+"""Foundry configuration, read from environment variables (prefix ``FOUNDRY_``).
+
+One table of every setting lives in README.md ("Configuration"); keep the two in step.
+The embedded default needs none of them: everything lives under ``FOUNDRY_DATA_DIR``
+(``./.foundry``), the broker is kombu's ``filesystem://`` transport and the ledger is SQLite.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+JOB_KINDS = ("review", "retrain", "quantize", "distill", "index")
+
+# Default price table: money per 1k tokens and per GPU/CPU second. Override with FOUNDRY_PRICE_TABLE
+# (a JSON object or a path to a JSON file). Keys: "default" and optionally one per model id.
+DEFAULT_PRICES = {
+    "version": "2026-11-default",
+    "currency": "USD",
+    "default": {"prompt_per_1k": 0.0005, "completion_per_1k": 0.0015, "gpu_second": 0.0008, "cpu_second": 0.00002},
+}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FOUNDRY_", extra="ignore")
+
+    data_dir: Path = Field(Path(".foundry"), description="Root of every file Foundry writes (ledger, broker, models, artifacts).")
+    broker_url: str = Field("", description="Celery broker URL; empty = embedded filesystem broker under data_dir/broker.")
+    result_backend: str = Field("", description="Celery result backend; empty = same Redis as the broker, or a file backend when embedded.")
+    database_url: str = Field("", description="SQLAlchemy URL of the ledger; empty = sqlite under data_dir/ledger.db.")
+
+    base_model: str = Field("", description="Base causal LM: a Hugging Face id or local path; empty = the prepared embedded SmolLM2.")
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'.")
+
+    longest_job_s: int = Field(6 * 3600, description="Longest job the deployment runs; the broker visibility timeout is set above it.")
+    max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it is dead-lettered.")
+    time_limits: dict[str, int] = Field(
+        default_factory=lambda: {"review": 600, "retrain": 4 * 3600, "quantize": 2 * 3600, "distill": 4 * 3600, "index": 3600, "noop": 300},
+        description="Per-kind hard time limit in seconds (enforced by Foundry, also under the solo pool).",
+    )
+    heartbeat_s: float = Field(10.0, description="How often a running job refreshes its heartbeat in the ledger.")
+    stale_after_s: float = Field(60.0, description="A running job whose heartbeat is older than this is presumed lost.")
+    worker_max_memory_mb: int = Field(0, description="Warm-restart a worker whose RSS exceeds this after a job (0 = off).")
+    retry_backoff_s: float = Field(2.0, description="Base of the exponential backoff for transient errors.")
+    retry_backoff_max_s: float = Field(300.0, description="Cap of that backoff.")
+
+    price_table: str = Field("", description="JSON object or path to a JSON file with prices; empty = built-in table.")
+    max_review_bytes: int = Field(200_000, description="Largest code/diff a review accepts.")
+    review_batch_size: int = Field(8, description="Review jobs a worker drains into one generation batch.")
+    allow_fault_injection: bool = Field(False, description="Lets noop jobs crash/exit on purpose (tests and benchmarks only).")
+    log_json: bool = Field(False, description="Structured JSON logs.")
+
+    @field_validator("time_limits", mode="before")
+    @classmethod
+    def _parse_limits(cls, v):
+        if isinstance(v, str):
+            v = json.loads(v)
+        return v
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def embedded(self) -> bool:
+        return not self.broker_url or self.broker_url.startswith("filesystem://")
+
+    @property
+    def ledger_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'ledger.db').resolve()}"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Seconds before Redis redelivers an unacknowledged message: above the longest job."""
+        return int(self.longest_job_s * 1.25) + 60
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    def base_model_ref(self) -> str:
+        return self.base_model or str((self.models_dir / "smollm2-135m-instruct").resolve())
+
+    def prices(self) -> dict:
+        if not self.price_table:
+            return DEFAULT_PRICES
+        text = self.price_table
+        if not text.lstrip().startswith("{"):
+            text = Path(text).read_text()
+        return json.loads(text)
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests change the environment)."""
+    get_settings.cache_clear()

@@ -1,0 +1,80 @@
+"""Engines and sessions for the ledger, created lazily per process (safe under forking workers)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+_lock = threading.Lock()
+_engines: dict[tuple[int, str], tuple[Engine, sessionmaker]] = {}
+
+
+def _sqlite_pragmas(dbapi_conn, _record):
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def get_engine(url: str | None = None) -> Engine:
+    return _get(url)[0]
+
+
+def _get(url: str | None) -> tuple[Engine, sessionmaker]:
+    if url is None:
+        from domain.config import get_settings
+
+        url = get_settings().ledger_url
+    key = (os.getpid(), url)
+    with _lock:
+        hit = _engines.get(key)
+        if hit:
+            return hit
+        if url.startswith("sqlite"):
+            path = url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+            event.listen(engine, "connect", _sqlite_pragmas)
+        else:
+            engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, pool_recycle=1800)
+        made = (engine, sessionmaker(engine, expire_on_commit=False))
+        _engines[key] = made
+        return made
+
+
+@contextmanager
+def session_scope(url: str | None = None) -> Iterator[Session]:
+    """A transaction: commits on success, rolls back on error."""
+    factory = _get(url)[1]
+    with factory() as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+def dispose_all() -> None:
+    """Drop this process's connections (call after fork, and in tests between databases)."""
+    with _lock:
+        for (pid, _), (engine, _) in list(_engines.items()):
+            if pid == os.getpid():
+                engine.dispose()
+        _engines.clear()
+
+
+def create_all(url: str | None = None) -> None:
+    """Bring the schema to the newest migration (``alembic upgrade head``) programmatically."""
+    from domain.ledger.migrate import upgrade
+
+    upgrade(url)

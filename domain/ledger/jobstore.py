@@ -1,0 +1,225 @@
+"""Ledger writes for a job's life: enqueue, claim an attempt, progress, finish, reject, dead-letter.
+
+Exactly-once bookkeeping rests on three rules:
+1. ``claim`` runs in one transaction holding the job row lock; it refuses to run a job that already
+   reached a final status, and dead-letters one that was delivered ``max_attempts`` times already.
+2. ``finish_success`` writes the result, the usage cost (unique per job) and the handler's own rows in
+   one transaction, and only if this attempt still owns the job.
+3. The broker message is acknowledged after that commit (Celery ``acks_late``): a crash before it
+   redelivers the message, and the redelivery finds the job either final (skipped) or unfinished (run).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from domain.ledger.db import session_scope
+from domain.ledger.models import FINAL_STATUSES, Job, JobAttempt, Tenant, UsageCost, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def _aware(ts: datetime | None) -> datetime | None:
+    if ts is not None and ts.tzinfo is None:  # SQLite hands back naive datetimes
+        return ts.replace(tzinfo=timezone.utc)
+    return ts
+
+
+@dataclass
+class Claim:
+    run: bool
+    attempt: int = 0
+    status: str = ""
+    reason: str = ""
+    result: dict | None = None
+    busy: bool = False  # another live worker is running it: come back later
+    extra: dict = field(default_factory=dict)
+
+
+def record_enqueued(job_id: str, kind: str, tenant: str, payload: dict, *, idempotency_key: str | None,
+                    priority: int, queue: str, max_attempts: int, created_by: str,
+                    parent_job_id: str | None = None, url: str | None = None) -> tuple[str, bool]:
+    """Insert the queued row before the message is sent. Returns (job_id, created); an existing job
+    with the same idempotency key is returned instead of a new one."""
+    if idempotency_key:
+        with session_scope(url) as s:
+            existing = s.scalar(select(Job.id).where(Job.tenant_id == tenant, Job.kind == kind,
+                                                     Job.idempotency_key == idempotency_key))
+            if existing:
+                return existing, False
+    try:
+        with session_scope(url) as s:
+            s.add(Job(id=job_id, kind=kind, tenant_id=tenant, payload=payload, idempotency_key=idempotency_key,
+                      priority=priority, queue=queue, max_attempts=max_attempts, status="queued",
+                      created_by=created_by, parent_job_id=parent_job_id))
+    except IntegrityError:
+        with session_scope(url) as s:
+            existing = s.scalar(select(Job.id).where(Job.tenant_id == tenant, Job.kind == kind,
+                                                     Job.idempotency_key == idempotency_key))
+        if existing:
+            return existing, False
+        raise
+    return job_id, True
+
+
+def mark_enqueue_failed(job_id: str, error: str, url: str | None = None) -> None:
+    with session_scope(url) as s:
+        s.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
+                  .values(status="failed", error=error, error_code="broker_unreachable", finished_at=utcnow()))
+
+
+def record_rejected(job_id: str, kind: str, payload: Any, error: str, *, field_name: str | None, code: str = "invalid",
+                    worker: str | None = None, url: str | None = None) -> None:
+    """A malformed or refused job: recorded ``rejected`` with the reason; never retried."""
+    body = payload if isinstance(payload, dict) else {"raw": repr(payload)[:10_000]}
+    tenant = body.get("tenant") if isinstance(body.get("tenant"), str) else "default"
+    now = utcnow()
+    with session_scope(url) as s:
+        job = s.get(Job, job_id, with_for_update=True)
+        if job is None:
+            job = Job(id=job_id, kind=kind, tenant_id=str(tenant)[:64], payload=body, status="queued",
+                      created_by="foreign", idempotency_key=None)
+            s.add(job)
+            s.flush()
+        if job.status in FINAL_STATUSES:
+            return
+        job.status, job.error, job.error_code = "rejected", error, code
+        job.finished_at = now
+        job.worker = worker
+        job.progress_info = {**(job.progress_info or {}), "rejected_field": field_name}
+        job.attempts += 1
+        s.add(JobAttempt(job_id=job_id, attempt=job.attempts, worker=worker, started_at=now, finished_at=now,
+                         outcome="rejected", error=error))
+
+
+def tenant_exists(tenant: str, url: str | None = None) -> bool:
+    with session_scope(url) as s:
+        return s.get(Tenant, tenant) is not None
+
+
+def claim(job_id: str, kind: str, tenant: str, payload: dict, worker: str, *, max_attempts: int,
+          stale_after_s: float, priority: int = 5, idempotency_key: str | None = None,
+          url: str | None = None) -> Claim:
+    """Start an attempt of a job, or say why not (already final, dead-lettered, busy elsewhere)."""
+    now = utcnow()
+    with session_scope(url) as s:
+        job = s.get(Job, job_id, with_for_update=True)
+        if job is None:  # sent by a producer that does not write the ledger (another language)
+            dup = _find_idempotent(s, tenant, kind, idempotency_key)
+            if dup is not None:
+                return Claim(run=False, status=dup.status, reason=f"duplicate of job {dup.id} (idempotency key)",
+                             result=dup.result, extra={"duplicate_of": dup.id})
+            job = Job(id=job_id, kind=kind, tenant_id=tenant, payload=payload, status="queued", priority=priority,
+                      idempotency_key=idempotency_key, max_attempts=max_attempts, created_by="foreign")
+            s.add(job)
+            try:
+                s.flush()
+            except IntegrityError:
+                s.rollback()
+                return claim(job_id, kind, tenant, payload, worker, max_attempts=max_attempts,
+                             stale_after_s=stale_after_s, priority=priority, idempotency_key=idempotency_key, url=url)
+        if job.status in FINAL_STATUSES:
+            return Claim(run=False, status=job.status, reason=f"already {job.status}", result=job.result)
+        if job.status == "running":
+            beat = _aware(job.heartbeat_at)
+            fresh = beat is not None and (now - beat).total_seconds() < stale_after_s
+            same_node_restarted = job.worker and job.worker.split(":")[0] == worker.split(":")[0] and job.worker != worker
+            if fresh and not same_node_restarted:
+                return Claim(run=False, status="running", busy=True,
+                             reason=f"running on {job.worker} (heartbeat {int((now - beat).total_seconds())}s ago)")
+            # the previous attempt is lost: its worker died without a word
+            s.execute(update(JobAttempt).where(JobAttempt.job_id == job_id, JobAttempt.outcome.is_(None))
+                      .values(outcome="lost", finished_at=now, error=f"worker {job.worker} lost"))
+        limit = job.max_attempts or max_attempts
+        if job.attempts >= limit:
+            last = job.error or "worker lost during the job"
+            job.status, job.error_code, job.finished_at = "dead", "max_attempts", now
+            job.error = f"dead-lettered after {job.attempts} attempts; last error: {last}"
+            s.add(JobAttempt(job_id=job_id, attempt=job.attempts + 1, worker=worker, started_at=now, finished_at=now,
+                             outcome="dead", error=job.error))
+            return Claim(run=False, status="dead", reason=job.error)
+        job.attempts += 1
+        job.status, job.worker, job.heartbeat_at = "running", worker, now
+        job.started_at = job.started_at or now
+        s.add(JobAttempt(job_id=job_id, attempt=job.attempts, worker=worker, started_at=now))
+        return Claim(run=True, attempt=job.attempts, status="running")
+
+
+def _find_idempotent(s: Session, tenant: str, kind: str, key: str | None) -> Job | None:
+    if not key:
+        return None
+    return s.scalar(select(Job).where(Job.tenant_id == tenant, Job.kind == kind, Job.idempotency_key == key))
+
+
+def heartbeat(job_ids: list[str], url: str | None = None) -> None:
+    if not job_ids:
+        return
+    with session_scope(url) as s:
+        s.execute(update(Job).where(Job.id.in_(job_ids), Job.status == "running").values(heartbeat_at=utcnow()))
+
+
+def record_progress(job_id: str, fraction: float | None, info: dict, url: str | None = None) -> None:
+    values: dict = {"heartbeat_at": utcnow(), "progress_info": info}
+    if fraction is not None:
+        values["progress"] = max(0.0, min(1.0, float(fraction)))
+    with session_scope(url) as s:
+        s.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(**values))
+
+
+def finish_success(job_id: str, attempt: int, worker: str, result: dict, *, usage: dict | None = None,
+                   commit: Callable[[Session], dict | None] | None = None, url: str | None = None) -> bool:
+    """Record success, usage cost and the handler's rows atomically. False if this attempt no longer owns
+    the job (another delivery took it over): then nothing is written."""
+    now = utcnow()
+    with session_scope(url) as s:
+        job = s.get(Job, job_id, with_for_update=True)
+        if job is None or job.status != "running" or job.attempts != attempt:
+            log.warning("job %s: attempt %s lost ownership (status %s, attempts %s); result dropped",
+                        job_id, attempt, getattr(job, "status", None), getattr(job, "attempts", None))
+            return False
+        if commit is not None:
+            extra = commit(s)
+            if extra:
+                result = {**result, **extra}
+        if usage is not None:
+            s.add(UsageCost(job_id=job_id, tenant_id=job.tenant_id, kind=job.kind, **usage))
+        job.status, job.result, job.finished_at = "succeeded", result, now
+        job.progress, job.error, job.error_code = 1.0, None, None
+        _close_attempt(s, job_id, attempt, "succeeded", None, now)
+        return True
+
+
+def finish_failure(job_id: str, attempt: int, error: str, code: str, *, final_status: str = "failed",
+                   url: str | None = None) -> None:
+    """``failed``/``rejected`` end the job; ``retry``/``interrupted`` put it back to ``queued`` for the next delivery."""
+    now = utcnow()
+    with session_scope(url) as s:
+        job = s.get(Job, job_id, with_for_update=True)
+        if job is None or job.status != "running" or job.attempts != attempt:
+            return
+        job.error, job.error_code = error, code
+        if final_status in ("retry", "interrupted"):
+            job.status = "queued"
+            if final_status == "interrupted":  # a soft stop is not the job's fault: it does not use up an attempt
+                job.attempts -= 1
+        else:
+            job.status, job.finished_at = final_status, now
+        _close_attempt(s, job_id, attempt, final_status, error, now)
+
+
+def _close_attempt(s: Session, job_id: str, attempt: int, outcome: str, error: str | None, now: datetime) -> None:
+    s.execute(update(JobAttempt).where(JobAttempt.job_id == job_id, JobAttempt.attempt == attempt)
+              .values(outcome=outcome, error=error, finished_at=now))
+
+
+def stale_running_jobs(stale_after_s: float, url: str | None = None) -> list[Job]:
+    cutoff = utcnow() - timedelta(seconds=stale_after_s)
+    with session_scope(url) as s:
+        return list(s.scalars(select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff)))

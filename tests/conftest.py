@@ -1,0 +1,126 @@
+"""Shared fixtures.
+
+Integration tests use the real Redis and PostgreSQL of the machine. Point them elsewhere with
+FOUNDRY_TEST_REDIS_URL (default redis://127.0.0.1:6379/15) and FOUNDRY_TEST_DATABASE_URL (an admin URL,
+default postgresql+psycopg://postgres@127.0.0.1:5432/postgres; a fresh database is created per run).
+If they are unreachable the integration tests fail loudly; FOUNDRY_SKIP_INTEGRATION=1 skips them instead.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from domain.config import reset_settings
+from domain.ledger import db as ledger_db
+from domain.ledger.models import Base, Tenant
+
+REDIS_URL = os.environ.get("FOUNDRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+PG_ADMIN_URL = os.environ.get("FOUNDRY_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+SKIP_INTEGRATION = os.environ.get("FOUNDRY_SKIP_INTEGRATION") == "1"
+
+
+def _service_or_fail(what: str, err: Exception):
+    if SKIP_INTEGRATION:
+        pytest.skip(f"{what} unavailable and FOUNDRY_SKIP_INTEGRATION=1: {err}")
+    pytest.fail(f"{what} is not reachable ({err}); start it or set FOUNDRY_SKIP_INTEGRATION=1", pytrace=False)
+
+
+def use_ledger(monkeypatch, url: str, data_dir) -> str:
+    """Point Foundry (settings + engines) at this ledger and data folder for one test."""
+    monkeypatch.setenv("FOUNDRY_DATABASE_URL", url)
+    monkeypatch.setenv("FOUNDRY_DATA_DIR", str(data_dir))
+    reset_settings()
+    ledger_db.dispose_all()
+    return url
+
+
+def add_tenant(url: str, tenant: str = "acme", **budgets) -> str:
+    with ledger_db.session_scope(url) as s:
+        if s.get(Tenant, tenant) is None:
+            s.add(Tenant(id=tenant, display_name=tenant, **budgets))
+    return tenant
+
+
+@pytest.fixture
+def sqlite_ledger(tmp_path, monkeypatch) -> str:
+    """A migrated SQLite ledger in a temporary data folder (no services needed)."""
+    from domain.ledger.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    use_ledger(monkeypatch, url, tmp_path)
+    upgrade(url)
+    yield url
+    ledger_db.dispose_all()
+    reset_settings()
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> str:
+    """A fresh PostgreSQL database for this test run, migrated to head; dropped at the end."""
+    from domain.ledger.migrate import upgrade
+
+    name = f"foundry_test_{uuid.uuid4().hex[:8]}"
+    try:
+        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001
+        _service_or_fail("PostgreSQL", exc)
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    upgrade(url)
+    yield url
+    ledger_db.dispose_all()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def pg_ledger(pg_database, tmp_path, monkeypatch) -> str:
+    """The run's PostgreSQL ledger, emptied, with Foundry pointed at it."""
+    eng = create_engine(pg_database)
+    with eng.begin() as conn:
+        names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+        conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    eng.dispose()
+    use_ledger(monkeypatch, pg_database, tmp_path)
+    yield pg_database
+    ledger_db.dispose_all()
+    reset_settings()
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The test Redis database, flushed."""
+    import redis
+
+    try:
+        r = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+        r.flushdb()
+    except Exception as exc:  # noqa: BLE001
+        _service_or_fail("Redis", exc)
+    yield REDIS_URL
+    r.flushdb()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from domain.models import tiny_tokenizer as make
+
+    return make()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny random Llama model saved to disk, loadable by path like any real model."""
+    from domain.models import tiny_model
+
+    d = tmp_path_factory.mktemp("tiny-model")
+    model = tiny_model(tiny_tokenizer)
+    model.save_pretrained(d, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(d)
+    return d
