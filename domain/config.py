@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'.")
 
     longest_job_s: int = Field(6 * 3600, description="Longest job the deployment runs; the broker visibility timeout is set above it.")
+    visibility_timeout_s: int = Field(0, description="Redis visibility timeout; 0 = derived from longest_job_s (1.25x + 60 s).")
+    restore_interval_s: int = Field(10, description="How often a Redis worker re-queues unacknowledged messages past the visibility timeout.")
     max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it is dead-lettered.")
     time_limits: dict[str, int] = Field(
         default_factory=lambda: {"review": 600, "retrain": 4 * 3600, "quantize": 2 * 3600, "distill": 4 * 3600, "index": 3600, "noop": 300},
@@ -77,7 +79,7 @@ class Settings(BaseSettings):
     @property
     def visibility_timeout(self) -> int:
         """Seconds before Redis redelivers an unacknowledged message: above the longest job."""
-        return int(self.longest_job_s * 1.25) + 60
+        return self.visibility_timeout_s or int(self.longest_job_s * 1.25) + 60
 
     @property
     def models_dir(self) -> Path:

@@ -1,0 +1,119 @@
+"""Real Celery worker processes for integration tests.
+
+    env = worker_env(redis_url, pg_ledger, tmp_path)
+    with running_worker(env, queues=["control"]) as w:
+        ...
+        w.kill()            # SIGKILL, like an OOM kill
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def worker_env(broker_url: str, database_url: str, data_dir, **extra) -> dict:
+    """Environment for a worker (and for the test process's client: apply it with monkeypatch too)."""
+    env = {
+        "FOUNDRY_BROKER_URL": broker_url,
+        "FOUNDRY_RESULT_BACKEND": broker_url,
+        "FOUNDRY_DATABASE_URL": database_url,
+        "FOUNDRY_DATA_DIR": str(data_dir),
+        "FOUNDRY_ALLOW_FAULT_INJECTION": "1",
+        "FOUNDRY_HEARTBEAT_S": "1",
+        "FOUNDRY_STALE_AFTER_S": "5",
+        "FOUNDRY_VISIBILITY_TIMEOUT_S": "4",
+        "FOUNDRY_RESTORE_INTERVAL_S": "1",
+        "FOUNDRY_RETRY_BACKOFF_S": "0.2",
+        "FOUNDRY_RETRY_BACKOFF_MAX_S": "1",
+    }
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def apply_env(monkeypatch, env: dict) -> None:
+    from domain.config import reset_settings
+    from domain.ledger import db
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    reset_settings()
+    db.dispose_all()
+
+
+class WorkerProcess:
+    def __init__(self, proc: subprocess.Popen, log: Path, name: str):
+        self.proc, self.log, self.name = proc, log, name
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (process group): no cleanup, no ack, like an OOM kill."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 30) -> None:
+        if not self.alive():
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        except ProcessLookupError:
+            pass
+
+
+def start_worker(env: dict, queues=("control",), pool: str = "solo", concurrency: int = 1, name: str | None = None,
+                 log_dir: Path | None = None, ready_timeout: float = 90) -> WorkerProcess:
+    name = name or f"test-{uuid.uuid4().hex[:6]}@%h"
+    log_dir = Path(log_dir or env.get("FOUNDRY_DATA_DIR", "/tmp"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"worker-{uuid.uuid4().hex[:6]}.log"
+    cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", ",".join(queues),
+           "-P", pool, "-c", str(concurrency), "-n", name, "--without-gossip", "--without-mingle",
+           "--without-heartbeat", "-l", "INFO"]
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    w = WorkerProcess(proc, log, name)
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if " ready." in w.output():
+            return w
+        if not w.alive():
+            raise RuntimeError(f"worker exited during start:\n{w.output()[-4000:]}")
+        time.sleep(0.2)
+    w.kill()
+    raise RuntimeError(f"worker not ready after {ready_timeout}s:\n{w.output()[-4000:]}")
+
+
+@contextmanager
+def running_worker(env: dict, queues=("control",), pool: str = "solo", concurrency: int = 1, name: str | None = None,
+                   log_dir: Path | None = None):
+    w = start_worker(env, queues, pool, concurrency, name, log_dir)
+    try:
+        yield w
+    finally:
+        w.stop()
+        if os.environ.get("FOUNDRY_TEST_SHOW_WORKER_LOG"):
+            print(w.output()[-6000:])

@@ -1,0 +1,96 @@
+"""The Celery application, configured for long GPU jobs (see docs/operations.md).
+
+- acks_late + reject_on_worker_lost: a job whose worker dies is redelivered; the ledger's attempt counter
+  dead-letters it after ``FOUNDRY_MAX_ATTEMPTS`` deliveries instead of looping.
+- Redis visibility_timeout above the longest job, identical for the broker and the result backend.
+- prefetch 1, JSON only, explicitly named tasks routed to one queue per kind.
+- Embedded default: kombu's filesystem:// transport and a file result backend under FOUNDRY_DATA_DIR.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from domain.config import JOB_KINDS, Settings, get_settings
+
+QUEUES = (*JOB_KINDS, "control")  # control: noop/benchmark jobs, schedule ticks
+# Which queues each worker flavour consumes (docker-compose and `foundry worker` use these).
+GPU_QUEUES = ("review", "retrain", "quantize", "distill")
+CPU_QUEUES = ("index", "control")
+
+
+def queue_for(kind: str) -> str:
+    return kind if kind in JOB_KINDS else "control"
+
+
+def broker_settings(settings: Settings) -> tuple[str, dict, str]:
+    """(broker_url, broker_transport_options, result_backend) for these settings."""
+    if settings.embedded:
+        base = settings.broker_dir.resolve()
+        for sub in ("queue", "processed", "control", "results"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        options = {
+            "data_folder_in": str(base / "queue"),
+            "data_folder_out": str(base / "queue"),
+            "processed_folder": str(base / "processed"),
+            "store_processed": False,
+            "control_folder": str(base / "control"),
+        }
+        backend = settings.result_backend or f"file://{base / 'results'}"
+        return "filesystem://", options, backend
+    options = {
+        "visibility_timeout": settings.visibility_timeout,
+        "queue_order_strategy": "priority",
+        "priority_steps": list(range(10)),
+        "sep": ":",
+        "unacked_restore_interval": settings.restore_interval_s,
+        "unacked_restore_throttle": 1,
+        "socket_timeout": 30,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 25,
+    }
+    return settings.broker_url, options, settings.result_backend or settings.broker_url
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    broker, options, backend = broker_settings(settings)
+    app = Celery("foundry", broker=broker, backend=backend, include=["worker.tasks"])
+    exchange = Exchange("foundry", type="direct")
+    app.conf.update(
+        task_queues=[Queue(q, exchange, routing_key=q) for q in QUEUES],
+        task_default_queue="control",
+        task_default_exchange="foundry",
+        task_routes={f"foundry.{k}": {"queue": k, "routing_key": k} for k in JOB_KINDS}
+        | {"foundry.noop": {"queue": "control", "routing_key": "control"},
+           "foundry.schedule_tick": {"queue": "control", "routing_key": "control"}},
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=options,
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout} if not settings.embedded else {},
+        result_expires=7 * 24 * 3600,
+        task_track_started=True,
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        task_default_priority=5,
+        task_inherit_parent_priority=True,
+        broker_heartbeat=10,
+        timezone="UTC",
+        enable_utc=True,
+        beat_schedule={
+            "retrain-schedules": {"task": "foundry.schedule_tick", "schedule": 60.0, "options": {"expires": 55}},
+        },
+    )
+    return app
+
+
+app = make_celery()

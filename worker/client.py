@@ -1,0 +1,136 @@
+"""The Python producer API. Needs no model code: only the specs, the ledger and a broker connection.
+
+    from worker.client import enqueue_review, wait
+    job_id = enqueue_review("def add(a, b):\n    return a - b\n", tenant="acme", path="calc.py")
+    print(wait(job_id)["status"])
+
+Each enqueue validates the body (a bad one raises ``InvalidJob`` naming the field and is recorded
+``rejected``), writes the ``queued`` ledger row, then sends the message (after the commit). A broker that
+cannot be reached raises ``EnqueueError`` and the row is marked failed with the reason, so nothing is lost
+silently. The same idempotency key (per tenant and kind) returns the first job instead of a new one.
+"""
+
+from __future__ import annotations
+
+import getpass
+import socket
+import time
+import uuid
+from typing import Any
+
+from domain.config import get_settings
+from domain.errors import InvalidJob
+from domain.ledger import jobstore
+from domain.ledger.db import session_scope
+from domain.ledger.models import FINAL_STATUSES, Job
+from domain.specs import JobSpec, parse_spec
+
+
+class EnqueueError(RuntimeError):
+    """The broker could not take the job (it is recorded failed with this reason)."""
+
+
+def _producer() -> str:
+    try:
+        return f"client:{getpass.getuser()}@{socket.gethostname()}"
+    except Exception:  # noqa: BLE001
+        return "client"
+
+
+_apps: dict = {}
+
+
+def celery_app():
+    """A Celery app for the current settings (cached; tests and tools may change the environment)."""
+    from worker.celery_app import make_celery
+
+    settings = get_settings()
+    key = (settings.broker_url, settings.result_backend, str(settings.data_dir))
+    if key not in _apps:
+        _apps[key] = make_celery(settings)
+    return _apps[key]
+
+
+def enqueue(kind: str, body: dict | JobSpec, *, job_id: str | None = None, parent_job_id: str | None = None,
+            created_by: str | None = None, countdown: float | None = None) -> str:
+    """Validate, record and send one job. Returns its job id (the first job's, for a repeated idempotency key)."""
+    from worker.celery_app import queue_for
+
+    settings = get_settings()
+    job_id = job_id or uuid.uuid4().hex
+    raw = body.model_dump(mode="json") if isinstance(body, JobSpec) else body
+    try:
+        spec = parse_spec(kind, raw)
+    except InvalidJob as exc:
+        jobstore.record_rejected(job_id, kind, raw, str(exc), field_name=exc.field, worker=created_by or _producer())
+        raise
+    payload = spec.model_dump(mode="json")
+    queue = queue_for(kind)
+    job_id, created = jobstore.record_enqueued(
+        job_id, kind, spec.tenant, payload, idempotency_key=spec.idempotency_key, priority=spec.priority,
+        queue=queue, max_attempts=settings.max_attempts, created_by=created_by or _producer(),
+        parent_job_id=parent_job_id)
+    if not created:
+        return job_id
+    try:
+        celery_app().send_task(f"foundry.{kind}", args=[payload], task_id=job_id, queue=queue, routing_key=queue,
+                               priority=spec.priority, countdown=countdown, retry=True,
+                               retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5,
+                                             "interval_max": 2.0})
+    except Exception as exc:  # noqa: BLE001 - kombu raises many connection error types
+        reason = f"broker unreachable: {type(exc).__name__}: {exc}"
+        jobstore.mark_enqueue_failed(job_id, reason)
+        raise EnqueueError(f"job {job_id} not enqueued ({reason}); it is recorded as failed") from exc
+    return job_id
+
+
+def enqueue_review(code: str, *, tenant: str = "default", **fields: Any) -> str:
+    return enqueue("review", {"code": code, "tenant": tenant, **fields})
+
+
+def enqueue_retrain(*, tenant: str = "default", **fields: Any) -> str:
+    return enqueue("retrain", {"tenant": tenant, **fields})
+
+
+def enqueue_quantize(*, tenant: str = "default", method: str = "nf4", **fields: Any) -> str:
+    return enqueue("quantize", {"tenant": tenant, "method": method, **fields})
+
+
+def enqueue_distill(*, tenant: str = "default", **fields: Any) -> str:
+    return enqueue("distill", {"tenant": tenant, **fields})
+
+
+def enqueue_index(documents: list[dict] | None = None, *, tenant: str = "default", action: str = "add",
+                  **fields: Any) -> str:
+    return enqueue("index", {"tenant": tenant, "action": action, "documents": documents or [], **fields})
+
+
+def job_status(job_id: str) -> dict | None:
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            return None
+        return {"id": job.id, "kind": job.kind, "tenant": job.tenant_id, "status": job.status,
+                "attempts": job.attempts, "progress": job.progress, "progress_info": job.progress_info,
+                "result": job.result, "error": job.error, "error_code": job.error_code, "worker": job.worker}
+
+
+def wait(job_id: str, timeout: float = 600.0, poll: float = 0.2) -> dict:
+    """Block until the job reaches a final status (succeeded/failed/rejected/dead); returns job_status()."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = job_status(job_id)
+        if status and status["status"] in FINAL_STATUSES:
+            return status
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} still {status and status['status']} after {timeout} s")
+        time.sleep(poll)
+
+
+def feedback(review_id: str, verdict: str, correction: str | None = None, *, tenant: str | None = None,
+             created_by: str | None = None) -> str:
+    """Record a user's verdict on a review (accept/reject, optional corrected review). Returns the feedback id."""
+    from domain.feedback import record_feedback
+
+    return record_feedback(review_id, verdict, correction=correction, tenant=tenant,
+                           created_by=created_by or _producer())

@@ -1,0 +1,86 @@
+"""The five job tasks (plus noop and the beat tick). Each only maps Celery onto domain.jobs.execute.
+
+Message: ``foundry.<kind>`` with the job body (a JSON object, see docs/messages.md) as the single
+positional argument (keyword arguments are accepted as the body too). The Celery task id is the job id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from celery import Task
+from celery.exceptions import Reject
+
+from domain import jobs
+from worker import signals  # noqa: F401  (worker lifecycle: health events, soft stop, memory recycling)
+from worker.celery_app import app
+
+log = logging.getLogger(__name__)
+
+
+class FoundryTask(Task):
+    acks_late = True
+    reject_on_worker_lost = True
+    max_retries = None  # bounded by the ledger's attempt counter (FOUNDRY_MAX_ATTEMPTS), not by Celery
+    typing = False  # any body shape reaches execute(), which rejects a malformed one with the field named
+
+
+def worker_id(task: Task) -> str:
+    return f"{task.request.hostname or 'worker'}:{os.getpid()}"
+
+
+def run(task: Task, kind: str, body, extra: dict) -> dict:
+    if body is None and extra:
+        body, extra = extra, {}
+    elif extra:
+        body = {**body, **extra} if isinstance(body, dict) else body
+    try:
+        return jobs.execute(kind, task.request.id, body, worker_id(task))
+    except jobs.RetryLater as exc:
+        raise task.retry(countdown=exc.countdown, max_retries=None, exc=RuntimeError(str(exc)))
+    except jobs.SoftStop:
+        raise Reject("worker stopping: job requeued from its last checkpoint", requeue=True)
+
+
+@app.task(name="foundry.review", base=FoundryTask, bind=True)
+def review(self, body=None, **extra):
+    return run(self, "review", body, extra)
+
+
+@app.task(name="foundry.retrain", base=FoundryTask, bind=True)
+def retrain(self, body=None, **extra):
+    return run(self, "retrain", body, extra)
+
+
+@app.task(name="foundry.quantize", base=FoundryTask, bind=True)
+def quantize(self, body=None, **extra):
+    return run(self, "quantize", body, extra)
+
+
+@app.task(name="foundry.distill", base=FoundryTask, bind=True)
+def distill(self, body=None, **extra):
+    return run(self, "distill", body, extra)
+
+
+@app.task(name="foundry.index", base=FoundryTask, bind=True)
+def index(self, body=None, **extra):
+    return run(self, "index", body, extra)
+
+
+@app.task(name="foundry.noop", base=FoundryTask, bind=True)
+def noop(self, body=None, **extra):
+    return run(self, "noop", body, extra)
+
+
+@app.task(name="foundry.schedule_tick", bind=True, acks_late=False, ignore_result=True)
+def schedule_tick(self):
+    """Beat's one entry: enqueue the retrains whose schedule is due (leader-locked in the ledger)."""
+    from domain.adapters import schedule
+    from domain.ledger.models import utcnow
+    from worker.client import enqueue
+
+    def _enqueue(kind: str, body: dict, parent_job_id: str | None = None) -> str:
+        return enqueue(kind, body, parent_job_id=parent_job_id, created_by="beat")
+
+    return schedule.tick(now=utcnow(), enqueue=_enqueue, holder=worker_id(self))
