@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(0, description="Redis visibility timeout; 0 = derived from longest_job_s (1.25x + 60 s).")
     restore_interval_s: int = Field(10, description="How often a Redis worker re-queues unacknowledged messages past the visibility timeout.")
     max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it is dead-lettered.")
-    time_limits: dict[str, int] = Field(
+    time_limits: dict[str, float] = Field(
         default_factory=lambda: {"review": 600, "retrain": 4 * 3600, "quantize": 2 * 3600, "distill": 4 * 3600, "index": 3600, "noop": 300},
         description="Per-kind hard time limit in seconds (enforced by Foundry, also under the solo pool).",
     )

@@ -38,3 +38,41 @@ def usage_row(usage: Usage, prices: dict) -> dict:
     """The columns of a ``usage_costs`` row for this usage."""
     cost, currency, version = price(usage, prices)
     return {**asdict(usage), "cost": cost, "currency": currency, "price_version": version}
+
+
+# ---- reports (``foundry audit costs``) -------------------------------------------------------------
+
+REPORT_GROUPS = {"tenant": ("tenant_id",), "day": ("day", "tenant_id"), "adapter": ("tenant_id", "adapter_version_id"),
+                 "model": ("model_id",), "kind": ("tenant_id", "kind")}
+
+
+def cost_report(by: str = "tenant", tenant: str | None = None, since=None, url: str | None = None) -> list[dict]:
+    """Jobs, tokens, seconds and money from the ``v_costs_daily`` view, grouped ``by`` tenant, day, adapter,
+    model or kind; optionally for one tenant and from a UTC date/datetime on."""
+    from sqlalchemy import text
+
+    from domain.ledger.db import session_scope
+
+    if by not in REPORT_GROUPS:
+        raise ValueError(f"cannot group costs by {by!r}; choose one of {', '.join(REPORT_GROUPS)}")
+    cols = ", ".join(REPORT_GROUPS[by])  # fixed column names, never user text
+    where, params = [], {}
+    if tenant:
+        where.append("tenant_id = :tenant")
+        params["tenant"] = tenant
+    if since is not None:
+        where.append("day >= :since")
+        params["since"] = since.date() if hasattr(since, "date") else since
+    sql = (f"SELECT {cols}, SUM(jobs) AS jobs, SUM(prompt_tokens) AS prompt_tokens, "
+           f"SUM(completion_tokens) AS completion_tokens, SUM(wall_seconds) AS wall_seconds, "
+           f"SUM(gpu_seconds) AS gpu_seconds, SUM(cost) AS cost, MIN(currency) AS currency FROM v_costs_daily"
+           + (f" WHERE {' AND '.join(where)}" if where else "") + f" GROUP BY {cols} ORDER BY {cols}")
+    with session_scope(url) as s:
+        result = s.execute(text(sql), params)
+        keys = list(result.keys())
+        rows = [dict(zip(keys, r)) for r in result]
+    for r in rows:
+        r["day"] = str(r["day"]) if "day" in r and r["day"] is not None else r.get("day")
+        r["cost"] = Decimal(str(r["cost"] or 0)).quantize(Decimal("0.000001"))
+        r["tokens"] = int(r["prompt_tokens"] or 0) + int(r["completion_tokens"] or 0)
+    return rows

@@ -73,7 +73,7 @@ def token_blocks(tokenizer, text: str, seq_len: int, max_tokens: int | None = No
     """Token ids of ``text`` cut into ``[n, seq_len]`` blocks (the incomplete tail is dropped).
     ``max_tokens`` caps the total; the result may have zero rows when the text is too short."""
     chars = None if max_tokens is None else max_tokens * 8  # ~3-4 chars a token: tokenize no more than needed
-    ids = tokenizer(text[:chars] if chars else text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text[:chars] if chars else text, add_special_tokens=False, verbose=False)["input_ids"]
     if max_tokens is not None:
         ids = ids[:max_tokens]
     n = len(ids) // seq_len

@@ -296,6 +296,7 @@ def handle_noop(spec: NoopSpec, ctx: JobContext) -> Outcome:
     end = time.monotonic() + spec.sleep_s
     while time.monotonic() < end:
         time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+        ctx.check()
         ctx.progress(1 - (end - time.monotonic()) / spec.sleep_s if spec.sleep_s else 1.0)
     usage = costs.Usage(prompt_tokens=spec.cost_tokens, model_id="noop") if spec.cost_tokens else None
     return Outcome(result={"slept": spec.sleep_s}, usage=usage)

@@ -80,6 +80,8 @@ class QuantizeSpec(JobSpec):
     method: str = Field("nf4", description="nf4 | fp4 | int8 (bitsandbytes).")
     double_quant: bool = True
     eval_max_tokens: int = Field(4096, ge=64, le=1_000_000, description="Held-out tokens for the quality report.")
+    eval_data_path: str | None = Field(None, max_length=1000, description="Held-out text for the report: a file or folder "
+                                       "under the data root; default: the standard library's held-out split (docs/quantization.md).")
 
     @field_validator("method")
     @classmethod
@@ -103,6 +105,11 @@ class DistillSpec(JobSpec):
     learning_rate: float = Field(5e-4, gt=0, lt=1)
     checkpoint_every: int = Field(50, ge=1)
     seed: int = 0
+    data_path: str | None = Field(None, max_length=1000, description="Training text: a file or folder under the data root; "
+                                  "default: the standard library's train split (docs/quantization.md).")
+    eval_data_path: str | None = Field(None, max_length=1000, description="Held-out text for the report; default: the "
+                                       "standard library's held-out split.")
+    eval_max_tokens: int = Field(4096, ge=64, le=1_000_000, description="Held-out tokens for the quality report.")
 
 
 class IndexDocument(BaseModel):

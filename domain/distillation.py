@@ -1,0 +1,380 @@
+"""The ``distill`` job: teach a smaller student causal LM to imitate a frozen teacher.
+
+The student is, by default, the teacher with fewer layers: ``student_layers`` evenly spaced layers kept
+(first and last included) with the embeddings, final norm and head copied. A ``student`` path may name a
+model folder instead (weights, or just a ``config.json`` for a randomly initialised student).
+
+Loss, averaged over non-padding target tokens::
+
+    loss = α · T² · KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − α) · CE(student, next token)
+
+The teacher is in eval mode with gradients off and is never quantized. Training text is the standard
+library's train split (``domain.heldout``) or the job's ``data_path``; the batch of step ``k`` is a function of
+(seed, k) only, so a resumed job sees exactly the batches an uninterrupted one would. Every
+``checkpoint_every`` steps, and when the worker asks to stop, the student, optimizer, scheduler, RNG state and
+step are saved and recorded with ``ctx.record_checkpoint``; a redelivered job resumes from the latest one.
+
+Failure codes: ``out_of_memory``, ``tokenizer_mismatch`` (teacher and student vocabularies differ),
+``diverging_loss`` (NaN/inf, or a loss above ``DIVERGENCE_FACTOR`` × the first step's).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+
+from domain import costs, heldout
+from domain.errors import InvalidJob, JobFailed
+from domain.jobs import JobContext, Outcome
+from domain.ledger.models import new_id
+from domain.models import ModelLoadError, load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
+from domain.paths import data_root, resolve_in_data_root
+from domain.quantization import REPORT_FILE, add_artifact, data_file, eval_blocks, publish_dir, tree_digest, tree_size
+from domain.specs import DistillSpec
+
+DIVERGENCE_FACTOR = 10.0
+KEEP_CHECKPOINTS = 2
+STUDENT_FILE = "student.safetensors"
+STATE_FILE = "trainer_state.pt"
+
+
+# ---- the loss ---------------------------------------------------------------------------------
+
+@dataclass
+class DistillLoss:
+    loss: torch.Tensor
+    kl: torch.Tensor  # mean per-token KL(teacher ‖ student) at temperature T (before the T² factor)
+    ce: torch.Tensor  # mean per-token cross-entropy of the student on the true next token
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      mask: torch.Tensor, temperature: float = 2.0, alpha: float = 0.5) -> DistillLoss:
+    """Logits ``[B, L, V]`` already aligned with ``labels``/``mask`` ``[B, L]`` (mask: 1 = real target token)."""
+    t = temperature
+    s_logp = F.log_softmax(student_logits.float() / t, dim=-1)
+    t_logp = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl_tok = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+    ce_tok = F.cross_entropy(student_logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+    mask = mask.to(kl_tok.dtype)
+    n = mask.sum().clamp(min=1)
+    kl = (kl_tok * mask).sum() / n
+    ce = (ce_tok * mask).sum() / n
+    return DistillLoss(loss=alpha * t * t * kl + (1 - alpha) * ce, kl=kl, ce=ce)
+
+
+# ---- the student ------------------------------------------------------------------------------
+
+def kept_layers(total: int, keep: int) -> list[int]:
+    """``keep`` evenly spaced layer indices out of ``total``, first and last included."""
+    if keep == 1:
+        return [total - 1]
+    return [round(i * (total - 1) / (keep - 1)) for i in range(keep)]
+
+
+def reduce_layers(teacher: torch.nn.Module, keep: int) -> tuple[torch.nn.Module, list[int]]:
+    """A copy of ``teacher`` keeping ``keep`` of its decoder layers; embeddings, norm and head copied."""
+    total = teacher.config.num_hidden_layers
+    kept = kept_layers(total, keep)
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = keep
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in kept]
+    student = type(teacher)(config)
+    layer_key = re.compile(r"^(.*?\.layers\.)(\d+)(\..*)$")
+    source = teacher.state_dict()
+    new_state = {}
+    for key in student.state_dict():
+        m = layer_key.match(key)
+        src = f"{m.group(1)}{kept[int(m.group(2))]}{m.group(3)}" if m else key
+        new_state[key] = source[src].detach().clone().float()
+    student.load_state_dict(new_state)
+    return student.float(), kept
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _student_from_path(ref: str, seed: int) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(ref)
+    has_weights = path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin")))
+    if has_weights or not path.exists():
+        return load_causal_lm(ref, device="cpu", dtype=torch.float32).model
+    try:
+        config = AutoConfig.from_pretrained(ref)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load student config {ref!r}: {exc}") from exc
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).float()
+
+
+def build_student(spec: DistillSpec, teacher, teacher_tok) -> tuple[torch.nn.Module, dict]:
+    """The student for this job and a description of how it was made. Raises InvalidJob/JobFailed."""
+    total = teacher.config.num_hidden_layers
+    if spec.student is None:
+        keep = spec.student_layers or max(1, total // 2)
+        if keep >= total:
+            raise InvalidJob(f"student_layers: a student must be smaller than its teacher; the teacher has {total} layers, "
+                             f"{keep} asked", field="student_layers")
+        student, kept = reduce_layers(teacher, keep)
+        return student, {"student": "layer_reduction", "kept_layers": kept}
+    ref = str(resolve_in_data_root(spec.student)) if not Path(spec.student).is_absolute() and \
+        (data_root() / spec.student).exists() else spec.student
+    try:
+        student = _student_from_path(ref, spec.seed)
+    except ModelLoadError as exc:
+        raise InvalidJob(f"student: {exc}", field="student") from exc
+    if n_params(student) >= n_params(teacher):
+        raise InvalidJob(f"student: a student must be smaller than its teacher ({n_params(student):,} parameters vs "
+                         f"{n_params(teacher):,})", field="student")
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise JobFailed(f"tokenizer mismatch: student vocabulary {student.config.vocab_size} vs teacher "
+                        f"{teacher.config.vocab_size}; the student must use the teacher's tokenizer", code="tokenizer_mismatch")
+    if Path(ref).is_dir() and any(Path(ref).glob("tokenizer*")):
+        student_vocab = load_tokenizer(ref).get_vocab()
+        if student_vocab != teacher_tok.get_vocab():
+            raise JobFailed("tokenizer mismatch: the student's tokenizer differs from the teacher's; distillation "
+                            "compares token distributions, so both must share one vocabulary", code="tokenizer_mismatch")
+    return student, {"student": spec.student}
+
+
+# ---- data and schedule -----------------------------------------------------------------------
+
+def total_steps(spec: DistillSpec) -> int:
+    """``token_budget``, when given, fixes the number of steps (it overrides ``max_steps``)."""
+    if spec.token_budget:
+        return max(1, math.ceil(spec.token_budget / (spec.batch_size * spec.seq_len)))
+    return spec.max_steps
+
+
+def batch_for_step(blocks: torch.Tensor, step: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The batch of step ``step``: a function of (seed, step) only, reshuffled every pass over the data."""
+    n = blocks.shape[0]
+    rows = []
+    for g in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(g, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        rows.append(int(perm[pos]))
+    return blocks[rows]
+
+
+def make_scheduler(optimizer, steps: int):
+    warmup = min(20, max(1, steps // 10))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.1, 1 - 0.9 * (step - warmup) / max(1, steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def training_blocks(spec: DistillSpec, tokenizer, steps: int) -> torch.Tensor:
+    need = steps * spec.batch_size * spec.seq_len
+    if spec.data_path:
+        text, source = heldout.text_from_path(data_file(spec.data_path, "data_path"), need * 8), spec.data_path
+    else:
+        text, source = heldout.stdlib_text("train", need * 8), "stdlib:train"
+    blocks = heldout.token_blocks(tokenizer, text, spec.seq_len, need)
+    if blocks.shape[0] == 0:
+        raise InvalidJob(f"data_path: the training set {source!r} is empty (no complete block of {spec.seq_len} tokens)",
+                         field="data_path", code="empty_dataset")
+    return blocks
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(ctx: JobContext, root: Path, step: int, student, optimizer, scheduler, extra: dict, reason: str) -> None:
+    final = root / f"step-{step:08d}"
+    tmp = root / f".step-{step:08d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_model(student, str(tmp / STUDENT_FILE))
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(), **extra}, tmp / STATE_FILE)
+    publish_dir(tmp, final)
+    ctx.record_checkpoint(step, str(final.relative_to(data_root())), tree_digest(final), size_bytes=tree_size(final),
+                          metrics={k: v for k, v in extra.items() if isinstance(v, (int, float))}, reason=reason)
+    for old in sorted(root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(ctx: JobContext, student, optimizer, scheduler) -> dict | None:
+    """Restore the latest recorded checkpoint of this job into the given objects; None if there is none usable."""
+    ckpt = ctx.latest_checkpoint()
+    if ckpt is None:
+        return None
+    path = resolve_in_data_root(ckpt.path)
+    if not path.is_dir() or tree_digest(path) != ckpt.sha256:
+        ctx.health("checkpoint", "corrupt", "degraded", f"checkpoint {ckpt.path} missing or changed; starting over")
+        return None
+    load_model(student, str(path / STUDENT_FILE))
+    state = torch.load(path / STATE_FILE, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return state
+
+
+# ---- one step ---------------------------------------------------------------------------------
+
+def _is_oom(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def train_step(student, teacher, ids: torch.Tensor, optimizer, scheduler, temperature: float, alpha: float,
+               first_loss: float | None) -> DistillLoss:
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids, use_cache=False).logits
+    s_logits = student(input_ids=ids, use_cache=False).logits
+    mask = torch.ones_like(ids[:, 1:])
+    out = distillation_loss(s_logits[:, :-1], t_logits[:, :-1], ids[:, 1:], mask, temperature, alpha)
+    value = out.loss.item()
+    if not math.isfinite(value):
+        raise JobFailed(f"diverging loss: the loss became {value}; lower learning_rate", code="diverging_loss")
+    if first_loss is not None and value > DIVERGENCE_FACTOR * first_loss:
+        raise JobFailed(f"diverging loss: {value:.3g} is over {DIVERGENCE_FACTOR:g}x the first step's {first_loss:.3g}; "
+                        "lower learning_rate", code="diverging_loss")
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    return out
+
+
+# ---- the job ----------------------------------------------------------------------------------
+
+def handle_distill(spec: DistillSpec, ctx: JobContext) -> Outcome:
+    t0 = time.perf_counter()
+    device = resolve_device(ctx.settings.device)
+    teacher_ref = spec.teacher or ctx.settings.base_model_ref()
+    try:
+        loaded = load_causal_lm(teacher_ref, device=str(device))
+    except ModelLoadError as exc:
+        raise InvalidJob(f"teacher: {exc}", field="teacher") from exc
+    teacher, tok = loaded.model, loaded.tokenizer
+    if getattr(teacher.config, "quantization_config", None) is not None:
+        raise InvalidJob("teacher: the teacher must be a float model, not a quantized one", field="teacher")
+    teacher.eval().requires_grad_(False)
+    if spec.seq_len > loaded.context_window:
+        raise InvalidJob(f"seq_len: {spec.seq_len} exceeds the teacher's context window {loaded.context_window}", field="seq_len")
+
+    steps = total_steps(spec)
+    blocks = training_blocks(spec, tok, steps)
+    evals, eval_source = eval_blocks(tok, spec.eval_data_path, spec.eval_max_tokens, min(256, spec.seq_len))
+    torch.manual_seed(spec.seed)
+    student, made = build_student(spec, teacher, tok)
+    student.to(device).train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=spec.learning_rate, weight_decay=0.0)
+    scheduler = make_scheduler(optimizer, steps)
+
+    ckpt_root = ctx.settings.artifacts_dir.resolve() / "checkpoints" / "distill" / ctx.job_id
+    state = load_checkpoint(ctx, student, optimizer, scheduler)
+    start = state["step"] if state else 0
+    first_loss = state.get("first_loss") if state else None
+    trained_tokens = state.get("trained_tokens", 0) if state else 0
+    last = {"loss": state.get("loss"), "kl": state.get("kl"), "ce": state.get("ce")} if state else {}
+
+    def checkpoint(step: int, reason: str) -> None:
+        save_checkpoint(ctx, ckpt_root, step, student, optimizer, scheduler,
+                        {"first_loss": first_loss, "trained_tokens": trained_tokens, **last}, reason)
+
+    tick, tick_tokens = time.perf_counter(), 0
+    for step in range(start, steps):
+        ids = batch_for_step(blocks, step, spec.batch_size, spec.seed).to(device)
+        try:
+            out = train_step(student, teacher, ids, optimizer, scheduler, spec.temperature, spec.alpha, first_loss)
+        except RuntimeError as exc:
+            if _is_oom(exc):
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                raise JobFailed(f"out of memory at batch_size={spec.batch_size}, seq_len={spec.seq_len}: lower them "
+                                f"({exc})", code="out_of_memory") from exc
+            raise
+        first_loss = first_loss if first_loss is not None else out.loss.item()
+        trained_tokens += int(ids.numel())
+        tick_tokens += int(ids.numel())
+        last = {"loss": out.loss.item(), "kl": out.kl.item(), "ce": out.ce.item()}
+        done = step + 1
+        ctx.progress(done / steps * 0.9, step=done, steps=steps, tokens_per_s=tick_tokens / max(time.perf_counter() - tick, 1e-9),
+                     **last)
+        if ctx.stopping:
+            checkpoint(done, "soft_stop")
+            ctx.check()
+        if done % spec.checkpoint_every == 0 and done < steps:
+            checkpoint(done, "interval")
+        ctx.check()
+
+    ctx.progress(0.9, stage="evaluate", force=True)
+    student.eval()
+    cmp = heldout.compare(teacher, student, evals, batch_size=4, on_batch=lambda _: ctx.check())
+
+    staging = ctx.settings.artifacts_dir.resolve() / "distilled" / f".{ctx.job_id}.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    student.save_pretrained(staging, safe_serialization=True)
+    tok.save_pretrained(staging)
+    t_params, s_params = n_params(teacher), n_params(student)
+    report = {
+        "teacher_params": t_params, "student_params": s_params, "parameter_compression_ratio": t_params / s_params,
+        "teacher_layers": teacher.config.num_hidden_layers, "student_layers": student.config.num_hidden_layers,
+        "perplexity_teacher": cmp.perplexity_reference, "perplexity_student": cmp.perplexity_candidate,
+        "retention": cmp.perplexity_reference / cmp.perplexity_candidate,
+        "kl_divergence": cmp.kl_divergence, "top1_agreement": cmp.top1_agreement,
+        "tokens_per_s_teacher": cmp.tokens_per_s_reference, "tokens_per_s_student": cmp.tokens_per_s_candidate,
+        "speedup": cmp.tokens_per_s_candidate / cmp.tokens_per_s_reference,
+        "steps": steps, "trained_tokens": trained_tokens, "resumed_from_step": start,
+        "final_loss": last.get("loss"), "final_kl": last.get("kl"), "final_ce": last.get("ce"),
+        "temperature": spec.temperature, "alpha": spec.alpha, "learning_rate": spec.learning_rate,
+        "batch_size": spec.batch_size, "seq_len": spec.seq_len,
+        "train_source": spec.data_path or "stdlib:train", "eval_source": eval_source, "eval_tokens": cmp.tokens,
+    }
+    lineage = {"teacher": teacher_ref, "teacher_hash": model_fingerprint(teacher_ref), **made, "seed": spec.seed}
+    (staging / REPORT_FILE).write_text(json.dumps({"kind": "distilled_model", "report": report, "lineage": lineage}, indent=2))
+    dest = staging.parent / ctx.job_id
+    publish_dir(staging, dest)
+    rel, digest, size = str(dest.relative_to(data_root())), tree_digest(dest), tree_size(dest)
+    name = f"{Path(teacher_ref).name}-{student.config.num_hidden_layers}L-distilled"
+    artifact_id = new_id()
+
+    def commit(session) -> None:
+        add_artifact(session, artifact_id, kind="distilled_model", tenant=spec.tenant, name=name, path=rel,
+                     sha256=digest, size_bytes=size, lineage=lineage, report=report, job_id=ctx.job_id)
+        shutil.rmtree(ckpt_root, ignore_errors=True)  # the artifact supersedes the training checkpoints
+
+    wall = time.perf_counter() - t0
+    usage = costs.Usage(prompt_tokens=trained_tokens + 2 * int(evals.numel()), wall_seconds=wall,
+                        gpu_seconds=wall if device.type == "cuda" else 0.0, model_id=teacher_ref)
+    result = {"artifact_id": artifact_id, "path": rel, "sha256": digest, "size_bytes": size, "report": report,
+              "lineage": lineage}
+    return Outcome(result=result, usage=usage, commit=commit)

@@ -1,0 +1,132 @@
+"""Turn the model's answer into a structured review: a summary and findings with line references.
+
+The prompt asks for ``Summary: ...`` then ``Findings:`` and one ``- [severity] line N: message`` bullet
+per finding, but small models drift: this parser also accepts a JSON object with ``summary``/``findings``,
+bullets without a header, ``L12``/``lines 3-5``/``line 7`` anywhere in a bullet, and answers without
+labels (the first paragraph becomes the summary). Line numbers outside the reviewed code are dropped
+(the finding is kept without a line). The raw text is always stored next to the parse.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+SEVERITIES = {
+    "critical": "high", "blocker": "high", "high": "high", "major": "high", "error": "high", "bug": "high",
+    "security": "high", "medium": "medium", "moderate": "medium", "warning": "medium", "warn": "medium",
+    "low": "low", "minor": "low", "nit": "low", "style": "low", "info": "low", "suggestion": "low",
+}
+
+_SUMMARY = re.compile(r"^\s*(?:\*\*|#+\s*)?summary(?:\*\*)?\s*:?\s*(?:\*\*)?\s*(.*)$", re.I)
+_FINDINGS = re.compile(r"^\s*(?:\*\*|#+\s*)?(?:findings|issues|problems)(?:\*\*)?\s*:?\s*(?:\*\*)?\s*(.*)$", re.I)
+_BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+(.*)$")
+_LINE_REF = re.compile(r"\b(?:lines?|L)\s*#?(\d+)(?:\s*(?:-|–|to)\s*L?(\d+))?", re.I)
+_SEVERITY = re.compile(r"^\s*[\[(]?\s*(" + "|".join(SEVERITIES) + r")\s*[\])]?\s*[:\-–]?\s*", re.I)
+_NONE = re.compile(r"^\s*(?:none|no (?:issues|findings|problems)|n/?a)\b", re.I)
+
+
+@dataclass
+class ParsedReview:
+    summary: str
+    findings: list[dict] = field(default_factory=list)  # {line, end_line, severity, message}
+
+
+def _line_ref(text: str, n_lines: int | None) -> tuple[int | None, int | None]:
+    m = _LINE_REF.search(text)
+    if not m:
+        return None, None
+    start = int(m.group(1))
+    end = int(m.group(2)) if m.group(2) else None
+    if n_lines is not None and not 1 <= start <= n_lines:
+        return None, None
+    if end is not None and (end < start or (n_lines is not None and end > n_lines)):
+        end = None
+    return start, end
+
+
+def finding(text: str, n_lines: int | None = None, severity: str | None = None) -> dict | None:
+    """One finding from one bullet's text (None for an empty or 'none' bullet)."""
+    text = text.strip()
+    m = _SEVERITY.match(text)
+    if m:
+        severity = SEVERITIES[m.group(1).lower()]
+        text = text[m.end():]
+    if not text or _NONE.match(text):
+        return None
+    line, end = _line_ref(text, n_lines)
+    if line is not None:  # "line 12: message" → "message"
+        text = re.sub(r"^\s*(?:on\s+)?" + _LINE_REF.pattern + r"\s*[:\-–,]?\s*", "", text, count=1, flags=re.I) or text
+    return {"line": line, "end_line": end, "severity": severity, "message": text.strip()}
+
+
+def _from_json(text: str, n_lines: int | None) -> ParsedReview | None:
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end <= start:
+        return None
+    try:
+        obj = json.loads(text[start:end + 1])
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not ({"summary", "findings"} & obj.keys()):
+        return None
+    findings = []
+    for item in obj.get("findings") or []:
+        if isinstance(item, str):
+            f = finding(item, n_lines)
+        elif isinstance(item, dict):
+            msg = str(item.get("message") or item.get("comment") or item.get("text") or "").strip()
+            sev = SEVERITIES.get(str(item.get("severity", "")).lower())
+            line = item.get("line")
+            line = int(line) if isinstance(line, (int, str)) and str(line).isdigit() else None
+            if line is not None and n_lines is not None and not 1 <= line <= n_lines:
+                line = None
+            f = {"line": line, "end_line": None, "severity": sev, "message": msg} if msg else None
+        else:
+            f = None
+        if f:
+            findings.append(f)
+    return ParsedReview(summary=str(obj.get("summary") or "").strip(), findings=findings)
+
+
+def parse_review(text: str, n_lines: int | None = None) -> ParsedReview:
+    """Parse a review answer; ``n_lines`` (lines of the reviewed code) bounds the line references."""
+    parsed = _from_json(text, n_lines)
+    if parsed is not None:
+        return parsed
+    summary_parts: list[str] = []
+    findings: list[dict] = []
+    section = None  # None (before any label) | "summary" | "findings"
+    loose: list[str] = []  # unlabelled paragraph text before any section
+    for raw in text.splitlines():
+        line = raw.rstrip()
+        if m := _SUMMARY.match(line):
+            section = "summary"
+            if m.group(1).strip():
+                summary_parts.append(m.group(1).strip())
+            continue
+        if m := _FINDINGS.match(line):
+            section = "findings"
+            rest = m.group(1).strip()
+            if rest and not _NONE.match(rest) and (f := finding(rest, n_lines)):
+                findings.append(f)
+            continue
+        if m := _BULLET.match(line):
+            if section != "summary" or summary_parts:
+                if f := finding(m.group(1), n_lines):
+                    findings.append(f)
+                section = section or "findings"
+                continue
+        if not line.strip():
+            if section == "summary" and summary_parts:
+                section = "after-summary"
+            continue
+        if section == "summary":
+            summary_parts.append(line.strip())
+        elif section == "findings" and findings:
+            findings[-1]["message"] += " " + line.strip()  # a bullet wrapped onto the next line
+        elif section is None:
+            loose.append(line.strip())
+    summary = " ".join(summary_parts) or " ".join(loose)
+    return ParsedReview(summary=summary.strip()[:4000], findings=findings)

@@ -1,0 +1,230 @@
+"""The ``review`` job handler: code in, a structured review out, its cost counted once.
+
+    check input → tenant (budgets, serving model) → adapter (requested or champion, or the base model)
+    → resident runtime → retrieved context (if an index exists) → prompt fitted to the context window
+    → budget check with the job's worst case → one row of a shared generation batch → parse
+    → Outcome(result, usage, commit=add the Review row)
+
+The Review row is written by ``commit`` inside the transaction that marks the job succeeded, and the
+usage is written by the job runner with a unique job id: a redelivered message can duplicate neither.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import logging
+import time
+
+from sqlalchemy.orm import Session
+
+from domain import budgets
+from domain.costs import Usage
+from domain.errors import InvalidJob, JobFailed, JobTimeout
+from domain.ledger.db import session_scope
+from domain.ledger.models import AdapterAlias, AdapterVersion, Artifact, Review, Tenant, new_id
+from domain.models import ModelLoadError
+from domain.review.batcher import GenerationRequest
+from domain.review.parse import parse_review
+from domain.review.prompt import fit_prompt, guess_language
+from domain.review.runtime import AdapterHandle, Runtime, get_runtime
+from domain.specs import ReviewSpec
+
+log = logging.getLogger(__name__)
+
+RETRIEVAL_K = 4
+_CONTROL = {chr(c) for c in range(32)} - {"\t", "\n", "\r", "\f", "\v"}
+
+
+def check_input(spec: ReviewSpec, max_bytes: int) -> None:
+    """Refuse oversized or binary input (empty and NUL-containing code are refused by ReviewSpec)."""
+    size = len(spec.code.encode("utf-8"))
+    if size > max_bytes:
+        raise InvalidJob(f"code: input is {size} bytes, larger than the limit of {max_bytes} bytes "
+                         f"(FOUNDRY_MAX_REVIEW_BYTES); split the file or the diff", field="code", code="too_large")
+    sample = spec.code[:20_000]
+    if sum(ch in _CONTROL for ch in sample) > 0.05 * len(sample):
+        raise InvalidJob("code: looks like binary content (many control characters); only text can be reviewed",
+                         field="code")
+
+
+# ---- adapters: domain.adapters.store when present, else the ledger's aliases directly -------------
+
+def resolve_adapter(session: Session, tenant: str, ref: str | None) -> AdapterVersion | None:
+    try:
+        from domain.adapters.store import resolve_adapter as store_resolve
+    except ImportError:
+        return _resolve_in_ledger(session, tenant, ref)
+    return store_resolve(session, tenant, ref)
+
+
+def _resolve_in_ledger(session: Session, tenant: str, ref: str | None) -> AdapterVersion | None:
+    alias = session.get(AdapterAlias, (tenant, ref or "champion"))
+    if alias is not None:
+        return session.get(AdapterVersion, alias.version_id)
+    if ref is None:
+        return None  # no champion yet: serve the base model
+    version = session.get(AdapterVersion, ref)
+    if version is None or version.tenant_id != tenant:
+        raise InvalidJob(f"adapter: unknown adapter {ref!r} for tenant {tenant!r} (an alias or a version id)",
+                         field="adapter")
+    return version
+
+
+def adapter_path(version: AdapterVersion):
+    try:
+        from domain.adapters.store import verified_adapter_path
+    except ImportError:
+        return _verified_path_in_ledger(version)
+    return verified_adapter_path(version)
+
+
+def _verified_path_in_ledger(version: AdapterVersion):
+    from domain.paths import resolve_in_data_root, sha256_file, sha256_tree
+
+    if not version.artifact_path:
+        raise JobFailed(f"adapter version {version.id} has no artifact path", code="adapter_missing")
+    path = resolve_in_data_root(version.artifact_path)
+    weights = path / "adapter_model.safetensors"
+    if not weights.exists():
+        raise JobFailed(f"adapter version {version.id}: {weights} is missing", code="adapter_missing")
+    if version.artifact_sha256 and version.artifact_sha256 not in (sha256_file(weights), sha256_tree(path)):
+        raise JobFailed(f"adapter version {version.id}: files do not match the ledger's sha256; refusing to load",
+                        code="adapter_corrupt")
+    return path
+
+
+def check_base_model(version: AdapterVersion, base_ref: str) -> None:
+    try:
+        from domain.adapters.store import check_base_model as store_check
+    except ImportError:
+        from domain.models import model_fingerprint
+
+        if version.base_model_hash and not version.base_model_hash.startswith("id:"):
+            if model_fingerprint(base_ref) != version.base_model_hash:
+                raise InvalidJob(f"adapter: version {version.id} was trained on base model {version.base_model_id!r} "
+                                 f"whose hash differs from the served base {base_ref!r}", field="adapter")
+        return
+    store_check(version, base_ref)
+
+
+# ---- retrieval: domain.retrieval when present; no index is a valid case ---------------------------
+
+def retrieve(spec: ReviewSpec, ctx) -> tuple[list, int | None, str | None]:
+    """(chunks, index version, error) — an error never fails the review, it is recorded."""
+    if not spec.use_retrieval:
+        return [], None, None
+    try:
+        from domain.retrieval.service import retrieve_context
+    except ImportError:
+        return [], None, None
+    query = (f"{spec.path}\n" if spec.path else "") + spec.code[:4000]
+    try:
+        found = retrieve_context(spec.tenant, query, k=RETRIEVAL_K)
+    except Exception as exc:  # noqa: BLE001 - a broken index degrades the review, it does not fail it
+        log.warning("review %s: retrieval failed: %s", ctx.job_id, exc)
+        ctx.health("index", "retrieval_failed", "degraded", f"{type(exc).__name__}: {exc}")
+        return [], None, f"{type(exc).__name__}: {exc}"
+    return list(found.chunks or []), found.index_version, None
+
+
+def _chunk_record(chunk) -> dict:
+    get = (lambda k: chunk.get(k)) if isinstance(chunk, dict) else (lambda k: getattr(chunk, k, None))
+    score = get("score")
+    return {"id": get("id"), "score": round(float(score), 6) if score is not None else None,
+            "path": get("path"), "source": get("source")}
+
+
+# ---- the handler -----------------------------------------------------------------------------------
+
+def served_base_ref(settings, artifact: Artifact | None) -> str:
+    """The base model an adapter must have been trained on to run on what this tenant is served: the
+    deployment's base, or a quantized artifact's source model. A distilled model is its own base."""
+    if artifact is None:
+        return settings.base_model_ref()
+    if artifact.kind == "quantized_model" and (artifact.lineage or {}).get("source_model"):
+        return artifact.lineage["source_model"]
+    from domain.paths import resolve_in_data_root
+
+    return str(resolve_in_data_root(artifact.path))
+
+
+def handle_review(spec: ReviewSpec, ctx) -> "Outcome":
+    from domain.jobs import Outcome
+
+    t0 = time.perf_counter()
+    settings = ctx.settings
+    check_input(spec, settings.max_review_bytes)
+    budgets.check_budget(spec.tenant, prices=settings.prices())  # already over: no model work at all
+
+    with session_scope() as s:
+        tenant = s.get(Tenant, spec.tenant)
+        artifact = s.get(Artifact, tenant.serving_artifact_id) if tenant and tenant.serving_artifact_id else None
+        version = resolve_adapter(s, spec.tenant, spec.adapter)
+
+    try:
+        rt = get_runtime(settings, artifact)
+    except ModelLoadError as exc:
+        raise JobFailed(f"review model cannot be loaded: {exc}", code="model_load") from exc
+    base_ref = served_base_ref(settings, artifact)
+    if version is not None:
+        check_base_model(version, base_ref)
+
+    chunks, index_version, retrieval_error = retrieve(spec, ctx)
+    language = spec.language or guess_language(spec.path, spec.is_diff)
+    with rt.tokenizer_lock:
+        fitted = fit_prompt(rt.tokenizer, spec.code, spec.path, language, spec.is_diff, chunks,
+                            context_window=rt.context_window, max_new_tokens=spec.max_new_tokens)
+    worst_case = Usage(prompt_tokens=len(fitted.input_ids), completion_tokens=spec.max_new_tokens, model_id=rt.model_id)
+    budgets.check_budget(spec.tenant, worst_case, settings.prices())
+
+    handle = _adapter_handle(version, ctx) if version is not None else None
+    gen = _generate(rt, GenerationRequest(fitted.input_ids, spec.max_new_tokens, handle), ctx)
+    parsed = parse_review(gen.text, n_lines=len(spec.code.splitlines()))
+
+    review_id = new_id()
+    adapter_id = version.id if version is not None else None
+    used_chunks = [_chunk_record(c) for c in fitted.chunks]
+    review = dict(id=review_id, job_id=ctx.job_id, tenant_id=spec.tenant, adapter_version_id=adapter_id,
+                  model_id=rt.model_id, serving_artifact_id=rt.serving_artifact_id, language=language,
+                  path=spec.path, code=spec.code, code_sha256=hashlib.sha256(spec.code.encode()).hexdigest(),
+                  prompt_truncated=fitted.truncated, truncation=fitted.truncation, summary=parsed.summary,
+                  findings=parsed.findings, raw_text=gen.text, context_chunks=used_chunks, index_version=index_version)
+
+    def commit(session: Session) -> dict:
+        session.add(Review(**review))
+        return {"review_id": review_id}
+
+    usage = Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+                  wall_seconds=time.perf_counter() - t0, gpu_seconds=gen.gpu_seconds, model_id=rt.model_id,
+                  adapter_version_id=adapter_id)
+    result = {"review_id": review_id, "summary": parsed.summary, "findings": parsed.findings, "raw_text": gen.text,
+              "adapter_version_id": adapter_id, "adapter": f"{version.name} v{version.version}" if version else None,
+              "model_id": rt.model_id, "prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
+              "prompt_truncated": fitted.truncated, "context_chunks": [c["id"] for c in used_chunks],
+              "index_version": index_version, "batch_size": gen.batch_size}
+    if retrieval_error:
+        result["retrieval_error"] = retrieval_error
+    return Outcome(result=result, usage=usage, commit=commit)
+
+
+def _adapter_handle(version: AdapterVersion, ctx) -> AdapterHandle:
+    def locate():
+        try:
+            return adapter_path(version)
+        except Exception as exc:
+            ctx.health("adapter", "load_failed", "fail", f"adapter version {version.id}: {exc}",
+                       adapter_version_id=version.id)
+            raise
+
+    return AdapterHandle(version.id, locate)
+
+
+def _generate(rt: Runtime, request: GenerationRequest, ctx):
+    future = rt.batcher.submit(request)
+    try:
+        return future.result(timeout=max(0.1, ctx.deadline - time.monotonic()))
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise JobTimeout(f"review exceeded its time limit of {ctx.settings.time_limits.get('review')} s "
+                         f"waiting for generation") from None

@@ -1,0 +1,59 @@
+"""Parsing a model's review answer into summary + findings with line references."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from domain.review.parse import parse_review
+
+
+def test_the_requested_format():
+    text = ("Summary: add() subtracts instead of adding.\n"
+            "Findings:\n"
+            "- [high] line 2: returns a - b; use a + b\n"
+            "- [low] lines 5-6: div has no docstring\n"
+            "- [medium] no type hints anywhere\n")
+    r = parse_review(text, n_lines=6)
+    assert r.summary == "add() subtracts instead of adding."
+    assert r.findings == [
+        {"line": 2, "end_line": None, "severity": "high", "message": "returns a - b; use a + b"},
+        {"line": 5, "end_line": 6, "severity": "low", "message": "div has no docstring"},
+        {"line": None, "end_line": None, "severity": "medium", "message": "no type hints anywhere"},
+    ]
+
+
+def test_drifting_small_model_output():
+    text = ("**Summary:** The function works\nbut is slow.\n\n"
+            "Issues:\n* Warning: L12 loops twice over the list,\n  consider a set\n1. nit - naming on line 3\n")
+    r = parse_review(text, n_lines=20)
+    assert r.summary == "The function works but is slow."
+    assert r.findings[0]["line"] == 12 and r.findings[0]["severity"] == "medium"
+    assert r.findings[0]["message"].endswith("consider a set")
+    assert r.findings[1] == {"line": 3, "end_line": None, "severity": "low", "message": "naming on line 3"}
+
+
+def test_json_answers_and_out_of_range_lines():
+    text = 'Here: {"summary": "ok", "findings": [{"line": 99, "severity": "critical", "message": "x"}, "line 2: y"]}'
+    r = parse_review(text, n_lines=10)
+    assert r.summary == "ok"
+    assert r.findings == [{"line": None, "end_line": None, "severity": "high", "message": "x"},
+                          {"line": 2, "end_line": None, "severity": None, "message": "y"}]
+
+
+def test_none_and_unlabelled_answers():
+    assert parse_review("Summary: clean code.\nFindings: none").findings == []
+    r = parse_review("Looks fine overall.\nNothing else to say.")
+    assert r.summary == "Looks fine overall. Nothing else to say." and r.findings == []
+    assert parse_review("").summary == ""
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=400), st.integers(min_value=1, max_value=50))
+def test_any_text_parses_and_line_refs_stay_in_the_code(text, n_lines):
+    r = parse_review(text, n_lines=n_lines)
+    assert isinstance(r.summary, str)
+    for f in r.findings:
+        assert f["message"]
+        assert f["line"] is None or 1 <= f["line"] <= n_lines
+        assert f["end_line"] is None or f["line"] <= f["end_line"] <= n_lines
