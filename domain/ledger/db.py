@@ -7,7 +7,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -52,16 +52,48 @@ def _get(url: str | None) -> tuple[Engine, sessionmaker]:
 
 
 @contextmanager
-def session_scope(url: str | None = None) -> Iterator[Session]:
-    """A transaction: commits on success, rolls back on error."""
+def session_scope(url: str | None = None, durable: bool = True) -> Iterator[Session]:
+    """A transaction: commits on success, rolls back on error.
+
+    ``durable=False`` lets PostgreSQL acknowledge the commit before its WAL reaches disk
+    (``synchronous_commit = off``): a database crash may lose the last fraction of a second of such
+    commits, never corrupt anything. Use it only for writes whose loss the job protocol tolerates
+    (the producer's ``queued`` row, which the worker re-creates; a claim, which only counts an attempt).
+    """
     factory = _get(url)[1]
     with factory() as session:
         try:
+            if not durable and session.bind.dialect.name == "postgresql":
+                session.execute(text("SET LOCAL synchronous_commit = off"))
             yield session
             session.commit()
         except BaseException:
             session.rollback()
             raise
+
+
+_fast: dict[tuple[int, str, bool], Engine] = {}
+
+
+def autocommit_engine(url: str | None = None, durable: bool = True) -> Engine | None:
+    """PostgreSQL only: an autocommit engine for one-statement transactions (one round trip each).
+    ``durable=False`` sets ``synchronous_commit=off`` on its connections (see session_scope)."""
+    if url is None:
+        from domain.config import get_settings
+
+        url = get_settings().ledger_url
+    if not url.startswith("postgresql"):
+        return None
+    key = (os.getpid(), url, durable)
+    with _lock:
+        eng = _fast.get(key)
+        if eng is None:
+            args = {} if durable else {"options": "-c synchronous_commit=off"}
+            # no pre-ping (a round trip per checkout): callers retry once on a dropped connection instead
+            eng = create_engine(url, isolation_level="AUTOCOMMIT", pool_size=5, max_overflow=10,
+                                pool_recycle=1800, connect_args=args)
+            _fast[key] = eng
+        return eng
 
 
 def dispose_all() -> None:
@@ -70,7 +102,11 @@ def dispose_all() -> None:
         for (pid, _), (engine, _) in list(_engines.items()):
             if pid == os.getpid():
                 engine.dispose()
+        for (pid, _, _), engine in list(_fast.items()):
+            if pid == os.getpid():
+                engine.dispose()
         _engines.clear()
+        _fast.clear()
 
 
 def create_all(url: str | None = None) -> None:

@@ -11,19 +11,49 @@ Exactly-once bookkeeping rests on three rules:
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
-from sqlalchemy import select, update
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from domain.ledger.db import session_scope
+from domain.ledger.db import autocommit_engine, session_scope
 from domain.ledger.models import FINAL_STATUSES, Job, JobAttempt, Tenant, UsageCost, utcnow
 
 log = logging.getLogger(__name__)
+
+
+# PostgreSQL one-round-trip statements for the hot path (data-modifying CTEs; SQLite uses the ORM path).
+_PG_CLAIM = text("""
+    WITH j AS (
+        UPDATE jobs SET attempts = attempts + 1, status = 'running', worker = :worker, heartbeat_at = :now,
+                        started_at = COALESCE(started_at, :now)
+        WHERE id = :id AND status = 'queued' AND attempts < max_attempts
+        RETURNING id, attempts)
+    INSERT INTO job_attempts (job_id, attempt, worker, started_at)
+    SELECT id, attempts, :worker, :now FROM j RETURNING attempt""")
+
+_USAGE_COLS = ("prompt_tokens", "completion_tokens", "wall_seconds", "gpu_seconds", "model_id", "adapter_version_id",
+               "cost", "currency", "price_version")
+_PG_FINISH = text("""
+    WITH j AS (
+        UPDATE jobs SET status = 'succeeded', result = CAST(:result AS JSON), finished_at = :now, progress = 1.0,
+                        error = NULL, error_code = NULL
+        WHERE id = :id AND status = 'running' AND attempts = :attempt
+        RETURNING id, tenant_id, kind),
+    a AS (
+        UPDATE job_attempts SET outcome = 'succeeded', finished_at = :now, error = NULL
+        WHERE job_id IN (SELECT id FROM j) AND attempt = :attempt),
+    u AS (
+        INSERT INTO usage_costs (job_id, tenant_id, kind, prompt_tokens, completion_tokens, wall_seconds, gpu_seconds,
+                                 model_id, adapter_version_id, cost, currency, price_version, created_at)
+        SELECT id, tenant_id, kind, :prompt_tokens, :completion_tokens, :wall_seconds, :gpu_seconds, :model_id,
+               :adapter_version_id, :cost, :currency, :price_version, :now FROM j WHERE CAST(:has_usage AS BOOLEAN))
+    SELECT count(*) FROM j""")
 
 
 def _aware(ts: datetime | None) -> datetime | None:
@@ -55,10 +85,13 @@ def record_enqueued(job_id: str, kind: str, tenant: str, payload: dict, *, idemp
             if existing:
                 return existing, False
     try:
-        with session_scope(url) as s:
-            s.add(Job(id=job_id, kind=kind, tenant_id=tenant, payload=payload, idempotency_key=idempotency_key,
-                      priority=priority, queue=queue, max_attempts=max_attempts, status="queued",
-                      created_by=created_by, parent_job_id=parent_job_id))
+        fast = autocommit_engine(url, durable=False)
+        with (fast.connect() if fast is not None else session_scope(url, durable=False)) as s:
+            s.execute(insert(Job).values(id=job_id, kind=kind, tenant_id=tenant, payload=payload,
+                                         idempotency_key=idempotency_key, priority=priority, queue=queue,
+                                         max_attempts=max_attempts, status="queued", created_by=created_by,
+                                         parent_job_id=parent_job_id, attempts=0, progress=0.0, progress_info={},
+                                         enqueued_at=utcnow()))
     except IntegrityError:
         with session_scope(url) as s:
             existing = s.scalar(select(Job.id).where(Job.tenant_id == tenant, Job.kind == kind,
@@ -109,6 +142,24 @@ def claim(job_id: str, kind: str, tenant: str, payload: dict, worker: str, *, ma
           url: str | None = None) -> Claim:
     """Start an attempt of a job, or say why not (already final, dead-lettered, busy elsewhere)."""
     now = utcnow()
+    # Fast path: a queued job with attempts left. Not durable: losing it in a database crash only
+    # forgets that this delivery started (the job is still unfinished and will run again).
+    fast = autocommit_engine(url, durable=False)
+    if fast is not None:
+        with fast.connect() as conn:
+            attempt = conn.execute(_PG_CLAIM, {"id": job_id, "worker": worker, "now": now}).scalar()
+    else:
+        with session_scope(url, durable=False) as s:
+            attempt = s.execute(
+                update(Job).where(Job.id == job_id, Job.status == "queued", Job.attempts < Job.max_attempts)
+                .values(attempts=Job.attempts + 1, status="running", worker=worker, heartbeat_at=now,
+                        started_at=func.coalesce(Job.started_at, now))
+                .returning(Job.attempts)).scalar()
+            if attempt is not None:
+                s.execute(insert(JobAttempt).values(job_id=job_id, attempt=attempt, worker=worker, started_at=now))
+    if attempt is not None:
+        return Claim(run=True, attempt=attempt, status="running")
+    # Slow path: unknown job (foreign producer), a redelivery of a running/final job, or attempts used up.
     with session_scope(url) as s:
         job = s.get(Job, job_id, with_for_update=True)
         if job is None:  # sent by a producer that does not write the ledger (another language)
@@ -178,20 +229,30 @@ def finish_success(job_id: str, attempt: int, worker: str, result: dict, *, usag
     """Record success, usage cost and the handler's rows atomically. False if this attempt no longer owns
     the job (another delivery took it over): then nothing is written."""
     now = utcnow()
-    with session_scope(url) as s:
-        job = s.get(Job, job_id, with_for_update=True)
-        if job is None or job.status != "running" or job.attempts != attempt:
-            log.warning("job %s: attempt %s lost ownership (status %s, attempts %s); result dropped",
-                        job_id, attempt, getattr(job, "status", None), getattr(job, "attempts", None))
+    fast = autocommit_engine(url, durable=True) if commit is None else None
+    if fast is not None:  # PostgreSQL, nothing but the job's own rows: one durable statement
+        params = {"id": job_id, "attempt": attempt, "now": now, "result": json.dumps(result), "has_usage": usage is not None,
+                  **{k: (usage or {}).get(k) for k in _USAGE_COLS}}
+        with fast.connect() as conn:
+            owned = conn.execute(_PG_FINISH, params).scalar()
+        if not owned:
+            log.warning("job %s: attempt %s lost ownership; result dropped", job_id, attempt)
+        return bool(owned)
+    with session_scope(url) as s:  # durable: the broker message is acknowledged right after this commit
+        owner = s.execute(select(Job.tenant_id, Job.kind).where(Job.id == job_id, Job.status == "running",
+                                                                 Job.attempts == attempt).with_for_update()).first()
+        if owner is None:
+            log.warning("job %s: attempt %s lost ownership; result dropped", job_id, attempt)
             return False
         if commit is not None:
             extra = commit(s)
             if extra:
                 result = {**result, **extra}
         if usage is not None:
-            s.add(UsageCost(job_id=job_id, tenant_id=job.tenant_id, kind=job.kind, **usage))
-        job.status, job.result, job.finished_at = "succeeded", result, now
-        job.progress, job.error, job.error_code = 1.0, None, None
+            s.execute(insert(UsageCost).values(job_id=job_id, tenant_id=owner.tenant_id, kind=owner.kind,
+                                               created_at=now, **usage))
+        s.execute(update(Job).where(Job.id == job_id).values(status="succeeded", result=result, finished_at=now,
+                                                             progress=1.0, error=None, error_code=None))
         _close_attempt(s, job_id, attempt, "succeeded", None, now)
         return True
 

@@ -59,12 +59,13 @@ def chunk_document(doc_id: str, text: str, *, source: str | None = None, languag
                    max_chars: int = MAX_CHARS, overlap: int = OVERLAP) -> list[Chunk]:
     """The chunks of one document, in order."""
     lang = guess_language(language, path)
+    by_size = lambda: [(None, line, part) for line, part in _with_lines(text, size_pieces(text, max_chars, overlap))]  # noqa: E731
     if lang in ("python", "py"):
-        pieces = python_pieces(text) or size_pieces(text, max_chars, overlap)
+        pieces = python_pieces(text) or by_size()
     elif lang in CODE_LANGUAGES:
-        pieces = brace_pieces(text)
+        pieces = brace_pieces(text) or by_size()
     else:
-        pieces = [(None, line, part) for line, part in _with_lines(text, size_pieces(text, max_chars, overlap))]
+        pieces = by_size()
     final: list[tuple[str | None, int | None, str]] = []
     for symbol, line, piece in pieces:
         if len(piece) > max_chars:
@@ -154,11 +155,13 @@ def _symbol_of(block: str) -> str | None:
 
 
 def _merge_small(pieces: list[tuple[str | None, int, str]]) -> list[tuple[str | None, int, str]]:
-    """Glue pieces shorter than MIN_CHARS (imports, a closing brace) to the following piece."""
+    """Glue blank gaps to the previous piece and pieces shorter than MIN_CHARS (imports, a closing brace)
+    to the following one, so the pieces still partition the text."""
     out: list[tuple[str | None, int, str]] = []
     carry: tuple[int, str] | None = None
     for symbol, line, piece in pieces:
-        if not piece.strip():
+        if not piece.strip() and out and carry is None:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + piece)
             continue
         if carry is not None:
             line, piece = carry[0], carry[1] + piece

@@ -47,7 +47,8 @@ class SentenceTransformerEmbedder:
             self.model = SentenceTransformer(str(path), device="cpu")
         else:  # a hub id: the user's own hub access applies
             self.model = SentenceTransformer(ref, device="cpu")
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(get_dim())
 
     def encode(self, texts: list[str], batch_size: int = 64, progress: Progress | None = None) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)

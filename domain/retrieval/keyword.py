@@ -8,6 +8,7 @@ and an exact identifier still matches best.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import numpy as np
 
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+")
 _CAMEL = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
+logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
+
 STOPWORDS = frozenset("""a an and are as at be been but by for from has have if in into is it its of on or that the
 their then there these this to was were will with which when where who whom whose not no can may should would
 self cls none true false return def""".split())

@@ -4,13 +4,14 @@
   serving artifact id, and device) and keeps it; later reviews reuse it (``BASE_LOADS`` counts loads).
 - Adapters live in PEFT adapter slots (``fslot000001``...) named independently of versions; the slot
   table is an LRU bounded by ``max_adapters``. A new adapter takes a free slot (``load_adapter``) or the
-  least recently used one: hot-swapped in place (``hotswap_adapter_from_state_dict``, no new modules) when
-  the two LoRA configs match, otherwise the old slot is deleted (``delete_adapter``, memory freed) and
-  a new one loaded. The base weights are never reloaded.
+  least recently used one: hot-swapped in place when the two LoRA configs match (its safetensors
+  weights copied into the slot's tensors: no new modules, like PEFT's ``hotswap_adapter``), otherwise
+  the old slot is deleted (``delete_adapter``, memory freed) and a new one loaded. The base weights are
+  never reloaded.
 - Rows of one ``generate`` call may use different adapters (PEFT ``adapter_names=``, ``"__base__"``
   for the bare model); left padding, greedy decoding.
 
-Only the batcher's thread touches the model (``ensure_adapters``/``generate``), so no model lock is
+Only the batcher's thread touches the model (``ensure_adapter``/``generate``), so no model lock is
 needed; tokenizer calls from job threads go through ``tokenizer_lock``.
 """
 
@@ -34,6 +35,7 @@ from domain.models import LoadedModel, load_causal_lm
 log = logging.getLogger(__name__)
 
 BASE = "__base__"
+WEIGHTS = "adapter_model.safetensors"
 _LORA_KEYS = ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "bias",
               "fan_in_fan_out", "modules_to_save", "layers_to_transform")
 
@@ -82,6 +84,7 @@ class Runtime:
         self.max_adapters = max(1, int(max_adapters))
         self.slots: OrderedDict[str, str] = OrderedDict()  # adapter version id -> slot name, LRU first
         self._slot_config: dict[str, object] = {}
+        self._params_cache: dict[str, dict[str, torch.Tensor]] = {}
         self._next_slot = 0
         self.stats: Counter = Counter()  # adapter_loads, hotswaps, evictions, batches, rows
         self.batcher = Batcher(self, max_batch=batch_size, wait_s=batch_wait_s)
@@ -112,6 +115,8 @@ class Runtime:
     def _place(self, path: Path, pinned: set[str]) -> str:
         from peft import PeftConfig
 
+        if not (path / WEIGHTS).is_file():
+            raise ValueError(f"adapter folder {path} has no {WEIGHTS} (weights are loaded from safetensors only)")
         config = PeftConfig.from_pretrained(str(path))
         if len(self.slots) < self.max_adapters:
             return self._load(path)
@@ -148,20 +153,38 @@ class Runtime:
         return slot
 
     def _hotswap(self, path: Path, slot: str, config) -> None:
-        from peft.utils import load_peft_weights
-        from peft.utils.hotswap import _insert_adapter_name_into_state_dict, hotswap_adapter_from_state_dict
+        """Copy a new adapter's weights into an existing slot with the same LoRA config (same modules,
+        rank, alpha: the scaling stays right). All keys and shapes are checked before anything is copied."""
+        from safetensors.torch import load_file
 
-        weights = load_peft_weights(str(path), device=str(self.device))
-        state = _insert_adapter_name_into_state_dict(weights, adapter_name=slot, parameter_prefix="lora_")
-        hotswap_adapter_from_state_dict(self.model, state, adapter_name=slot, config=config)
-        config.inference_mode = True
+        weights = load_file(str(path / WEIGHTS), device=str(self.device))
+        params = self._slot_params(slot)
+        if weights.keys() != params.keys():
+            raise KeyError(f"the new adapter targets other modules than slot {slot}")
+        bad = [k for k, t in weights.items() if t.shape != params[k].shape]
+        if bad:
+            raise ValueError(f"shape mismatch for {bad[0]}")
+        with torch.no_grad():
+            for k, t in weights.items():
+                params[k].copy_(t)
         self.model.peft_config[slot] = config
+        config.inference_mode = True
         self._slot_config[slot] = config
         self.stats["hotswaps"] += 1
+
+    def _slot_params(self, slot: str) -> dict[str, torch.Tensor]:
+        """The slot's LoRA parameters by their name in a saved adapter file (cached per slot)."""
+        cached = self._params_cache.get(slot)
+        if cached is None:
+            marker = f".{slot}."
+            cached = {n.replace(marker, "."): p for n, p in self.model.named_parameters() if marker in n}
+            self._params_cache[slot] = cached
+        return cached
 
     def _delete(self, slot: str) -> None:
         self.model.delete_adapter(slot)
         self._slot_config.pop(slot, None)
+        self._params_cache.pop(slot, None)
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

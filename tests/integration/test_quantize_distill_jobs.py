@@ -66,7 +66,7 @@ def test_distill_job_survives_its_worker_being_killed(env, tmp_path):
     finally:
         first.kill()
     with running_worker(env, queues=["distill"]):
-        status = wait(job_id, timeout=300)
+        status = wait(job_id, timeout=60)
     assert status["status"] == "succeeded", status
     report = status["result"]["report"]
     assert report["resumed_from_step"] >= 20 and report["steps"] == 400

@@ -1,0 +1,20 @@
+"""Raw Celery baseline for bench/queue_overhead.py: the same broker settings as Foundry, no ledger."""
+
+import os
+import time
+
+from celery import Celery
+
+from domain.config import get_settings
+from worker.celery_app import make_celery
+
+_foundry = make_celery(get_settings())
+app = Celery("rawbench", broker=os.environ["RAW_BROKER"], backend=os.environ["RAW_BROKER"])
+app.conf.update({k: v for k, v in _foundry.conf.items() if k.startswith(("task_", "worker_", "broker_", "result_", "accept"))
+                 and k not in ("task_routes", "task_queues", "task_default_queue", "task_default_exchange")})
+app.conf.task_default_queue = "rawbench"
+
+
+@app.task(name="raw.noop", acks_late=True, reject_on_worker_lost=True)
+def noop(enqueued_at: float) -> float:
+    return time.time()

@@ -1,0 +1,176 @@
+"""The retraining data set: a tenant's feedback on reviews, turned into (prompt, completion) pairs.
+
+- An **accepted** review teaches the review the model wrote (``reviews.raw_text``).
+- A **rejected** review with a correction teaches the correction; one without a correction teaches nothing.
+- The prompt is the review prompt the service uses (``domain.review.prompt.build_messages``, without
+  retrieved context, which is not stored with the review), rendered with the model's chat template.
+- Examples are deduplicated by the sha256 of (messages, completion) and sorted by it, so the same feedback
+  always gives the same data set and the same ``dataset_hash``.
+- The train/eval split is fixed by each example's hash (``eval_fraction`` of the hash space), so it does not
+  move when feedback is added or a job is redelivered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from domain.errors import InvalidJob
+from domain.ledger.models import Feedback, Review
+
+IGNORE = -100  # label of a token that carries no loss (prompt, padding)
+
+
+@dataclass(frozen=True)
+class FeedbackExample:
+    code: str
+    path: str | None
+    language: str | None
+    is_diff: bool
+    completion: str
+    source: str  # "accepted" | "correction"
+    feedback_at: datetime
+
+    @property
+    def sha256(self) -> str:
+        body = json.dumps([self.code, self.path, self.language, self.is_diff, self.completion], ensure_ascii=False)
+        return hashlib.sha256(body.encode()).hexdigest()
+
+
+@dataclass
+class Dataset:
+    examples: list[FeedbackExample]  # deduplicated, sorted by hash
+    dataset_hash: str
+    feedback_rows: int  # feedback rows read (including rejects without a correction and duplicates)
+    feedback_until: datetime | None  # newest feedback row read: the next retrain starts after it
+    skipped: dict = field(default_factory=dict)
+
+    def split(self, eval_fraction: float) -> tuple[list[FeedbackExample], list[FeedbackExample]]:
+        """(train, eval) by hash. With at least two examples both sides are non-empty; a single example is
+        both trained and evaluated on (recorded as ``eval_on_train`` by the caller)."""
+        if len(self.examples) < 2:
+            return list(self.examples), list(self.examples)
+        cut = int(eval_fraction * 2**32)
+        train = [e for e in self.examples if int(e.sha256[:8], 16) >= cut]
+        held = [e for e in self.examples if int(e.sha256[:8], 16) < cut]
+        if not held:
+            held, train = [train[-1]], train[:-1]
+        if not train:
+            train, held = [held[0]], held[1:]
+        return train, held
+
+
+def _aware(ts: datetime | None) -> datetime | None:
+    if ts is not None and ts.tzinfo is None:
+        return ts.replace(tzinfo=timezone.utc)
+    return ts
+
+
+def looks_like_diff(code: str, language: str | None) -> bool:
+    if language == "diff":
+        return True
+    head = code.lstrip()[:200]
+    return head.startswith(("diff --git", "--- ", "@@ ", "Index: "))
+
+
+def _feedback_query(tenant: str, since: datetime | None, until: datetime | None):
+    q = (select(Feedback, Review).join(Review, Review.id == Feedback.review_id)
+         .where(Feedback.tenant_id == tenant, Review.tenant_id == tenant))
+    if since is not None:
+        q = q.where(Feedback.created_at > since)
+    if until is not None:
+        q = q.where(Feedback.created_at <= until)
+    return q
+
+
+def usable(fb: Feedback) -> bool:
+    return fb.verdict == "accept" or (fb.verdict == "reject" and bool((fb.correction or "").strip()))
+
+
+def count_new_feedback(session: Session, tenant: str, since: datetime | None) -> int:
+    """Feedback rows after ``since`` that would become training examples (accepts and corrections)."""
+    q = (select(func.count()).select_from(Feedback).join(Review, Review.id == Feedback.review_id)
+         .where(Feedback.tenant_id == tenant, Review.tenant_id == tenant)
+         .where((Feedback.verdict == "accept") | ((Feedback.verdict == "reject") & Feedback.correction.is_not(None))))
+    if since is not None:
+        q = q.where(Feedback.created_at > since)
+    return int(session.scalar(q) or 0)
+
+
+def collect(session: Session, tenant: str, since: datetime | None = None, until: datetime | None = None) -> Dataset:
+    """The tenant's training examples from feedback created in (since, until]."""
+    seen: dict[str, FeedbackExample] = {}
+    rows, newest = 0, None
+    skipped = {"rejected_without_correction": 0, "duplicates": 0}
+    for fb, review in session.execute(_feedback_query(tenant, since, until).order_by(Feedback.created_at, Feedback.id)):
+        rows += 1
+        at = _aware(fb.created_at)
+        newest = at if newest is None or at > newest else newest
+        if not usable(fb):
+            skipped["rejected_without_correction"] += 1
+            continue
+        accepted = fb.verdict == "accept"
+        ex = FeedbackExample(code=review.code, path=review.path, language=review.language,
+                             is_diff=looks_like_diff(review.code, review.language),
+                             completion=(review.raw_text if accepted else fb.correction).strip(),
+                             source="accepted" if accepted else "correction", feedback_at=at)
+        if not ex.completion:
+            skipped["rejected_without_correction"] += 1
+            continue
+        if ex.sha256 in seen:
+            skipped["duplicates"] += 1
+        seen[ex.sha256] = ex
+    examples = [seen[h] for h in sorted(seen)]
+    digest = hashlib.sha256("\n".join(sorted(seen)).encode()).hexdigest()
+    return Dataset(examples=examples, dataset_hash=digest, feedback_rows=rows, feedback_until=newest, skipped=skipped)
+
+
+# ---- tokenization -------------------------------------------------------------------------------
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE on prompt tokens: the loss is on the completion only
+    prompt_truncated: bool = False
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+def default_prompt_builder(code: str, path: str | None, language: str | None, is_diff: bool) -> list[dict]:
+    from domain.review.prompt import build_messages
+
+    return build_messages(code, path, language, is_diff, [])
+
+
+def tokenize(tokenizer, example: FeedbackExample, max_seq_len: int, build_messages=default_prompt_builder) -> TokenizedExample:
+    """Prompt (chat template, generation prompt) + completion + end-of-turn token, at most ``max_seq_len``
+    tokens. A long prompt is cut by the review prompt's own fitting rule (middle lines of the code); a
+    completion longer than half the window is cut at its end."""
+    from domain.review.prompt import encode, fit_prompt
+
+    completion = list(tokenizer(example.completion, add_special_tokens=False)["input_ids"])
+    completion = completion[: max(1, max_seq_len // 2) - 1] + [tokenizer.eos_token_id]
+    messages = build_messages(example.code, example.path, example.language, example.is_diff)
+    prompt = encode(tokenizer, messages)
+    truncated = False
+    if len(prompt) + len(completion) > max_seq_len:
+        if build_messages is default_prompt_builder:
+            try:
+                fitted = fit_prompt(tokenizer, example.code, example.path, example.language, example.is_diff, [],
+                                    context_window=max_seq_len, max_new_tokens=len(completion))
+                prompt = fitted.input_ids
+            except InvalidJob:
+                prompt = prompt[-(max_seq_len - len(completion)):]
+        else:
+            prompt = prompt[-(max_seq_len - len(completion)):]
+        truncated = True
+    prompt = prompt[: max_seq_len - len(completion)]
+    return TokenizedExample(input_ids=prompt + completion, labels=[IGNORE] * len(prompt) + completion,
+                            prompt_truncated=truncated)

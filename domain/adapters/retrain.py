@@ -1,0 +1,233 @@
+"""The ``retrain`` job: the tenant's new feedback becomes a LoRA adapter version, judged by the eval gate.
+
+    champion / last version → new feedback? (none: "nothing to train") → data set (dedup, hash, split)
+    → base model (resident) + LoRA (continued from the champion when it has the same name)
+    → train with checkpoints (resume from the last one on redelivery) → gate vs champion (or base)
+    → save the adapter under the data root → Outcome(commit = version row + aliases)
+
+Watermarks: the job trains when at least ``min_feedback`` usable feedback items arrived after the newest
+version of this adapter name (``feedback_until``). It trains on all feedback after the *champion's*
+``feedback_until``, continuing from the champion, so feedback behind a rejected candidate is not lost.
+A resumed attempt reuses the first attempt's window and parent (kept in the checkpoint's metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from domain import costs
+from domain.adapters import data as fbdata
+from domain.adapters import gate, store, training
+from domain.errors import JobFailed
+from domain.ledger.db import session_scope
+from domain.ledger.models import AdapterVersion
+from domain.paths import resolve_in_data_root, sha256_tree
+from domain.specs import RetrainSpec
+
+log = logging.getLogger(__name__)
+
+# ---- the resident base model (one per process; LoRA layers are removed after every job) ------------
+
+_base_lock = threading.Lock()
+_base: dict[tuple, object] = {}
+
+
+def base_model(ref: str, device: str, qlora: bool):
+    """The base model for training, loaded once per process (4-bit NF4 when ``qlora``)."""
+    from domain.models import load_causal_lm, resolve_device
+
+    dev = resolve_device(device)
+    key = (ref, str(dev), qlora)
+    with _base_lock:
+        if key not in _base:
+            _base.clear()  # one resident training base at a time
+            quant = None
+            if qlora:
+                from transformers import BitsAndBytesConfig
+
+                quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                           bnb_4bit_compute_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+            _base[key] = load_causal_lm(ref, device=str(dev), quantization_config=quant)
+        return _base[key]
+
+
+def _aware(ts: datetime | None) -> datetime | None:
+    return fbdata._aware(ts)
+
+
+def _parse_ts(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None
+
+
+def _plan(spec: RetrainSpec, base_ref: str, resume: dict | None) -> dict:
+    """Read the ledger: parent (champion), watermarks and the data set for this job."""
+    with session_scope() as s:
+        champion = store.resolve_adapter(s, spec.tenant, None)
+        if resume:
+            parent = s.get(AdapterVersion, resume["parent_id"]) if resume.get("parent_id") else None
+            since, until = _parse_ts(resume.get("since")), _parse_ts(resume.get("until"))
+            new = None
+        else:
+            parent = champion if champion is not None and champion.name == spec.adapter_name else None
+            last = store.latest_version(s, spec.tenant, spec.adapter_name)
+            new = fbdata.count_new_feedback(s, spec.tenant, _aware(last.feedback_until) if last else None)
+            since, until = (_aware(parent.feedback_until) if parent else None), None
+        dataset = fbdata.collect(s, spec.tenant, since, until) if new is None or new >= spec.min_feedback else None
+        for v in (parent, champion):
+            if v is not None:
+                s.expunge(v)
+    return {"champion": champion, "parent": parent, "new_feedback": new, "since": since, "dataset": dataset}
+
+
+def handle_retrain(spec: RetrainSpec, ctx) -> Outcome:  # noqa: F821 - Outcome imported lazily below
+    from domain.jobs import Outcome
+    from domain.models import model_fingerprint
+
+    t0 = time.perf_counter()
+    settings = ctx.settings
+    base_ref = spec.base_model or settings.base_model_ref()
+    ckpt = ctx.latest_checkpoint()
+    resume = _usable_checkpoint(ckpt, ctx)
+    plan = _plan(spec, base_ref, resume["extra"] if resume else None)
+    dataset: fbdata.Dataset | None = plan["dataset"]
+    if dataset is None or not dataset.examples:
+        found = plan["new_feedback"] if plan["new_feedback"] is not None else 0
+        return Outcome(result={"status": "nothing to train", "new_feedback": found, "min_feedback": spec.min_feedback,
+                               "message": f"{found} new usable feedback item(s) since the last version; "
+                                          f"{spec.min_feedback} needed"})
+    if resume and resume["extra"].get("dataset_hash") != dataset.dataset_hash:
+        ctx.health("adapter", "checkpoint_stale", "degraded", "feedback changed since the checkpoint; training restarts")
+        resume = None
+
+    # Refuse what cannot be trained on: a champion on another base model, or files that changed on disk.
+    base_hash = model_fingerprint(base_ref)
+    champion, parent = plan["champion"], plan["parent"]
+    champion_dir = None
+    if champion is not None:
+        store.check_base_model(champion, base_ref)
+        champion_dir = store.verified_adapter_path(champion)
+    parent_dir = store.verified_adapter_path(parent) if parent is not None else None
+
+    cfg = training.TrainConfig.from_spec(spec)
+    ctx.progress(0.0, stage="load", force=True)
+    loaded = base_model(base_ref, settings.device, cfg.qlora)
+    tok = loaded.tokenizer
+    train_ex, eval_ex = dataset.split(spec.eval_fraction)
+    encode = lambda exs: [fbdata.tokenize(tok, e, cfg.max_seq_len) for e in exs]  # noqa: E731
+    train_tok, eval_tok = encode(train_ex), encode(eval_ex)
+    train_batches = training.make_batches(train_tok, cfg.batch_size, cfg.max_seq_len, cfg.packing, tok.pad_token_id)
+    eval_batches = training.make_batches(eval_tok, cfg.batch_size, cfg.max_seq_len, cfg.packing, tok.pad_token_id)
+
+    model = training.setup_model(loaded.model, cfg, parent_dir)
+    try:
+        optimizer, scheduler = training.make_optimizer(model, cfg)
+        start, losses = 0, []
+        if resume:
+            start, losses, _ = training.load_checkpoint(resume["path"], model, optimizer, scheduler)
+            ctx.health("adapter", "resume", "ok", f"retrain resumed from step {start}", step=start)
+        meta = {"parent_id": parent.id if parent else None, "since": plan["since"].isoformat() if plan["since"] else None,
+                "until": dataset.feedback_until.isoformat() if dataset.feedback_until else None,
+                "dataset_hash": dataset.dataset_hash}
+        hooks = _hooks(ctx, model, optimizer, scheduler, cfg, meta)
+        hooks.losses = losses  # shared with the checkpoint hook
+        result = training.train(model, train_batches, cfg, optimizer, scheduler, start_step=start, losses=losses,
+                                hooks=hooks.as_hooks())
+        ctx.progress(0.95, stage="eval", step=result.steps, loss=result.final_loss, force=True)
+        decision = gate.run_gate(model, eval_batches, champion_dir, champion.id if champion else None,
+                                 spec.promotion_margin)
+        version_id = __import__("domain.ledger.models", fromlist=["new_id"]).new_id()
+        files = store.save_adapter_files(model, store.adapter_rel_dir(spec.tenant, spec.adapter_name, ctx.job_id))
+    finally:
+        training.cleanup(model)
+
+    train_tokens = sum(len(e.input_ids) for e in train_tok)
+    metrics = {"train_loss_first": result.losses[0] if result.losses else None, "train_loss_final": result.final_loss,
+               "steps": result.steps, "resumed_from_step": start, "tokens_per_s": result.tokens_per_s,
+               "eval": decision.candidate, "reference_eval": decision.baseline, "reference": decision.reference,
+               "gate": {"promote": decision.promote, "reason": decision.reason, "margin": decision.margin,
+                        "relative_improvement": decision.relative_improvement},
+               "train_examples": len(train_ex), "eval_examples": len(eval_ex),
+               "eval_on_train": len(dataset.examples) < 2, "dataset_skipped": dataset.skipped,
+               "prompt_truncated": sum(e.prompt_truncated for e in train_tok + eval_tok)}
+    hyper = {**cfg.hyperparams(), "train_tokens_per_epoch": train_tokens}
+
+    def commit(session) -> dict:
+        version = store.register_version(
+            session, tenant=spec.tenant, name=spec.adapter_name, base_model_id=base_ref, base_model_hash=base_hash,
+            files=files, parent_id=parent.id if parent else None, dataset_hash=dataset.dataset_hash,
+            dataset_size=len(dataset.examples), feedback_until=dataset.feedback_until, hyperparams=hyper,
+            metrics=metrics, status="candidate", created_by_job_id=ctx.job_id, version_id=version_id,
+            extra_parents=[(parent.id, "retrain", None)] if parent else [])
+        who = f"job:{ctx.job_id}"
+        store.move_alias(session, spec.tenant, store.CANDIDATE, version.id, who, decision.reason)
+        if decision.promote:
+            store.move_alias(session, spec.tenant, store.CHAMPION, version.id, who, decision.reason)
+        else:
+            version.status = "rejected"
+        return {"version_id": version.id, "version": version.version}
+
+    usage = costs.Usage(prompt_tokens=result.tokens, completion_tokens=0, wall_seconds=time.perf_counter() - t0,
+                        gpu_seconds=(time.perf_counter() - t0) if loaded.device.type == "cuda" else 0.0,
+                        model_id=base_ref, adapter_version_id=version_id)
+    summary = {"status": "promoted" if decision.promote else "kept champion", "promoted": decision.promote,
+               "reason": decision.reason, "adapter_name": spec.adapter_name, "parent_id": meta["parent_id"],
+               "dataset_hash": dataset.dataset_hash, "dataset_size": len(dataset.examples),
+               "tokens_trained": result.tokens, "steps": result.steps, "resumed_from_step": start,
+               "train_loss_final": result.final_loss, "eval_loss": decision.candidate["loss"],
+               "reference_eval_loss": decision.baseline["loss"], "reference": decision.reference,
+               "artifact_path": files.rel_path, "artifact_sha256": files.sha256}
+    return Outcome(result=summary, usage=usage, commit=commit)
+
+
+# ---- checkpoints through the job context ------------------------------------------------------------
+
+class _JobHooks:
+    def __init__(self, ctx, model, optimizer, scheduler, cfg: training.TrainConfig, meta: dict):
+        self.ctx, self.model, self.optimizer, self.scheduler, self.cfg, self.meta = ctx, model, optimizer, scheduler, cfg, meta
+        self.losses: list[float] = []
+        self.last_loss = float("nan")
+
+    def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
+        self.losses.append(loss) if self.losses is not None and len(self.losses) < step else None
+        self.last_loss = loss
+        self.ctx.progress(0.9 * step / self.cfg.max_steps, stage="train", step=step, loss=loss,
+                          tokens_per_s=round(tokens_per_s, 1))
+
+    def checkpoint(self, step: int, reason: str) -> None:
+        rel = f"checkpoints/retrain/{self.ctx.job_id}/step-{step:07d}"
+        folder = resolve_in_data_root(rel)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        training.save_checkpoint(folder, self.model, self.optimizer, self.scheduler, step, self.losses[:step], self.meta)
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        self.ctx.record_checkpoint(step, rel, sha256_tree(folder), size_bytes=size,
+                                   metrics={**self.meta, "loss": self.last_loss}, reason=reason)
+
+    def as_hooks(self) -> training.Hooks:
+        return training.Hooks(progress=self.progress, checkpoint=self.checkpoint,
+                              stopping=lambda: self.ctx.stopping, check=self.ctx.check)
+
+
+def _hooks(ctx, model, optimizer, scheduler, cfg, meta) -> _JobHooks:
+    return _JobHooks(ctx, model, optimizer, scheduler, cfg, meta)
+
+
+def _usable_checkpoint(ckpt, ctx) -> dict | None:
+    """The job's last checkpoint if its files are intact; otherwise None (train from the start)."""
+    if ckpt is None:
+        return None
+    try:
+        folder = resolve_in_data_root(ckpt.path)
+        ok = folder.is_dir() and sha256_tree(folder) == ckpt.sha256
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        ctx.health("adapter", "checkpoint_corrupt", "degraded",
+                   f"checkpoint {ckpt.path} is missing or does not match its sha256; training restarts", step=ckpt.step)
+        return None
+    return {"path": folder, "step": ckpt.step, "extra": dict(ckpt.metrics or {})}
