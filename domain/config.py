@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(10.0, description="How often a running job refreshes its heartbeat in the ledger.")
     stale_after_s: float = Field(60.0, description="A running job whose heartbeat is older than this is presumed lost.")
     worker_max_memory_mb: int = Field(0, description="Warm-restart a worker whose RSS exceeds this after a job (0 = off).")
+    ledger_outage_max_s: float = Field(900.0, description="How long a worker keeps retrying ledger writes (holding the job's message unacknowledged) before handing the job back to the broker.")
     retry_backoff_s: float = Field(2.0, description="Base of the exponential backoff for transient errors.")
     retry_backoff_max_s: float = Field(300.0, description="Cap of that backoff.")
 

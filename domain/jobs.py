@@ -213,9 +213,46 @@ class _HardLimit:
         return False
 
 
+def _ledger_down(exc: BaseException) -> bool:
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    return isinstance(exc, (OperationalError, InterfaceError))
+
+
+def with_ledger(fn: Callable[[], Any], what: str, settings: Settings, budget_s: float | None = None) -> Any:
+    """Run a ledger write, retrying with backoff while the database is unreachable. The job's broker
+    message stays unacknowledged meanwhile, so nothing is lost; past the budget the job is handed back
+    to the broker (RetryLater) with nothing recorded, and runs again later."""
+    budget = settings.ledger_outage_max_s if budget_s is None else budget_s
+    start, attempt = time.monotonic(), 0
+    while True:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001
+            if not _ledger_down(exc):
+                raise
+            attempt += 1
+            waited = time.monotonic() - start
+            if waited >= budget:
+                raise RetryLater(f"ledger unreachable for {waited:.0f} s during {what}: {type(exc).__name__}",
+                                 countdown=backoff(attempt, settings)) from exc
+            delay = min(backoff(attempt, settings), max(0.1, budget - waited))
+            log.warning("ledger unreachable during %s (%s); retrying in %.1f s", what, type(exc).__name__, delay)
+            time.sleep(delay)
+
+
 def execute(kind: str, job_id: str, payload: Any, worker: str, settings: Settings | None = None) -> dict:
     """Run one delivery of a job. Returns a summary dict; raises RetryLater or SoftStop for the caller to map."""
     settings = settings or get_settings()
+    try:
+        return _execute(kind, job_id, payload, worker, settings)
+    except Exception as exc:
+        if _ledger_down(exc):  # the claim or a failure record could not be written: nothing ran or nothing is lost
+            raise RetryLater(f"ledger unreachable: {type(exc).__name__}", countdown=backoff(1, settings)) from exc
+        raise
+
+
+def _execute(kind: str, job_id: str, payload: Any, worker: str, settings: Settings) -> dict:
     try:
         spec = parse_spec(kind, payload)
     except InvalidJob as exc:
@@ -276,7 +313,8 @@ def execute(kind: str, job_id: str, payload: Any, worker: str, settings: Setting
             outcome.usage.wall_seconds = time.perf_counter() - t0
         usage = costs.usage_row(outcome.usage, settings.prices())
     result = _jsonable(outcome.result)
-    owned = jobstore.finish_success(job_id, claim.attempt, worker, result, usage=usage, commit=outcome.commit)
+    owned = with_ledger(lambda: jobstore.finish_success(job_id, claim.attempt, worker, result, usage=usage,
+                                                        commit=outcome.commit), "finish", settings)
     if not owned:
         return {"job_id": job_id, "status": "superseded", "skipped": "another attempt owns this job"}
     return {"job_id": job_id, "status": "succeeded", "result": result}

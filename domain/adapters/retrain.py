@@ -74,9 +74,6 @@ def _plan(spec: RetrainSpec, resume: dict | None) -> dict:
             new = fbdata.count_new_feedback(s, spec.tenant, fbdata.aware(last.feedback_until) if last else None)
             since, until = (fbdata.aware(parent.feedback_until) if parent else None), None
         dataset = fbdata.collect(s, spec.tenant, since, until) if new is None or new >= spec.min_feedback else None
-        for v in (parent, champion):
-            if v is not None:
-                s.expunge(v)
     return {"champion": champion, "parent": parent, "new_feedback": new, "since": since, "dataset": dataset}
 
 

@@ -48,8 +48,9 @@ def test_quantize_job_through_a_worker_records_a_servable_artifact(env, tiny_mod
 def test_distill_job_survives_its_worker_being_killed(env, tmp_path):
     from worker.client import enqueue_distill, wait
 
+    env = {**env, "OMP_NUM_THREADS": "1"}  # a tiny model trains fastest on one thread, above all on a busy machine
     teacher = save_tiny_model(tmp_path / "teacher", layers=4, hidden=64, seed=3)
-    body = {"teacher": str(teacher), "max_steps": 400, "checkpoint_every": 20, "batch_size": 2, "seq_len": 32,
+    body = {"teacher": str(teacher), "max_steps": 200, "checkpoint_every": 10, "batch_size": 2, "seq_len": 32,
             "eval_max_tokens": 128, "learning_rate": 3e-3}
     first = start_worker(env, queues=["distill"])
     try:
@@ -66,11 +67,11 @@ def test_distill_job_survives_its_worker_being_killed(env, tmp_path):
     finally:
         first.kill()
     with running_worker(env, queues=["distill"]):
-        status = wait(job_id, timeout=60)
+        status = wait(job_id, timeout=300)
     assert status["status"] == "succeeded", status
     report = status["result"]["report"]
-    assert report["resumed_from_step"] >= 20 and report["steps"] == 400
-    assert report["trained_tokens"] == 400 * 2 * 32  # tokens of the lost attempt's checkpointed steps included once
+    assert report["resumed_from_step"] >= 10 and report["steps"] == 200
+    assert report["trained_tokens"] == 200 * 2 * 32  # tokens of the lost attempt's checkpointed steps included once
     with session_scope() as s:
         outcomes = [a.outcome for a in s.scalars(select(JobAttempt).where(JobAttempt.job_id == job_id)
                                                  .order_by(JobAttempt.attempt))]

@@ -161,3 +161,54 @@ def test_idempotency_key_returns_the_first_job(ledger):
     jobs.execute("noop", "j1", {"tenant": "acme", "idempotency_key": "k"}, "w:1")
     dup = jobs.execute("noop", "j3", {"tenant": "acme", "idempotency_key": "k"}, "w:1")
     assert dup["duplicate_of"] == "j1"
+
+
+def _op_error():
+    from sqlalchemy.exc import OperationalError
+
+    return OperationalError("INSERT ...", {}, Exception("connection refused"))
+
+
+def test_ledger_outage_is_retried_until_the_write_lands(ledger, monkeypatch):
+    monkeypatch.setenv("FOUNDRY_RETRY_BACKOFF_S", "0.01")
+    reset_settings()
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise _op_error()
+        return "written"
+
+    assert jobs.with_ledger(flaky, "finish", get_settings()) == "written" and len(calls) == 3
+
+
+def test_ledger_outage_past_the_budget_hands_the_job_back(ledger, monkeypatch):
+    monkeypatch.setenv("FOUNDRY_RETRY_BACKOFF_S", "0.01")
+    reset_settings()
+
+    def down():
+        raise _op_error()
+
+    with pytest.raises(jobs.RetryLater, match="ledger unreachable"):
+        jobs.with_ledger(down, "finish", get_settings(), budget_s=0.05)
+
+
+def test_finish_during_outage_records_nothing_until_the_ledger_returns(ledger, monkeypatch):
+    """A result is never acknowledged without its ledger row: the job stays unfinished, then finishes once."""
+    monkeypatch.setenv("FOUNDRY_LEDGER_OUTAGE_MAX_S", "0.05")
+    monkeypatch.setenv("FOUNDRY_RETRY_BACKOFF_S", "0.01")
+    reset_settings()
+    real = jobstore.finish_success
+    monkeypatch.setattr(jobstore, "finish_success", lambda *a, **k: (_ for _ in ()).throw(_op_error()))
+    jid = uuid.uuid4().hex
+    with pytest.raises(jobs.RetryLater):
+        jobs.execute("noop", jid, {"tenant": "acme", "cost_tokens": 7}, "w1:1")
+    j, attempts, costs = job(jid)
+    assert j.status == "running" and costs == 0
+    monkeypatch.setattr(jobstore, "finish_success", real)
+    monkeypatch.setenv("FOUNDRY_STALE_AFTER_S", "0")
+    reset_settings()
+    assert jobs.execute("noop", jid, {"tenant": "acme", "cost_tokens": 7}, "w2:2")["status"] == "succeeded"
+    j, attempts, costs = job(jid)
+    assert j.status == "succeeded" and costs == 1 and [a.outcome for a in attempts] == ["lost", "succeeded"]
