@@ -32,6 +32,7 @@ class BuildResult:
     sha256: str | None = None
     size_bytes: int = 0
     manifest: dict = field(default_factory=dict)
+    snapshot: Snapshot | None = None  # the new version, in memory (the writer keeps it for its next build)
 
 
 def document_hash(doc: dict) -> str:
@@ -74,7 +75,8 @@ def build_version(tenant: str, *, action: str, documents: list[dict], remove_ids
                 stats["missing"].append(doc_id)
 
     to_embed: list[dict] = []
-    latest = {d["id"]: d for d in documents}  # the same id twice in one job: the last one wins
+    added: list[str] = []  # chunk ids (re)inserted by this build, in order
+    latest = {d["id"]: d for d in documents} if action != "remove" else {}  # same id twice: the last one wins
     for doc_id, doc in latest.items():
         h = document_hash(doc)
         if doc_id in docs and docs[doc_id]["hash"] == h:
@@ -94,6 +96,7 @@ def build_version(tenant: str, *, action: str, documents: list[dict], remove_ids
                 next_id += 1
                 to_embed.append(entry)
             chunks[ch.id] = entry
+            added.append(ch.id)
         docs[doc_id] = {"hash": h, "chunk_ids": [c.id for c in new], "source": doc.get("source"), "path": doc.get("path")}
 
     if base is not None and not same_model:
@@ -117,9 +120,16 @@ def build_version(tenant: str, *, action: str, documents: list[dict], remove_ids
     stats["chunks_embedded"], stats["chunks_reused"] = len(fresh), len(reuse)
     progress(0.8, "indexing")
 
-    final = list(chunks.values())
+    incremental = base is not None and same_model and action != "rebuild"
+    if incremental:  # base rows that survive untouched keep their order (and BM25 rows); the rest follow
+        added_set = set(added)
+        keep = np.array([c["id"] in chunks and c["id"] not in added_set for c in base.chunks], dtype=bool)
+        final = [c for c, k in zip(base.chunks, keep) if k] + [chunks[cid] for cid in added if cid in chunks]
+        lines = [line for line, k in zip(base.lines, keep) if k] if base.lines is not None else None
+    else:
+        final, lines = list(chunks.values()), None
     final_ids = {int(c["faiss_id"]) for c in final}
-    if action == "rebuild" or base is None or not same_model:
+    if not incremental:
         known = base.dense.all_vectors() if base is not None and same_model else (np.zeros(0, np.int64), None)
         old_pos = {int(fid): i for i, fid in enumerate(known[0])}
         ids = np.array([int(c["faiss_id"]) for c in final], dtype=np.int64)
@@ -127,8 +137,9 @@ def build_version(tenant: str, *, action: str, documents: list[dict], remove_ids
         for i, fid in enumerate(ids):
             vecs[i] = vectors[int(fid)] if int(fid) in vectors else known[1][old_pos[int(fid)]]
         dense = DenseIndex.build(embedder.dim, ids, vecs, exact_max)
+        keyword = KeywordIndex().build([tokenize(c["text"]) for c in final])
     else:
-        dense = base.dense  # the writer's own copy, loaded for this build
+        dense = base.dense  # the writer's own copy of the base (never a reader's)
         gone = [fid for fid in base.position if fid not in final_ids]
         dense.remove(gone)
         new_ids = np.array(sorted(vectors), dtype=np.int64)
@@ -136,7 +147,9 @@ def build_version(tenant: str, *, action: str, documents: list[dict], remove_ids
         if dense.needs_rebuild(tombstone_fraction, exact_max):
             dense = dense.rebuilt(exact_max)
             stats["compacted"] = True
-    keyword = KeywordIndex().build([tokenize(c["text"]) for c in final])
+        keyword = base.keyword.updated(keep, [tokenize(chunks[cid]["text"]) for cid in added if cid in chunks])
+        if lines is not None:
+            lines += [json.dumps(chunks[cid], ensure_ascii=False) for cid in added if cid in chunks]
     progress(0.9, "writing snapshot")
 
     version = next_version(tenant)
@@ -144,10 +157,13 @@ def build_version(tenant: str, *, action: str, documents: list[dict], remove_ids
                 "documents": len(docs), "chunks": len(final), "tombstones": len(dense.tombstones), "next_id": next_id,
                 "parent_version": base.version if base else None, "action": action, "build": build_name,
                 "created_at": time.time()}
-    folder, sha, size = write_snapshot(tenant, version, build_name, chunks=final, documents=docs, dense=dense,
+    lines = lines if lines is not None else [json.dumps(c, ensure_ascii=False) for c in final]
+    folder, sha, size = write_snapshot(tenant, version, build_name, lines=lines, documents=docs, dense=dense,
                                        keyword=keyword, manifest=manifest)
     stats.update(documents=len(docs), chunks=len(final), dense_kind=dense.kind, tombstones=len(dense.tombstones),
                  seconds=round(time.perf_counter() - t0, 3))
     progress(1.0, f"wrote v{version}")
+    snapshot = Snapshot(tenant, version, folder, {**manifest, "version": version}, final, docs, dense, keyword,
+                        lines=lines, manifest_sha256=sha)
     return BuildResult(version=version, base_version=base.version if base else None, stats=stats, folder=str(folder),
-                       sha256=sha, size_bytes=size, manifest=manifest)
+                       sha256=sha, size_bytes=size, manifest=manifest, snapshot=snapshot)

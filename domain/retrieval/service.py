@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from sqlalchemy import select
 
@@ -19,14 +19,15 @@ from domain import costs
 from domain.errors import JobFailed, TransientError
 from domain.ledger.db import session_scope
 from domain.ledger.models import Artifact, Feedback, Review
+from domain.paths import sha256_file
 from domain.retrieval import reader
 from domain.retrieval.builder import build_version
 from domain.retrieval.embedding import get_embedder
 from domain.retrieval.fusion import DEFAULT_FUSION, FusionConfig
 from domain.retrieval.settings import get_retrieval_settings
 from domain.retrieval.snapshots import (
-    CorruptSnapshot, WriterBusy, acquire_lease, clean_stale_builds, load_snapshot, prune, read_current,
-    relative_path, release_lease, renew_lease, switch_current, versions_on_disk,
+    CorruptSnapshot, Snapshot, WriterBusy, acquire_lease, clean_stale_builds, load_snapshot, prune, read_current,
+    relative_path, release_lease, renew_lease, switch_current, version_dir, versions_on_disk,
 )
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,18 @@ def accepted_review_documents(tenant: str) -> list[dict]:
     return list(docs.values())
 
 
+# The last snapshot this process wrote, per tenant: the next build starts from it instead of reloading and
+# re-verifying it from disk, as long as CURRENT still points to it and its manifest is unchanged.
+_written: dict[str, Snapshot] = {}
+
+
+def _for_writing(snapshot: Snapshot) -> Snapshot:
+    """A copy the builder may change (the dense index is mutated in place; the rest is copied by the builder)."""
+    return replace(snapshot, dense=snapshot.dense.copy(), position=dict(snapshot.position))
+
+
 def _writer_base(tenant: str, action: str, ctx):
-    """The snapshot to build on: the current one, freshly loaded (the writer mutates its copy)."""
+    """The snapshot to build on: the current one (a private copy: the writer mutates it)."""
     try:
         version = read_current(tenant)
     except CorruptSnapshot as exc:
@@ -133,6 +144,13 @@ def _writer_base(tenant: str, action: str, ctx):
         err = None
         if version is None:
             return None
+        mine = _written.get(tenant)
+        if mine is not None and mine.version == version:
+            try:
+                if sha256_file(version_dir(tenant, version) / "manifest.json") == mine.manifest_sha256:
+                    return _for_writing(mine)
+            except OSError:
+                pass
         try:
             return load_snapshot(tenant, version)
         except CorruptSnapshot as exc:
@@ -218,6 +236,7 @@ def handle_index(spec, ctx):
         release_lease(tenant, holder, session)
         session.flush()
         switch_current(tenant, built.version)  # last step: readers switch only to a recorded, complete snapshot
+        _written[tenant] = built.snapshot
         try:
             prune(tenant, settings.index_keep_versions, built.version)
         except OSError as exc:

@@ -57,6 +57,8 @@ class Snapshot:
     documents: dict[str, dict]  # id -> {"hash", "chunk_ids"}
     dense: DenseIndex
     keyword: KeywordIndex
+    lines: list[str] | None = None  # chunks as their JSON lines (an update rewrites unchanged ones verbatim)
+    manifest_sha256: str | None = None
     position: dict[int, int] = field(default_factory=dict)  # faiss id -> position in chunks
 
     def __post_init__(self):
@@ -139,7 +141,7 @@ def next_version(tenant: str) -> int:
 
 # ---- writing and reading a snapshot ----------------------------------------------------------
 
-def write_snapshot(tenant: str, version: int, build_name: str, *, chunks: list[dict], documents: dict[str, dict],
+def write_snapshot(tenant: str, version: int, build_name: str, *, lines: list[str], documents: dict[str, dict],
                    dense: DenseIndex, keyword: KeywordIndex, manifest: dict) -> tuple[Path, str, int]:
     """Write a complete snapshot under a temp name, then rename it to v<version>.
     Returns (folder, sha256 of the manifest, size in bytes)."""
@@ -149,8 +151,7 @@ def write_snapshot(tenant: str, version: int, build_name: str, *, chunks: list[d
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     with open(tmp / "chunks.jsonl", "w") as f:
-        for c in chunks:
-            f.write(json.dumps(c, ensure_ascii=False) + "\n")
+        f.write("".join(line + "\n" for line in lines))
     with open(tmp / "documents.jsonl", "w") as f:
         for doc_id, d in documents.items():
             f.write(json.dumps({"id": doc_id, **d}, ensure_ascii=False) + "\n")
@@ -194,7 +195,8 @@ def load_snapshot(tenant: str, version: int, *, check: bool = True) -> Snapshot:
     manifest = verify(folder) if check else json.loads((folder / MANIFEST).read_text())
     try:
         with open(folder / "chunks.jsonl") as f:
-            chunks = [json.loads(line) for line in f if line.strip()]
+            lines = [line.rstrip("\n") for line in f if line.strip()]
+        chunks = [json.loads(line) for line in lines]
         documents = {}
         with open(folder / "documents.jsonl") as f:
             for line in f:
@@ -208,7 +210,8 @@ def load_snapshot(tenant: str, version: int, *, check: bool = True) -> Snapshot:
     if keyword.size != len(chunks) or dense.live != len(chunks):
         raise CorruptSnapshot(f"index/{tenant}/v{version}: {len(chunks)} chunks but {keyword.size} BM25 rows and "
                               f"{dense.live} live vectors")
-    return Snapshot(tenant, version, folder, manifest, chunks, documents, dense, keyword)
+    return Snapshot(tenant, version, folder, manifest, chunks, documents, dense, keyword, lines=lines,
+                    manifest_sha256=sha256_file(folder / MANIFEST))
 
 
 def prune(tenant: str, keep: int, current: int) -> list[int]:

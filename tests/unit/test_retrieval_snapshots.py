@@ -18,7 +18,7 @@ from sqlalchemy import select
 from domain.jobs import execute
 from domain.ledger.db import session_scope
 from domain.ledger.models import Artifact, HealthEvent, Job
-from domain.retrieval import reader
+from domain.retrieval import reader, service
 from domain.retrieval.service import retrieve_context
 from domain.retrieval.settings import reset_retrieval_settings
 from domain.retrieval.snapshots import read_current, tenant_dir, version_dir
@@ -124,7 +124,8 @@ def test_corrupt_snapshot_keeps_previous_version_serving(index_env):
     reader.forget()  # a freshly started reader falls back to the newest intact version on disk
     assert retrieve_context("acme", "one handler", k=1, floor=-1).index_version == 1
 
-    out = run({"tenant": "acme", "documents": docs("three", 1)})  # a writer refuses to build on a corrupt base
+    service._written.clear()  # a writer process that did not write v2 itself must read it from disk...
+    out = run({"tenant": "acme", "documents": docs("three", 1)})  # ...and refuses to build on a corrupt base
     assert out["status"] == "failed" and out["code"] == "index_corrupt"
     out = run({"tenant": "acme", "action": "rebuild", "documents": docs("one", 3) + docs("two", 3)})
     assert out["status"] == "succeeded" and out["result"]["index_version"] == 3

@@ -1,0 +1,109 @@
+"""Circuit breaker per adapter version: a newly promoted champion that keeps failing is rolled back.
+
+``observe_review`` is called after every review job (and by the canary). A failure on a version is
+written as a health event (component ``adapter``, event ``review_failure``), so every worker sees the
+same count. When the tenant's current champion was promoted less than ``FOUNDRY_CIRCUIT_RECENT_S``
+ago and has failed ``FOUNDRY_CIRCUIT_FAILURES`` times within ``FOUNDRY_CIRCUIT_WINDOW_S`` (counted
+from its promotion at the earliest), or a canary on the champion fails, the champion alias is moved
+back to the previous version with ``domain.adapters.store.rollback`` (recorded in ``alias_history``
+with ``moved_by="circuit-breaker"`` and the reason) and a ``rollback`` health event is written.
+
+Only failures of the model/adapter should be reported (``ok=False``): bad input (a rejected job) says
+nothing about the adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta, timezone
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import desc, select
+
+from domain import health
+from domain.adapters import store
+from domain.ledger.db import session_scope
+from domain.ledger.models import AdapterAlias, AliasHistory, HealthEvent
+
+log = logging.getLogger(__name__)
+
+MOVED_BY = "circuit-breaker"
+
+
+class CircuitSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FOUNDRY_CIRCUIT_", extra="ignore")
+
+    enabled: bool = Field(True, description="Roll back failing champions automatically.")
+    failures: int = Field(3, ge=1, description="Review failures on a recently promoted champion that trip the breaker.")
+    window_s: float = Field(900.0, gt=0, description="Failures older than this are forgotten.")
+    recent_s: float = Field(24 * 3600.0, gt=0, description="Only a champion promoted this recently is rolled back "
+                            "automatically (an old champion failing points at something else).")
+
+
+def _aware(ts: datetime | None) -> datetime | None:
+    return ts.replace(tzinfo=timezone.utc) if ts is not None and ts.tzinfo is None else ts
+
+
+def _promoted_at(session, tenant: str, version_id: str) -> datetime | None:
+    """When the champion alias last moved onto ``version_id``."""
+    entry = session.scalar(select(AliasHistory).where(AliasHistory.tenant_id == tenant,
+                                                      AliasHistory.alias == store.CHAMPION,
+                                                      AliasHistory.to_version_id == version_id)
+                           .order_by(desc(AliasHistory.moved_at), desc(AliasHistory.id)).limit(1))
+    return _aware(entry.moved_at) if entry is not None else None
+
+
+def _failures_since(session, tenant: str, version_id: str, since: datetime) -> int:
+    rows = session.scalars(select(HealthEvent.detail).where(
+        HealthEvent.component == "adapter", HealthEvent.event == "review_failure", HealthEvent.tenant_id == tenant,
+        HealthEvent.at >= since))
+    return sum(1 for d in rows if (d or {}).get("version_id") == version_id)
+
+
+def observe_review(tenant: str, adapter_version_id: str | None, ok: bool, error: str | None = None,
+                   source: str = "review", *, settings: CircuitSettings | None = None,
+                   now: datetime | None = None) -> str | None:
+    """Record one review (or canary) outcome on an adapter version; roll the champion back when the
+    breaker trips. Returns the action taken: None (nothing), "recorded" (a failure counted) or
+    "rolled_back" (the champion moved to the previous version)."""
+    settings = settings or CircuitSettings()
+    if ok or adapter_version_id is None:
+        return None
+    now = now or datetime.now(timezone.utc)
+    is_canary = source == "canary"
+    health.record("adapter", "review_failure", "fail", f"{source} failed on adapter version {adapter_version_id}: "
+                  f"{(error or '')[:300]}", source=source, tenant_id=tenant,
+                  detail={"version_id": adapter_version_id, "error": (error or "")[:1000], "canary": is_canary})
+    if not settings.enabled:
+        return "recorded"
+    try:
+        with session_scope() as s:
+            alias = s.get(AdapterAlias, (tenant, store.CHAMPION), with_for_update=True)
+            if alias is None or alias.version_id != adapter_version_id:
+                return "recorded"  # not the champion (or already rolled back by another worker)
+            promoted = _promoted_at(s, tenant, adapter_version_id)
+            if is_canary:
+                reason = f"canary failed on champion {adapter_version_id}: {(error or '')[:300]}"
+            else:
+                if promoted is None or now - promoted > timedelta(seconds=settings.recent_s):
+                    return "recorded"
+                since = max(promoted, now - timedelta(seconds=settings.window_s))
+                failures = _failures_since(s, tenant, adapter_version_id, since)
+                if failures < settings.failures:
+                    return "recorded"
+                reason = (f"{failures} review failures in {settings.window_s:.0f} s on champion {adapter_version_id} "
+                          f"promoted {int((now - promoted).total_seconds())} s ago; last error: {(error or '')[:300]}")
+            entry = store.rollback(s, tenant, MOVED_BY, reason)
+            target = entry.to_version_id
+    except LookupError as exc:
+        log.warning("circuit breaker for %s could not roll back: %s", tenant, exc)
+        health.record("adapter", "rollback_impossible", "fail", str(exc), source=MOVED_BY, tenant_id=tenant,
+                      detail={"version_id": adapter_version_id})
+        return "recorded"
+    log.error("circuit breaker: tenant %s champion %s rolled back to %s (%s)", tenant, adapter_version_id, target, reason)
+    health.record("adapter", "rollback", "degraded", f"champion of {tenant} rolled back from {adapter_version_id} to "
+                  f"{target or 'the base model'}: {reason}", source=MOVED_BY, tenant_id=tenant,
+                  detail={"from_version_id": adapter_version_id, "to_version_id": target, "reason": reason,
+                          "trigger": source})
+    return "rolled_back"
