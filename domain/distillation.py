@@ -58,18 +58,23 @@ class DistillLoss:
     ce: torch.Tensor  # mean per-token cross-entropy of the student on the true next token
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
                       mask: torch.Tensor, temperature: float = 2.0, alpha: float = 0.5) -> DistillLoss:
-    """Logits ``[B, L, V]`` already aligned with ``labels``/``mask`` ``[B, L]`` (mask: 1 = real target token)."""
+    """Logits ``[B, L, V]`` already aligned with ``labels``/``mask`` ``[B, L]`` (mask: 1 = real target token).
+    With ``alpha == 0`` the loss is plain cross-entropy and ``teacher_logits`` may be None."""
     t = temperature
+    mask = mask.to(torch.float32)
+    n = mask.sum().clamp(min=1)
+    ce_tok = F.cross_entropy(student_logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+    ce = (ce_tok * mask).sum() / n
+    if teacher_logits is None:
+        if alpha != 0:
+            raise ValueError("teacher logits are needed when alpha > 0")
+        return DistillLoss(loss=ce, kl=torch.zeros(()), ce=ce)
     s_logp = F.log_softmax(student_logits.float() / t, dim=-1)
     t_logp = F.log_softmax(teacher_logits.float() / t, dim=-1)
     kl_tok = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
-    ce_tok = F.cross_entropy(student_logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-    mask = mask.to(kl_tok.dtype)
-    n = mask.sum().clamp(min=1)
     kl = (kl_tok * mask).sum() / n
-    ce = (ce_tok * mask).sum() / n
     return DistillLoss(loss=alpha * t * t * kl + (1 - alpha) * ce, kl=kl, ce=ce)
 
 
@@ -253,11 +258,13 @@ def _is_oom(exc: BaseException) -> bool:
 
 def train_step(student, teacher, ids: torch.Tensor, optimizer, scheduler, temperature: float, alpha: float,
                first_loss: float | None) -> DistillLoss:
-    with torch.no_grad():
-        t_logits = teacher(input_ids=ids, use_cache=False).logits
+    t_logits = None
+    if alpha > 0:  # alpha == 0 is plain cross-entropy training: the teacher is not needed
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids, use_cache=False).logits[:, :-1]
     s_logits = student(input_ids=ids, use_cache=False).logits
     mask = torch.ones_like(ids[:, 1:])
-    out = distillation_loss(s_logits[:, :-1], t_logits[:, :-1], ids[:, 1:], mask, temperature, alpha)
+    out = distillation_loss(s_logits[:, :-1], t_logits, ids[:, 1:], mask, temperature, alpha)
     value = out.loss.item()
     if not math.isfinite(value):
         raise JobFailed(f"diverging loss: the loss became {value}; lower learning_rate", code="diverging_loss")

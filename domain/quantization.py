@@ -21,7 +21,6 @@ import logging
 import os
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -37,6 +36,16 @@ from domain.paths import UnsafePath, data_root, resolve_in_data_root
 from domain.specs import QUANT_METHODS, QuantizeSpec
 
 log = logging.getLogger(__name__)
+
+
+class _DropCastNotice(logging.Filter):
+    """bitsandbytes logs 'MatMul8bitLt: inputs will be cast ... to float16' on every INT8 matmul of a float32 input."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropCastNotice())
 
 SERVABLE_KINDS = ("quantized_model", "distilled_model")
 EVAL_SEQ_LEN = 256
@@ -237,19 +246,17 @@ def handle_quantize(spec: QuantizeSpec, ctx: JobContext) -> Outcome:
         source.tokenizer.save_pretrained(quantize_from)
 
     ctx.progress(0.2, stage="quantize")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
-        try:
-            quant = load_causal_lm(quantize_from, device=str(device), dtype=compute_dtype,
-                                   quantization_config=bnb_config(spec.method, spec.double_quant, compute_dtype))
-        except ModelLoadError as exc:
-            raise JobFailed(f"quantization failed: {exc}", code="quantization_failed") from exc
+    try:
+        quant = load_causal_lm(quantize_from, device=str(device), dtype=compute_dtype,
+                               quantization_config=bnb_config(spec.method, spec.double_quant, compute_dtype))
+    except ModelLoadError as exc:
+        raise JobFailed(f"quantization failed: {exc}", code="quantization_failed") from exc
 
-        def on_batch(done: float) -> None:
-            ctx.progress(0.3 + 0.6 * done, stage="evaluate")
-            ctx.check()
+    def on_batch(done: float) -> None:
+        ctx.progress(0.3 + 0.6 * done, stage="evaluate")
+        ctx.check()
 
-        cmp = heldout.compare(reference, quant.model, blocks, batch_size=EVAL_BATCH, on_batch=on_batch)
+    cmp = heldout.compare(reference, quant.model, blocks, batch_size=EVAL_BATCH, on_batch=on_batch)
 
     ctx.progress(0.9, stage="save")
     out = staging / "model"
@@ -346,9 +353,7 @@ def load_serving_model(artifact: Artifact, device: str = "auto") -> LoadedModel:
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     device_map = "cpu" if dev.type == "cpu" else {"": dev.index or 0}
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device_map)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device_map)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"artifact {artifact.id}: cannot load {artifact.path}: {exc}") from exc
     model.eval()

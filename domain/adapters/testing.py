@@ -80,3 +80,31 @@ def seed_feedback(tenant: str, pairs: list[tuple[str, str, str]], *, verdicts: l
             s.flush()
             ids.append(fb.id)
     return ids
+
+
+def make_version(tenant: str, base_ref: str, *, seed: int = 0, name: str = "reviewer", alias: str | None = None,
+                 r: int = 4, moved_by: str = "test", url: str | None = None) -> str:
+    """Register a version holding a random (non-zero) LoRA adapter for ``base_ref``; returns its id."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from domain.adapters import store
+    from domain.models import load_causal_lm, model_fingerprint
+
+    base = load_causal_lm(str(base_ref), device="cpu").model
+    torch.manual_seed(seed)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "lora_B" in pname:
+                p.normal_(0, 0.5)
+    files = store.save_adapter_files(model, store.adapter_rel_dir(tenant, name, f"test-{new_id()}"))
+    with session_scope(url) as s:
+        if s.get(Tenant, tenant) is None:
+            s.add(Tenant(id=tenant, display_name=tenant))
+            s.flush()
+        v = store.register_version(s, tenant=tenant, name=name, base_model_id=str(base_ref),
+                                   base_model_hash=model_fingerprint(str(base_ref)), files=files)
+        if alias:
+            store.move_alias(s, tenant, alias, v.id, moved_by, "test setup")
+        return v.id

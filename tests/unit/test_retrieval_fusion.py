@@ -28,6 +28,27 @@ def test_bm25_finds_identifiers_from_words(tmp_path):
     assert np.allclose(again.scores("close the file"), kw.scores("close the file"))
 
 
+def test_bm25_matches_bm25s_and_updates_in_place():
+    import bm25s
+
+    texts = ["def parse_json(s): return loads(s)", "class HttpServer: serve forever", "def close_file(f): f.close()",
+             "json http parse server file", "file file file handle"]
+    toks = [tokenize(t) for t in texts]
+    ours = KeywordIndex(k1=1.2, b=0.75).build(toks)
+    ref = bm25s.BM25(method="lucene", k1=1.2, b=0.75)
+    ref.index(toks, show_progress=False)
+    for q in ("parse json", "http server file", "close the file handle"):
+        assert np.allclose(ours.scores(q), ref.get_scores(tokenize(q)), atol=1e-5)
+    # drop rows 1 and 3, append two new chunks: same scores as indexing the result from scratch
+    new = [tokenize("parse parse json here"), tokenize("a brand new server")]
+    updated = ours.updated(np.array([True, False, True, False, True]), new)
+    ref2 = bm25s.BM25(method="lucene", k1=1.2, b=0.75)
+    ref2.index([toks[0], toks[2], toks[4]] + new, show_progress=False)
+    for q in ("parse json", "new server", "file"):
+        assert np.allclose(updated.scores(q), ref2.get_scores(tokenize(q)), atol=1e-5)
+    assert ours.size == 5 and updated.size == 5  # the original is untouched
+
+
 def test_rrf_weights_and_constant():
     fused = rrf([[1, 2, 3], [3, 2, 1]], [1.0, 1.0], k=60)
     assert fused[2] == pytest.approx(2 / 62)
