@@ -102,8 +102,9 @@ def save_adapter_files(peft_model, rel_dir: str, adapter_name: str = "default") 
             for f in nested.iterdir():
                 os.replace(f, tmp / f.name)
             nested.rmdir()
-    for stray in tmp.glob("*.bin"):
-        stray.unlink()  # safetensors only
+    for stray in tmp.iterdir():
+        if stray.name not in (WEIGHTS_FILE, CONFIG_FILE):
+            shutil.rmtree(stray) if stray.is_dir() else stray.unlink()  # safetensors only, no model card
     if not (tmp / WEIGHTS_FILE).exists():
         raise JobFailed(f"adapter save produced no {WEIGHTS_FILE} in {tmp}", code="adapter_save_failed")
     if dest.exists():

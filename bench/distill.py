@@ -1,0 +1,100 @@
+"""Benchmark: a distilled half-depth student against the same student trained with plain cross-entropy.
+
+Teacher: SmolLM2-135M-Instruct (30 layers). Student: the teacher with 15 evenly spaced layers kept
+(embeddings, norm and head copied). Both students start from the same weights and train on exactly the same
+batches (same seed, same token budget, same optimizer and schedule) through real ``distill`` jobs
+(domain.jobs.execute on a throwaway SQLite ledger); only the loss differs:
+- Foundry: alpha=0.5, T=2 (the job's defaults): 0.5*T^2*KL(teacher || student) + 0.5*CE
+- baseline: alpha=0 (plain CE on the same tokens)
+Held-out perplexity is measured on the standard library's held-out split (domain.heldout).
+
+Targets (issue 6): distilled perplexity < CE-only perplexity, and <= 1.5x the teacher's.
+Headline: ``ratio=`` CE-only student perplexity / distilled student perplexity (larger is better).
+
+    .venv/bin/python bench/distill.py           # 48 steps x 4 x 128 tokens = 24,576 tokens per student
+    .venv/bin/python bench/distill.py --quick   # 6 steps x 2 x 64 tokens, 4 student layers of 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.quantize import default_model, throwaway_ledger  # noqa: E402
+
+
+def run_job(teacher: str, alpha: float, a: argparse.Namespace) -> dict:
+    from domain import jobs
+
+    body = {"tenant": "bench", "teacher": teacher, "student_layers": a.student_layers, "alpha": alpha,
+            "temperature": a.temperature, "token_budget": a.steps * a.batch_size * a.seq_len, "batch_size": a.batch_size,
+            "seq_len": a.seq_len, "learning_rate": a.learning_rate, "eval_max_tokens": a.eval_tokens,
+            "checkpoint_every": 1_000_000, "seed": 0}
+    t0 = time.perf_counter()
+    out = jobs.execute("distill", uuid.uuid4().hex, body, worker="bench:1")
+    if out["status"] != "succeeded":
+        raise SystemExit(f"alpha={alpha} job {out['status']}: {out.get('error')}")
+    return {**out["result"]["report"], "job_seconds": time.perf_counter() - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", help="teacher id/path (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--steps", type=int, help="training steps (default 48; quick 6)")
+    ap.add_argument("--batch-size", type=int, help="default 4; quick 2")
+    ap.add_argument("--seq-len", type=int, help="default 128; quick 64")
+    ap.add_argument("--student-layers", type=int, help="default: half the teacher's; quick 4")
+    ap.add_argument("--learning-rate", type=float, default=5e-4)
+    ap.add_argument("--temperature", type=float, default=2.0)
+    ap.add_argument("--alpha", type=float, default=0.5, help="the distilled run's alpha (the baseline uses 0)")
+    ap.add_argument("--eval-tokens", type=int, help="held-out tokens (default 2048; quick 128)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill.json"))
+    a = ap.parse_args()
+    q = a.quick
+    a.steps = a.steps or (6 if q else 48)
+    a.batch_size = a.batch_size or (2 if q else 4)
+    a.seq_len = a.seq_len or (64 if q else 128)
+    a.eval_tokens = a.eval_tokens or (128 if q else 2048)
+    teacher = a.model or default_model()
+    if a.student_layers is None:
+        from transformers import AutoConfig
+
+        a.student_layers = 4 if q else AutoConfig.from_pretrained(teacher).num_hidden_layers // 2
+    throwaway_ledger()
+
+    ce = run_job(teacher, 0.0, a)
+    print(f"baseline (CE only, alpha=0): student ppl {ce['perplexity_student']:.3f} | teacher ppl "
+          f"{ce['perplexity_teacher']:.3f} | {ce['trained_tokens']} tokens in {ce['job_seconds']:.0f} s", flush=True)
+    kd = run_job(teacher, a.alpha, a)
+    print(f"Foundry (distilled, alpha={a.alpha}, T={a.temperature}): student ppl {kd['perplexity_student']:.3f} | "
+          f"retention {kd['retention']:.3f} | {kd['parameter_compression_ratio']:.2f}x fewer params | "
+          f"{kd['speedup']:.2f}x tokens/s | KL {kd['kl_divergence']:.3f} | top-1 {kd['top1_agreement']:.3f} | "
+          f"{kd['job_seconds']:.0f} s", flush=True)
+
+    ratio = ce["perplexity_student"] / kd["perplexity_student"]
+    targets = {"distilled_below_ce_only": kd["perplexity_student"] < ce["perplexity_student"],
+               "distilled_within_1.5x_teacher": kd["perplexity_student"] <= 1.5 * kd["perplexity_teacher"]}
+    print("targets:", ", ".join(f"{k}={'met' if v else 'MISSED'}" for k, v in targets.items()))
+    result = {"benchmark": "distill", "teacher": teacher, "quick": q, "machine": platform.platform(),
+              "cpu_count": os.cpu_count(), "settings": {k: v for k, v in vars(a).items() if k not in ("out", "model")},
+              "tokens_per_student": a.steps * a.batch_size * a.seq_len, "baseline_ce_only": ce, "distilled": kd,
+              "targets": targets, "ratio": ratio,
+              "ratio_definition": "CE-only student held-out perplexity / distilled student held-out perplexity"}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {a.out}")
+    print(f"ratio={ratio:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""foundry dlq list|retry|drop, foundry ledger check, foundry metrics serve, foundry canary."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import sys
+
+from rich.table import Table
+
+from worker.cli._common import console, dump, err_console, fmt_time
+
+
+def _operator() -> str:
+    try:
+        return f"cli:{getpass.getuser()}@{socket.gethostname()}"
+    except Exception:  # noqa: BLE001
+        return "cli"
+
+
+def register(sub) -> None:
+    dlq = sub.add_parser("dlq", help="dead-lettered jobs: list, retry (as a new job) or drop (acknowledge)")
+    dsub = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
+    p = dsub.add_parser("list", help="dead jobs not yet retried or dropped")
+    p.add_argument("--tenant")
+    p.add_argument("--all", action="store_true", help="include jobs already retried or dropped")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_dlq_list)
+    p = dsub.add_parser("retry", help="enqueue a new job with a dead job's body (linked by parent_job_id)")
+    p.add_argument("job_ids", nargs="+")
+    p.add_argument("--tenant", help="refuse jobs of other tenants")
+    p.set_defaults(func=cmd_dlq_retry)
+    p = dsub.add_parser("drop", help="acknowledge dead jobs: kept in the ledger, no longer listed")
+    p.add_argument("job_ids", nargs="+")
+    p.add_argument("--tenant", help="refuse jobs of other tenants")
+    p.add_argument("--reason")
+    p.set_defaults(func=cmd_dlq_drop)
+
+    ledger = sub.add_parser("ledger", help="ledger maintenance")
+    lsub = ledger.add_subparsers(dest="ledger_command", metavar="ACTION", required=True)
+    p = lsub.add_parser("check", help="check the ledger's invariants; exit 1 on any inconsistency")
+    p.add_argument("--tenant")
+    p.add_argument("--no-files", action="store_true", help="skip hashing artifact files")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ledger_check)
+
+    metrics = sub.add_parser("metrics", help="Prometheus metrics")
+    msub = metrics.add_subparsers(dest="metrics_command", metavar="ACTION", required=True)
+    p = msub.add_parser("serve", help="serve /metrics behind basic auth (FOUNDRY_METRICS_USER/FOUNDRY_METRICS_PASSWORD)")
+    p.add_argument("--port", type=int, default=9808)
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--no-auth-i-know", action="store_true", help="serve without authentication (loopback/dev only)")
+    p.set_defaults(func=cmd_metrics_serve)
+
+    p = sub.add_parser("canary", help="short greedy generation with the base model + a tenant's champion (or --adapter)")
+    p.add_argument("--tenant", default="default")
+    p.add_argument("--adapter", help="alias or version id (default: the champion)")
+    p.add_argument("--base-model", help="default: the deployment's base model")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_canary)
+
+
+def cmd_dlq_list(args) -> int:
+    from domain import dlq
+
+    rows = dlq.list_dead(args.tenant, include_handled=args.all, limit=args.limit)
+    if args.json:
+        print(dump([r.__dict__ for r in rows]))
+        return 0
+    t = Table(title=f"dead-letter list ({len(rows)})")
+    for col in ("job", "kind", "tenant", "attempts", "finished", "error", "handled"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        handled = f"{r.handled['action']} {r.handled.get('retry_job_id') or ''}" if r.handled else ""
+        t.add_row(r.id, r.kind, r.tenant, str(r.attempts), fmt_time(r.finished_at), (r.error or "")[:120], handled)
+    console.print(t)
+    return 0
+
+
+def cmd_dlq_retry(args) -> int:
+    from domain import dlq
+    from worker.client import enqueue
+
+    failed = 0
+    for jid in args.job_ids:
+        try:
+            new = dlq.retry(jid, enqueue, by=_operator(), tenant=args.tenant)
+            console.print(f"{jid} → retried as [bold]{new}[/bold]")
+        except (LookupError, ValueError, RuntimeError) as exc:
+            err_console.print(f"[red]{jid}:[/red] {exc}")
+            failed += 1
+    return 1 if failed else 0
+
+
+def cmd_dlq_drop(args) -> int:
+    from domain import dlq
+
+    failed = 0
+    for jid in args.job_ids:
+        try:
+            dlq.drop(jid, by=_operator(), reason=args.reason, tenant=args.tenant)
+            console.print(f"{jid} dropped")
+        except (LookupError, ValueError) as exc:
+            err_console.print(f"[red]{jid}:[/red] {exc}")
+            failed += 1
+    return 1 if failed else 0
+
+
+def cmd_ledger_check(args) -> int:
+    from domain import consistency
+
+    report = consistency.check(tenant=args.tenant, check_files=not args.no_files)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        t = Table(title=f"ledger check: {'consistent' if report.ok else 'INCONSISTENT'} "
+                        f"({report.counts.get('jobs', 0)} jobs, {report.counts.get('attempts', 0)} attempts)")
+        for col in ("severity", "check", "message", "ids"):
+            t.add_column(col, overflow="fold")
+        for i in report.issues:
+            style = "red" if i.severity == "error" else "yellow"
+            t.add_row(f"[{style}]{i.severity}[/]", i.check, i.message, ", ".join(i.ids[:5]))
+        console.print(t)
+    return 0 if report.ok else 1
+
+
+def cmd_metrics_serve(args) -> int:
+    from domain.config import get_settings
+    from domain.metrics import LedgerMetrics, serve
+    from worker.celery_app import QUEUES, broker_settings
+
+    user, password = os.environ.get("FOUNDRY_METRICS_USER"), os.environ.get("FOUNDRY_METRICS_PASSWORD")
+    if not args.no_auth_i_know and not (user and password):
+        err_console.print("[red]error:[/red] set FOUNDRY_METRICS_USER and FOUNDRY_METRICS_PASSWORD (basic auth), "
+                          "or pass --no-auth-i-know to serve without authentication")
+        return 2
+    if args.no_auth_i_know:
+        user = password = None
+    broker, options, _ = broker_settings(get_settings())
+    metrics = LedgerMetrics()
+    server = serve(args.port, metrics.registry, lambda: metrics.refresh(broker, options, QUEUES),
+                   user=user, password=password, host=args.host)
+    err_console.print(f"serving Foundry metrics on http://{args.host}:{server.server_address[1]}/metrics"
+                      + ("" if user else " WITHOUT authentication"))
+    sys.stderr.flush()
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+def cmd_canary(args) -> int:
+    from domain.canary import canary_for_tenant
+
+    result = canary_for_tenant(args.tenant, args.adapter, base_model=args.base_model, device=args.device,
+                               source=f"cli@{socket.gethostname()}")
+    if args.json:
+        print(dump(result.to_dict()))
+    else:
+        colour = "green" if result.ok else "red"
+        console.print(f"[{colour}]canary {'ok' if result.ok else 'FAILED'}[/] model={result.model} "
+                      f"adapter={result.adapter_version_id or '-'} tokens={result.new_tokens} "
+                      f"finite={result.finite} {result.seconds:.2f}s")
+        if result.error:
+            console.print(f"error: {result.error}")
+        if result.action == "rolled_back":
+            console.print(f"[yellow]circuit breaker rolled the champion of {args.tenant} back[/]")
+    return 0 if result.ok else 1
