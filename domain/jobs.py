@@ -296,11 +296,13 @@ def _execute(kind: str, job_id: str, payload: Any, worker: str, settings: Settin
     except JobFailed as exc:
         log.error("job %s failed: %s", job_id, exc)
         jobstore.finish_failure(job_id, claim.attempt, str(exc), exc.code)
+        _observe_failure(ctx, str(exc))
         return {"job_id": job_id, "status": "failed", "error": str(exc), "code": exc.code}
     except Exception as exc:  # noqa: BLE001 - an unexpected error is a permanent failure of this job
         log.exception("job %s crashed", job_id)
         msg = f"{type(exc).__name__}: {exc}"
         jobstore.finish_failure(job_id, claim.attempt, msg, "error")
+        _observe_failure(ctx, msg)
         return {"job_id": job_id, "status": "failed", "error": msg, "code": "error"}
     finally:
         ctx.settled = True
@@ -318,6 +320,25 @@ def _execute(kind: str, job_id: str, payload: Any, worker: str, settings: Settin
     if not owned:
         return {"job_id": job_id, "status": "superseded", "skipped": "another attempt owns this job"}
     return {"job_id": job_id, "status": "succeeded", "result": result}
+
+
+def _observe_failure(ctx: JobContext, error: str) -> None:
+    """Feed a failed review to the adapter circuit breaker (domain/circuit.py), which rolls a freshly
+    promoted champion back after repeated failures."""
+    if ctx.kind != "review":
+        return
+    try:
+        from domain import circuit
+        from domain.adapters.store import resolve_adapter
+
+        version_id = ctx.info.get("adapter_version_id")
+        if version_id is None:
+            with session_scope() as s:
+                version = resolve_adapter(s, ctx.tenant, getattr(ctx.spec, "adapter", None))
+                version_id = version.id if version is not None else None
+        circuit.observe_review(ctx.tenant, version_id, ok=False, error=error, source=ctx.worker)
+    except Exception as exc:  # noqa: BLE001 - the breaker must never turn a failure into a crash
+        log.warning("circuit breaker not updated for job %s: %s", ctx.job_id, exc)
 
 
 # ---- the noop kind: benchmarks, smoke tests, fault injection ------------------------------------

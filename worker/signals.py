@@ -1,4 +1,13 @@
-"""Worker lifecycle hooks: health events on start/stop, soft stop for long jobs, memory recycling."""
+"""Worker lifecycle hooks: health events on start/stop, periodic health checks, soft stop for long jobs,
+memory recycling.
+
+The health thread checks, every ``FOUNDRY_HEALTH_INTERVAL_S``: ledger and broker reachability, the
+heartbeat of the jobs running here, memory headroom (RSS against ``FOUNDRY_WORKER_MAX_MEMORY_MB`` or the
+cgroup limit, system memory available, free GPU memory when CUDA is in use) and an operator drain file
+(``<data_dir>/drain/<node>`` or ``<data_dir>/drain/all``). A worker failing any check (other than the
+broker, which it cannot consume from anyway) stops consuming its queues (a ``cancel_consumer`` control
+command to itself) and resumes (``add_consumer``) when the checks pass again; both moves are health events.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +15,15 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 from celery import signals
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from domain import health, jobs
 from domain.config import get_settings
@@ -17,6 +31,17 @@ from domain.ledger import db
 
 log = logging.getLogger(__name__)
 _state = {"node": socket.gethostname(), "checker": None}
+
+
+class HealthSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FOUNDRY_HEALTH_", extra="ignore")
+
+    interval_s: float = Field(30.0, gt=0, description="Seconds between a worker's health checks.")
+    min_free_memory_mb: float = Field(512.0, ge=0, description="Stop consuming below this much memory headroom (RSS "
+                                      "limit or system memory available).")
+    min_gpu_free_mb: float = Field(512.0, ge=0, description="Stop consuming below this much free GPU memory (CUDA only).")
+    memory_event_s: float = Field(300.0, gt=0, description="How often the memory figures are written as a health "
+                                  "event (for the metrics) while nothing changes.")
 
 
 def _rss_mb() -> float:
@@ -32,6 +57,168 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _cgroup_limit_mb() -> float | None:
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = open(path).read().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and int(raw) < 1 << 60:
+            return int(raw) / 2**20
+    return None
+
+
+def _available_mb() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_snapshot() -> dict:
+    """RSS, its limit, system memory available and (if torch with CUDA is loaded) free GPU memory, in MB."""
+    limit = get_settings().worker_max_memory_mb or _cgroup_limit_mb()
+    snap = {"rss_mb": round(_rss_mb(), 1), "limit_mb": limit, "available_mb": _available_mb(), "gpu_free_mb": None}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        free, total = torch.cuda.mem_get_info()
+        snap["gpu_free_mb"], snap["gpu_total_mb"] = round(free / 2**20, 1), round(total / 2**20, 1)
+    return snap
+
+
+@dataclass
+class CheckResult:
+    failures: list[str] = field(default_factory=list)
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def evaluate(*, db_ok: bool, db_msg: str, memory: dict, stale_jobs: list[str], heartbeat_alive: bool,
+             drained: str | None, settings: HealthSettings) -> CheckResult:
+    """Which checks fail (pure: the inputs are measured by ``run_checks``)."""
+    r = CheckResult(detail={"memory": memory})
+    if not db_ok:
+        r.failures.append(f"database: {db_msg}")
+    if stale_jobs:
+        r.failures.append(f"heartbeat: jobs {', '.join(stale_jobs[:5])} running here have a stale heartbeat")
+    if not heartbeat_alive:
+        r.failures.append("heartbeat: the heartbeat thread is not running while jobs run")
+    headroom = []
+    if memory.get("limit_mb"):
+        headroom.append(memory["limit_mb"] - memory["rss_mb"])
+    if memory.get("available_mb") is not None:
+        headroom.append(memory["available_mb"])
+    if headroom and min(headroom) < settings.min_free_memory_mb:
+        r.failures.append(f"memory: {min(headroom):.0f} MB headroom < {settings.min_free_memory_mb:.0f} MB")
+    if memory.get("gpu_free_mb") is not None and memory["gpu_free_mb"] < settings.min_gpu_free_mb:
+        r.failures.append(f"gpu: {memory['gpu_free_mb']:.0f} MB free < {settings.min_gpu_free_mb:.0f} MB")
+    if drained:
+        r.failures.append(f"drained: {drained} exists (remove it to resume)")
+    return r
+
+
+def _drain_file(node: str) -> str | None:
+    root = get_settings().data_dir / "drain"
+    for name in (node, "all"):
+        if (root / name).exists():
+            return str(root / name)
+    return None
+
+
+def _stale_running_here(stale_after_s: float) -> list[str]:
+    from sqlalchemy import select
+
+    from domain.ledger.db import session_scope
+    from domain.ledger.models import Job, utcnow
+
+    ids = jobs.running_job_ids()
+    if not ids:
+        return []
+    cutoff = utcnow() - timedelta(seconds=stale_after_s)
+    with session_scope() as s:
+        return list(s.scalars(select(Job.id).where(Job.id.in_(ids), Job.status == "running", Job.heartbeat_at < cutoff)))
+
+
+def run_checks(settings: HealthSettings) -> tuple[CheckResult, bool, str]:
+    db_ok, db_msg, _ = health.check_database()
+    stale = []
+    if db_ok:
+        try:
+            stale = _stale_running_here(get_settings().stale_after_s)
+        except Exception as exc:  # noqa: BLE001
+            db_ok, db_msg = False, f"unreachable: {type(exc).__name__}"
+    hb = jobs._heartbeat_thread
+    alive = not jobs.running_job_ids() or (hb is not None and hb.is_alive())
+    result = evaluate(db_ok=db_ok, db_msg=db_msg, memory=memory_snapshot(), stale_jobs=stale, heartbeat_alive=alive,
+                      drained=_drain_file(_state["node"]), settings=settings)
+    return result, db_ok, db_msg
+
+
+class Gate:
+    """Stops and resumes this worker's consumption of its queues (control commands to itself)."""
+
+    def __init__(self, app, node: str, queues: list[str]):
+        self.app, self.node, self.queues = app, node, queues
+        self.consuming = True
+
+    def stop(self, reasons: list[str]) -> None:
+        for q in self.queues:
+            self.app.control.cancel_consumer(q, destination=[self.node], reply=False)
+        self.consuming = False
+        log.error("worker %s stops taking jobs: %s", self.node, "; ".join(reasons))
+        health.record("worker", "stop_consuming", "fail", f"{self.node} stopped taking jobs: {'; '.join(reasons)}",
+                      source=self.node, detail={"queues": self.queues, "reasons": reasons})
+
+    def resume(self) -> None:
+        for q in self.queues:
+            self.app.control.add_consumer(q, destination=[self.node], reply=False)
+        self.consuming = True
+        log.warning("worker %s takes jobs again", self.node)
+        health.record("worker", "resume_consuming", "ok", f"{self.node} passes its health checks again: taking jobs",
+                      source=self.node, detail={"queues": self.queues})
+
+
+def _periodic_checks(node: str, broker_url: str, options: dict, gate: Gate | None, settings: HealthSettings) -> None:
+    """Record reachability when it changes (and hourly), memory figures every few minutes, and gate consumption."""
+    last: dict = {}
+    last_at = last_memory_at = 0.0
+    while True:
+        try:
+            result, db_ok, db_msg = run_checks(settings)
+            br_ok, br_msg, _ = health.check_broker(broker_url, options)
+            now = time.monotonic()
+            current = {"database": db_ok, "broker": br_ok, "failures": result.failures}
+            changed = current != last
+            if changed or now - last_at > 3600:
+                if db_ok:
+                    health.record("database", "check", "ok", db_msg, source=node)
+                    health.record("broker", "check", "ok" if br_ok else "fail", br_msg, source=node)
+                else:
+                    log.error("ledger database unreachable: %s", db_msg)
+                last, last_at = current, now
+            if db_ok and (changed or now - last_memory_at > settings.memory_event_s):
+                mem = result.detail["memory"]
+                bad = [f for f in result.failures if f.startswith(("memory", "gpu"))]
+                health.record("memory", "check", "degraded" if bad else "ok", "; ".join(bad) or "headroom ok",
+                              source=node, detail=mem)
+                last_memory_at = now
+            if gate is not None:
+                if not result.ok and gate.consuming:
+                    gate.stop(result.failures)
+                elif result.ok and not gate.consuming:
+                    gate.resume()
+        except Exception as exc:  # noqa: BLE001 - the health thread must survive anything
+            log.warning("health check failed: %s", exc)
+        time.sleep(settings.interval_s)
+
+
 def _broker(sender) -> tuple[str, dict]:
     app = getattr(sender, "app", None)
     if app is None:
@@ -39,23 +226,12 @@ def _broker(sender) -> tuple[str, dict]:
     return app.conf.broker_url or "", dict(app.conf.broker_transport_options or {})
 
 
-def _periodic_checks(node: str, broker_url: str, options: dict, interval: float) -> None:
-    """Record broker/database reachability when it changes (and once an hour while it stays the same)."""
-    last: dict = {}
-    last_at = 0.0
-    while True:
-        db_ok, db_msg, _ = health.check_database()
-        br_ok, br_msg, _ = health.check_broker(broker_url, options)
-        now = time.monotonic()
-        current = {"database": db_ok, "broker": br_ok}
-        if current != last or now - last_at > 3600:
-            if db_ok:
-                health.record("database", "check", "ok", db_msg, source=node)
-                health.record("broker", "check", "ok" if br_ok else "fail", br_msg, source=node)
-            else:
-                log.error("ledger database unreachable: %s", db_msg)
-            last, last_at = current, now
-        time.sleep(interval)
+def _consumed_queues(sender) -> list[str]:
+    app = getattr(sender, "app", None)
+    try:
+        return sorted(app.amqp.queues.consume_from or app.amqp.queues)
+    except AttributeError:
+        return []
 
 
 @signals.worker_process_init.connect
@@ -74,8 +250,10 @@ def _ready(sender=None, **_):
                   detail={"pid": os.getpid(), "pool": pool, "rss_mb": round(_rss_mb(), 1)})
     health.check_and_record(broker_url, options, source=node)
     if _state["checker"] is None:
-        t = threading.Thread(target=_periodic_checks, args=(node, broker_url, options, 60.0), daemon=True,
-                             name="foundry-health")
+        app = getattr(sender, "app", None)
+        gate = Gate(app, node, _consumed_queues(sender)) if app is not None else None
+        t = threading.Thread(target=_periodic_checks, args=(node, broker_url, options, gate, HealthSettings()),
+                             daemon=True, name="foundry-health")
         t.start()
         _state["checker"] = t
 
