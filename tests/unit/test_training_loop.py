@@ -1,0 +1,157 @@
+"""The LoRA training loop on a tiny model: packing keeps samples apart, loss falls, resume is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from domain.adapters import training as T
+from domain.adapters.data import IGNORE, FeedbackExample, TokenizedExample, tokenize
+from domain.adapters.testing import stdlib_review_pairs
+from domain.models import tiny_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy 2-core machine makes OpenMP spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _random_examples(lengths, prompt=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(5, 500, (n,), generator=g).tolist()
+        out.append(TokenizedExample(ids, [IGNORE] * prompt + ids[prompt:]))
+    return out
+
+
+def _feedback_examples(tok, n=8, max_seq_len=384):
+    pairs = stdlib_review_pairs(n, max_code_lines=8)
+    return [tokenize(tok, FeedbackExample(code, path, None, False, review, "accepted", None), max_seq_len)
+            for path, code, review in pairs]
+
+
+def test_pack_first_fit_decreasing_respects_capacity():
+    exs = _random_examples([30, 5, 20, 12, 9, 40, 3])
+    rows = T.pack(exs, 48)
+    assert sorted(len(e.input_ids) for row in rows for e in row) == sorted(len(e.input_ids) for e in exs)
+    assert all(sum(len(e.input_ids) for e in row) <= 48 for row in rows)
+    assert len(rows) == 3  # 119 tokens in rows of 48: first-fit decreasing needs the minimum, 3
+    assert T.pack(exs, 48) == rows  # deterministic
+
+
+def test_packed_loss_equals_unpacked_loss(tiny_tokenizer):
+    """Restarted position ids give a block-diagonal mask: no sample sees another one."""
+    model = tiny_model(tiny_tokenizer)
+    exs = _random_examples([5, 9, 3, 12, 7])
+    packed = T.make_batches(exs, 8, 64, True, tiny_tokenizer.pad_token_id)
+    unpacked = T.make_batches(exs, 8, 64, False, tiny_tokenizer.pad_token_id)
+    assert len(packed) == 1 and packed[0].input_ids.shape == (1, 36) and packed[0].attention_mask is None
+    with torch.no_grad():
+        lp, np_, _ = T.completion_loss(model, packed[0])
+        lu, nu, _ = T.completion_loss(model, unpacked[0])
+    assert np_ == nu == sum(len(e.input_ids) - 3 for e in exs)
+    assert torch.allclose(lp, lu, rtol=1e-5)
+    # and a wrong (non-restarting) position layout would let samples attend to each other:
+    leaky = T.Batch(packed[0].input_ids, packed[0].labels, torch.arange(36)[None], None, 36, 5)
+    with torch.no_grad():
+        assert not torch.allclose(T.completion_loss(model, leaky)[0], lu, rtol=1e-3)
+
+
+def test_batches_count_real_tokens_and_mask_prompt(tiny_tokenizer):
+    exs = _feedback_examples(tiny_tokenizer, 6)
+    for packing in (True, False):
+        batches = T.make_batches(exs, 2, 384, packing, tiny_tokenizer.pad_token_id)
+        assert sum(b.tokens for b in batches) == sum(len(e.input_ids) for e in exs)
+        assert sum(b.samples for b in batches) == len(exs)
+        labelled = sum(int((b.labels[:, 1:] != IGNORE).sum()) for b in batches)
+        assert labelled == sum(e.completion_tokens for e in exs)  # completion tokens only
+    ex = exs[0]
+    first = ex.labels.index(next(x for x in ex.labels if x != IGNORE))
+    assert tiny_tokenizer.decode(ex.input_ids[:first]).rstrip().endswith("assistant")  # chat template prompt
+    assert ex.input_ids[-1] == tiny_tokenizer.eos_token_id
+
+
+def test_training_lowers_loss_on_feedback(tiny_tokenizer):
+    model = tiny_model(tiny_tokenizer)
+    exs = _feedback_examples(tiny_tokenizer, 8)
+    cfg = T.TrainConfig(max_steps=30, batch_size=2, max_seq_len=384, learning_rate=5e-3, lora_r=8,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], checkpoint_every=1000)
+    batches = T.make_batches(exs, cfg.batch_size, cfg.max_seq_len, True, tiny_tokenizer.pad_token_id)
+    peft_model = T.setup_model(model, cfg)
+    before = T.evaluate(peft_model, batches)
+    opt, sched = T.make_optimizer(peft_model, cfg)
+    result = T.train(peft_model, batches, cfg, opt, sched)
+    after = T.evaluate(peft_model, batches)
+    assert result.steps == 30 and len(result.losses) == 30 and result.tokens > 0
+    assert after["loss"] < before["loss"] - 0.1
+    assert sum(result.losses[-5:]) / 5 < sum(result.losses[:5]) / 5
+    base = T.cleanup(peft_model)
+    assert not any("lora" in n for n, _ in base.named_parameters())  # the resident base is clean again
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_from_checkpoint_ends_at_the_same_loss(tiny_tokenizer, tmp_path):
+    """torchtune-style: a run killed after a checkpoint and resumed matches an uninterrupted run."""
+    exs = _feedback_examples(tiny_tokenizer, 8)
+    cfg = T.TrainConfig(max_steps=12, batch_size=2, max_seq_len=384, learning_rate=5e-3, lora_r=4, lora_dropout=0.1,
+                        target_modules=["q_proj", "v_proj"], checkpoint_every=5, seed=3)
+
+    def fresh():
+        model = T.setup_model(tiny_model(tiny_tokenizer), cfg)
+        return model, *T.make_optimizer(model, cfg)
+
+    batches = T.make_batches(exs, cfg.batch_size, cfg.max_seq_len, True, tiny_tokenizer.pad_token_id)
+    model, opt, sched = fresh()
+    full = T.train(model, batches, cfg, opt, sched)
+
+    saved = {}
+    model, opt, sched = fresh()
+
+    def checkpoint(step, reason):
+        folder = tmp_path / f"step-{step}"
+        T.save_checkpoint(folder, model, opt, sched, step, losses_so_far[:step], {"reason": reason})
+        saved[step] = folder
+
+    losses_so_far: list[float] = []
+    hooks = T.Hooks(progress=lambda step, loss, tps: losses_so_far.append(loss), checkpoint=checkpoint,
+                    check=lambda: (_ for _ in ()).throw(Killed()) if len(losses_so_far) == 7 else None)
+    with pytest.raises(Killed):
+        T.train(model, batches, cfg, opt, sched, hooks=hooks)
+    assert sorted(saved) == [5]
+    torch.manual_seed(12345)  # the killed process's RNG is gone; the checkpoint must restore it
+
+    model, opt, sched = fresh()
+    step, losses, extra = T.load_checkpoint(saved[5], model, opt, sched)
+    assert step == 5 and extra == {"reason": "interval"} and losses == full.losses[:5]
+    resumed = T.train(model, batches, cfg, opt, sched, start_step=step, losses=losses)
+    assert resumed.steps == 12 and len(resumed.losses) == 12
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-6)
+    assert resumed.final_loss == pytest.approx(full.final_loss, rel=1e-6)
+
+
+def test_checkpoint_is_safetensors_plus_weights_only_state(tiny_tokenizer, tmp_path):
+    cfg = T.TrainConfig(max_steps=2, target_modules=["q_proj"], lora_r=2)
+    model = T.setup_model(tiny_model(tiny_tokenizer), cfg)
+    opt, sched = T.make_optimizer(model, cfg)
+    T.save_checkpoint(tmp_path / "ck", model, opt, sched, 2, [1.0, 0.5], {"k": "v"})
+    names = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert "adapter_model.safetensors" in names and T.TRAINER_STATE in names
+    assert not any(n.endswith(".bin") for n in names)
+    state = torch.load(tmp_path / "ck" / T.TRAINER_STATE, weights_only=True)
+    assert state["step"] == 2 and set(state) >= {"optimizer", "scheduler", "rng"}
+
+
+def test_data_order_depends_only_on_step():
+    batches = [T.Batch(torch.tensor([[i]]), torch.tensor([[i]]), torch.tensor([[0]]), None, 1, 1) for i in range(5)]
+    order = [int(T.batch_for_step(batches, s, seed=1).input_ids) for s in range(15)]
+    assert order == [int(T.batch_for_step(batches, s, seed=1).input_ids) for s in range(15)]
+    for epoch in range(3):
+        assert sorted(order[epoch * 5:(epoch + 1) * 5]) == [0, 1, 2, 3, 4]  # every batch once per epoch
