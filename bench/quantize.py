@@ -8,7 +8,7 @@ agreement and the forward-pass tokens/s ratio.
 Targets (issue 6): NF4 memory <= 0.35x fp32; INT8 perplexity within 3 % of fp32.
 Headline: ``ratio=`` fp32 memory / NF4 memory (larger is better).
 
-    .venv/bin/python bench/quantize.py            # 4096 held-out tokens per method
+    .venv/bin/python bench/quantize.py            # 2048 held-out tokens per method
     .venv/bin/python bench/quantize.py --quick    # 256 tokens, NF4 only (the headline)
 """
 
@@ -81,14 +81,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="model id/path (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--methods", default=None, help="comma-separated, default nf4,fp4,int8 (quick: nf4)")
-    ap.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default 4096; quick 256)")
+    ap.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default 2048; quick 256)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per method; medians are reported")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quantize.json"))
     args = ap.parse_args()
     model = args.model or default_model()
     methods = (args.methods or ("nf4" if args.quick else "nf4,fp4,int8")).split(",")
-    eval_tokens = args.eval_tokens or (256 if args.quick else 4096)
+    eval_tokens = args.eval_tokens or (256 if args.quick else 2048)
     throwaway_ledger()
 
     rows = {}

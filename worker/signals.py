@@ -234,6 +234,33 @@ def _consumed_queues(sender) -> list[str]:
         return []
 
 
+ML_QUEUES = {"review", "retrain", "quantize", "distill", "index"}
+
+
+@signals.celeryd_after_setup.connect
+def _warm_imports(sender=None, instance=None, **_):
+    """Import the ML libraries once, on the main thread, before any job runs. transformers resolves its
+    classes lazily, and two pool threads doing that first import at the same time can fail with
+    ``ImportError: cannot import name 'AutoModelForCausalLM'`` (seen in the fault-injection suite)."""
+    app = getattr(instance, "app", None)
+    queues = set(_consumed_queues(instance)) if app is not None else set()
+    if not queues & ML_QUEUES:
+        return
+    t0 = time.perf_counter()
+    import peft  # noqa: F401
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    for name in ("LlamaForCausalLM", "BitsAndBytesConfig", "PreTrainedTokenizerFast"):
+        getattr(transformers, name, None)
+    if "index" in queues:
+        try:
+            import sentence_transformers  # noqa: F401
+        except ImportError:
+            pass
+    log.info("ML libraries imported in %.1f s", time.perf_counter() - t0)
+
+
 @signals.worker_process_init.connect
 def _after_fork(**_):
     db.dispose_all()  # never share database connections across a fork

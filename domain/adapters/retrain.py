@@ -168,6 +168,7 @@ def handle_retrain(spec: RetrainSpec, ctx):
                         gpu_seconds=(time.perf_counter() - t0) if loaded.device.type == "cuda" else 0.0,
                         model_id=base_ref, adapter_version_id=version_id)
     summary = {"status": "promoted" if decision.promote else "kept champion", "promoted": decision.promote,
+               "version_id": version_id,
                "reason": decision.reason, "adapter_name": spec.adapter_name, "parent_id": meta["parent_id"],
                "dataset_hash": dataset.dataset_hash, "dataset_size": len(dataset.examples),
                "tokens_trained": result.tokens, "steps": result.steps, "resumed_from_step": start,

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 LEASE_NAME = "retrain-schedule-tick"
 ACTIVE = ("queued", "running")
+# ``updated_at`` says when a person last changed the schedule (a new schedule's first fire comes after it),
+# so the beat's own bookkeeping updates keep it as it is (``updated_at=RetrainSchedule.updated_at``).
 
 Enqueue = Callable[[str, dict, "str | None"], str]
 
@@ -155,7 +157,7 @@ def _run_fire(row: RetrainSchedule, fire: datetime, enqueue: Enqueue, url: str |
         claimed = s.execute(update(RetrainSchedule)
                             .where(RetrainSchedule.id == row.id,
                                    or_(RetrainSchedule.last_run_at.is_(None), RetrainSchedule.last_run_at < fire))
-                            .values(last_run_at=fire)).rowcount
+                            .values(last_run_at=fire, updated_at=RetrainSchedule.updated_at)).rowcount
         if not claimed:
             return {**base, "action": "skipped", "why": "another tick handled this fire"}
         last = latest_version(s, row.tenant_id, row.adapter_name)
@@ -174,10 +176,10 @@ def _run_fire(row: RetrainSchedule, fire: datetime, enqueue: Enqueue, url: str |
     except Exception:
         with session_scope(url) as s:  # give the fire back so the next tick tries again
             s.execute(update(RetrainSchedule).where(RetrainSchedule.id == row.id, RetrainSchedule.last_run_at == fire)
-                      .values(last_run_at=row.last_run_at))
+                      .values(last_run_at=row.last_run_at, updated_at=RetrainSchedule.updated_at))
         raise
     with session_scope(url) as s:
-        s.execute(update(RetrainSchedule).where(RetrainSchedule.id == row.id).values(last_job_id=job_id))
+        s.execute(update(RetrainSchedule).where(RetrainSchedule.id == row.id).values(last_job_id=job_id, updated_at=RetrainSchedule.updated_at))
     log.info("schedule %s (%s/%s): enqueued retrain %s for fire %s (%s new feedback)", row.id, row.tenant_id,
              row.adapter_name, job_id, fire, new)
     return {**base, "action": "enqueued", "job_id": job_id, "new_feedback": new}

@@ -54,8 +54,9 @@ def seed_feedback(tenant: str, pairs: list[tuple[str, str, str]], *, verdicts: l
                   start: datetime | None = None, url: str | None = None) -> list[str]:
     """Write one succeeded review job + review + feedback per (path, code, review). ``verdicts``: "accept"
     (default), "reject" (no correction) or "correct" (reject with the given review as the correction).
-    Feedback timestamps increase by one second from ``start`` (default: now)."""
-    start = start or utcnow()
+    Feedback timestamps increase by one millisecond from ``start`` (default: just before now, so a later call
+    always writes newer feedback)."""
+    start = start or utcnow() - timedelta(milliseconds=len(pairs))
     ids = []
     with session_scope(url) as s:
         if s.get(Tenant, tenant) is None:
@@ -64,7 +65,7 @@ def seed_feedback(tenant: str, pairs: list[tuple[str, str, str]], *, verdicts: l
         for i, (path, code, review) in enumerate(pairs):
             verdict = (verdicts or ["accept"] * len(pairs))[i]
             job_id = new_id()
-            at = start + timedelta(seconds=i)
+            at = start + timedelta(milliseconds=i)
             s.add(Job(id=job_id, kind="review", tenant_id=tenant, payload={"code": code}, status="succeeded",
                       created_by="test"))
             s.flush()

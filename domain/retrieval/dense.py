@@ -90,8 +90,19 @@ class DenseIndex:
         return DenseIndex.build(self.dim, ids, vecs, exact_max)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids) of shape (n, k); missing results have id -1."""
+        """(scores, ids) of shape (n, k); missing results have id -1. A few queries (the serving pattern) run
+        on one OpenMP thread: waking a thread team costs more than the search itself on a busy machine."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if len(queries) >= 8:
+            return self._search(queries, k)
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)  # per calling thread (an OpenMP ICV): builds elsewhere keep all cores
+        try:
+            return self._search(queries, k)
+        finally:
+            faiss.omp_set_num_threads(threads)
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = max(1, min(k, max(1, self.live)))
         if self.kind == "hnsw":
             params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))

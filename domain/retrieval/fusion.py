@@ -18,9 +18,9 @@ import numpy as np
 class FusionConfig:
     method: str = "linear"  # rrf | linear | dense | keyword
     dense_weight: float = 1.0
-    keyword_weight: float = 0.3
+    keyword_weight: float = 0.25
     rrf_k: float = 60.0
-    depth: int = 50  # candidates taken from each list before fusing
+    depth: int = 100  # candidates taken from each list before fusing
 
 
 DEFAULT_FUSION = FusionConfig()

@@ -98,6 +98,17 @@ def encode(tokenizer, messages: list[dict]) -> list[int]:
     return list(tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"])
 
 
+def shared_prefix_len(tokenizer, input_ids: list[int]) -> int:
+    """How many leading tokens of a review prompt are the system message that every review shares
+    (0 if the prompt does not start with it): the runtime computes their keys/values once."""
+    if not getattr(tokenizer, "chat_template", None):
+        return 0
+    system = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT}], tokenize=False,
+                                           add_generation_prompt=False)
+    prefix = tokenizer(system, add_special_tokens=False)["input_ids"]
+    return len(prefix) if len(prefix) < len(input_ids) and input_ids[:len(prefix)] == list(prefix) else 0
+
+
 @dataclass
 class FittedPrompt:
     input_ids: list[int]

@@ -17,9 +17,11 @@ needed; tokenizer calls from job threads go through ``tokenizer_lock``.
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import logging
+import os
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -85,6 +87,7 @@ class Runtime:
         self.slots: OrderedDict[str, str] = OrderedDict()  # adapter version id -> slot name, LRU first
         self._slot_config: dict[str, object] = {}
         self._params_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._prefix_cache: OrderedDict[tuple, object] = OrderedDict()  # (slot, prefix ids) -> KV cache
         self._next_slot = 0
         self.stats: Counter = Counter()  # adapter_loads, hotswaps, evictions, batches, rows
         self.batcher = Batcher(self, max_batch=batch_size, wait_s=batch_wait_s)
@@ -167,6 +170,7 @@ class Runtime:
         with torch.no_grad():
             for k, t in weights.items():
                 params[k].copy_(t)
+        self._forget_prefixes(slot)
         self.model.peft_config[slot] = config
         config.inference_mode = True
         self._slot_config[slot] = config
@@ -185,16 +189,111 @@ class Runtime:
         self.model.delete_adapter(slot)
         self._slot_config.pop(slot, None)
         self._params_cache.pop(slot, None)
+        self._forget_prefixes(slot)
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     # ---- generation (batcher thread only) -------------------------------------------------------
-    def generate(self, prompts: list[list[int]], slots: list[str | None], max_new_tokens: list[int]) -> list[list[int]]:
-        """One greedy ``generate`` over all rows (left-padded, one adapter slot or None per row).
-        Returns each row's new tokens, cut at its own max_new_tokens and after its first end token."""
+    def generate(self, prompts: list[list[int]], slots: list[str | None], max_new_tokens: list[int],
+                 prefix_lens: list[int] | None = None) -> list[list[int]]:
+        """Greedy generation for all rows at once, one adapter slot (or None: the base) per row. Returns
+        each row's new tokens, cut at its own ``max_new_tokens`` and after its first end token.
+        ``prefix_lens[i]``: the first tokens of row i that all reviews share (the system prompt): their
+        keys/values are computed once per adapter slot and reused.
+
+        Each prompt is prefilled alone (no padding: on a CPU the prefill is compute-bound and padded
+        positions would cost as much as real ones); the rows' key/value caches are then left-padded into
+        one batch and decoded together, one token per step for all rows, dropping finished rows."""
+        with torch.inference_mode():
+            rows = self._prefill_then_decode(prompts, slots, max_new_tokens, prefix_lens or [0] * len(prompts))
+            if rows is None:  # a cache layout this path does not merge: HF generate, left-padded
+                rows = self._generate_padded(prompts, slots, max_new_tokens)
+                self.stats["padded_batches"] += 1
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(prompts)
+        return rows
+
+    def _adapter_kwargs(self, names: list[str]) -> dict:
         from peft import PeftModel
 
+        return {"adapter_names": names} if isinstance(self.model, PeftModel) else {}
+
+    def _prefix(self, ids: list[int], name: str):
+        """A copy of the key/value cache of ``ids`` (a shared prompt prefix) under adapter ``name``."""
+        key = (name, tuple(ids))
+        cache = self._prefix_cache.get(key)
+        if cache is None:
+            x = torch.tensor([ids], dtype=torch.long, device=self.device)
+            cache = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **self._adapter_kwargs([name])).past_key_values
+            self._prefix_cache[key] = cache
+            while len(self._prefix_cache) > 2 * self.max_adapters + 2:
+                self._prefix_cache.popitem(last=False)
+        self._prefix_cache.move_to_end(key)
+        self.stats["prefix_hits"] += 1
+        return copy.deepcopy(cache)
+
+    def _forget_prefixes(self, slot: str) -> None:
+        for key in [k for k in self._prefix_cache if k[0] == slot]:
+            del self._prefix_cache[key]
+
+    def _prefill_then_decode(self, prompts, slots, max_new_tokens, prefix_lens) -> list[list[int]] | None:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        names = [s or BASE for s in slots]
+        caches, outs = [], []
+        for ids, name, p in zip(prompts, names, prefix_lens):
+            p = p if 0 < p < len(ids) else 0
+            past = self._prefix(ids[:p], name) if p else None
+            x = torch.tensor([ids[p:]], dtype=torch.long, device=self.device)
+            out = self.model(input_ids=x, past_key_values=past, use_cache=True, logits_to_keep=1,
+                             **self._adapter_kwargs([name]))
+            cache = out.past_key_values
+            if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+                return None
+            caches.append(cache)
+            outs.append([int(out.logits[0, -1].argmax())])
+        lens = [len(p) for p in prompts]
+        width = max(lens)
+        cache = caches[0]
+        for li, layer in enumerate(cache.layers):  # left-pad every row's keys/values to the longest prompt
+            layer.keys = torch.cat([torch.nn.functional.pad(c.layers[li].keys, (0, 0, width - n, 0))
+                                    for c, n in zip(caches, lens)])
+            layer.values = torch.cat([torch.nn.functional.pad(c.layers[li].values, (0, 0, width - n, 0))
+                                      for c, n in zip(caches, lens)])
+        del caches
+        mask = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
+        for i, n in enumerate(lens):
+            mask[i, width - n:] = 1
+
+        def done(i: int) -> bool:
+            return outs[i][-1] in self.eos_ids or len(outs[i]) >= max_new_tokens[i]
+
+        active = [i for i in range(len(prompts)) if not done(i)]
+        if len(active) < len(prompts):
+            keep = torch.tensor(active, dtype=torch.long, device=self.device)
+            cache.batch_select_indices(keep)
+            mask = mask[keep]
+        step = 0
+        while active:
+            step += 1
+            tokens = torch.tensor([[outs[i][-1]] for i in active], dtype=torch.long, device=self.device)
+            positions = torch.tensor([[lens[i] + step - 1] for i in active], dtype=torch.long, device=self.device)
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+            out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                             use_cache=True, logits_to_keep=1, **self._adapter_kwargs([names[i] for i in active]))
+            cache = out.past_key_values
+            for i, tok in zip(active, out.logits[:, -1].argmax(-1).tolist()):
+                outs[i].append(int(tok))
+            still = [j for j, i in enumerate(active) if not done(i)]
+            if len(still) < len(active):
+                keep = torch.tensor(still, dtype=torch.long, device=self.device)
+                cache.batch_select_indices(keep)
+                mask = mask[keep]
+                active = [active[j] for j in still]
+        return outs
+
+    def _generate_padded(self, prompts, slots, max_new_tokens) -> list[list[int]]:
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -203,10 +302,8 @@ class Runtime:
             mask[i, width - len(p):] = 1
         kwargs = {"max_new_tokens": max(max_new_tokens), "do_sample": False, "num_beams": 1,
                   "pad_token_id": self.pad_id, "eos_token_id": sorted(self.eos_ids)}
-        if isinstance(self.model, PeftModel):
-            kwargs["adapter_names"] = [s or BASE for s in slots]
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+        kwargs.update(self._adapter_kwargs([s or BASE for s in slots]))
+        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
         rows = []
         for i, limit in enumerate(max_new_tokens):
             new = out[i, width:].tolist()[:limit]
@@ -215,8 +312,6 @@ class Runtime:
                     new = new[:j + 1]
                     break
             rows.append(new)
-        self.stats["batches"] += 1
-        self.stats["rows"] += len(prompts)
         return rows
 
     def decode(self, token_ids: list[int]) -> str:
@@ -229,6 +324,14 @@ class Runtime:
 _runtimes: dict[str, Runtime] = {}
 _registry_lock = threading.Lock()
 BASE_LOADS: Counter = Counter()  # runtime key -> times its base model was loaded in this process
+
+
+def _setting(settings: Settings, name: str, default):
+    """A review setting: the Settings field if it exists, else FOUNDRY_<NAME> from the environment."""
+    value = getattr(settings, name, None)
+    if value is None:
+        value = os.environ.get(f"FOUNDRY_{name.upper()}", default)
+    return value
 
 
 def runtime_key(settings: Settings, artifact=None) -> str:
@@ -257,10 +360,10 @@ def get_runtime(settings: Settings | None = None, artifact=None) -> Runtime:
             model_id = model_id_for(ref)
         BASE_LOADS[key] += 1
         rt = Runtime(loaded, key, model_id,
-                     max_adapters=int(getattr(settings, "max_resident_adapters", 8)),
+                     max_adapters=int(_setting(settings, "max_resident_adapters", 8)),
                      serving_artifact_id=getattr(artifact, "id", None),
                      batch_size=max(1, int(settings.review_batch_size)),
-                     batch_wait_s=float(getattr(settings, "review_batch_wait_ms", 20)) / 1000.0)
+                     batch_wait_s=float(_setting(settings, "review_batch_wait_ms", 20)) / 1000.0)
         log.info("review runtime %s ready in %.1f s", key, time.perf_counter() - t0)
         _runtimes[key] = rt
         return rt

@@ -26,7 +26,7 @@ from domain.ledger.models import AdapterAlias, AdapterVersion, Artifact, Review,
 from domain.models import ModelLoadError
 from domain.review.batcher import GenerationRequest
 from domain.review.parse import parse_review
-from domain.review.prompt import fit_prompt, guess_language
+from domain.review.prompt import fit_prompt, guess_language, shared_prefix_len
 from domain.review.runtime import AdapterHandle, Runtime, get_runtime
 from domain.specs import ReviewSpec
 
@@ -175,11 +175,12 @@ def handle_review(spec: ReviewSpec, ctx) -> "Outcome":
     with rt.tokenizer_lock:
         fitted = fit_prompt(rt.tokenizer, spec.code, spec.path, language, spec.is_diff, chunks,
                             context_window=rt.context_window, max_new_tokens=spec.max_new_tokens)
+        prefix_len = shared_prefix_len(rt.tokenizer, fitted.input_ids)
     worst_case = Usage(prompt_tokens=len(fitted.input_ids), completion_tokens=spec.max_new_tokens, model_id=rt.model_id)
     budgets.check_budget(spec.tenant, worst_case, settings.prices())
 
     handle = _adapter_handle(version, ctx) if version is not None else None
-    gen = _generate(rt, GenerationRequest(fitted.input_ids, spec.max_new_tokens, handle), ctx)
+    gen = _generate(rt, GenerationRequest(fitted.input_ids, spec.max_new_tokens, handle, prefix_len), ctx)
     parsed = parse_review(gen.text, n_lines=len(spec.code.splitlines()))
 
     review_id = new_id()

@@ -84,11 +84,11 @@ def test_worker_killed_mid_build_keeps_previous_version_and_job_finishes(env):
     assert retrieve_context("acme", "old_step_3_0", k=1, floor=-1).index_version == 1
 
     w = start_worker(env, queues=["index"])
-    big = enqueue("index", {"tenant": "acme", "documents": docs("new", 400, size=20)})  # 8000 chunks to embed
+    big = enqueue("index", {"tenant": "acme", "documents": docs("new", 600, size=20)})  # 12000 chunks to embed
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # kill it while it is embedding (progress is in the ledger)
         j, _ = job_row(big)
-        if j.status == "running" and "embedded" in str((j.progress_info or {}).get("step", "")):
+        if j.status == "running" and "embed" in str((j.progress_info or {}).get("step", "")):
             break
         time.sleep(0.1)
     else:

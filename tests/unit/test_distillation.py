@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,6 +61,10 @@ def test_loss_matches_a_hand_computation():
     assert out.kl.item() == pytest.approx(kl, rel=1e-6)
     assert out.ce.item() == pytest.approx(ce, rel=1e-6)
     assert out.loss.item() == pytest.approx(alpha * T * T * kl + (1 - alpha) * ce, rel=1e-6)
+    plain = distillation_loss(s, None, labels, mask, temperature=T, alpha=0.0)  # alpha=0: CE only, no teacher
+    assert plain.loss.item() == pytest.approx(ce, rel=1e-6) and plain.kl.item() == 0
+    with pytest.raises(ValueError):
+        distillation_loss(s, None, labels, mask, alpha=0.5)
 
 
 def test_loss_averages_over_real_tokens_only():
@@ -246,3 +251,17 @@ def test_a_student_larger_than_the_teacher_is_rejected(tenant, teacher_dir, tmp_
     save_tiny_model(big, layers=6, hidden=64)
     out = run({"tenant": tenant, "teacher": str(teacher_dir), "student": str(big), "max_steps": 2, **SMALL})
     assert out["status"] == "rejected" and out["field"] == "student" and "smaller" in out["error"]
+
+
+@pytest.mark.slow
+def test_distilling_the_embedded_smollm2_into_half_its_layers(tenant):
+    from domain.config import Settings
+
+    ref = Settings(data_dir=Path(__file__).resolve().parents[2] / ".foundry").base_model_ref()
+    if not Path(ref).exists():
+        pytest.skip(f"embedded model not prepared at {ref}")
+    out = run({"tenant": tenant, "teacher": ref, "max_steps": 3, "batch_size": 1, "seq_len": 64, "eval_max_tokens": 128})
+    assert out["status"] == "succeeded", out
+    r = out["result"]["report"]
+    assert r["teacher_layers"] == 30 and r["student_layers"] == 15 and r["parameter_compression_ratio"] > 1.4
+    assert r["speedup"] > 1 and math.isfinite(r["perplexity_student"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import shutil
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +15,8 @@ from sqlalchemy import select
 from domain import heldout, jobs, quantization
 from domain.ledger.db import session_scope
 from domain.ledger.models import AdapterAlias, AdapterVersion, Artifact, Job, UsageCost
-from domain.models import ModelLoadError, load_causal_lm
-from domain.paths import data_root, sha256_tree
+from domain.models import ModelLoadError, load_causal_lm, model_fingerprint
+from domain.paths import data_root, sha256_file
 from tests.conftest import add_tenant
 
 REPORT_FIELDS = {
@@ -81,7 +82,7 @@ def test_adapter_loads_on_top_of_a_quantized_artifact(tenant, tiny_model_dir, tm
     assert not torch.allclose(qlora(ids).logits, before)  # the adapter is really applied on the 4-bit base
 
 
-def _save_adapter(tenant: str, base_dir) -> tuple[str, torch.nn.Module]:
+def _save_adapter(tenant: str, base_dir, base_hash: str | None = None) -> tuple[str, torch.nn.Module]:
     """A LoRA adapter with non-zero weights recorded as the tenant's champion; returns (version id, merged float model)."""
     from peft import LoraConfig, get_peft_model
 
@@ -91,9 +92,10 @@ def _save_adapter(tenant: str, base_dir) -> tuple[str, torch.nn.Module]:
     rel = "adapters/acme/reviewer-v1"
     model.save_pretrained(data_root() / rel)
     vid = uuid.uuid4().hex
-    with session_scope() as s:
+    with session_scope() as s:  # recorded the way domain.adapters.store records versions
         s.add(AdapterVersion(id=vid, tenant_id=tenant, name="reviewer", version=1, base_model_id=str(base_dir),
-                             base_model_hash="x", artifact_path=rel, artifact_sha256=sha256_tree(data_root() / rel)))
+                             base_model_hash=base_hash or model_fingerprint(str(base_dir)), artifact_path=rel,
+                             artifact_sha256=sha256_file(data_root() / rel / "adapter_model.safetensors")))
         s.flush()
         s.add(AdapterAlias(tenant_id=tenant, alias="champion", version_id=vid))
     return vid, model.merge_and_unload()
@@ -114,6 +116,18 @@ def test_merge_then_quantize_quantizes_the_merged_float_model(tenant, tiny_model
     assert art.report["perplexity_before"] == pytest.approx(heldout.perplexity(merged, heldout.token_blocks(
         tok, heldout.stdlib_text("heldout", 256 * 8), 256, 256)).perplexity, rel=1e-5)
     assert heldout.compare(merged, served, blocks).kl_divergence < 0.1 * heldout.compare(base, served, blocks).kl_divergence
+
+
+def test_adapter_trained_on_another_base_or_changed_on_disk_fails(tenant, tiny_model_dir):
+    _save_adapter(tenant, tiny_model_dir, base_hash="0" * 64)
+    out = run("quantize", {"tenant": tenant, "adapter": "champion", "method": "nf4", "eval_max_tokens": 256})
+    assert out["status"] == "failed" and out["code"] == "base_model_mismatch", out
+    with session_scope() as s:
+        s.get(AdapterVersion, s.get(AdapterAlias, (tenant, "champion")).version_id).base_model_hash = \
+            model_fingerprint(str(tiny_model_dir))
+    (data_root() / "adapters/acme/reviewer-v1/adapter_model.safetensors").write_bytes(b"tampered")
+    out = run("quantize", {"tenant": tenant, "adapter": "champion", "method": "nf4", "eval_max_tokens": 256})
+    assert out["status"] == "failed" and out["code"] == "adapter_hash_mismatch", out
 
 
 def test_merge_refuses_quantized_weights(tiny_model_dir, tmp_path):
@@ -143,7 +157,7 @@ def _job(job_id: str) -> Job:
 
 @pytest.mark.parametrize("body,field,message", [
     ({"source_model": "/nonexistent/model"}, "source_model", "cannot load"),
-    ({"adapter": "no-such-alias"}, "adapter", "no adapter alias or version"),
+    ({"adapter": "no-such-alias"}, "adapter", "unknown adapter"),
     ({"method": "gptq"}, "method", "supported here: nf4, fp4, int8"),
     ({"eval_data_path": "empty.txt"}, "eval_data_path", "is empty"),
     ({"eval_data_path": "../outside.txt"}, "eval_data_path", "'..'"),
@@ -178,3 +192,20 @@ def test_redelivered_job_replaces_its_own_files(tenant, tiny_model_dir):
     assert not (stale / "leftover.bin").exists() and (stale / "model.safetensors").exists()
     assert not list((data_root() / "artifacts" / "quantized").glob(".*.tmp"))
     shutil.rmtree(stale)
+
+
+@pytest.mark.slow
+def test_nf4_of_the_embedded_smollm2_is_under_035x_fp32_memory_and_still_generates(tenant):
+    from domain.config import Settings
+
+    ref = Settings(data_dir=Path(__file__).resolve().parents[2] / ".foundry").base_model_ref()
+    if not Path(ref).exists():
+        pytest.skip(f"embedded model not prepared at {ref}")
+    out = run("quantize", {"tenant": tenant, "source_model": ref, "method": "nf4", "eval_max_tokens": 256})
+    assert out["status"] == "succeeded", out
+    r = out["result"]["report"]
+    assert r["memory_ratio"] <= 0.35 and r["top1_agreement"] > 0.6 and r["kl_divergence"] < 1.0
+    served = quantization.load_serving_model(artifact(out["result"]["artifact_id"]), device="cpu")
+    ids = served.tokenizer("def add(a, b):\n", return_tensors="pt").input_ids
+    text = served.tokenizer.decode(served.model.generate(ids, max_new_tokens=8, do_sample=False)[0][ids.shape[1]:])
+    assert text.strip()

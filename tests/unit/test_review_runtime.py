@@ -51,8 +51,19 @@ def test_mixed_adapter_batch_rows_equal_solo_runs(lively):
 
     batched = rt.generate(prompts, slots, limits)
     solo = [rt.generate([p], [s], [m])[0] for p, s, m in zip(prompts, slots, limits)]
+    with torch.inference_mode():  # the same request through plain HF generate, alone
+        hf_alone = [rt._generate_padded([p], [s], [m])[0] for p, s, m in zip(prompts, slots, limits)]
 
-    assert batched == solo
+    assert batched == solo == hf_alone
+    assert rt.stats["padded_batches"] == 0  # the prefill-then-decode path ran, not the fallback
+
+    # a shared prefix (the system prompt) computed once per adapter and reused gives the same tokens
+    prefix = encode(rt, "<|im_start|>system\nYou review code.<|im_end|>\n")
+    with_prefix = [prefix + p for p in prompts]
+    plain = rt.generate(with_prefix, slots, limits)
+    reused = rt.generate(with_prefix, slots, limits, [len(prefix)] * len(prompts))
+    assert reused == plain and rt.stats["prefix_hits"] == len(prompts)
+    assert len(rt._prefix_cache) == len(set(slots))  # one per adapter (and the base)
     assert all(len(row) == m for row, m in zip(batched, limits))  # the tiny model never emits its end token
     assert len(set(batched[0])) > 3, "the test model must produce varied tokens, or equality proves nothing"
     # the adapters matter: the same prompt gives different outputs per adapter

@@ -1,0 +1,93 @@
+"""The retraining data set from feedback: what becomes an example, dedup, hash, windows, split, prompts."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from domain.adapters import data
+from domain.adapters.testing import seed_feedback, stdlib_review_pairs
+from domain.ledger.db import session_scope
+from domain.ledger.models import utcnow
+from tests.conftest import add_tenant
+
+
+def test_accepts_and_corrections_become_examples(sqlite_ledger):
+    add_tenant(sqlite_ledger, "acme")
+    pairs = stdlib_review_pairs(4)
+    seed_feedback("acme", pairs, verdicts=["accept", "correct", "reject", "accept"])
+    with session_scope() as s:
+        ds = data.collect(s, "acme")
+        assert data.count_new_feedback(s, "acme", None) == 3
+    assert ds.feedback_rows == 4 and len(ds.examples) == 3
+    assert ds.skipped["rejected_without_correction"] == 1
+    by_code = {e.code: e for e in ds.examples}
+    assert by_code[pairs[0][1]].completion == pairs[0][2] and by_code[pairs[0][1]].source == "accepted"
+    assert by_code[pairs[1][1]].completion == pairs[1][2] and by_code[pairs[1][1]].source == "correction"
+    assert pairs[2][1] not in by_code
+
+
+def test_duplicates_collapse_and_hash_is_stable(sqlite_ledger):
+    add_tenant(sqlite_ledger, "acme")
+    pairs = stdlib_review_pairs(3)
+    seed_feedback("acme", pairs + pairs[:2])  # the same review accepted twice
+    with session_scope() as s:
+        ds1 = data.collect(s, "acme")
+        ds2 = data.collect(s, "acme")
+    assert len(ds1.examples) == 3 and ds1.skipped["duplicates"] == 2
+    assert ds1.dataset_hash == ds2.dataset_hash and len(ds1.dataset_hash) == 64
+    assert [e.sha256 for e in ds1.examples] == sorted(e.sha256 for e in ds1.examples)
+
+
+def test_window_and_tenant_isolation(sqlite_ledger):
+    add_tenant(sqlite_ledger, "acme")
+    pairs = stdlib_review_pairs(6)
+    t0 = utcnow() - timedelta(hours=1)
+    seed_feedback("acme", pairs[:3], start=t0)
+    seed_feedback("acme", pairs[3:5], start=t0 + timedelta(minutes=30))
+    seed_feedback("other", pairs[5:], start=t0)
+    with session_scope() as s:
+        everything = data.collect(s, "acme")
+        newer = data.collect(s, "acme", since=t0 + timedelta(seconds=2))  # after the first three
+        window = data.collect(s, "acme", since=t0 + timedelta(seconds=2), until=t0 + timedelta(minutes=30))
+        assert data.count_new_feedback(s, "acme", t0 + timedelta(seconds=2)) == 2
+    assert len(everything.examples) == 5 and everything.feedback_until == t0 + timedelta(minutes=30, milliseconds=1)
+    assert {e.code for e in newer.examples} == {p[1] for p in pairs[3:5]}
+    assert len(window.examples) == 1
+    assert pairs[5][1] not in {e.code for e in everything.examples}
+
+
+def test_split_is_by_hash_and_never_empty(sqlite_ledger):
+    add_tenant(sqlite_ledger, "acme")
+    seed_feedback("acme", stdlib_review_pairs(40))
+    with session_scope() as s:
+        ds = data.collect(s, "acme")
+    train, held = ds.split(0.25)
+    assert len(train) + len(held) == 40 and set(map(id, train)).isdisjoint(map(id, held))
+    assert 4 <= len(held) <= 18
+    smaller = data.Dataset(ds.examples[:20], "h", 20, None)
+    # an example's side does not change when the data set changes
+    assert {e.sha256 for e in smaller.split(0.25)[1]} <= {e.sha256 for e in held} | {smaller.examples[-1].sha256}
+    one = data.Dataset(ds.examples[:1], "h", 1, None)
+    assert one.split(0.2) == (ds.examples[:1], ds.examples[:1])
+    two = data.Dataset(ds.examples[:2], "h", 2, None)
+    t2, h2 = two.split(0.9)
+    assert len(t2) == 1 and len(h2) == 1
+
+
+def test_tokenize_uses_the_review_prompt_and_fits_the_window(tiny_tokenizer):
+    from domain.review.prompt import SYSTEM_PROMPT
+
+    path, code, review = stdlib_review_pairs(1)[0]
+    ex = data.FeedbackExample(code, path, None, False, review, "accepted", None)
+    tok = data.tokenize(tiny_tokenizer, ex, 4096)
+    text = tiny_tokenizer.decode(tok.input_ids)
+    assert SYSTEM_PROMPT[:40] in text and review in text and not tok.prompt_truncated
+    short = data.tokenize(tiny_tokenizer, ex, 200)
+    assert len(short.input_ids) <= 200 and short.prompt_truncated and short.completion_tokens > 0
+    assert len(short.input_ids) == len(short.labels)
+
+
+def test_diff_detection():
+    assert data.looks_like_diff("diff --git a/x b/x\n", None)
+    assert data.looks_like_diff("--- a/x\n+++ b/x\n", "python")
+    assert not data.looks_like_diff("def f():\n    pass\n", "python")
