@@ -53,10 +53,15 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--swaps", type=int, default=20)
     ap.add_argument("--warm-runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--quick", action="store_true", help="8 new tokens, 8 swaps, 1 warm run")
     args = ap.parse_args()
     if args.quick:
         args.max_new_tokens, args.swaps, args.warm_runs = 8, 8, 1
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     ref = base_ref(args.model)
     path, code = stdlib_functions(1)[0]

@@ -71,12 +71,11 @@ def base_ref(arg: str | None) -> str:
 
 
 def setup(ref: str, device: str, batch_size: int, wait_ms: float, n_adapters: int, tmp: Path):
-    maker = load_causal_lm(ref, device="cpu").model
+    loaded = load_causal_lm(ref, device=device)
     paths = [make_adapter(ref, tmp / f"adapter{i}", seed=i, r=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
-                          base_model=maker) for i in range(n_adapters)]
-    del maker
-    rt = Runtime(load_causal_lm(ref, device=device), "bench", model_id_for(ref), max_adapters=n_adapters,
-                 batch_size=batch_size, batch_wait_s=wait_ms / 1000)
+                          base_model=loaded.model) for i in range(n_adapters)]  # LoRA layers removed again after saving
+    rt = Runtime(loaded, "bench", model_id_for(ref), max_adapters=n_adapters, batch_size=batch_size,
+                 batch_wait_s=wait_ms / 1000)
     handles = [AdapterHandle(f"adapter{i}", lambda p=p: p) for i, p in enumerate(paths)]
     for h in handles:
         rt.ensure_adapter(h, {x.version_id for x in handles})

@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     retry_backoff_s: float = Field(2.0, description="Base of the exponential backoff for transient errors.")
     retry_backoff_max_s: float = Field(300.0, description="Cap of that backoff.")
 
+    beat_tick_s: float = Field(60.0, description="How often beat asks a worker to evaluate the retrain schedules.")
     price_table: str = Field("", description="JSON object or path to a JSON file with prices; empty = built-in table.")
     max_review_bytes: int = Field(200_000, description="Largest code/diff a review accepts.")
     review_batch_size: int = Field(8, description="Review jobs a worker drains into one generation batch.")

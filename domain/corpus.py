@@ -14,6 +14,7 @@ Python version.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import inspect
 import sysconfig
@@ -82,7 +83,12 @@ def pairs_in_file(path: Path, root: Path, min_words: int = 6) -> list[Pair]:
 
 def stdlib_pairs(limit: int | None = None, min_words: int = 6, root: Path | None = None) -> list[Pair]:
     """Up to ``limit`` docstring→function pairs, deterministic; duplicates (same function text) dropped."""
-    root = root or stdlib_root()
+    pairs = _all_pairs(min_words, root or stdlib_root())
+    return list(pairs[:limit] if limit else pairs)
+
+
+@functools.lru_cache(maxsize=4)
+def _all_pairs(min_words: int, root: Path) -> tuple[Pair, ...]:
     seen: set[str] = set()
     pairs = []
     for path in _files(root):
@@ -92,7 +98,7 @@ def stdlib_pairs(limit: int | None = None, min_words: int = 6, root: Path | None
                 seen.add(key)
                 pairs.append(p)
     pairs.sort(key=lambda p: hashlib.sha256(p.id.encode()).hexdigest())
-    return pairs[:limit] if limit else pairs
+    return tuple(pairs)
 
 
 def metrics(ranked: dict[str, list[str]], pairs: list[Pair], k: int = 10) -> dict:

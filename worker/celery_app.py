@@ -87,7 +87,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
         timezone="UTC",
         enable_utc=True,
         beat_schedule={
-            "retrain-schedules": {"task": "foundry.schedule_tick", "schedule": 60.0, "options": {"expires": 55}},
+            "retrain-schedules": {"task": "foundry.schedule_tick", "schedule": settings.beat_tick_s,
+                                  "options": {"expires": max(1.0, settings.beat_tick_s * 0.9)}},
         },
     )
     return app

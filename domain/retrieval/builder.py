@@ -55,7 +55,6 @@ def build_version(tenant: str, *, action: str, documents: list[dict], remove_ids
     base_chunks = {c["id"]: c for c in base.chunks} if base else {}
     by_hash = {c["content_hash"]: int(c["faiss_id"]) for c in base.chunks} if same_model else {}
     next_id = int(base.manifest.get("next_id", 0)) if base else 0
-    rebuild_from_chunks = action == "rebuild" and not documents
 
     docs: dict[str, dict] = {} if action == "rebuild" and documents else dict(base.documents) if base else {}
     chunks: dict[str, dict] = {} if action == "rebuild" and documents else dict(base_chunks)

@@ -31,6 +31,7 @@ class DenseIndex:
             inner.hnsw.efSearch = ef_search
         self.index = faiss.IndexIDMap2(inner)
         self.tombstones: set[int] = set()
+        self._skip: tuple | None = None  # (IDSelectorBatch, IDSelectorNot) for the current tombstones
 
     @classmethod
     def build(cls, dim: int, ids: np.ndarray, vectors: np.ndarray, exact_max: int) -> "DenseIndex":
@@ -55,6 +56,7 @@ class DenseIndex:
             self.index.remove_ids(faiss.IDSelectorBatch(ids))
         else:
             self.tombstones.update(int(i) for i in ids)
+            self._skip = None
 
     def needs_rebuild(self, tombstone_fraction: float, exact_max: int) -> bool:
         """Too many tombstones, or the size crossed the exact/approximate threshold."""
@@ -106,14 +108,12 @@ class DenseIndex:
         k = max(1, min(k, max(1, self.live)))
         if self.kind == "hnsw":
             params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
-            dead = keep = None  # the selectors must outlive the search: SWIG does not keep them alive
             if self.tombstones:
-                dead = faiss.IDSelectorBatch(np.fromiter(self.tombstones, dtype=np.int64))
-                keep = faiss.IDSelectorNot(dead)
-                params.sel = keep
-            found = self.index.search(queries, k, params=params)
-            del dead, keep
-            return found
+                if self._skip is None:  # kept on the object: SWIG does not keep the selectors alive for us
+                    dead = faiss.IDSelectorBatch(np.fromiter(self.tombstones, dtype=np.int64))
+                    self._skip = (dead, faiss.IDSelectorNot(dead))
+                params.sel = self._skip[1]
+            return self.index.search(queries, k, params=params)
         return self.index.search(queries, k)
 
     def save(self, folder: Path) -> None:

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 from sqlalchemy import delete, insert, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -235,10 +234,6 @@ def clean_stale_builds(tenant: str, older_than_s: float) -> None:
                 shutil.rmtree(p, ignore_errors=True)
         except FileNotFoundError:
             pass
-
-
-def zero_vectors(dim: int) -> np.ndarray:
-    return np.zeros((0, dim), dtype=np.float32)
 
 
 # ---- the writer lease ------------------------------------------------------------------------

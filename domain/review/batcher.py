@@ -3,8 +3,9 @@
 The review worker runs its queue with Celery's threads pool (concurrency N = ``review_batch_size``).
 Each job thread calls ``Batcher.submit`` and waits on the returned future; one batcher thread per
 resident runtime takes the first waiting request, collects more for up to ``wait_s`` (or until N are
-waiting), and runs them as ONE ``generate`` call with one adapter per row. A batch holds at most the
-runtime's ``max_adapters`` distinct adapters; requests beyond that wait for the next batch, in order.
+waiting), and runs them as one batch (``Runtime.generate``: each prompt prefilled alone, then all rows
+decoded together) with one adapter per row. A batch holds at most the runtime's ``max_adapters``
+distinct adapters; requests beyond that wait for the next batch, in order.
 
 Failures stay with the requests they belong to: an adapter that cannot be loaded fails only its
 requests; out of memory splits the batch in halves and, for a single row, raises ``TransientError``.
@@ -50,7 +51,7 @@ class Generation:
     completion_tokens: int  # real generated tokens (up to and including the end token), never padding
     batch_size: int
     batch_adapters: int  # distinct adapters (base counts as one) in the batch
-    generate_seconds: float  # the whole batch's generate() time
+    generate_seconds: float  # the whole batch's generation time
     gpu_seconds: float  # this row's share of the batch's GPU time (by tokens); 0 on CPU
     queue_seconds: float
 
@@ -120,7 +121,7 @@ class Batcher:
         return batch
 
     def run_batch(self, batch: list[GenerationRequest]) -> None:
-        """Run these requests as one generate call and settle their futures (never raises)."""
+        """Run these requests as one batch and settle their futures (never raises)."""
         try:
             ready = self._load_adapters(batch)
             if ready:

@@ -1,6 +1,7 @@
 """The ``review`` job handler: code in, a structured review out, its cost counted once.
 
-    check input → tenant (budgets, serving model) → adapter (requested or champion, or the base model)
+    check input → tenant (budgets, serving model) → adapter (requested or champion, or the base model;
+    domain.adapters.store resolves it, checks its base model and its files' sha256)
     → resident runtime → retrieved context (if an index exists) → prompt fitted to the context window
     → budget check with the job's worst case → one row of a shared generation batch → parse
     → Outcome(result, usage, commit=add the Review row)
@@ -19,10 +20,12 @@ import time
 from sqlalchemy.orm import Session
 
 from domain import budgets
+from domain.adapters.store import check_base_model, resolve_adapter, verified_adapter_path
 from domain.costs import Usage
 from domain.errors import InvalidJob, JobFailed, JobTimeout
+from domain.jobs import JobContext, Outcome
 from domain.ledger.db import session_scope
-from domain.ledger.models import AdapterAlias, AdapterVersion, Artifact, Review, Tenant, new_id
+from domain.ledger.models import AdapterVersion, Artifact, Review, Tenant, new_id
 from domain.models import ModelLoadError
 from domain.review.batcher import GenerationRequest
 from domain.review.parse import parse_review
@@ -46,66 +49,6 @@ def check_input(spec: ReviewSpec, max_bytes: int) -> None:
     if sum(ch in _CONTROL for ch in sample) > 0.05 * len(sample):
         raise InvalidJob("code: looks like binary content (many control characters); only text can be reviewed",
                          field="code")
-
-
-# ---- adapters: domain.adapters.store when present, else the ledger's aliases directly -------------
-
-def resolve_adapter(session: Session, tenant: str, ref: str | None) -> AdapterVersion | None:
-    try:
-        from domain.adapters.store import resolve_adapter as store_resolve
-    except ImportError:
-        return _resolve_in_ledger(session, tenant, ref)
-    return store_resolve(session, tenant, ref)
-
-
-def _resolve_in_ledger(session: Session, tenant: str, ref: str | None) -> AdapterVersion | None:
-    alias = session.get(AdapterAlias, (tenant, ref or "champion"))
-    if alias is not None:
-        return session.get(AdapterVersion, alias.version_id)
-    if ref is None:
-        return None  # no champion yet: serve the base model
-    version = session.get(AdapterVersion, ref)
-    if version is None or version.tenant_id != tenant:
-        raise InvalidJob(f"adapter: unknown adapter {ref!r} for tenant {tenant!r} (an alias or a version id)",
-                         field="adapter")
-    return version
-
-
-def adapter_path(version: AdapterVersion):
-    try:
-        from domain.adapters.store import verified_adapter_path
-    except ImportError:
-        return _verified_path_in_ledger(version)
-    return verified_adapter_path(version)
-
-
-def _verified_path_in_ledger(version: AdapterVersion):
-    from domain.paths import resolve_in_data_root, sha256_file, sha256_tree
-
-    if not version.artifact_path:
-        raise JobFailed(f"adapter version {version.id} has no artifact path", code="adapter_missing")
-    path = resolve_in_data_root(version.artifact_path)
-    weights = path / "adapter_model.safetensors"
-    if not weights.exists():
-        raise JobFailed(f"adapter version {version.id}: {weights} is missing", code="adapter_missing")
-    if version.artifact_sha256 and version.artifact_sha256 not in (sha256_file(weights), sha256_tree(path)):
-        raise JobFailed(f"adapter version {version.id}: files do not match the ledger's sha256; refusing to load",
-                        code="adapter_corrupt")
-    return path
-
-
-def check_base_model(version: AdapterVersion, base_ref: str) -> None:
-    try:
-        from domain.adapters.store import check_base_model as store_check
-    except ImportError:
-        from domain.models import model_fingerprint
-
-        if version.base_model_hash and not version.base_model_hash.startswith("id:"):
-            if model_fingerprint(base_ref) != version.base_model_hash:
-                raise InvalidJob(f"adapter: version {version.id} was trained on base model {version.base_model_id!r} "
-                                 f"whose hash differs from the served base {base_ref!r}", field="adapter")
-        return
-    store_check(version, base_ref)
 
 
 # ---- retrieval: domain.retrieval when present; no index is a valid case ---------------------------
@@ -149,9 +92,7 @@ def served_base_ref(settings, artifact: Artifact | None) -> str:
     return str(resolve_in_data_root(artifact.path))
 
 
-def handle_review(spec: ReviewSpec, ctx) -> "Outcome":
-    from domain.jobs import Outcome
-
+def handle_review(spec: ReviewSpec, ctx: JobContext) -> Outcome:
     t0 = time.perf_counter()
     settings = ctx.settings
     check_input(spec, settings.max_review_bytes)
@@ -160,7 +101,7 @@ def handle_review(spec: ReviewSpec, ctx) -> "Outcome":
     with session_scope() as s:
         tenant = s.get(Tenant, spec.tenant)
         artifact = s.get(Artifact, tenant.serving_artifact_id) if tenant and tenant.serving_artifact_id else None
-        version = resolve_adapter(s, spec.tenant, spec.adapter)
+        version = resolve_adapter(s, spec.tenant, spec.adapter)  # unknown → InvalidJob(field="adapter")
 
     try:
         rt = get_runtime(settings, artifact)
@@ -210,12 +151,13 @@ def handle_review(spec: ReviewSpec, ctx) -> "Outcome":
 
 
 def _adapter_handle(version: AdapterVersion, ctx) -> AdapterHandle:
-    def locate():
+    def locate():  # called by the batcher only when the adapter is not resident
         try:
-            return adapter_path(version)
-        except Exception as exc:
-            ctx.health("adapter", "load_failed", "fail", f"adapter version {version.id}: {exc}",
-                       adapter_version_id=version.id)
+            return verified_adapter_path(version)  # sha256-checked; a mismatch records its own health event
+        except JobFailed as exc:
+            if exc.code != "adapter_hash_mismatch":
+                ctx.health("adapter", "load_failed", "fail", f"adapter version {version.id}: {exc}",
+                           adapter_version_id=version.id)
             raise
 
     return AdapterHandle(version.id, locate)

@@ -202,3 +202,26 @@ def test_bad_input_is_rejected(index_env):
     out = run({"tenant": "nobody", "documents": [doc("a", "text")]})
     assert out["status"] == "rejected" and out["field"] == "tenant"
     assert run({"tenant": "acme", "action": "remove"})["status"] == "rejected"
+
+
+def test_cli_add_search_remove_stats(index_env, tmp_path, capsys):
+    from worker.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "calc.py").write_text(CALC)
+    (src / "notes.md").write_text("Review rule: never log passwords or tokens.")
+    (src / "blob.bin").write_bytes(b"\x00\x01")  # not a text suffix: ignored
+    assert main(["index", "add", "--tenant", "acme", "--inline", str(src)]) == 0
+    capsys.readouterr()
+    assert main(["index", "search", "--tenant", "acme", "multiply matrix", "-k", "1", "--floor", "0", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert '"index_version": 1' in out and "multiply_matrix" in out
+    assert main(["index", "remove", "--tenant", "acme", "--inline", str(src / "notes.md")]) == 0
+    capsys.readouterr()
+    assert main(["index", "stats", "--tenant", "acme", "--json"]) == 0
+    import json
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["current_version"] == 2 and stats["documents"] == 1 and stats["chunks"] == 3
+    assert [a["status"] for a in stats["artifacts"]] == ["active", "superseded"] and stats["writer"] is None
+    assert main(["index", "rebuild", "--tenant", "acme", "--inline"]) == 0

@@ -63,6 +63,7 @@ def test_stdlib_retrieval_quality_small(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_stdlib_retrieval_quality_1000(tmp_path, monkeypatch):
     m = _evaluate(stdlib_pairs(limit=1000), tmp_path, monkeypatch)
     assert m["dense"]["mrr@10"] >= 0.35 and m["hybrid"]["mrr@10"] > m["dense"]["mrr@10"], m

@@ -122,6 +122,45 @@ def test_base_model_serves_a_tenant_without_champion_and_adapters_by_ref(ledger,
     assert other_tenant["status"] == "rejected" and other_tenant["field"] == "adapter"
 
 
+def test_corrupt_adapter_or_other_base_model_fails_the_job_clearly(ledger, base_dir, tmp_path):
+    from domain.ledger.models import AdapterVersion, HealthEvent
+
+    add_tenant(ledger, "acme")
+    vid = champion(ledger, tmp_path, base_dir)
+    weights = tmp_path / "adapters/acme/v1-1/adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")
+    out = run({"tenant": "acme", "code": CODE, "max_new_tokens": 4})
+    assert out["status"] == "failed" and out["code"] == "adapter_hash_mismatch"
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(HealthEvent).where(HealthEvent.component == "adapter")) >= 1
+        s.get(AdapterVersion, vid).base_model_hash = "f" * 64  # as if trained on another base model
+    out = run({"tenant": "acme", "code": CODE, "max_new_tokens": 4})
+    assert out["status"] == "failed" and out["code"] == "base_model_mismatch"
+
+
+def test_tenant_served_by_a_model_artifact_with_its_adapter_on_top(ledger, base_dir, tmp_path):
+    import shutil
+
+    from domain.ledger.models import Artifact, Tenant
+
+    add_tenant(ledger, "acme")
+    vid = champion(ledger, tmp_path, base_dir)
+    shutil.copytree(base_dir, tmp_path / "artifacts/served")  # stands for a quantized copy of the base model
+    with session_scope() as s:
+        art = Artifact(kind="quantized_model", tenant_id="acme", name="base-int8", path="artifacts/served",
+                       lineage={"source_model": str(base_dir)}, status="ready")
+        s.add(art)
+        s.flush()
+        s.get(Tenant, "acme").serving_artifact_id = art.id
+        art_id = art.id
+    out = run({"tenant": "acme", "code": CODE, "max_new_tokens": 6})
+    assert out["status"] == "succeeded", out
+    assert out["result"]["adapter_version_id"] == vid and out["result"]["model_id"] == f"base-int8:{art_id}"
+    with session_scope() as s:
+        assert s.get(Review, out["result"]["review_id"]).serving_artifact_id == art_id
+    assert runtime.BASE_LOADS[f"artifact:{art_id}@cpu"] == 1
+
+
 @pytest.mark.parametrize("body, field, code", [
     ({"code": "   \n"}, "code", "invalid"),
     ({"code": "abc\x00def"}, "code", "invalid"),
