@@ -1,7 +1,8 @@
 """Adapter switching: the cold first review vs a warm review, and the time to swap a rank-16 adapter.
 
 On the embedded SmolLM2-135M-Instruct, through Foundry's review runtime (domain/review/runtime.py):
-- cold: a fresh runtime: load the base model, load the tenant's adapter, run one review (prompt + greedy
+- cold: the first review in a fresh process: import the ML stack (a worker imports it on its first
+  review job), load the base model, load the tenant's adapter, run one review (prompt + greedy
   generation of ``max_new_tokens``);
 - warm: the same review again on the resident runtime (no model or adapter load: checked);
 - hot-swap: with every adapter slot full, a new rank-16 adapter (q/k/v/o) of the same LoRA config is
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,23 +29,47 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.review_batching import base_ref, stdlib_functions  # noqa: E402
-from domain.models import load_causal_lm  # noqa: E402
-from domain.review.batcher import GenerationRequest  # noqa: E402
-from domain.review.prompt import fit_prompt  # noqa: E402
-from domain.review.runtime import AdapterHandle, Runtime, model_id_for  # noqa: E402
-from domain.review.testing import make_adapter  # noqa: E402
-
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def review(rt: Runtime, code: str, path: str, handle: AdapterHandle, max_new: int) -> float:
+def review(rt, code: str, path: str, handle, max_new: int) -> float:
+    """One review on the runtime as handle_review runs it: fit the prompt, one batch row, wait."""
+    from domain.review.batcher import GenerationRequest
+    from domain.review.prompt import fit_prompt, shared_prefix_len
+
     t0 = time.perf_counter()
     with rt.tokenizer_lock:
         fitted = fit_prompt(rt.tokenizer, code, path, None, False, [], context_window=rt.context_window,
                             max_new_tokens=max_new)
-    rt.batcher.submit(GenerationRequest(fitted.input_ids, max_new, handle)).result()
+        prefix = shared_prefix_len(rt.tokenizer, fitted.input_ids)
+    rt.batcher.submit(GenerationRequest(fitted.input_ids, max_new, handle, prefix)).result()
     return time.perf_counter() - t0
+
+
+def cold_child(ref: str, adapter: str, device: str, max_new: int, threads: int | None) -> None:
+    """The first review in a fresh worker process: the ML stack is imported on the first review job
+    (handlers load lazily), then the base model and the adapter are loaded, then the review runs."""
+    t0 = time.perf_counter()
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from domain.models import load_causal_lm
+    from domain.review.runtime import AdapterHandle, Runtime, model_id_for
+    from bench.review_batching import stdlib_functions
+
+    t_import = time.perf_counter() - t0
+    loaded = load_causal_lm(ref, device=device)
+    t_base = time.perf_counter() - t0 - t_import
+    rt = Runtime(loaded, "cold", model_id_for(ref), max_adapters=2)
+    handle = AdapterHandle("a0", lambda: Path(adapter))
+    t1 = time.perf_counter()
+    rt.ensure_adapter(handle)
+    t_adapter = time.perf_counter() - t1
+    path, code = stdlib_functions(1)[0]
+    t_review = review(rt, code, path, handle, max_new)
+    print(json.dumps({"cold_s": time.perf_counter() - t0, "import_s": t_import, "base_load_s": t_base,
+                      "adapter_load_s": t_adapter, "review_s": t_review}))
 
 
 def main() -> None:
@@ -54,14 +80,23 @@ def main() -> None:
     ap.add_argument("--swaps", type=int, default=20)
     ap.add_argument("--warm-runs", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--cold-child", metavar="ADAPTER_DIR", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="8 new tokens, 8 swaps, 1 warm run")
     args = ap.parse_args()
     if args.quick:
         args.max_new_tokens, args.swaps, args.warm_runs = 8, 8, 1
-    if args.threads:
-        import torch
 
+    if args.cold_child:
+        cold_child(args.model, args.cold_child, args.device, args.max_new_tokens, args.threads)
+        return
+    import torch
+
+    if args.threads:
         torch.set_num_threads(args.threads)
+    from bench.review_batching import base_ref, stdlib_functions
+    from domain.models import load_causal_lm
+    from domain.review.runtime import AdapterHandle, Runtime, model_id_for
+    from domain.review.testing import make_adapter
 
     ref = base_ref(args.model)
     path, code = stdlib_functions(1)[0]
@@ -73,18 +108,20 @@ def main() -> None:
         del maker
         handles = [AdapterHandle(f"a{i}", lambda p=p: p) for i, p in enumerate(paths)]
 
-        # cold: nothing resident
-        t0 = time.perf_counter()
-        loaded = load_causal_lm(ref, device=args.device)
-        t_base = time.perf_counter() - t0
-        rt = Runtime(loaded, "bench", model_id_for(ref), max_adapters=2, batch_size=8, batch_wait_s=0.02)
-        t1 = time.perf_counter()
+        # cold: a fresh process, nothing imported or resident
+        child = [sys.executable, str(Path(__file__).resolve()), "--cold-child", str(paths[0]), "--model", ref,
+                 "--device", args.device, "--max-new-tokens", str(args.max_new_tokens)]
+        if args.threads:
+            child += ["--threads", str(args.threads)]
+        done = subprocess.run(child, capture_output=True, text=True, check=True, cwd=ROOT)
+        cold_run = json.loads(done.stdout.strip().splitlines()[-1])
+        cold = cold_run["cold_s"]
+        print(f"cold first review in a fresh process: {cold:.2f} s (imports {cold_run['import_s']:.2f} s, "
+              f"base load {cold_run['base_load_s']:.2f} s, adapter load {cold_run['adapter_load_s']:.3f} s, "
+              f"review {cold_run['review_s']:.2f} s)", flush=True)
+        rt = Runtime(load_causal_lm(ref, device=args.device), "bench", model_id_for(ref), max_adapters=2)
         rt.ensure_adapter(handles[0])
-        t_adapter = time.perf_counter() - t1
-        t_first_gen = review(rt, code, path, handles[0], args.max_new_tokens)
-        cold = time.perf_counter() - t0
-        print(f"cold first review: {cold:.2f} s (base load {t_base:.2f} s, adapter load {t_adapter:.3f} s, "
-              f"review {t_first_gen:.2f} s)", flush=True)
+        review(rt, code, path, handles[0], args.max_new_tokens)  # this process's first review: not timed
 
         # warm: same adapter, resident model
         loads_before = rt.stats["adapter_loads"] + rt.stats["hotswaps"]
@@ -126,8 +163,7 @@ def main() -> None:
     ratio = cold / warm
     result = {"benchmark": "adapter_switch", "model": model_id_for(ref), "device": args.device, "lora_rank": 16,
               "target_modules": list(TARGETS), "max_new_tokens": args.max_new_tokens,
-              "cold_first_review_s": cold, "cold_base_load_s": t_base, "cold_adapter_load_s": t_adapter,
-              "cold_review_s": t_first_gen, "warm_review_s": warm, "warm_runs_s": warm_runs,
+              "cold_first_review_s": cold, "cold_parts_s": cold_run, "warm_review_s": warm, "warm_runs_s": warm_runs,
               "adapter_loads_during_warm": loads_during_warm, "base_loads_during_warm": 0,
               "hotswap_ms_median": swap_ms, "hotswap_ms": [s * 1000 for s in swaps],
               "set_adapter_ms_median": set_ms, "load_adapter_ms_median": load_ms,

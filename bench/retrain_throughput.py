@@ -145,8 +145,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny random model, fewer samples and steps (< 1 minute)")
     ap.add_argument("--model", help="base model id/path (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--samples", type=int, help="feedback-like samples (default 64, quick 32)")
-    ap.add_argument("--steps", type=int, help="optimizer steps per run (default 8, quick 6)")
+    ap.add_argument("--samples", type=int, help="feedback-like samples (default 64, quick 24)")
+    ap.add_argument("--steps", type=int, help="optimizer steps per run (default 8, quick 5)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=1, help="repeat the three runs; medians are reported")
@@ -155,8 +155,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    samples = args.samples or (32 if args.quick else 64)
-    steps = args.steps or (6 if args.quick else 8)
+    samples = args.samples or (24 if args.quick else 64)
+    steps = args.steps or (5 if args.quick else 8)
 
     loaded, model_name = load_model(args)
     tok = loaded.tokenizer
@@ -168,13 +168,18 @@ def main() -> None:
     common = dict(lora_r=16, lora_alpha=32, lora_dropout=0.05, learning_rate=2e-4, max_steps=steps,
                   batch_size=args.batch_size, max_seq_len=args.max_seq_len, checkpoint_every=10**9, seed=0)
     runs: dict[str, list[dict]] = {"baseline_trainer": [], "foundry_unpacked": [], "foundry_packed": []}
+    measure = {
+        "baseline_trainer": lambda: run_trainer(loaded.model, tok, examples, T.TrainConfig(**common, packing=False),
+                                                args.device),
+        "foundry_unpacked": lambda: run_foundry(loaded.model, examples, T.TrainConfig(**common, packing=False),
+                                                tok.pad_token_id),
+        "foundry_packed": lambda: run_foundry(loaded.model, examples, T.TrainConfig(**common, packing=True),
+                                              tok.pad_token_id),
+    }
     for r in range(args.repeats):
-        runs["baseline_trainer"].append(run_trainer(loaded.model, tok, examples, T.TrainConfig(**common, packing=False),
-                                                    args.device))
-        runs["foundry_unpacked"].append(run_foundry(loaded.model, examples, T.TrainConfig(**common, packing=False),
-                                                    tok.pad_token_id))
-        runs["foundry_packed"].append(run_foundry(loaded.model, examples, T.TrainConfig(**common, packing=True),
-                                                  tok.pad_token_id))
+        order = list(measure)[r % 3:] + list(measure)[:r % 3]  # rotate the order: drift on a shared machine evens out
+        for name in order:
+            runs[name].append(measure[name]())
         b, u, p = (runs[k][-1]["tokens_per_s"] for k in runs)
         print(f"repeat {r + 1}: baseline {b:,.0f} tok/s | foundry unpacked {u:,.0f} tok/s ({u / b:.2f}x) | "
               f"foundry packed {p:,.0f} tok/s ({p / b:.2f}x)")

@@ -169,8 +169,6 @@ def approx_vs_exact(approx: DenseIndex, queries: np.ndarray) -> dict:
 def update_vs_rebuild(pairs, base_vectors: np.ndarray, n_chunks: int, n_update: int, exact_max: int) -> tuple[dict, object]:
     """Full rebuild of an n_chunks index vs upserting n_update documents into it (embedding excluded on both
     sides: precomputed vectors). Returns the figures and the rebuilt snapshot (its HNSW feeds approx_vs_exact)."""
-    from domain.retrieval.service import _for_writing
-
     small = [p for p in pairs if len(p.text) < 1800]  # one chunk per document
     vecs = synth(base_vectors, n_chunks + n_update, noise=0.6, seed=1)
     docs, table = [], {}
@@ -191,7 +189,7 @@ def update_vs_rebuild(pairs, base_vectors: np.ndarray, n_chunks: int, n_update: 
                          build_name="full", exact_max=exact_max, tombstone_fraction=0.2)
     rebuild_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    upd = build_version("scale", action="add", documents=changed, remove_ids=[], base=_for_writing(full.snapshot),
+    upd = build_version("scale", action="add", documents=changed, remove_ids=[], base=full.snapshot,
                         embedder=embedder, build_name="update", exact_max=exact_max, tombstone_fraction=0.2)
     update_s = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -103,7 +103,8 @@ def naive(rt: Runtime, reqs: list[tuple[list[int], AdapterHandle]], max_new: int
 def batched(rt: Runtime, reqs: list[tuple[list[int], AdapterHandle]], max_new: int, threads: int):
     def job(req):
         ids, h = req
-        prefix = shared_prefix_len(rt.tokenizer, ids)  # as handle_review does
+        with rt.tokenizer_lock:  # as handle_review does
+            prefix = shared_prefix_len(rt.tokenizer, ids)
         return rt.batcher.submit(GenerationRequest(ids, max_new, h, prefix)).result()
 
     before = len(rt.batcher.batch_sizes)

@@ -23,7 +23,6 @@ import torch
 from domain import costs
 from domain.adapters import data as fbdata
 from domain.adapters import gate, store, training
-from domain.errors import JobFailed
 from domain.ledger.db import session_scope
 from domain.ledger.models import AdapterVersion, new_id
 from domain.paths import resolve_in_data_root, sha256_tree
@@ -158,10 +157,17 @@ def handle_retrain(spec: RetrainSpec, ctx):
             extra_parents=[(parent.id, "retrain", None)] if parent else [])
         who = f"job:{ctx.job_id}"
         store.move_alias(session, spec.tenant, store.CANDIDATE, version.id, who, decision.reason)
-        if decision.promote:
+        now_champion = store.resolve_adapter(session, spec.tenant, None)
+        moved = (now_champion.id if now_champion else None) != (champion.id if champion else None)
+        if decision.promote and not moved:
             store.move_alias(session, spec.tenant, store.CHAMPION, version.id, who, decision.reason)
-        else:
-            version.status = "rejected"
+            return {"version_id": version.id, "version": version.version}
+        version.status = "rejected"
+        if decision.promote:  # judged against a champion that is no longer the champion
+            why = "not promoted: the champion changed while this version was trained; retrain to compare again"
+            version.metrics = {**version.metrics, "gate": {**version.metrics["gate"], "promote": False, "reason": why}}
+            return {"version_id": version.id, "version": version.version, "promoted": False, "status": "kept champion",
+                    "reason": why}
         return {"version_id": version.id, "version": version.version}
 
     usage = costs.Usage(prompt_tokens=result.tokens, completion_tokens=0, wall_seconds=time.perf_counter() - t0,

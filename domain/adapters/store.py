@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from domain import health
 from domain.errors import InvalidJob, JobFailed
-from domain.ledger.models import AdapterAlias, AdapterLineage, AdapterVersion, AliasHistory, Artifact, utcnow
+from domain.ledger.models import AdapterAlias, AdapterLineage, AdapterVersion, AliasHistory, Artifact, Tenant, utcnow
 from domain.paths import UnsafePath, resolve_in_data_root, sha256_file, sha256_tree
 
 CHAMPION = "champion"
@@ -188,6 +188,7 @@ def register_version(session: Session, *, tenant: str, name: str, base_model_id:
                      version_id: str | None = None) -> AdapterVersion:
     """Add an AdapterVersion (next version number for tenant/name), its Artifact row and lineage rows.
     ``extra_parents``: (parent version id, relation "retrain"|"merge", weight)."""
+    session.get(Tenant, tenant, with_for_update=True)  # serializes version numbers of one tenant (PostgreSQL)
     number = next_version_number(session, tenant, name)
     hp = {**(hyperparams or {}), "adapter_config_sha256": files.config_sha256}
     lineage = {"parent_id": parent_id, "base_model_id": base_model_id, "base_model_hash": base_model_hash,

@@ -86,7 +86,7 @@ def build_version(tenant: str, *, action: str, documents: list[dict], remove_ids
         new = chunk_document(doc_id, doc["text"], source=doc.get("source"), language=doc.get("language"),
                              path=doc.get("path"), metadata=doc.get("metadata"))
         for ch in new:
-            entry = ch.to_json()
+            entry = {**ch.to_json(), "doc_hash": h}
             old = base_chunks.get(ch.id)
             if same_model and old is not None and old["content_hash"] == ch.content_hash:
                 entry["faiss_id"] = old["faiss_id"]  # the very same vector stays in the index
@@ -157,8 +157,8 @@ def build_version(tenant: str, *, action: str, documents: list[dict], remove_ids
                 "parent_version": base.version if base else None, "action": action, "build": build_name,
                 "created_at": time.time()}
     lines = lines if lines is not None else [json.dumps(c, ensure_ascii=False) for c in final]
-    folder, sha, size = write_snapshot(tenant, version, build_name, lines=lines, documents=docs, dense=dense,
-                                       keyword=keyword, manifest=manifest)
+    folder, sha, size = write_snapshot(tenant, version, build_name, lines=lines, dense=dense, keyword=keyword,
+                                       manifest=manifest)
     stats.update(documents=len(docs), chunks=len(final), dense_kind=dense.kind, tombstones=len(dense.tombstones),
                  seconds=round(time.perf_counter() - t0, 3))
     progress(1.0, f"wrote v{version}")

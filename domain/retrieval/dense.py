@@ -77,12 +77,6 @@ class DenseIndex:
             ids, vecs = ids[keep], vecs[keep]
         return ids, vecs
 
-    def copy(self) -> "DenseIndex":
-        out = DenseIndex(self.dim, self.kind, self.ef_search)
-        out.index = faiss.clone_index(self.index)
-        out.tombstones = set(self.tombstones)
-        return out
-
     def vectors(self, ids) -> np.ndarray:
         return np.vstack([self.index.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros((0, self.dim), np.float32)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 from sqlalchemy import select
 
@@ -125,13 +125,10 @@ def accepted_review_documents(tenant: str) -> list[dict]:
 
 
 # The last snapshot this process wrote, per tenant: the next build starts from it instead of reloading and
-# re-verifying it from disk, as long as CURRENT still points to it and its manifest is unchanged.
+# re-verifying it from disk, as long as CURRENT still points to it and its manifest is unchanged. A build takes
+# it out (the builder changes its dense index in place) and the commit puts the new version back; a build that
+# fails leaves nothing behind, so the next one reads the current version from disk.
 _written: dict[str, Snapshot] = {}
-
-
-def _for_writing(snapshot: Snapshot) -> Snapshot:
-    """A copy the builder may change (the dense index is mutated in place; the rest is copied by the builder)."""
-    return replace(snapshot, dense=snapshot.dense.copy(), position=dict(snapshot.position))
 
 
 def _writer_base(tenant: str, action: str, ctx):
@@ -144,11 +141,11 @@ def _writer_base(tenant: str, action: str, ctx):
         err = None
         if version is None:
             return None
-        mine = _written.get(tenant)
+        mine = _written.pop(tenant, None)
         if mine is not None and mine.version == version:
             try:
                 if sha256_file(version_dir(tenant, version) / "manifest.json") == mine.manifest_sha256:
-                    return _for_writing(mine)
+                    return mine
             except OSError:
                 pass
         try:

@@ -3,8 +3,8 @@
     <data root>/index/<tenant>/
         CURRENT                  {"version": 7}  (replaced atomically: write a temp file, fsync, os.replace)
         v7/ manifest.json        version, model, counts, sha256 of every other file
-            chunks.jsonl         one chunk per line; line i = BM25 row i; faiss_id = its id in the dense index
-            documents.jsonl      document id, hash of its content, its chunk ids
+            chunks.jsonl         one chunk per line; line i = BM25 row i; faiss_id = its id in the dense index;
+                                 doc_hash = the hash of its document (documents are derived from the chunks)
             dense.faiss dense.json keyword.json bm25/...   (FAISS and bm25s's own .npy/.json: no pickle)
         .build-<job id>/         a snapshot being written; renamed to v<N> only when complete
 
@@ -140,8 +140,8 @@ def next_version(tenant: str) -> int:
 
 # ---- writing and reading a snapshot ----------------------------------------------------------
 
-def write_snapshot(tenant: str, version: int, build_name: str, *, lines: list[str], documents: dict[str, dict],
-                   dense: DenseIndex, keyword: KeywordIndex, manifest: dict) -> tuple[Path, str, int]:
+def write_snapshot(tenant: str, version: int, build_name: str, *, lines: list[str], dense: DenseIndex,
+                   keyword: KeywordIndex, manifest: dict) -> tuple[Path, str, int]:
     """Write a complete snapshot under a temp name, then rename it to v<version>.
     Returns (folder, sha256 of the manifest, size in bytes)."""
     root = tenant_dir(tenant)
@@ -151,9 +151,6 @@ def write_snapshot(tenant: str, version: int, build_name: str, *, lines: list[st
     tmp.mkdir(parents=True)
     with open(tmp / "chunks.jsonl", "w") as f:
         f.write("".join(line + "\n" for line in lines))
-    with open(tmp / "documents.jsonl", "w") as f:
-        for doc_id, d in documents.items():
-            f.write(json.dumps({"id": doc_id, **d}, ensure_ascii=False) + "\n")
     dense.save(tmp)
     keyword.save(tmp)
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -196,12 +193,7 @@ def load_snapshot(tenant: str, version: int, *, check: bool = True) -> Snapshot:
         with open(folder / "chunks.jsonl") as f:
             lines = [line.rstrip("\n") for line in f if line.strip()]
         chunks = [json.loads(line) for line in lines]
-        documents = {}
-        with open(folder / "documents.jsonl") as f:
-            for line in f:
-                if line.strip():
-                    d = json.loads(line)
-                    documents[d.pop("id")] = d
+        documents = documents_of(chunks)
         dense = DenseIndex.load(folder)
         keyword = KeywordIndex.load(folder)
     except Exception as exc:  # noqa: BLE001 - any unreadable part makes the snapshot unusable
@@ -211,6 +203,18 @@ def load_snapshot(tenant: str, version: int, *, check: bool = True) -> Snapshot:
                               f"{dense.live} live vectors")
     return Snapshot(tenant, version, folder, manifest, chunks, documents, dense, keyword, lines=lines,
                     manifest_sha256=sha256_file(folder / MANIFEST))
+
+
+def documents_of(chunks: list[dict]) -> dict[str, dict]:
+    """Document id -> {hash, chunk_ids, source, path}, from the chunks (a document's chunks are contiguous)."""
+    documents: dict[str, dict] = {}
+    for c in chunks:
+        d = documents.get(c["document_id"])
+        if d is None:
+            d = documents[c["document_id"]] = {"hash": c.get("doc_hash"), "chunk_ids": [], "source": c.get("source"),
+                                               "path": c.get("path")}
+        d["chunk_ids"].append(c["id"])
+    return documents
 
 
 def prune(tenant: str, keep: int, current: int) -> list[int]:

@@ -89,7 +89,8 @@ class Runtime:
         self._params_cache: dict[str, dict[str, torch.Tensor]] = {}
         self._prefix_cache: OrderedDict[tuple, object] = OrderedDict()  # (slot, prefix ids) -> KV cache
         self._next_slot = 0
-        self.stats: Counter = Counter()  # adapter_loads, hotswaps, evictions, batches, rows
+        self.stats: Counter = Counter()  # adapter_loads, hotswaps, evictions, batches, rows, prefix_hits
+        self.timings: Counter = Counter()  # prefill_s, decode_s, decode_steps (benchmarks, tuning)
         self.batcher = Batcher(self, max_batch=batch_size, wait_s=batch_wait_s)
         tok_max = getattr(self.tokenizer, "model_max_length", None) or 0
         self.context_window = min(loaded.context_window, tok_max) if 0 < tok_max < 10**7 else loaded.context_window
@@ -242,6 +243,7 @@ class Runtime:
 
         names = [s or BASE for s in slots]
         caches, outs = [], []
+        t_prefill = time.perf_counter()
         for ids, name, p in zip(prompts, names, prefix_lens):
             p = p if 0 < p < len(ids) else 0
             past = self._prefix(ids[:p], name) if p else None
@@ -255,6 +257,7 @@ class Runtime:
             outs.append([int(out.logits[0, -1].argmax())])
         lens = [len(p) for p in prompts]
         width = max(lens)
+        t_decode = time.perf_counter()
         cache = caches[0]
         for li, layer in enumerate(cache.layers):  # left-pad every row's keys/values to the longest prompt
             layer.keys = torch.cat([torch.nn.functional.pad(c.layers[li].keys, (0, 0, width - n, 0))
@@ -291,6 +294,9 @@ class Runtime:
                 cache.batch_select_indices(keep)
                 mask = mask[keep]
                 active = [active[j] for j in still]
+        self.timings["prefill_s"] += t_decode - t_prefill
+        self.timings["decode_s"] += time.perf_counter() - t_decode
+        self.timings["decode_steps"] += step
         return outs
 
     def _generate_padded(self, prompts, slots, max_new_tokens) -> list[list[int]]:

@@ -4,17 +4,21 @@ ticking at once enqueue one job."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
+from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from domain.adapters import schedule
 from domain.adapters.testing import seed_feedback, stdlib_review_pairs
 from domain.ledger.db import session_scope
-from domain.ledger.models import AdapterAlias, AdapterVersion, Checkpoint, Job, JobAttempt, UsageCost
+from domain.ledger.models import (
+    AdapterAlias, AdapterVersion, Checkpoint, Job, JobAttempt, RetrainSchedule, UsageCost, utcnow,
+)
 from domain.models import save_tiny_model
 from tests.conftest import add_tenant
 from tests.integration.workers import ROOT, apply_env, running_worker, start_worker, worker_env
@@ -39,7 +43,6 @@ def env(redis_url, pg_ledger, tmp_path, monkeypatch):
 
 
 def _tick(holder: str) -> list[str]:
-    from domain.ledger.models import utcnow
     from worker.client import enqueue
 
     return schedule.tick(utcnow(), lambda kind, body, parent=None: enqueue(kind, body, parent_job_id=parent,
@@ -50,13 +53,7 @@ def test_scheduled_retrain_runs_on_a_worker_and_promotes(env):
     from worker.client import wait
 
     schedule.set_schedule("acme", "* * * * *", min_new_feedback=5, params={**TRAIN, "max_steps": 15})
-    with session_scope() as s:  # the schedule was set a minute ago, so this minute's fire is due
-        from sqlalchemy import update
-
-        from domain.ledger.models import RetrainSchedule, utcnow
-        from datetime import timedelta
-
-        s.execute(update(RetrainSchedule).values(updated_at=utcnow() - timedelta(minutes=2)))
+    _set_two_minutes_ago()
     [job_id] = _tick("beat-test")
     with running_worker(env, queues=["retrain"]):
         done = wait(job_id, timeout=240)
@@ -111,18 +108,11 @@ def test_killed_worker_job_resumes_from_checkpoint_on_another(env):
 def test_two_beat_processes_enqueue_one_retrain(env, pg_ledger):
     """Two separate processes tick the same due schedule at the same moment against PostgreSQL."""
     schedule.set_schedule("acme", "* * * * *", min_new_feedback=1, params={**TRAIN, "max_steps": 2})
-    from datetime import timedelta
-
-    from sqlalchemy import update
-
-    from domain.ledger.models import RetrainSchedule, utcnow
-
-    with session_scope() as s:
-        s.execute(update(RetrainSchedule).values(updated_at=utcnow() - timedelta(minutes=2)))
+    _set_two_minutes_ago()
     code = ("import sys, time; from tests.integration.test_retrain_worker import _tick; "
             "time.sleep(max(0, float(sys.argv[1]) - time.time())); print(len(_tick(sys.argv[2])))")
     start = time.time() + 4
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(start), f"beat-{i}"], cwd=ROOT, env={**_os_env(), **env},
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(start), f"beat-{i}"], cwd=ROOT, env={**os.environ, **env},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     counts = [int(o[0].strip().splitlines()[-1]) for o in outs]
@@ -131,7 +121,7 @@ def test_two_beat_processes_enqueue_one_retrain(env, pg_ledger):
         assert s.scalar(select(func.count()).select_from(Job).where(Job.kind == "retrain")) == 1
 
 
-def _os_env() -> dict:
-    import os
-
-    return dict(os.environ)
+def _set_two_minutes_ago() -> None:
+    """Make the schedule look set two minutes ago, so this minute's fire of "* * * * *" is due."""
+    with session_scope() as s:
+        s.execute(update(RetrainSchedule).values(updated_at=utcnow() - timedelta(minutes=2)))

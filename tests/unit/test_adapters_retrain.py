@@ -225,3 +225,41 @@ def test_soft_stop_then_redelivery_resumes_to_the_same_adapter(ledger, monkeypat
     with session_scope() as s:
         health = s.scalars(select(HealthEvent).where(HealthEvent.job_id == job_id, HealthEvent.event == "resume")).one()
         assert health.detail["step"] == 7
+
+
+def test_qlora_trains_on_a_4bit_base(ledger):
+    from domain.adapters import retrain
+
+    seed_feedback("acme", stdlib_review_pairs(6, max_code_lines=8))
+    out = run({"qlora": True, "max_steps": 4})
+    assert out["status"] == "succeeded", out
+    [loaded] = retrain._base.values()
+    kinds = {type(m).__name__ for m in loaded.model.modules()}
+    assert "Linear4bit" in kinds  # NF4 weights through bitsandbytes
+    assert not any("lora" in n for n, _ in loaded.model.named_parameters())  # unloaded after the job
+    [v] = versions()
+    assert v.hyperparams["qlora"] is True
+    store.verified_adapter_path(v)
+
+
+def test_champion_moved_during_training_is_not_overwritten(ledger, tiny_model_dir, monkeypatch):
+    """The gate compared against the champion of the job's start; if someone promoted another version
+    meanwhile, the new version is not promoted over it."""
+    seed_feedback("acme", stdlib_review_pairs(8, max_code_lines=8))
+    other = make_version("acme", str(tiny_model_dir), seed=5)
+    real_progress = jobs.JobContext.progress
+
+    def promote_other_at_step_3(self, fraction=None, force=False, **info):
+        if info.get("step") == 3:
+            with session_scope() as s:
+                store.move_alias(s, "acme", "champion", other, "cli:someone", "manual promotion")
+        return real_progress(self, fraction, force, **info)
+
+    monkeypatch.setattr(jobs.JobContext, "progress", promote_other_at_step_3)
+    out = run({"promotion_margin": 0.0, "max_steps": 6})
+    assert out["status"] == "succeeded" and out["result"]["reference"] == "base"
+    with session_scope() as s:
+        job = s.get(Job, out["job_id"])
+        assert job.result["promoted"] is False and "champion changed" in job.result["reason"]
+        assert store.resolve_adapter(s, "acme", None).id == other
+        assert s.get(AdapterVersion, out["result"]["version_id"]).status == "rejected"
