@@ -27,6 +27,9 @@ from sqlalchemy import create_engine, select, text  # noqa: E402
 from tests.integration.workers import start_worker, worker_env  # noqa: E402
 
 
+LOGLEVEL = "WARNING"  # the same for both workers: per-task INFO lines cost as much as the work being measured
+
+
 def pct(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
@@ -43,7 +46,7 @@ def run_raw(n: int, env: dict, pool: str, conc: int) -> dict:
     log = Path(env["FOUNDRY_DATA_DIR"]) / f"raw-{uuid.uuid4().hex[:6]}.log"
     proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "bench._rawapp", "worker", "-Q", "rawbench", "-P", pool,
                              "-c", str(conc), "-n", f"raw-{uuid.uuid4().hex[:4]}@%h", "--without-gossip",
-                             "--without-mingle", "--without-heartbeat", "-l", "WARNING"],
+                             "--without-mingle", "--without-heartbeat", "-l", LOGLEVEL],
                             cwd=ROOT, env={**os.environ, **env}, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
@@ -68,7 +71,7 @@ def run_foundry(n: int, env: dict, pool: str, conc: int) -> dict:
     from domain.ledger.models import Job
     from worker.client import enqueue, wait
 
-    w = start_worker(env, queues=["control"], pool=pool, concurrency=conc)
+    w = start_worker(env, queues=["control"], pool=pool, concurrency=conc, loglevel=LOGLEVEL)
     try:
         wait(enqueue("noop", {"tenant": "bench"}), timeout=60)  # warm up
         t0 = time.time()

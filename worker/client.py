@@ -12,6 +12,7 @@ silently. The same idempotency key (per tenant and kind) returns the first job i
 
 from __future__ import annotations
 
+import functools
 import getpass
 import socket
 import time
@@ -30,6 +31,7 @@ class EnqueueError(RuntimeError):
     """The broker could not take the job (it is recorded failed with this reason)."""
 
 
+@functools.cache
 def _producer() -> str:
     try:
         return f"client:{getpass.getuser()}@{socket.gethostname()}"
