@@ -278,7 +278,7 @@ def finish_failure(job_id: str, attempt: int, error: str, code: str, *, final_st
         if final_status in ("retry", "interrupted"):
             job.status = "queued"
             if final_status == "interrupted":  # a soft stop is not the job's fault: it does not use up an attempt
-                job.attempts -= 1
+                job.max_attempts = (job.max_attempts or job.attempts) + 1
         else:
             job.status, job.finished_at = final_status, now
         _close_attempt(s, job_id, attempt, final_status, error, now)

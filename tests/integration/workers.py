@@ -83,6 +83,16 @@ class WorkerProcess:
             pass
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when the test process dies, so a killed pytest leaves no worker behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def start_worker(env: dict, queues=("control",), pool: str = "solo", concurrency: int = 1, name: str | None = None,
                  log_dir: Path | None = None, ready_timeout: float = 90, loglevel: str = "INFO") -> WorkerProcess:
     name = name or f"test-{uuid.uuid4().hex[:6]}@%h"
@@ -94,7 +104,8 @@ def start_worker(env: dict, queues=("control",), pool: str = "solo", concurrency
            "--without-heartbeat", "-l", loglevel]
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent)
     w = WorkerProcess(proc, log, name)
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:

@@ -180,8 +180,6 @@ def test_killed_worker_then_redelivery_resumes_to_the_same_adapter(ledger, monke
     assert len(versions("acme")) == 1
 
 
-@pytest.mark.xfail(reason="domain/ledger/jobstore.py: after an 'interrupted' attempt the next claim reuses the "
-                          "attempt number and hits uq_job_attempts (reported to the lead)", strict=False)
 def test_soft_stop_then_redelivery_resumes_to_the_same_adapter(ledger, monkeypatch):
     """A worker shutting down mid-training checkpoints; the redelivered job (same id) resumes and ends
     exactly where an uninterrupted job on the same data ends."""

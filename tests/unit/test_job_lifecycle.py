@@ -148,7 +148,10 @@ def test_soft_stop_requeues_without_using_an_attempt(ledger):
     finally:
         jobs.stop_requested.clear()
     j, attempts, _ = job(jid)
-    assert j.status == "queued" and j.attempts == 0 and attempts[0].outcome == "interrupted"
+    assert j.status == "queued" and j.attempts == 1 and j.max_attempts == 4 and attempts[0].outcome == "interrupted"
+    # the redelivery runs as attempt 2 (its own attempt row) and the soft stop did not use up the budget
+    assert jobs.execute("noop", jid, {"tenant": "acme"}, "w1:1")["status"] == "succeeded"
+    assert [a.outcome for a in job(jid)[1]] == ["interrupted", "succeeded"]
 
 
 def test_idempotency_key_returns_the_first_job(ledger):
