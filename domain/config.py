@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     price_table: str = Field("", description="JSON object or path to a JSON file with prices; empty = built-in table.")
     max_review_bytes: int = Field(200_000, description="Largest code/diff a review accepts.")
     review_batch_size: int = Field(8, description="Review jobs a worker drains into one generation batch.")
+    review_batch_wait_ms: float = Field(20.0, description="How long the review batcher waits to fill a batch.")
+    max_resident_adapters: int = Field(8, ge=1, description="LoRA adapters kept loaded per review worker (LRU, evicted adapters are deleted).")
     allow_fault_injection: bool = Field(False, description="Lets noop jobs crash/exit on purpose (tests and benchmarks only).")
     log_json: bool = Field(False, description="Structured JSON logs.")
 
@@ -109,5 +111,11 @@ def get_settings() -> Settings:
 
 
 def reset_settings() -> None:
-    """Forget the cached settings (tests change the environment)."""
+    """Forget the cached settings, the capabilities' own included (tests change the environment)."""
     get_settings.cache_clear()
+    try:
+        from domain.retrieval.settings import reset_retrieval_settings
+
+        reset_retrieval_settings()
+    except ImportError:
+        pass
