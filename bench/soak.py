@@ -183,8 +183,7 @@ def main() -> None:
     finally:
         for fut in restarting.values():
             workers[object()] = fut.result()
-        for w in workers.values():
-            w.stop()
+        list(pool.map(lambda w: w.kill(), workers.values()))  # the run is over: no need for a warm stop
         pool.shutdown()
         dispose_all()
         with admin.connect() as c:

@@ -318,11 +318,11 @@ def _execute(kind: str, job_id: str, payload: Any, worker: str, settings: Settin
             outcome.usage.wall_seconds = time.perf_counter() - t0
         usage = costs.usage_row(outcome.usage, settings.prices())
     result = _jsonable(outcome.result)
-    owned = with_ledger(lambda: jobstore.finish_success(job_id, claim.attempt, worker, result, usage=usage,
-                                                        commit=outcome.commit), "finish", settings)
-    if not owned:
+    stored = with_ledger(lambda: jobstore.finish_success(job_id, claim.attempt, worker, result, usage=usage,
+                                                         commit=outcome.commit), "finish", settings)
+    if stored is None:
         return {"job_id": job_id, "status": "superseded", "skipped": "another attempt owns this job"}
-    return {"job_id": job_id, "status": "succeeded", "result": result}
+    return {"job_id": job_id, "status": "succeeded", "result": stored}
 
 
 def _observe_failure(ctx: JobContext, error: str) -> None:

@@ -234,9 +234,10 @@ def record_progress(job_id: str, fraction: float | None, info: dict, url: str | 
 
 
 def finish_success(job_id: str, attempt: int, worker: str, result: dict, *, usage: dict | None = None,
-                   commit: Callable[[Session], dict | None] | None = None, url: str | None = None) -> bool:
-    """Record success, usage cost and the handler's rows atomically. False if this attempt no longer owns
-    the job (another delivery took it over): then nothing is written."""
+                   commit: Callable[[Session], dict | None] | None = None, url: str | None = None) -> dict | None:
+    """Record success, usage cost and the handler's rows atomically; returns the result as stored (with what
+    ``commit`` added). None if this attempt no longer owns the job (another delivery took it over): then
+    nothing is written."""
     now = utcnow()
     fast = autocommit_engine(url, durable=True) if commit is None else None
     if fast is not None:  # PostgreSQL, nothing but the job's own rows: one durable statement
@@ -246,13 +247,14 @@ def finish_success(job_id: str, attempt: int, worker: str, result: dict, *, usag
             owned = conn.execute(_PG_FINISH, params).scalar()
         if not owned:
             log.warning("job %s: attempt %s lost ownership; result dropped", job_id, attempt)
-        return bool(owned)
+            return None
+        return result
     with session_scope(url) as s:  # durable: the broker message is acknowledged right after this commit
         owner = s.execute(select(Job.tenant_id, Job.kind).where(Job.id == job_id, Job.status == "running",
                                                                  Job.attempts == attempt).with_for_update()).first()
         if owner is None:
             log.warning("job %s: attempt %s lost ownership; result dropped", job_id, attempt)
-            return False
+            return None
         if commit is not None:
             extra = commit(s)
             if extra:
@@ -263,7 +265,7 @@ def finish_success(job_id: str, attempt: int, worker: str, result: dict, *, usag
         s.execute(update(Job).where(Job.id == job_id).values(status="succeeded", result=result, finished_at=now,
                                                              progress=1.0, error=None, error_code=None))
         _close_attempt(s, job_id, attempt, "succeeded", None, now)
-        return True
+        return result
 
 
 def finish_failure(job_id: str, attempt: int, error: str, code: str, *, final_status: str = "failed",

@@ -215,3 +215,18 @@ def test_finish_during_outage_records_nothing_until_the_ledger_returns(ledger, m
     assert jobs.execute("noop", jid, {"tenant": "acme", "cost_tokens": 7}, "w2:2")["status"] == "succeeded"
     j, attempts, costs = job(jid)
     assert j.status == "succeeded" and costs == 1 and [a.outcome for a in attempts] == ["lost", "succeeded"]
+
+
+def test_execute_returns_what_commit_added(ledger, monkeypatch):
+    from domain.ledger.models import HealthEvent
+
+    def handler(spec, ctx):
+        def commit(session):
+            session.add(HealthEvent(source="t", component="worker", event="made", status="ok"))
+            return {"made_id": "x1"}
+        return jobs.Outcome(result={"a": 1}, commit=commit)
+
+    monkeypatch.setattr(jobs, "load_handler", lambda kind: handler)
+    jid = uuid.uuid4().hex
+    out = jobs.execute("noop", jid, {"tenant": "acme"}, "w:1")
+    assert out["result"] == {"a": 1, "made_id": "x1"} and job(jid)[0].result == {"a": 1, "made_id": "x1"}
