@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager
 
 _job: contextvars.ContextVar[dict] = contextvars.ContextVar("foundry_job", default={})
@@ -41,9 +42,10 @@ class ContextFilter(logging.Filter):
         record.tenant = ctx.get("tenant", "-")
         if isinstance(record.msg, str) and "://" in record.msg:
             record.msg = mask_secrets(record.msg)
-        if record.args:
-            record.args = tuple(mask_secrets(a) if isinstance(a, str) else a for a in
-                                (record.args if isinstance(record.args, tuple) else (record.args,)))
+        if isinstance(record.args, Mapping):  # "%(name)s" style, as Celery logs: keep it a mapping
+            record.args = {k: mask_secrets(v) if isinstance(v, str) else v for k, v in record.args.items()}
+        elif isinstance(record.args, tuple):
+            record.args = tuple(mask_secrets(a) if isinstance(a, str) else a for a in record.args)
         return True
 
 

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,8 +74,16 @@ def load_tokenizer(ref: str):
     return tok
 
 
+_load_lock = threading.RLock()  # transformers' loading is not thread-safe (meta-tensor init, lazy imports)
+
+
 def load_causal_lm(ref: str, device: str = "auto", dtype: torch.dtype | None = None, quantization_config=None) -> LoadedModel:
-    """Load a causal LM and its tokenizer from a Hugging Face id or a local path."""
+    """Load a causal LM and its tokenizer from a Hugging Face id or a local path (one load at a time per process)."""
+    with _load_lock:
+        return _load_causal_lm(ref, device, dtype, quantization_config)
+
+
+def _load_causal_lm(ref: str, device: str, dtype: torch.dtype | None, quantization_config) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     dev = resolve_device(device)

@@ -46,6 +46,8 @@ def broker_settings(settings: Settings) -> tuple[str, dict, str]:
         "sep": ":",
         "unacked_restore_interval": settings.restore_interval_s,
         "unacked_restore_throttle": 1,
+        # the restore lock of a SIGKILLed worker must not block redelivery for kombu's default 5 minutes
+        "unacked_mutex_expire": max(5, settings.restore_interval_s * 3),
         "socket_timeout": 30,
         "socket_connect_timeout": 5,
         "health_check_interval": 25,

@@ -23,7 +23,7 @@ def services(compose):
 
 
 def test_all_services_present(services):
-    assert {"redis", "postgres", "migrate", "worker-review", "worker-gpu", "worker-cpu", "beat", "flower"} <= set(services)
+    assert {"redis", "postgres", "migrate", "worker-review", "worker-gpu", "worker-cpu", "beat", "flower", "metrics"} <= set(services)
 
 
 def test_every_service_has_an_image_or_build(services):
@@ -90,7 +90,7 @@ def test_foundry_environment_names_real_settings(services):
     fields = {f"FOUNDRY_{name.upper()}" for name in Settings.model_fields}
     for name, svc in services.items():
         for key in (svc.get("environment") or {}):
-            if key.startswith("FOUNDRY_"):
+            if key.startswith("FOUNDRY_") and not key.startswith("FOUNDRY_METRICS_"):
                 assert key in fields, f"{name}: {key} is not a Foundry setting"
 
 
@@ -98,3 +98,14 @@ def test_workers_use_json_redis_and_postgres(services):
     env = services["worker-gpu"]["environment"]
     assert env["FOUNDRY_BROKER_URL"].startswith("redis://redis:")
     assert env["FOUNDRY_DATABASE_URL"].startswith("postgresql+psycopg://")
+
+
+def test_metrics_service_requires_auth_from_the_environment(services):
+    m = services["metrics"]
+    assert m["command"][:3] == ["foundry", "metrics", "serve"]
+    assert m["environment"]["FOUNDRY_METRICS_PASSWORD"].startswith("${FOUNDRY_METRICS_PASSWORD:?")
+
+
+def test_http_surfaces_are_not_published_beyond_loopback(services):
+    for name in ("flower", "metrics"):
+        assert all(p.startswith("127.0.0.1:") for p in services[name]["ports"]), name

@@ -126,8 +126,6 @@ def test_missing_artifact_file_and_unsafe_path(ledger):
     assert not ok and why.startswith("unsafe path")
 
 
-@pytest.mark.xfail(strict=True, reason="jobstore.finish_failure('interrupted') decrements jobs.attempts, so the next "
-                   "claim reuses the attempt number and hits uq_job_attempts (IntegrityError); reported to the lead")
 def test_soft_stopped_job_redelivered_keeps_the_ledger_consistent(ledger):
     jid = uuid.uuid4().hex
     jobs.stop_requested.set()

@@ -38,3 +38,10 @@ def test_text_lines_carry_job_outside_a_job_too():
     assert "job=- tenant=-" in lines[0] and "job=j2 tenant=beta" in lines[1]
     assert isinstance(logger.handlers[0].filters[0], ContextFilter)
     assert not isinstance(logger.handlers[0].formatter, JsonFormatter)
+
+
+def test_mapping_style_arguments_still_format():
+    """Celery logs 'Task %(name)s[%(id)s] received' with a dict of arguments."""
+    logger, stream = _logger(False)
+    logger.info("Task %(name)s[%(id)s] received", {"name": "foundry.noop", "id": "abc"})
+    assert "Task foundry.noop[abc] received" in stream.getvalue()
