@@ -131,6 +131,16 @@ def accepted_review_documents(tenant: str) -> list[dict]:
 _written: dict[str, Snapshot] = {}
 
 
+def _latest_recorded_version(tenant: str) -> int | None:
+    from sqlalchemy import func
+
+    from domain.ledger.db import session_scope
+
+    with session_scope() as s:
+        return s.scalar(select(func.max(Artifact.version)).where(Artifact.kind == "index_snapshot",
+                                                                 Artifact.tenant_id == tenant))
+
+
 def _writer_base(tenant: str, action: str, ctx):
     """The snapshot to build on: the current one (a private copy: the writer mutates it)."""
     try:
@@ -141,6 +151,16 @@ def _writer_base(tenant: str, action: str, ctx):
         err = None
         if version is None:
             return None
+        recorded = _latest_recorded_version(tenant)
+        if recorded is None or version > recorded:
+            # CURRENT was switched by a job whose ledger commit never landed (killed in between): that version is
+            # not part of the record, so build on the last recorded one and let this job record a new version.
+            ctx.health("index", "unrecorded_version", "degraded",
+                       f"index/{tenant}/CURRENT points at v{version}, which the ledger does not record; "
+                       f"building on {'v' + str(recorded) if recorded else 'an empty index'}", version=version)
+            if recorded is None:
+                return None
+            version = recorded
         mine = _written.pop(tenant, None)
         if mine is not None and mine.version == version:
             try:

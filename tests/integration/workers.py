@@ -8,10 +8,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -83,6 +85,17 @@ class WorkerProcess:
             pass
 
 
+_STARTED: list["WorkerProcess"] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """No test leaves a worker behind, even when it fails before stopping its own."""
+    for w in _STARTED:
+        if w.alive():
+            w.kill()
+
+
 def _die_with_parent() -> None:
     """In the child: get SIGKILL when the test process dies, so a killed pytest leaves no worker behind."""
     try:
@@ -104,9 +117,12 @@ def start_worker(env: dict, queues=("control",), pool: str = "solo", concurrency
            "--without-heartbeat", "-l", loglevel]
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
+        # PR_SET_PDEATHSIG follows the spawning *thread*: only the main thread's exit should take the worker down.
+        on_main = threading.current_thread() is threading.main_thread()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=_die_with_parent if on_main else None)
     w = WorkerProcess(proc, log, name)
+    _STARTED.append(w)
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if " ready." in w.output() or (loglevel != "INFO" and _pinged(env, name)):

@@ -225,3 +225,42 @@ def test_cli_add_search_remove_stats(index_env, tmp_path, capsys):
     assert stats["current_version"] == 2 and stats["documents"] == 1 and stats["chunks"] == 3
     assert [a["status"] for a in stats["artifacts"]] == ["active", "superseded"] and stats["writer"] is None
     assert main(["index", "rebuild", "--tenant", "acme", "--inline"]) == 0
+
+
+def test_a_version_switched_without_its_ledger_commit_is_not_built_on(sqlite_ledger, monkeypatch):
+    """A worker killed between switching CURRENT and committing: the redelivered job must still record a version."""
+    import uuid as _uuid
+
+    from domain import jobs as _jobs
+    from domain.ledger.db import session_scope as _scope
+    from domain.ledger.models import Artifact as _Artifact
+    from domain.retrieval import service as _service
+    from tests.conftest import add_tenant as _add
+
+    monkeypatch.setenv("FOUNDRY_EMBEDDING_MODEL", "hashing:32")
+    from domain.config import reset_settings as _reset
+
+    _reset()
+    _jobs._known_tenants.clear()
+    _add(sqlite_ledger, "acme")
+    body = {"tenant": "acme", "documents": [{"id": "d1", "text": "def f():\n    return 1\n", "language": "python"}]}
+    jid = _uuid.uuid4().hex
+    real = _service.switch_current
+
+    def switch_then_die(tenant, version):
+        real(tenant, version)
+        raise KeyboardInterrupt("killed between the switch and the ledger commit")
+
+    monkeypatch.setattr(_service, "switch_current", switch_then_die)
+    try:
+        _jobs.execute("index", jid, body, "w1:1")
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(_service, "switch_current", real)
+    monkeypatch.setenv("FOUNDRY_STALE_AFTER_S", "0")
+    _reset()
+    out = _jobs.execute("index", jid, body, "w2:2")
+    assert out["status"] == "succeeded" and out["result"]["changed"], out
+    with _scope() as s:
+        arts = list(s.scalars(select(_Artifact).where(_Artifact.kind == "index_snapshot")))
+    assert len(arts) == 1 and arts[0].created_by_job_id == jid
