@@ -107,19 +107,9 @@ def _submit(args, body: dict) -> int:
         out = execute("index", job_id, payload, "cli:inline")
         print(dump(out))
         return 0 if out["status"] == "succeeded" else 1
-    from worker.client import enqueue, wait
+    from worker.cli.jobs import enqueue_and_report
 
-    try:
-        job_id = enqueue("index", body, created_by="cli")
-    except InvalidJob as exc:
-        console.print(f"[red]rejected[/red] ({exc.field}): {exc}")
-        return 2
-    console.print(job_id)
-    if args.wait:
-        status = wait(job_id, timeout=args.timeout)
-        print(dump(status))
-        return 0 if status["status"] == "succeeded" else 1
-    return 0
+    return enqueue_and_report("index", body, wait_for=args.wait, timeout=args.timeout)
 
 
 def cmd_add(args) -> int:

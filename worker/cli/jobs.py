@@ -167,17 +167,22 @@ def build_body(args) -> dict:
 
 
 def cmd_enqueue(args) -> int:
+    return enqueue_and_report(args.kind, build_body(args), wait_for=args.wait, timeout=args.timeout)
+
+
+def enqueue_and_report(kind: str, body: dict, *, wait_for: bool, timeout: float) -> int:
+    """Enqueue from the CLI: print the job id (and the final status with --wait); 2 if the job is rejected."""
     from domain.errors import InvalidJob
     from worker.client import enqueue, wait
 
     try:
-        job_id = enqueue(args.kind, build_body(args), created_by="cli")
+        job_id = enqueue(kind, body, created_by="cli")
     except InvalidJob as exc:
         console.print(f"[red]rejected[/red] ({exc.field}): {exc}")
         return 2
     console.print(job_id)
-    if args.wait:
-        status = wait(job_id, timeout=args.timeout)
+    if wait_for:
+        status = wait(job_id, timeout=timeout)
         print(dump(status))
         return 0 if status["status"] == "succeeded" else 1
     return 0
