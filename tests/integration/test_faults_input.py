@@ -21,7 +21,7 @@ from domain.ledger.models import HealthEvent, Job, JobAttempt, Review, UsageCost
 from domain.specs import SPECS
 from tests.conftest import add_tenant
 from tests.integration.test_faults_kit import fault_summary, record, tally, wait_final  # noqa: F401
-from tests.integration.workers import apply_env, running_worker, worker_env
+from tests.integration.workers import running_worker
 
 KINDS = sorted(SPECS)
 VALID = {
@@ -109,15 +109,6 @@ def test_hypothesis_malformed_bodies_are_rejected_once_naming_the_field(kind, sq
 
 
 # ---- through a real worker ---------------------------------------------------------------------------
-
-@pytest.fixture
-def env(redis_url, pg_ledger, tmp_path, monkeypatch):
-    e = worker_env(redis_url, pg_ledger, tmp_path)
-    apply_env(monkeypatch, e)
-    jobs._known_tenants.clear()
-    add_tenant(pg_ledger, "acme")
-    return e
-
 
 class _Touch:
     """Unpickling this creates a file: the proof that a worker deserialized pickle."""

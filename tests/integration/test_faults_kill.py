@@ -20,7 +20,7 @@ from domain.ledger.models import AdapterVersion, Artifact, Job, JobAttempt, Revi
 from domain.models import save_tiny_model
 from tests.conftest import add_tenant
 from tests.integration.test_faults_kit import fault_summary, record, tally, wait_final  # noqa: F401
-from tests.integration.workers import apply_env, running_worker, start_worker, worker_env
+from tests.integration.workers import apply_env, start_worker, worker_env
 
 pytestmark = pytest.mark.integration
 

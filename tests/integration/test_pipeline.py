@@ -13,21 +13,9 @@ from sqlalchemy import func, select
 
 from domain.ledger.db import session_scope
 from domain.ledger.models import HealthEvent, Job, JobAttempt, UsageCost
-from tests.conftest import add_tenant
-from tests.integration.workers import apply_env, running_worker, start_worker, worker_env
+from tests.integration.workers import running_worker, start_worker
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def env(redis_url, pg_ledger, tmp_path, monkeypatch):
-    e = worker_env(redis_url, pg_ledger, tmp_path)
-    apply_env(monkeypatch, e)
-    from domain import jobs
-
-    jobs._known_tenants.clear()
-    add_tenant(pg_ledger, "acme")
-    return e
 
 
 def row(job_id):

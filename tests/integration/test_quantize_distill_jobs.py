@@ -10,21 +10,9 @@ from sqlalchemy import select
 from domain.ledger.db import session_scope
 from domain.ledger.models import Artifact, Checkpoint, Job, JobAttempt, UsageCost
 from domain.models import save_tiny_model
-from tests.conftest import add_tenant
-from tests.integration.workers import apply_env, running_worker, start_worker, worker_env
+from tests.integration.workers import running_worker, start_worker
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def env(redis_url, pg_ledger, tmp_path, monkeypatch):
-    e = worker_env(redis_url, pg_ledger, tmp_path)
-    apply_env(monkeypatch, e)
-    from domain import jobs
-
-    jobs._known_tenants.clear()
-    add_tenant(pg_ledger, "acme")
-    return e
 
 
 def test_quantize_job_through_a_worker_records_a_servable_artifact(env, tiny_model_dir):
