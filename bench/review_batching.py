@@ -3,7 +3,9 @@
 32 review requests (real code: functions from the Python standard library) over 4 different rank-16
 LoRA adapters on the embedded SmolLM2-135M-Instruct. Both paths use the same resident PeftModel, the
 same prompts (chat template, ``fit_prompt``), greedy decoding and the same fixed ``max_new_tokens``:
-- naive: one request at a time, ``set_adapter`` then ``generate``;
+- naive: one request at a time, ``set_adapter`` then ``generate`` (run on the runtime's model thread through
+  ``Batcher.call``, so both paths use the same thread and OpenMP team: a second thread doing model work
+  slows both);
 - Foundry: N job threads (as the Celery threads pool runs them) submit to the runtime's batcher, which
   runs up to N waiting requests as one batch with ``adapter_names=[...]`` per row: each prompt
   prefilled alone (the shared system prompt's keys/values reused per adapter), then all rows decoded
@@ -83,6 +85,11 @@ def setup(ref: str, device: str, batch_size: int, wait_ms: float, n_adapters: in
 
 
 def naive(rt: Runtime, reqs: list[tuple[list[int], AdapterHandle]], max_new: int) -> tuple[float, list[list[int]]]:
+    # on the runtime's model thread, like the batched path: both measured with the same OpenMP team
+    return rt.batcher.call(lambda: _naive(rt, reqs, max_new)).result()
+
+
+def _naive(rt: Runtime, reqs: list[tuple[list[int], AdapterHandle]], max_new: int) -> tuple[float, list[list[int]]]:
     outs = []
     t0 = time.perf_counter()
     for ids, h in reqs:
@@ -153,6 +160,8 @@ def main() -> None:
             row = {"naive_s": t_naive, "batched_s": t_batch, "naive_rps": len(reqs) / t_naive,
                    "batched_rps": len(reqs) / t_batch, "ratio": t_naive / t_batch, "identical_rows": same,
                    "batch_sizes": sizes, "completion_tokens": sum(map(len, out_batch))}
+            row["timings"] = {k: round(v, 3) for k, v in rt.timings.items()}
+            rt.timings.clear()
             rounds.append(row)
             print(f"round {r + 1}: naive {row['naive_rps']:.2f} req/s ({t_naive:.1f} s), batched {row['batched_rps']:.2f} "
                   f"req/s ({t_batch:.1f} s), ratio {row['ratio']:.2f}, identical rows {same}/{len(reqs)}, "

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     retry_backoff_s: float = Field(2.0, description="Base of the exponential backoff for transient errors.")
     retry_backoff_max_s: float = Field(300.0, description="Cap of that backoff.")
 
+    checkpoint_keep: int = Field(2, ge=1, description="Checkpoints of a running retrain/distill job kept on disk (older ones are pruned).")
+    checkpoint_retention_days: float = Field(7.0, description="Days a failed or dead job keeps its checkpoints (for `foundry dlq retry`); a succeeded job's are removed at once.")
+
     beat_tick_s: float = Field(60.0, description="How often beat asks a worker to evaluate the retrain schedules.")
     price_table: str = Field("", description="JSON object or path to a JSON file with prices; empty = built-in table.")
     max_review_bytes: int = Field(200_000, description="Largest code/diff a review accepts.")

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 
-from domain import costs, heldout
+from domain import checkpoints, costs, heldout
 from domain.errors import InvalidJob, JobFailed
 from domain.jobs import JobContext, Outcome
 from domain.ledger.models import new_id
@@ -44,7 +44,6 @@ from domain.quantization import REPORT_FILE, add_artifact, data_file, eval_block
 from domain.specs import DistillSpec
 
 DIVERGENCE_FACTOR = 10.0
-KEEP_CHECKPOINTS = 2
 STUDENT_FILE = "student.safetensors"
 STATE_FILE = "trainer_state.pt"
 
@@ -229,8 +228,7 @@ def save_checkpoint(ctx: JobContext, root: Path, step: int, student, optimizer, 
     publish_dir(tmp, final)
     ctx.record_checkpoint(step, str(final.relative_to(data_root())), tree_digest(final), size_bytes=tree_size(final),
                           metrics={k: v for k, v in extra.items() if isinstance(v, (int, float))}, reason=reason)
-    for old in sorted(root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
+    checkpoints.prune_job(ctx.job_id, keep=ctx.settings.checkpoint_keep)
 
 
 def load_checkpoint(ctx: JobContext, student, optimizer, scheduler) -> dict | None:
@@ -378,7 +376,6 @@ def handle_distill(spec: DistillSpec, ctx: JobContext) -> Outcome:
     def commit(session) -> None:
         add_artifact(session, artifact_id, kind="distilled_model", tenant=spec.tenant, name=name, path=rel,
                      sha256=digest, size_bytes=size, lineage=lineage, report=report, job_id=ctx.job_id)
-        shutil.rmtree(ckpt_root, ignore_errors=True)  # the artifact supersedes the training checkpoints
 
     wall = time.perf_counter() - t0
     usage = costs.Usage(prompt_tokens=trained_tokens + 2 * int(evals.numel()), wall_seconds=wall,

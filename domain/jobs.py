@@ -23,7 +23,7 @@ from typing import Any, Callable
 from sqlalchemy import desc, select
 from sqlalchemy.orm import Session
 
-from domain import costs, health, logs
+from domain import checkpoints, costs, health, logs
 from domain.config import Settings, get_settings
 from domain.errors import InvalidJob, JobFailed, JobTimeout, TransientError
 from domain.ledger import jobstore
@@ -143,7 +143,7 @@ class JobContext:
 
     def latest_checkpoint(self) -> Checkpoint | None:
         with session_scope() as s:
-            return s.scalar(select(Checkpoint).where(Checkpoint.job_id == self.job_id)
+            return s.scalar(select(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.pruned_at.is_(None))
                             .order_by(desc(Checkpoint.step), desc(Checkpoint.id)).limit(1))
 
     def health(self, component: str, event: str, status: str, message: str, **detail: Any) -> None:
@@ -322,6 +322,7 @@ def _execute(kind: str, job_id: str, payload: Any, worker: str, settings: Settin
                                                          commit=outcome.commit), "finish", settings)
     if stored is None:
         return {"job_id": job_id, "status": "superseded", "skipped": "another attempt owns this job"}
+    checkpoints.after_success(kind, job_id)
     return {"job_id": job_id, "status": "succeeded", "result": stored}
 
 

@@ -20,7 +20,7 @@ from datetime import datetime
 
 import torch
 
-from domain import costs
+from domain import checkpoints, costs
 from domain.adapters import data as fbdata
 from domain.adapters import gate, store, training
 from domain.ledger.db import session_scope
@@ -209,6 +209,7 @@ class _JobHooks:
         size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
         self.ctx.record_checkpoint(step, rel, sha256_tree(folder), size_bytes=size,
                                    metrics={**self.meta, "loss": self.last_loss}, reason=reason)
+        checkpoints.prune_job(self.ctx.job_id, keep=self.ctx.settings.checkpoint_keep)
 
     def as_hooks(self) -> training.Hooks:
         return training.Hooks(progress=self.progress, checkpoint=self.checkpoint,

@@ -22,6 +22,7 @@ from typing import Callable
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from domain import checkpoints
 from domain.adapters import cron as cronlib
 from domain.adapters.data import aware, count_new_feedback
 from domain.adapters.store import latest_version
@@ -148,6 +149,10 @@ def tick(now: datetime, enqueue: Enqueue, holder: str, *, lease_ttl_s: float = 1
             report.append(outcome)
         if outcome.get("job_id") and outcome["action"] == "enqueued":
             enqueued.append(outcome["job_id"])
+    try:  # the same tick (one holder at a time) sweeps checkpoints that finished jobs no longer need
+        checkpoints.prune_finished(now, url=url)
+    except Exception as exc:  # noqa: BLE001 - housekeeping must not stop the schedules
+        log.warning("checkpoint sweep failed: %s", exc)
     return enqueued
 
 

@@ -253,7 +253,9 @@ class Checkpoint(Base):
     metrics: Mapped[dict] = mapped_column(default=dict)
     reason: Mapped[str] = mapped_column(String(16), default="interval")  # interval | soft_stop | final
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    __table_args__ = (Index("ix_checkpoints_job_step", "job_id", "step"),)
+    pruned_at: Mapped[datetime | None] = mapped_column(default=None)  # files removed (domain/checkpoints.py)
+    __table_args__ = (Index("ix_checkpoints_job_step", "job_id", "step"),
+                      Index("ix_checkpoints_unpruned", "pruned_at", "job_id"))
 
 
 class HealthEvent(Base):

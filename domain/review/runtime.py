@@ -17,6 +17,7 @@ needed; tokenizer calls from job threads go through ``tokenizer_lock``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import json
@@ -241,6 +242,11 @@ class Runtime:
     def _prefill_then_decode(self, prompts, slots, max_new_tokens, prefix_lens) -> list[list[int]] | None:
         from transformers.cache_utils import DynamicCache, DynamicLayer
 
+        from peft import PeftModel
+
+        from domain.review.kvcache import PreallocatedLayer
+        from domain.review.mixed_lora import MixedLoRA
+
         names = [s or BASE for s in slots]
         caches, outs = [], []
         t_prefill = time.perf_counter()
@@ -265,6 +271,8 @@ class Runtime:
             layer.values = torch.cat([torch.nn.functional.pad(c.layers[li].values, (0, 0, width - n, 0))
                                       for c, n in zip(caches, lens)])
         del caches
+        room = max(1, max(max_new_tokens))
+        cache.layers = [PreallocatedLayer.wrap(layer, room) for layer in cache.layers]
         mask = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
         for i, n in enumerate(lens):
             mask[i, width - n:] = 1
@@ -278,22 +286,29 @@ class Runtime:
             cache.batch_select_indices(keep)
             mask = mask[keep]
         step = 0
-        while active:
-            step += 1
-            tokens = torch.tensor([[outs[i][-1]] for i in active], dtype=torch.long, device=self.device)
-            positions = torch.tensor([[lens[i] + step - 1] for i in active], dtype=torch.long, device=self.device)
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                             use_cache=True, logits_to_keep=1, **self._adapter_kwargs([names[i] for i in active]))
-            cache = out.past_key_values
-            for i, tok in zip(active, out.logits[:, -1].argmax(-1).tolist()):
-                outs[i].append(int(tok))
-            still = [j for j, i in enumerate(active) if not done(i)]
-            if len(still) < len(active):
-                keep = torch.tensor(still, dtype=torch.long, device=self.device)
-                cache.batch_select_indices(keep)
-                mask = mask[keep]
-                active = [active[j] for j in still]
+        mixed = MixedLoRA(self.model) if isinstance(self.model, PeftModel) and active else None
+        fast = mixed is not None and mixed.supported([names[i] for i in active])
+        self.stats["fused_lora_batches" if fast else "peft_lora_batches"] += 1
+        with mixed.rows([names[i] for i in active]) if fast else contextlib.nullcontext() as rows:
+            while active:
+                step += 1
+                tokens = torch.tensor([[outs[i][-1]] for i in active], dtype=torch.long, device=self.device)
+                positions = torch.tensor([[lens[i] + step - 1] for i in active], dtype=torch.long, device=self.device)
+                mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+                adapters = {} if fast else self._adapter_kwargs([names[i] for i in active])
+                out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                 use_cache=True, logits_to_keep=1, **adapters)
+                cache = out.past_key_values
+                for i, tok in zip(active, out.logits[:, -1].argmax(-1).tolist()):
+                    outs[i].append(int(tok))
+                still = [j for j, i in enumerate(active) if not done(i)]
+                if len(still) < len(active):
+                    keep = torch.tensor(still, dtype=torch.long, device=self.device)
+                    cache.batch_select_indices(keep)
+                    mask = mask[keep]
+                    active = [active[j] for j in still]
+                    if rows is not None:
+                        rows.select(keep)
         self.timings["prefill_s"] += t_decode - t_prefill
         self.timings["decode_s"] += time.perf_counter() - t_decode
         self.timings["decode_steps"] += step

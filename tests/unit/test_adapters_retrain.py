@@ -14,6 +14,7 @@ from domain.ledger.db import session_scope
 from domain.ledger.models import (
     AdapterLineage, AdapterVersion, AliasHistory, Checkpoint, HealthEvent, Job, UsageCost, new_id,
 )
+from domain.paths import data_root
 from tests.conftest import add_tenant
 
 BODY = {"max_steps": 12, "learning_rate": 5e-3, "max_seq_len": 384, "batch_size": 2, "lora_r": 4,
@@ -178,6 +179,11 @@ def test_killed_worker_then_redelivery_resumes_to_the_same_adapter(ledger, monke
     assert r["eval_loss"] == pytest.approx(whole["eval_loss"], rel=1e-6)
     assert r["artifact_sha256"] == whole["artifact_sha256"]  # bit-identical adapter weights
     assert len(versions("acme")) == 1
+    # the adapter version supersedes the checkpoints: files gone, ledger rows kept and marked
+    with session_scope() as s:
+        ckpts = list(s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)))
+    assert {c.step for c in ckpts} >= {5, 10} and all(c.pruned_at is not None for c in ckpts)
+    assert not (data_root() / "checkpoints" / "retrain" / job_id).exists()
 
 
 def test_soft_stop_then_redelivery_resumes_to_the_same_adapter(ledger, monkeypatch):

@@ -21,7 +21,7 @@ from domain.specs import parse_spec
 from domain.ledger.db import session_scope
 from domain.ledger.models import Artifact, Checkpoint, Job
 from domain.models import save_tiny_model, tiny_model
-from domain.paths import data_root
+from domain.paths import data_root, resolve_in_data_root
 from tests.conftest import add_tenant
 
 SMALL = {"batch_size": 2, "seq_len": 32, "eval_max_tokens": 128, "learning_rate": 3e-3}
@@ -173,6 +173,9 @@ def test_a_job_redelivered_after_its_worker_died_resumes_and_matches_an_uninterr
     assert resumed["status"] == "succeeded", resumed
     assert resumed["result"]["report"]["resumed_from_step"] == 3 and calls["n"] == 5 + 7
     _assert_same_student(straight["result"], resumed["result"])
+    with session_scope() as s:  # the artifact supersedes the checkpoints: files gone, rows kept and marked
+        ckpts = list(s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)))
+    assert ckpts and all(c.pruned_at is not None and not resolve_in_data_root(c.path).exists() for c in ckpts)
 
 
 def test_a_soft_stop_checkpoints_then_the_job_resumes_from_it(tenant, teacher_dir, monkeypatch):

@@ -54,8 +54,9 @@ def test_mixed_adapter_batch_rows_equal_solo_runs(lively):
     with torch.inference_mode():  # the same request through plain HF generate, alone
         hf_alone = [rt._generate_padded([p], [s], [m])[0] for p, s, m in zip(prompts, slots, limits)]
 
-    assert batched == solo == hf_alone
+    assert batched == solo == hf_alone  # hf_alone: PEFT's own adapter_names path, not the fused one
     assert rt.stats["padded_batches"] == 0  # the prefill-then-decode path ran, not the fallback
+    assert rt.stats["fused_lora_batches"] >= 1 and rt.stats["peft_lora_batches"] == 0
 
     # a shared prefix (the system prompt) computed once per adapter and reused gives the same tokens
     prefix = encode(rt, "<|im_start|>system\nYou review code.<|im_end|>\n")
@@ -70,6 +71,24 @@ def test_mixed_adapter_batch_rows_equal_solo_runs(lively):
     same_prompt = encode(rt, PROMPTS[0])
     outs = rt.generate([same_prompt] * 4, [None, *(rt.slots[v] for v in ("v1", "v2", "v3"))], [10] * 4)
     assert len({tuple(o) for o in outs}) == 4
+
+
+def test_fused_decoding_mixes_ranks_and_falls_back_to_peft_when_unsupported(lively, monkeypatch):
+    from domain.review import mixed_lora
+
+    base, adapters = lively
+    rt = new_runtime(base, max_adapters=4)
+    names = ["wide", "v1", None, "v2"]  # rank 8 beside the others: zero-padded to one stack
+    prompts = [encode(rt, PROMPTS[i]) for i in range(len(names))]
+    slots = [rt.ensure_adapter(handle(adapters, n), set(filter(None, names))) if n else None for n in names]
+    fused = rt.generate(prompts, slots, [10] * 4)
+    assert rt.stats["fused_lora_batches"] == 1
+    monkeypatch.setattr(mixed_lora.MixedLoRA, "supported", lambda self, names: False)
+    peft = rt.generate(prompts, slots, [10] * 4)
+    assert rt.stats["peft_lora_batches"] == 1
+    assert fused == peft
+    layers = mixed_lora.MixedLoRA(rt.model).layers
+    assert layers and all("forward" not in vars(layer) for layer in layers)  # patches are removed after a batch
 
 
 def test_lru_bound_hotswap_and_delete_free_slots(lively):
@@ -136,6 +155,27 @@ def test_batcher_forms_one_batch_from_concurrent_threads(lively):
         assert results[i].completion_tokens == len(alone) and results[i].prompt_tokens == len(prompts[i])
         assert results[i].batch_size == 4 and results[i].batch_adapters == 4
         assert results[i].gpu_seconds == 0.0  # CPU: no GPU time is charged
+
+
+def test_other_model_work_runs_on_the_batcher_thread_between_batches(lively):
+    base, adapters = lively
+    rt = new_runtime(base, max_adapters=2, batch_size=2, batch_wait_s=0.3)
+    prompt = encode(rt, PROMPTS[0])
+    first = rt.batcher.submit(GenerationRequest(prompt, 5, handle(adapters, "v1")))
+    where = rt.batcher.call(lambda: (threading.current_thread().name, len(rt.batcher.batch_sizes)))
+    second = rt.batcher.submit(GenerationRequest(prompt, 5, None))
+
+    def boom():
+        raise ValueError("bad call")
+
+    failed = rt.batcher.call(boom)
+    assert where.result(timeout=60)[0] == "foundry-review-batcher"
+    with pytest.raises(ValueError, match="bad call"):
+        failed.result(timeout=60)
+    assert first.result(timeout=60).completion_tokens == 5 and second.result(timeout=60).completion_tokens == 5
+    assert rt.batcher.batch_sizes == [2]  # the call waited for the batch being formed; it did not split it
+    assert where.result()[1] == 1
+    rt.batcher.stop()
 
 
 def test_batch_holds_at_most_max_adapters_and_bad_adapter_fails_alone(lively):

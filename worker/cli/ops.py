@@ -46,6 +46,12 @@ def register(sub) -> None:
     p.add_argument("--no-files", action="store_true", help="skip hashing artifact files")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ledger_check)
+    p = lsub.add_parser("prune-checkpoints", help="remove checkpoint files of succeeded jobs, and of failed/dead "
+                        "jobs past FOUNDRY_CHECKPOINT_RETENTION_DAYS (ledger rows stay, marked pruned)")
+    p.add_argument("--retention-days", type=float, help="override FOUNDRY_CHECKPOINT_RETENTION_DAYS")
+    p.add_argument("--dry-run", action="store_true", help="say what would be removed")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_prune_checkpoints)
 
     metrics = sub.add_parser("metrics", help="Prometheus metrics")
     msub = metrics.add_subparsers(dest="metrics_command", metavar="ACTION", required=True)
@@ -62,6 +68,19 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_canary)
+
+
+def cmd_prune_checkpoints(args) -> int:
+    from domain import checkpoints
+
+    report = checkpoints.prune_finished(retention_days=args.retention_days, dry_run=args.dry_run).as_dict()
+    if args.json:
+        print(dump({**report, "dry_run": args.dry_run}))
+    else:
+        verb = "would remove" if args.dry_run else "removed"
+        console.print(f"{verb} {report['checkpoints']} checkpoints of {report['jobs']} jobs "
+                      f"({report['bytes_freed'] / 1e6:.1f} MB)")
+    return 0
 
 
 def cmd_dlq_list(args) -> int:
