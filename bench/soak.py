@@ -35,6 +35,8 @@ FLAVOURS = {  # name: (queues, pool, concurrency) — as deployed: reviews batch
     "retrain": (["retrain"], "solo", 1),
     "index": (["index", "control"], "solo", 1),
 }
+# --quick: one worker process for every queue (three start-ups of torch on 2 cores take longer than the load)
+QUICK_FLAVOURS = {"all": (["review", "retrain", "index", "control"], "threads", 4)}
 CODE = ["def add(a, b):\n    return a - b\n", "for i in range(10):\n    print(i)\n",
         "class Stack:\n    def pop(self):\n        return self.items.pop(0)\n"]
 
@@ -56,7 +58,7 @@ def body(kind: str, i: int) -> dict:
 
 
 def launch(env: dict, flavour: str):
-    queues, pool, conc = FLAVOURS[flavour]
+    queues, pool, conc = {**FLAVOURS, **QUICK_FLAVOURS}[flavour]
     return start_worker(env, queues, pool, conc, f"{flavour}-{uuid.uuid4().hex[:4]}@%h")
 
 
@@ -98,10 +100,12 @@ def main() -> None:
     ap.add_argument("--redis", default=os.environ.get("FOUNDRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/12"))
     ap.add_argument("--pg-admin", default=os.environ.get("FOUNDRY_TEST_DATABASE_URL",
                                                          "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"))
-    ap.add_argument("--quick", action="store_true", help="15 s of load with a kill or two (about a minute)")
+    ap.add_argument("--quick", action="store_true", help="12 s of load on one worker for every queue, killed once or twice "
+                    "(under a minute)")
     args = ap.parse_args()
+    flavours = QUICK_FLAVOURS if args.quick else FLAVOURS
     if args.quick:
-        args.seconds, args.kill_every = 15, 7
+        args.seconds, args.kill_every = 12, 6
     random.seed(args.seed)
 
     import redis
@@ -137,7 +141,7 @@ def main() -> None:
     ids: list[str] = []
     try:
         t_start = time.monotonic()
-        starting = {f: pool.submit(launch, env, f) for f in FLAVOURS}  # in parallel
+        starting = {f: pool.submit(launch, env, f) for f in flavours}  # in parallel
         workers.update({f: fut.result() for f, fut in starting.items()})
         print(f"workers ready in {time.monotonic() - t_start:.1f}s", flush=True)
         t0 = time.monotonic()
@@ -172,7 +176,7 @@ def main() -> None:
                 restarting[flavour] = pool.submit(launch, env, flavour)  # the load goes on meanwhile
                 next_kill = time.monotonic() + random.expovariate(1 / args.kill_every)
         load_s = time.monotonic() - t0
-        deadline = time.monotonic() + max(90, args.seconds)
+        deadline = time.monotonic() + max(30 if args.quick else 90, args.seconds)
         while time.monotonic() < deadline:  # drain: everything enqueued must finish
             result = tally(ids)
             if not result["lost"]:
@@ -191,7 +195,7 @@ def main() -> None:
     succeeded = result["statuses"].get("succeeded", 0)
     summary = {
         "settings": {"seconds": args.seconds, "kill_every": args.kill_every, "max_in_flight": args.max_in_flight,
-                     "workers": {k: list(v) for k, v in FLAVOURS.items()}, "model": "tiny random Llama (CPU)"},
+                     "workers": {k: list(v) for k, v in flavours.items()}, "model": "tiny random Llama (CPU)"},
         "jobs": len(ids), "statuses": result["statuses"], "kills": kills, "restore_mutex_released": mutexes,
         "load_seconds": round(load_s, 1), "total_seconds": round(total_s, 1),
         "throughput_jobs_per_s": round(succeeded / total_s, 2),

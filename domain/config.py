@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     checkpoint_keep: int = Field(2, ge=1, description="Checkpoints of a running retrain/distill job kept on disk (older ones are pruned).")
     checkpoint_retention_days: float = Field(7.0, description="Days a failed or dead job keeps its checkpoints (for `foundry dlq retry`); a succeeded job's are removed at once.")
 
+    stranded_after_s: float = Field(120.0, description="A queued job quiet this long whose message the Redis broker no longer holds (lost in a worker crash) is sent again by beat's sweep.")
+    stranded_sweep_s: float = Field(60.0, description="How often beat runs that sweep (0 = never).")
     beat_tick_s: float = Field(60.0, description="How often beat asks a worker to evaluate the retrain schedules.")
     price_table: str = Field("", description="JSON object or path to a JSON file with prices; empty = built-in table.")
     max_review_bytes: int = Field(200_000, description="Largest code/diff a review accepts.")

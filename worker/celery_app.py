@@ -66,7 +66,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_default_exchange="foundry",
         task_routes={f"foundry.{k}": {"queue": k, "routing_key": k} for k in JOB_KINDS}
         | {"foundry.noop": {"queue": "control", "routing_key": "control"},
-           "foundry.schedule_tick": {"queue": "control", "routing_key": "control"}},
+           "foundry.schedule_tick": {"queue": "control", "routing_key": "control"},
+           "foundry.resend_stranded": {"queue": "control", "routing_key": "control"}},
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -91,7 +92,9 @@ def make_celery(settings: Settings | None = None) -> Celery:
         beat_schedule={
             "retrain-schedules": {"task": "foundry.schedule_tick", "schedule": settings.beat_tick_s,
                                   "options": {"expires": max(1.0, settings.beat_tick_s * 0.9)}},
-        },
+        } | ({"stranded-jobs": {"task": "foundry.resend_stranded", "schedule": settings.stranded_sweep_s,
+                                "options": {"expires": max(1.0, settings.stranded_sweep_s * 0.9)}}}
+             if settings.stranded_sweep_s > 0 and not settings.embedded else {}),
     )
     return app
 

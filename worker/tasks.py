@@ -84,3 +84,12 @@ def schedule_tick(self):
         return enqueue(kind, body, parent_job_id=parent_job_id, created_by="beat")
 
     return schedule.tick(now=utcnow(), enqueue=_enqueue, holder=worker_id(self))
+
+
+@app.task(name="foundry.resend_stranded", bind=True, acks_late=False, ignore_result=True)
+def resend_stranded(self):
+    """Beat's sweep: queued jobs whose broker message was lost in a worker crash are sent again."""
+    from domain.config import get_settings
+    from worker import maintenance
+
+    return maintenance.resend_stranded(older_than_s=get_settings().stranded_after_s, source=worker_id(self))

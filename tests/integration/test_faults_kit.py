@@ -80,10 +80,15 @@ def fault_summary(request):
         (tr.write_line(line) if tr else print(line))
 
 
-def wait_final(job_ids: list[str], timeout: float, url: str | None = None) -> dict:
-    """Wait until every job is final; returns status counts (raises with the stragglers on timeout)."""
+def wait_final(job_ids: list[str], timeout: float, url: str | None = None, sweep=None, sweep_every_s: float = 10.0) -> dict:
+    """Wait until every job is final; returns status counts (raises with the stragglers on timeout).
+    ``sweep`` (optional) runs every ``sweep_every_s`` meanwhile, as beat's periodic tasks would."""
     deadline = time.monotonic() + timeout
+    next_sweep = time.monotonic() + sweep_every_s
     while True:
+        if sweep is not None and time.monotonic() >= next_sweep:
+            sweep()
+            next_sweep = time.monotonic() + sweep_every_s
         with session_scope(url) as s:
             rows = dict(s.execute(select(Job.id, Job.status).where(Job.id.in_(job_ids))).all())
         pending = [j for j in job_ids if rows.get(j) not in FINAL_STATUSES]

@@ -52,6 +52,12 @@ def register(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="say what would be removed")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_prune_checkpoints)
+    p = lsub.add_parser("resend-stranded", help="send again queued jobs whose Redis message was lost in a worker crash "
+                        "(beat does this every FOUNDRY_STRANDED_SWEEP_S)")
+    p.add_argument("--older-than", type=float, help="seconds a job must be quiet (default FOUNDRY_STRANDED_AFTER_S)")
+    p.add_argument("--dry-run", action="store_true", help="list them, send nothing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_resend_stranded)
 
     metrics = sub.add_parser("metrics", help="Prometheus metrics")
     msub = metrics.add_subparsers(dest="metrics_command", metavar="ACTION", required=True)
@@ -80,6 +86,23 @@ def cmd_prune_checkpoints(args) -> int:
         verb = "would remove" if args.dry_run else "removed"
         console.print(f"{verb} {report['checkpoints']} checkpoints of {report['jobs']} jobs "
                       f"({report['bytes_freed'] / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_resend_stranded(args) -> int:
+    from domain.config import get_settings
+    from worker import maintenance
+
+    older = get_settings().stranded_after_s if args.older_than is None else args.older_than
+    report = maintenance.resend_stranded(older_than_s=older, dry_run=args.dry_run, source=_operator())
+    if args.json:
+        print(dump(report))
+    elif not report["supported"]:
+        err_console.print("the broker is not Redis: nothing to check (the filesystem broker has no such gap)")
+    else:
+        verb = "would send again" if args.dry_run else "sent again"
+        console.print(f"{verb} {len(report['resent'])} stranded job(s)" + (": " + ", ".join(report["resent"][:20])
+                                                                             if report["resent"] else ""))
     return 0
 
 

@@ -1,0 +1,88 @@
+"""Broker-side half of the stranded-job sweep (``domain/stranded.py`` has the ledger side).
+
+``broker_task_ids`` lists the task ids the Redis broker holds: every queue's lists (one per priority
+step) and kombu's unacknowledged hash. ``resend_stranded`` compares them with the ledger's queued jobs,
+reading the broker twice a moment apart so that a message in the middle of its hand-over to a worker is
+not taken for lost, and sends the lost ones again under their own job id. Runs from beat
+(``foundry.resend_stranded``) and by hand (``foundry ledger resend-stranded``). The embedded filesystem
+broker moves whole files and has no such gap; it is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from domain import stranded
+from domain.config import Settings, get_settings
+from worker.celery_app import QUEUES, broker_settings
+
+log = logging.getLogger(__name__)
+
+UNACKED_KEY = "unacked"  # kombu's Redis transport default (Foundry does not change it)
+
+
+def broker_task_ids(settings: Settings | None = None) -> set[str] | None:
+    """Task ids in the Redis broker's queues and unacknowledged hash; None for another broker."""
+    settings = settings or get_settings()
+    url, options, _ = broker_settings(settings)
+    if not url.startswith(("redis://", "rediss://")):
+        return None
+    import redis
+
+    sep, steps = options.get("sep", ":"), options.get("priority_steps", [0])
+    keys = [q if not p else f"{q}{sep}{p}" for q in QUEUES for p in steps]
+    ids: set[str] = set()
+    client = redis.Redis.from_url(url)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.lrange(key, 0, -1)
+        pipe.hvals(UNACKED_KEY)
+        *lists, unacked = pipe.execute()
+        for raw in (m for items in lists for m in items):
+            ids.add(_task_id(raw))
+        for raw in unacked:
+            try:
+                ids.add(_task_id(json.loads(raw)[0]))
+            except (ValueError, IndexError, TypeError):
+                continue
+    finally:
+        client.close()
+    ids.discard("")
+    return ids
+
+
+def _task_id(message) -> str:
+    try:
+        msg = json.loads(message) if isinstance(message, (bytes, str)) else message
+        return str((msg.get("headers") or {}).get("id") or (msg.get("properties") or {}).get("correlation_id") or "")
+    except (ValueError, AttributeError):
+        return ""
+
+
+def resend_stranded(*, older_than_s: float = 120.0, recheck_s: float = 1.0, dry_run: bool = False,
+                    source: str = "sweep", settings: Settings | None = None) -> dict:
+    """Send again every queued job whose message the broker no longer holds. Returns what was found."""
+    settings = settings or get_settings()
+    first = broker_task_ids(settings)
+    if first is None:
+        return {"supported": False, "resent": []}
+    lost = stranded.find(first, older_than_s)
+    if lost:
+        time.sleep(recheck_s)  # a message between BRPOP and its unacked record shows up again by now
+        second = broker_task_ids(settings) or set()
+        queued = stranded.still_queued([j.id for j in lost])
+        lost = [j for j in lost if j.id not in second and j.id in queued]
+    if lost and not dry_run:
+        from worker.client import celery_app
+
+        app = celery_app()
+        for job in lost:
+            queue = job.queue or "control"
+            app.send_task(f"foundry.{job.kind}", args=[job.payload], task_id=job.id, queue=queue, routing_key=queue,
+                          priority=job.priority)
+        stranded.record_resent(lost, source)
+        log.warning("re-sent %d stranded job(s): %s", len(lost), ", ".join(j.id for j in lost[:20]))
+    return {"supported": True, "resent": [j.id for j in lost], "dry_run": dry_run}
