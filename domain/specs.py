@@ -96,6 +96,10 @@ class DistillSpec(JobSpec):
     teacher: str | None = Field(None, description="Teacher model id/path; default: the deployment's base model.")
     student: str | None = Field(None, description="Student config/path; default: the teacher with fewer layers.")
     student_layers: int | None = Field(None, ge=1, description="Layers kept from the teacher (default: half).")
+    layer_selection: Literal["block", "even"] = Field(
+        "block", description="Which teacher layers the student keeps: 'block' drops the run of consecutive layers that "
+        "changes the hidden state least on the training data (angular distance; the last layer is kept), 'even' keeps "
+        "evenly spaced ones.")
     temperature: float = Field(2.0, gt=0, le=100)
     alpha: float = Field(0.5, ge=0, le=1)
     max_steps: int = Field(200, ge=1, le=1_000_000)

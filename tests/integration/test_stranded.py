@@ -16,7 +16,7 @@ from worker import maintenance
 from worker.client import enqueue
 
 
-def test_a_lost_message_is_found_and_sent_again_once(env):
+def test_a_lost_message_is_found_and_sent_again_once(env, capsys):
     r = redis.Redis.from_url(env["FOUNDRY_BROKER_URL"])
     lost = enqueue("noop", {"tenant": "acme", "cost_tokens": 3})
     kept = enqueue("noop", {"tenant": "acme"})
@@ -52,6 +52,12 @@ def test_a_lost_message_is_found_and_sent_again_once(env):
         assert s.scalar(select(func.count()).select_from(UsageCost).where(UsageCost.job_id == lost)) == 1
         event = s.scalar(select(HealthEvent).where(HealthEvent.event == "stranded_requeued"))
         assert event is not None and event.detail["job_ids"] == [lost]
+
+    from worker.cli import main
+
+    capsys.readouterr()
+    assert main(["ledger", "resend-stranded", "--older-than", "0", "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"supported": True, "resent": [], "dry_run": True}
 
 
 def test_a_second_copy_of_a_message_runs_the_job_once(env):

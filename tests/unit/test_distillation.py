@@ -92,6 +92,20 @@ def test_layer_reduction_keeps_evenly_spaced_layers_and_copies_the_rest(tiny_tok
     assert torch.equal(ss["model.norm.weight"], ts["model.norm.weight"])
 
 
+def test_block_selection_drops_the_layers_that_change_the_hidden_state_least(tiny_tokenizer):
+    teacher = tiny_model(tiny_tokenizer, layers=6, seed=1)
+    with torch.no_grad():  # layers 2 and 3 add nothing to the residual stream: the block to drop
+        for i in (2, 3):
+            teacher.model.layers[i].self_attn.o_proj.weight.zero_()
+            teacher.model.layers[i].mlp.down_proj.weight.zero_()
+    calibration = torch.randint(0, teacher.config.vocab_size, (4, 16))
+    assert distillation.block_kept_layers(teacher, calibration, 4) == [0, 1, 4, 5]
+    assert distillation.block_kept_layers(teacher, calibration, 1) == [5]  # everything but the last layer
+    student, kept = reduce_layers(teacher, 4, [0, 1, 4, 5])
+    ts, ss = teacher.state_dict(), student.state_dict()
+    assert torch.equal(ss["model.layers.2.mlp.up_proj.weight"], ts["model.layers.4.mlp.up_proj.weight"])
+
+
 def test_distill_job_makes_a_servable_student_with_its_report(tenant, teacher_dir):
     out = run({"tenant": tenant, "teacher": str(teacher_dir), "max_steps": 12, **SMALL})
     assert out["status"] == "succeeded", out
@@ -104,7 +118,8 @@ def test_distill_job_makes_a_servable_student_with_its_report(tenant, teacher_di
     assert r["parameter_compression_ratio"] > 1 and r["speedup"] > 0
     assert r["retention"] == pytest.approx(r["perplexity_teacher"] / r["perplexity_student"])
     assert r["trained_tokens"] == 12 * 2 * 32 and math.isfinite(r["final_loss"])
-    assert art.lineage["teacher"] == str(teacher_dir) and art.lineage["kept_layers"] == [0, 3]
+    assert art.lineage["teacher"] == str(teacher_dir) and art.lineage["layer_selection"] == "block"
+    assert len(art.lineage["kept_layers"]) == 2 and art.lineage["kept_layers"][-1] == 3  # the last layer stays
     assert {"loss", "kl", "tokens_per_s", "step"} <= set(job.progress_info)
     served = quantization.load_serving_model(art, device="cpu")
     assert served.model.config.num_hidden_layers == 2

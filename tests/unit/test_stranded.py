@@ -1,0 +1,43 @@
+"""The ledger side of the stranded-job sweep: which queued jobs are quiet long enough to be judged."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from domain import stranded
+from domain.ledger.db import session_scope
+from domain.ledger.models import Job, JobAttempt, utcnow
+from worker import maintenance
+
+
+def add_job(job_id: str, status: str, enqueued_min_ago: float, attempt_end_min_ago: float | None = None) -> None:
+    now = utcnow()
+    with session_scope() as s:
+        s.add(Job(id=job_id, kind="noop", tenant_id="acme", payload={"tenant": "acme"}, status=status, queue="control",
+                  priority=7, enqueued_at=now - timedelta(minutes=enqueued_min_ago)))
+        s.flush()
+        if attempt_end_min_ago is not None:
+            at = now - timedelta(minutes=attempt_end_min_ago)
+            s.add(JobAttempt(job_id=job_id, attempt=1, worker="w", started_at=at, finished_at=at, outcome="retry"))
+
+
+def test_only_quiet_queued_jobs_missing_from_the_broker_are_stranded(sqlite_ledger):
+    add_job("old", "queued", 30)
+    add_job("fresh", "queued", 0.1)
+    add_job("retried-just-now", "queued", 30, attempt_end_min_ago=0.1)  # its retry message is on its way
+    add_job("retried-long-ago", "queued", 30, attempt_end_min_ago=20)
+    add_job("running", "running", 30)
+    add_job("done", "succeeded", 30)
+
+    found = stranded.find({"retried-long-ago"}, older_than_s=120)
+    assert [j.id for j in found] == ["old"]
+    assert found[0].kind == "noop" and found[0].queue == "control" and found[0].priority == 7
+    assert found[0].payload == {"tenant": "acme"}
+    assert sorted(j.id for j in stranded.find(set(), older_than_s=120)) == ["old", "retried-long-ago"]
+    assert stranded.still_queued(["old", "running", "nope"]) == {"old"}
+
+
+def test_the_embedded_filesystem_broker_is_not_swept(sqlite_ledger):
+    add_job("old", "queued", 30)
+    assert maintenance.broker_task_ids() is None
+    assert maintenance.resend_stranded(older_than_s=0) == {"supported": False, "resent": []}
