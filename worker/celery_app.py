@@ -108,4 +108,35 @@ def _structured_logs(logger=None, **_):
     configure(logger, get_settings().log_json)
 
 
+def _survive_restore_race() -> None:
+    """When the Redis connection breaks, Celery releases it and kombu hands the channel's unacknowledged
+    messages back (``restore_unacked_once``). If the connection object is already torn down, kombu's
+    ``_connparams`` raises ``AttributeError: 'NoneType' object has no attribute 'hostname'``, which Celery
+    treats as unrecoverable: the worker exits instead of reconnecting (seen in
+    tests/integration/test_faults_outages.py when Redis restarts while a job is reserved; the same family as
+    kombu#582 and kombu#970). Treat it like the connection error it is: log it and let the consumer
+    reconnect. The messages stay in the unacked hash; kombu restores them after the visibility timeout, and
+    the stranded-job sweep (worker/maintenance.py) sends their jobs again much sooner."""
+    import logging
+
+    from kombu.transport.virtual import base
+
+    original = base.QoS.restore_unacked_once
+    if getattr(original, "_foundry_patched", False):
+        return
+
+    def restore_unacked_once(self, stderr=None):
+        try:
+            return original(self, stderr)
+        except AttributeError as exc:
+            logging.getLogger(__name__).warning(
+                "unacknowledged messages not handed back (broker connection already gone: %s); "
+                "they are restored after the visibility timeout or re-sent by the stranded-job sweep", exc)
+            return None
+
+    restore_unacked_once._foundry_patched = True
+    base.QoS.restore_unacked_once = restore_unacked_once
+
+
+_survive_restore_race()
 app = make_celery()

@@ -60,6 +60,31 @@ def test_a_lost_message_is_found_and_sent_again_once(env, capsys):
     assert json.loads(capsys.readouterr().out) == {"supported": True, "resent": [], "dry_run": True}
 
 
+def test_a_message_held_too_long_by_a_vanished_worker_counts_as_lost(env):
+    """A worker whose broker connection broke could not hand its reserved message back: it sits in kombu's
+    unacked hash until the visibility timeout (hours in production). A queued job whose message was
+    delivered long ago (no ETA) is sent again; a recent delivery or one with an ETA is left alone."""
+    import time
+
+    r = redis.Redis.from_url(env["FOUNDRY_BROKER_URL"])
+    orphan, recent, later = (enqueue("noop", {"tenant": "acme"}) for _ in range(3))
+    for key in [k for k in r.keys("control*") if r.type(k) == b"list"]:
+        for raw in r.lrange(key, 0, -1):
+            msg = json.loads(raw)
+            job_id = msg["headers"]["id"]
+            r.lrem(key, 1, raw)
+            if job_id == later:
+                msg["headers"]["eta"] = "2099-01-01T00:00:00+00:00"
+            r.hset("unacked", f"tag-{job_id}", json.dumps([msg, "foundry", "control"]))
+            r.zadd("unacked_index", {f"tag-{job_id}": time.time() - (5 if job_id == recent else 3600)})
+    with session_scope() as s:  # the jobs must also look quiet to the ledger: age them
+        for j in (orphan, recent, later):
+            s.get(Job, j).enqueued_at = s.get(Job, j).enqueued_at.replace(year=2000)
+    found = maintenance.resend_stranded(older_than_s=60, recheck_s=0.1, dry_run=True)["resent"]
+    assert found == [orphan]
+    r.delete("unacked", "unacked_index")
+
+
 def test_a_second_copy_of_a_message_runs_the_job_once(env):
     """Re-sending is safe even when the original was not lost after all: the ledger's claim runs it once."""
     from worker.client import celery_app

@@ -41,3 +41,24 @@ def test_the_embedded_filesystem_broker_is_not_swept(sqlite_ledger):
     add_job("old", "queued", 30)
     assert maintenance.broker_task_ids() is None
     assert maintenance.resend_stranded(older_than_s=0) == {"supported": False, "resent": []}
+
+
+def test_a_torn_down_connection_while_handing_messages_back_does_not_kill_the_worker():
+    """kombu raises AttributeError from restore_unacked_once when the Redis connection is already gone;
+    Celery would call that unrecoverable and exit. worker.celery_app makes it a logged warning."""
+    from kombu.transport.virtual import base
+
+    import worker.celery_app  # noqa: F401  (applies the guard)
+
+    class Channel:
+        do_restore = True
+
+    qos = base.QoS(Channel(), prefetch_count=1)
+    qos._delivered["tag-1"] = object()
+
+    def torn_down():
+        raise AttributeError("'NoneType' object has no attribute 'hostname'")
+
+    qos.restore_unacked = torn_down
+    assert qos.restore_unacked_once() is None
+    assert qos._delivered.restored
