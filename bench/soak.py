@@ -84,11 +84,15 @@ def tally(ids: list[str]) -> dict:
     dup = [i for i in ids if succ.get(i, 0) > 1 or usage.get(i, 0) > 1]
     lat: dict = {}
     statuses: dict = {}
+    failures: dict = {}  # (kind, error code) -> count: what the non-succeeded jobs died of
     for j in jobs.values():
         statuses[j.status] = statuses.get(j.status, 0) + 1
+        if j.status in FINAL_STATUSES and j.status != "succeeded":
+            key = f"{j.kind}/{j.status}/{j.error_code}: {(j.error or '')[:120]}"
+            failures[key] = failures.get(key, 0) + 1
         if j.status == "succeeded" and j.finished_at and j.enqueued_at:
             lat.setdefault(j.kind, []).append((j.finished_at - j.enqueued_at).total_seconds())
-    return {"lost": lost, "duplicated": dup, "latency": lat, "statuses": statuses}
+    return {"lost": lost, "duplicated": dup, "latency": lat, "statuses": statuses, "failures": failures}
 
 
 def main() -> None:
@@ -201,6 +205,7 @@ def main() -> None:
         "throughput_jobs_per_s": round(succeeded / total_s, 2),
         "latency_s": {k: {"n": len(v), "p50": round(statistics.median(v), 3), "p95": round(pct(v, 0.95), 3)}
                       for k, v in result["latency"].items()},
+        "failures": result["failures"],
         "lost": len(result["lost"]), "duplicated": len(result["duplicated"]),
         "lost_ids": result["lost"][:20], "duplicated_ids": result["duplicated"][:20],
     }
@@ -212,6 +217,8 @@ def main() -> None:
     print(f"jobs {len(ids)} ({result['statuses']}), {len(kills)} worker kills, {total_s:.0f} s")
     print(f"throughput {summary['throughput_jobs_per_s']} jobs/s; p95 latency "
           + ", ".join(f"{k} {v['p95']}s" for k, v in summary["latency_s"].items()))
+    for what, n in sorted(result["failures"].items()):
+        print(f"  not succeeded: {n} x {what}")
     print(f"lost={summary['lost']} duplicated={summary['duplicated']}")
 
 

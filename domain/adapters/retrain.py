@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime
 
 import torch
@@ -53,6 +54,26 @@ def base_model(ref: str, device: str, qlora: bool):
                                            bnb_4bit_compute_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
             _base[key] = load_causal_lm(ref, device=str(dev), quantization_config=quant)
         return _base[key]
+
+
+_train_lock = threading.Lock()
+
+
+@contextmanager
+def _training_slot(ctx):
+    """Hold the process's one training slot. The resident base model is wrapped with LoRA layers in place
+    for the job and unwrapped after it, so two retrains in one process (a threads-pool worker consuming
+    the retrain queue) must take turns; the waiting one keeps heartbeating and still honours a soft stop."""
+    announced = False
+    while not _train_lock.acquire(timeout=1.0):
+        if not announced:
+            ctx.progress(0.0, stage="waiting for this worker's training slot", force=True)
+            announced = True
+        ctx.check()
+    try:
+        yield
+    finally:
+        _train_lock.release()
 
 
 def _parse_ts(text: str | None) -> datetime | None:
@@ -108,34 +129,35 @@ def handle_retrain(spec: RetrainSpec, ctx):
 
     cfg = training.TrainConfig.from_spec(spec)
     ctx.progress(0.0, stage="load", force=True)
-    loaded = base_model(base_ref, settings.device, cfg.qlora)
-    tok = loaded.tokenizer
-    train_ex, eval_ex = dataset.split(spec.eval_fraction)
-    encode = lambda exs: [fbdata.tokenize(tok, e, cfg.max_seq_len) for e in exs]  # noqa: E731
-    train_tok, eval_tok = encode(train_ex), encode(eval_ex)
-    train_batches = training.make_batches(train_tok, cfg.batch_size, cfg.max_seq_len, cfg.packing, tok.pad_token_id)
-    eval_batches = training.make_batches(eval_tok, cfg.batch_size, cfg.max_seq_len, cfg.packing, tok.pad_token_id)
+    with _training_slot(ctx):  # one training per process: PEFT wraps the resident base in place
+        loaded = base_model(base_ref, settings.device, cfg.qlora)
+        tok = loaded.tokenizer
+        train_ex, eval_ex = dataset.split(spec.eval_fraction)
+        encode = lambda exs: [fbdata.tokenize(tok, e, cfg.max_seq_len) for e in exs]  # noqa: E731
+        train_tok, eval_tok = encode(train_ex), encode(eval_ex)
+        train_batches = training.make_batches(train_tok, cfg.batch_size, cfg.max_seq_len, cfg.packing, tok.pad_token_id)
+        eval_batches = training.make_batches(eval_tok, cfg.batch_size, cfg.max_seq_len, cfg.packing, tok.pad_token_id)
 
-    model = training.setup_model(loaded.model, cfg, parent_dir)
-    try:
-        optimizer, scheduler = training.make_optimizer(model, cfg)
-        start, losses = 0, []
-        if resume:
-            start, losses, _ = training.load_checkpoint(resume["path"], model, optimizer, scheduler)
-            ctx.health("adapter", "resume", "ok", f"retrain resumed from step {start}", step=start)
-        meta = {"parent_id": parent.id if parent else None, "since": plan["since"].isoformat() if plan["since"] else None,
-                "until": dataset.feedback_until.isoformat() if dataset.feedback_until else None,
-                "dataset_hash": dataset.dataset_hash}
-        hooks = _JobHooks(ctx, model, optimizer, scheduler, cfg, meta, losses)
-        result = training.train(model, train_batches, cfg, optimizer, scheduler, start_step=start, losses=losses,
-                                hooks=hooks.as_hooks())
-        ctx.progress(0.95, stage="eval", step=result.steps, loss=result.final_loss, force=True)
-        decision = gate.run_gate(model, eval_batches, champion_dir, champion.id if champion else None,
-                                 spec.promotion_margin)
-        version_id = new_id()
-        files = store.save_adapter_files(model, store.adapter_rel_dir(spec.tenant, spec.adapter_name, ctx.job_id))
-    finally:
-        training.cleanup(model)
+        model = training.setup_model(loaded.model, cfg, parent_dir)
+        try:
+            optimizer, scheduler = training.make_optimizer(model, cfg)
+            start, losses = 0, []
+            if resume:
+                start, losses, _ = training.load_checkpoint(resume["path"], model, optimizer, scheduler)
+                ctx.health("adapter", "resume", "ok", f"retrain resumed from step {start}", step=start)
+            meta = {"parent_id": parent.id if parent else None, "since": plan["since"].isoformat() if plan["since"] else None,
+                    "until": dataset.feedback_until.isoformat() if dataset.feedback_until else None,
+                    "dataset_hash": dataset.dataset_hash}
+            hooks = _JobHooks(ctx, model, optimizer, scheduler, cfg, meta, losses)
+            result = training.train(model, train_batches, cfg, optimizer, scheduler, start_step=start, losses=losses,
+                                    hooks=hooks.as_hooks())
+            ctx.progress(0.95, stage="eval", step=result.steps, loss=result.final_loss, force=True)
+            decision = gate.run_gate(model, eval_batches, champion_dir, champion.id if champion else None,
+                                     spec.promotion_margin)
+            version_id = new_id()
+            files = store.save_adapter_files(model, store.adapter_rel_dir(spec.tenant, spec.adapter_name, ctx.job_id))
+        finally:
+            training.cleanup(model)
 
     train_tokens = sum(len(e.input_ids) for e in train_tok)
     metrics = {"train_loss_first": result.losses[0] if result.losses else None, "train_loss_final": result.final_loss,

@@ -267,3 +267,29 @@ def test_champion_moved_during_training_is_not_overwritten(ledger, tiny_model_di
         assert job.result["promoted"] is False and "champion changed" in job.result["reason"]
         assert store.resolve_adapter(s, "acme", None).id == other
         assert s.get(AdapterVersion, out["result"]["version_id"]).status == "rejected"
+
+
+def test_two_retrains_in_one_process_take_turns_on_the_resident_base(ledger):
+    """A threads-pool worker consuming the retrain queue runs two jobs at once: they share the process's
+    resident base model, which LoRA wraps in place, so they take turns and both succeed."""
+    import threading
+
+    pairs = stdlib_review_pairs(8, max_code_lines=8)
+    add_tenant(ledger, "twin")
+    seed_feedback("acme", pairs)
+    seed_feedback("twin", pairs)
+    results: dict = {}
+    start = threading.Barrier(2)
+
+    def job(tenant: str) -> None:
+        start.wait()
+        results[tenant] = run({"max_steps": 6}, tenant=tenant)
+
+    threads = [threading.Thread(target=job, args=(t,)) for t in ("acme", "twin")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert {t: r["status"] for t, r in results.items()} == {"acme": "succeeded", "twin": "succeeded"}, results
+    assert results["acme"]["result"]["dataset_hash"] == results["twin"]["result"]["dataset_hash"]
+    assert results["acme"]["result"]["train_loss_final"] == pytest.approx(results["twin"]["result"]["train_loss_final"])
