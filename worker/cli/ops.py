@@ -46,18 +46,14 @@ def register(sub) -> None:
     p.add_argument("--no-files", action="store_true", help="skip hashing artifact files")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ledger_check)
-    p = lsub.add_parser("prune-checkpoints", help="remove checkpoint files of succeeded jobs, and of failed/dead "
-                        "jobs past FOUNDRY_CHECKPOINT_RETENTION_DAYS (ledger rows stay, marked pruned)")
+    p = _sweep_parser(lsub, "prune-checkpoints", cmd_prune_checkpoints, "say what would be removed",
+                      "remove checkpoint files of succeeded jobs, and of failed/dead jobs past "
+                      "FOUNDRY_CHECKPOINT_RETENTION_DAYS (ledger rows stay, marked pruned)")
     p.add_argument("--retention-days", type=float, help="override FOUNDRY_CHECKPOINT_RETENTION_DAYS")
-    p.add_argument("--dry-run", action="store_true", help="say what would be removed")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_prune_checkpoints)
-    p = lsub.add_parser("resend-stranded", help="send again queued jobs whose Redis message was lost in a worker crash "
-                        "(beat does this every FOUNDRY_STRANDED_SWEEP_S)")
+    p = _sweep_parser(lsub, "resend-stranded", cmd_resend_stranded, "list them, send nothing",
+                      "send again queued jobs whose Redis message was lost in a worker crash "
+                      "(beat does this every FOUNDRY_STRANDED_SWEEP_S)")
     p.add_argument("--older-than", type=float, help="seconds a job must be quiet (default FOUNDRY_STRANDED_AFTER_S)")
-    p.add_argument("--dry-run", action="store_true", help="list them, send nothing")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_resend_stranded)
 
     metrics = sub.add_parser("metrics", help="Prometheus metrics")
     msub = metrics.add_subparsers(dest="metrics_command", metavar="ACTION", required=True)
@@ -74,6 +70,15 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_canary)
+
+
+def _sweep_parser(lsub, name: str, func, dry_run_help: str, help: str):
+    """A ledger maintenance sweep: ``--dry-run`` and ``--json`` like every other one."""
+    p = lsub.add_parser(name, help=help)
+    p.add_argument("--dry-run", action="store_true", help=dry_run_help)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=func)
+    return p
 
 
 def cmd_prune_checkpoints(args) -> int:
