@@ -205,8 +205,10 @@ def _decoder_and_head(model):
     return decoder, base.get_output_embeddings()
 
 
-def completion_loss(model, batch: Batch) -> tuple[torch.Tensor, int, int]:
-    """(sum of token losses, completion tokens, correctly predicted tokens) over the batch."""
+def completion_loss(model, batch: Batch, count_correct: bool = True) -> tuple[torch.Tensor, int, int]:
+    """(sum of token losses, completion tokens, correctly predicted tokens) over the batch. Logits are made only
+    at completion positions (the prompt's would cost a vocabulary-wide projection for nothing); training
+    passes ``count_correct=False`` to skip the argmax over them."""
     decoder, head = _decoder_and_head(model)
     device = next(model.parameters()).device
     b = batch.to(device)
@@ -217,7 +219,7 @@ def completion_loss(model, batch: Batch) -> tuple[torch.Tensor, int, int]:
     logits = head(hidden[:, :-1][keep]).float()
     y = targets[keep]
     loss_sum = F.cross_entropy(logits, y, reduction="sum")
-    correct = int((logits.argmax(-1) == y).sum()) if logits.numel() else 0
+    correct = int((logits.argmax(-1) == y).sum()) if count_correct and logits.numel() else 0
     return loss_sum, int(y.numel()), correct
 
 
@@ -311,7 +313,7 @@ def train(model, batches: list[Batch], cfg: TrainConfig, optimizer, scheduler, *
     t0 = time.perf_counter()
     for step in range(start_step, cfg.max_steps):
         batch = batch_for_step(batches, step, cfg.seed)
-        loss_sum, n, _ = completion_loss(model, batch)
+        loss_sum, n, _ = completion_loss(model, batch, count_correct=False)
         loss = loss_sum / max(1, n)
         loss.backward()
         if cfg.grad_clip:
