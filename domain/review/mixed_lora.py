@@ -62,11 +62,12 @@ class MixedLoRA:
     def rows(self, names: list[str]) -> Iterator[_Rows]:
         """Within the block, a forward of the model runs row i with adapter ``names[i]`` (``BASE``: none)."""
         unique = sorted(set(names))
-        weight = self.layers[0].get_base_layer().weight
-        rank = max((layer.lora_A[n].weight.shape[0] for layer in self.layers for n in unique if n in layer.lora_A),
-                   default=1)
+        lora = [layer.lora_A[n].weight for layer in self.layers for n in unique if n in layer.lora_A]
+        rank = max((w.shape[0] for w in lora), default=1)
+        # the LoRA weights' dtype and device, not the base layer's (a 4-bit base stores uint8)
+        weight = lora[0] if lora else self.layers[0].get_base_layer().weight
         index = torch.tensor([unique.index(n) for n in names], dtype=torch.long, device=weight.device)
-        rows = _Rows(index, len(unique), rank, weight.dtype)
+        rows = _Rows(index, len(unique), rank, weight.dtype if weight.is_floating_point() else torch.float32)
         patched = []
         try:
             for layer in self.layers:
