@@ -43,24 +43,24 @@ class PruneReport:
         return {"jobs": len(self.jobs), "checkpoints": self.checkpoints, "bytes_freed": self.bytes_freed}
 
 
-def _remove(path: str) -> int:
-    """Delete one checkpoint folder under the data root; returns the bytes freed (0 if already gone)."""
+def _remove(path: str) -> bool:
+    """Delete one checkpoint folder under the data root (and the job's folder once it is empty); False for a
+    path outside the data root, which is left alone."""
     try:
         folder = resolve_in_data_root(path)
     except UnsafePath:
         log.warning("checkpoint path %s points outside the data root; left alone", path)
-        return 0
-    if not folder.exists():
-        return 0
-    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else folder.stat().st_size
-    shutil.rmtree(folder, ignore_errors=True) if folder.is_dir() else folder.unlink(missing_ok=True)
-    parent = folder.parent
-    try:  # the job's checkpoint folder, once empty
-        if parent != folder and not any(parent.iterdir()):
-            parent.rmdir()
+        return False
+    if folder.is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        folder.unlink(missing_ok=True)
+    try:
+        if not any(folder.parent.iterdir()):
+            folder.parent.rmdir()
     except OSError:
         pass
-    return size
+    return True
 
 
 def prune_job(job_id: str, keep: int = 0, url: str | None = None, report: PruneReport | None = None) -> PruneReport:
@@ -72,8 +72,9 @@ def prune_job(job_id: str, keep: int = 0, url: str | None = None, report: PruneR
                               .order_by(Checkpoint.step.desc(), Checkpoint.id.desc())))
         kept_paths = {r.path for r in rows[:keep]}
         for row in rows[keep:]:
-            if row.path not in kept_paths:  # a re-recorded step may share a folder with a kept row
-                report.bytes_freed += _remove(row.path)
+            # a re-recorded step may share a folder with a kept row; sizes as recorded (the dry run reports the same)
+            if row.path not in kept_paths and _remove(row.path):
+                report.bytes_freed += row.size_bytes or 0
             row.pruned_at = now
             report.checkpoints += 1
         if rows[keep:]:

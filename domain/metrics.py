@@ -33,6 +33,15 @@ FAILED = ("failed", "dead", "rejected")
 OVERLAP = timedelta(seconds=30)  # re-read this much before the mark: commits land out of order
 
 
+REDIS_UNACKED_KEY = "unacked"  # kombu's Redis transport: delivered, not yet acknowledged (tag -> message)
+REDIS_UNACKED_INDEX_KEY = "unacked_index"  # tag -> delivery time
+
+
+def redis_queue_keys(queue: str, sep: str = ":", priority_steps=range(10)) -> list[str]:
+    """The Redis lists kombu keeps for one queue: the queue itself and one per non-zero priority step."""
+    return [queue] + [f"{queue}{sep}{p}" for p in priority_steps if p]
+
+
 def redis_queue_depths(broker_url: str, queues, sep: str = ":", priority_steps=range(10), client=None) -> dict:
     """Waiting messages per queue on a Redis broker, priority sub-queues included."""
     import redis
@@ -42,14 +51,14 @@ def redis_queue_depths(broker_url: str, queues, sep: str = ":", priority_steps=r
     pipe = r.pipeline()
     names = []
     for q in queues:
-        keys = [q] + [f"{q}{sep}{p}" for p in priority_steps if p]
+        keys = redis_queue_keys(q, sep, priority_steps)
         names.append((q, len(keys)))
         for k in keys:
             pipe.llen(k)
     values = iter(pipe.execute())
     for q, n in names:
         depths[q] = sum(next(values) for _ in range(n))
-    depths["_unacked"] = r.hlen("unacked")
+    depths["_unacked"] = r.hlen(REDIS_UNACKED_KEY)
     return depths
 
 

@@ -1,9 +1,10 @@
 """Broker-side half of the stranded-job sweep (``domain/stranded.py`` has the ledger side).
 
 ``broker_task_ids`` lists the task ids the Redis broker holds: every queue's lists (one per priority
-step) and kombu's unacknowledged hash (minus messages a vanished worker has held for too long). ``resend_stranded`` compares them with the ledger's queued jobs,
-reading the broker twice a moment apart so that a message in the middle of its hand-over to a worker is
-not taken for lost, and sends the lost ones again under their own job id. Runs from beat
+step) and kombu's unacknowledged hash (minus messages a vanished worker has held for too long).
+``resend_stranded`` compares them with the ledger's queued jobs, reading the broker twice a moment apart
+so that a message in the middle of its hand-over to a worker is not taken for lost, and sends the lost
+ones again under their own job id. Runs from beat
 (``foundry.resend_stranded``) and by hand (``foundry ledger resend-stranded``). The embedded filesystem
 broker moves whole files and has no such gap; it is skipped.
 """
@@ -16,13 +17,10 @@ import time
 
 from domain import stranded
 from domain.config import Settings, get_settings
+from domain.metrics import REDIS_UNACKED_INDEX_KEY, REDIS_UNACKED_KEY, redis_queue_keys
 from worker.celery_app import QUEUES, broker_settings
 
 log = logging.getLogger(__name__)
-
-UNACKED_KEY = "unacked"  # kombu's Redis transport defaults (Foundry does not change them)
-UNACKED_INDEX_KEY = "unacked_index"
-
 
 def broker_task_ids(settings: Settings | None = None, held_for_s: float | None = None) -> set[str] | None:
     """Task ids in the Redis broker's queues and unacknowledged hash; None for another broker.
@@ -39,15 +37,15 @@ def broker_task_ids(settings: Settings | None = None, held_for_s: float | None =
     import redis
 
     sep, steps = options.get("sep", ":"), options.get("priority_steps", [0])
-    keys = [q if not p else f"{q}{sep}{p}" for q in QUEUES for p in steps]
+    keys = [k for q in QUEUES for k in redis_queue_keys(q, sep, steps)]
     ids: set[str] = set()
     client = redis.Redis.from_url(url)
     try:
         pipe = client.pipeline(transaction=False)
         for key in keys:
             pipe.lrange(key, 0, -1)
-        pipe.hgetall(UNACKED_KEY)
-        pipe.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True)
+        pipe.hgetall(REDIS_UNACKED_KEY)
+        pipe.zrange(REDIS_UNACKED_INDEX_KEY, 0, -1, withscores=True)
         *lists, unacked, index = pipe.execute()
         for raw in (m for items in lists for m in items):
             ids.add(_task_id(raw))

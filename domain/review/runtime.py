@@ -286,10 +286,11 @@ class Runtime:
             cache.batch_select_indices(keep)
             mask = mask[keep]
         step = 0
+        row_names = [names[i] for i in active]
         mixed = MixedLoRA(self.model) if isinstance(self.model, PeftModel) and active else None
-        fast = mixed is not None and mixed.supported([names[i] for i in active])
+        fast = mixed is not None and mixed.supported(row_names)
         self.stats["fused_lora_batches" if fast else "peft_lora_batches"] += 1
-        with mixed.rows([names[i] for i in active]) if fast else contextlib.nullcontext() as rows:
+        with mixed.rows(row_names) if fast else contextlib.nullcontext() as rows:
             while active:
                 step += 1
                 tokens = torch.tensor([[outs[i][-1]] for i in active], dtype=torch.long, device=self.device)
