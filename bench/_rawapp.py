@@ -13,6 +13,10 @@ app = Celery("rawbench", broker=os.environ["RAW_BROKER"], backend=os.environ["RA
 app.conf.update({k: v for k, v in _foundry.conf.items() if k.startswith(("task_", "worker_", "broker_", "result_", "accept"))
                  and k not in ("task_routes", "task_queues", "task_default_queue", "task_default_exchange")})
 app.conf.task_default_queue = "rawbench"
+# raw Celery learns that a task finished from its result backend (Foundry from its ledger); Celery's
+# defaults otherwise (no STARTED state stored)
+app.conf.task_ignore_result = False
+app.conf.task_track_started = False
 
 
 @app.task(name="raw.noop", acks_late=True, reject_on_worker_lost=True)

@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path(".foundry"), description="Root of every file Foundry writes (ledger, broker, models, artifacts).")
     broker_url: str = Field("", description="Celery broker URL; empty = embedded filesystem broker under data_dir/broker.")
     result_backend: str = Field("", description="Celery result backend; empty = same Redis as the broker, or a file backend when embedded.")
+    celery_results: bool = Field(False, description="Also store each job's summary in the Celery result backend (for producers that wait on AsyncResult); off: the ledger is the only result store, which saves two Redis writes per job.")
     database_url: str = Field("", description="SQLAlchemy URL of the ledger; empty = sqlite under data_dir/ledger.db.")
 
     base_model: str = Field("", description="Base causal LM: a Hugging Face id or local path; empty = the prepared embedded SmolLM2.")

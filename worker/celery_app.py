@@ -81,7 +81,11 @@ def make_celery(settings: Settings | None = None) -> Celery:
         broker_transport_options=options,
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout} if not settings.embedded else {},
         result_expires=7 * 24 * 3600,
-        task_track_started=True,
+        # The ledger is Foundry's result store (status, result, error, progress); storing each job's summary
+        # in the result backend too costs a GET + SET + PUBLISH at start and at finish. Opt in for producers
+        # that wait on Celery's AsyncResult.
+        task_ignore_result=not settings.celery_results,
+        task_track_started=settings.celery_results,
         task_send_sent_event=False,  # one more publish per job; the ledger already records "queued"
         worker_send_task_events=True,
         task_default_priority=5,

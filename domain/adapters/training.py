@@ -6,6 +6,9 @@ Batches
   (``masking_utils.find_packed_sequence_indices``) turns restarting positions into a block-diagonal causal
   mask, so a token attends only to earlier tokens of its own sample: packed logits equal unpacked ones
   (tested). The tail of a row is padding in its own position segment, with no loss.
+  On ``sdpa`` models the forward goes further (``domain/adapters/varlen.py``): the rows' real tokens run
+  as one unpadded row and attention runs per sample, like flash-attn's varlen kernels; no padding, no
+  mask, only the diagonal blocks of attention (same loss and gradients as the mask, tested).
 - **Unpacked**: ``batch_size`` samples per batch, right-padded to the longest, with an attention mask.
 Loss: cross-entropy on completion tokens only (prompt and padding labels are ``IGNORE``); the output
 projection runs only on those positions, so prompt tokens cost no ``lm_head`` work.
@@ -31,6 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from domain.adapters import varlen
 from domain.adapters.data import IGNORE, TokenizedExample
 
 TRAINER_STATE = "trainer_state.pt"
@@ -81,11 +85,19 @@ class Batch:
     attention_mask: torch.Tensor | None  # None when packed (positions carry the sample boundaries)
     tokens: int  # real (non-padding) tokens
     samples: int
+    segments: list[list[int]] | None = None  # packed: the sample lengths of each row
 
     def to(self, device) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Batch(move(self.input_ids), move(self.labels), move(self.position_ids), move(self.attention_mask),
-                     self.tokens, self.samples)
+                     self.tokens, self.samples, self.segments)
+
+    def unpadded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """A packed batch as one row of its real tokens (ids, labels, positions) and the sample lengths."""
+        assert self.segments is not None
+        real = [sum(row) for row in self.segments]
+        cat = lambda t: torch.cat([t[r, :n] for r, n in enumerate(real)]).unsqueeze(0)  # noqa: E731
+        return cat(self.input_ids), cat(self.labels), cat(self.position_ids), [n for row in self.segments for n in row]
 
 
 def pack(examples: list[TokenizedExample], capacity: int) -> list[list[TokenizedExample]]:
@@ -138,11 +150,12 @@ def make_batches(examples: list[TokenizedExample], batch_size: int, max_seq_len:
                 ids += ex.input_ids
                 labels += [IGNORE] + ex.labels[1:]  # a sample's first token is never predicted from the previous one
                 pos += list(range(len(ex.input_ids)))
-            rows.append((ids, labels, pos, len(row)))
+            rows.append((ids, labels, pos, [len(ex.input_ids) for ex in row]))
         for i in range(0, len(rows), batch_size):
             group = rows[i:i + batch_size]
             t = _stack([(a, b, c) for a, b, c, _ in group], pad_id, with_mask=False)
-            batches.append(Batch(*t, tokens=sum(len(a) for a, *_ in group), samples=sum(n for *_, n in group)))
+            batches.append(Batch(*t, tokens=sum(len(a) for a, *_ in group), samples=sum(len(n) for *_, n in group),
+                                 segments=[n for *_, n in group]))
     else:
         for i in range(0, len(examples), batch_size):
             group = examples[i:i + batch_size]
@@ -212,9 +225,16 @@ def completion_loss(model, batch: Batch, count_correct: bool = True) -> tuple[to
     decoder, head = _decoder_and_head(model)
     device = next(model.parameters()).device
     b = batch.to(device)
-    hidden = decoder(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
-                     use_cache=False).last_hidden_state
-    targets = b.labels[:, 1:]
+    if b.segments is not None and b.attention_mask is None and varlen.supported(decoder):
+        # packed: one row of real tokens, attention per sample (no padding, no block-diagonal mask)
+        input_ids, labels, position_ids, lengths = b.unpadded()
+        with varlen.packed(decoder, lengths):
+            hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    else:
+        labels = b.labels
+        hidden = decoder(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                         use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
     keep = targets != IGNORE
     logits = head(hidden[:, :-1][keep]).float()
     y = targets[keep]

@@ -13,7 +13,7 @@ from decimal import Decimal
 
 from sqlalchemy import (
     JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, Numeric, String, Text,
-    UniqueConstraint,
+    UniqueConstraint, text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -48,6 +48,11 @@ class Tenant(Base):
     settings: Mapped[dict] = mapped_column(default=dict)
 
 
+_OPEN = text("status IN ('queued', 'running')")
+_FAILED = text("status IN ('failed', 'dead', 'rejected')")
+_FINISHED = text("finished_at IS NOT NULL")
+
+
 class Job(Base):
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)  # = Celery task id
@@ -75,9 +80,12 @@ class Job(Base):
 
     __table_args__ = (
         UniqueConstraint("tenant_id", "kind", "idempotency_key", name="uq_jobs_idempotency"),
-        Index("ix_jobs_status_kind", "status", "kind"),
+        # Partial indexes: the succeeded rows (nearly all of a big ledger) are in none of the status indexes,
+        # so finishing a job adds no entry to them, and the sweeps over open jobs read a small index.
+        Index("ix_jobs_open", "status", "kind", postgresql_where=_OPEN, sqlite_where=_OPEN),
+        Index("ix_jobs_failed", "status", "finished_at", postgresql_where=_FAILED, sqlite_where=_FAILED),
         Index("ix_jobs_tenant_enqueued", "tenant_id", "enqueued_at"),
-        Index("ix_jobs_finished", "finished_at"),
+        Index("ix_jobs_finished", "finished_at", postgresql_where=_FINISHED, sqlite_where=_FINISHED),
     )
 
 

@@ -35,7 +35,7 @@ def test_upgrade_check_downgrade(empty_pg):
     insp = inspect(eng)
     assert {"jobs", "adapter_versions", "usage_costs", "checkpoints", "health_events", "artifacts"} <= set(insp.get_table_names())
     idx = {i["name"] for i in insp.get_indexes("jobs")}
-    assert {"ix_jobs_status_kind", "ix_jobs_tenant_enqueued"} <= idx
+    assert {"ix_jobs_open", "ix_jobs_failed", "ix_jobs_finished", "ix_jobs_tenant_enqueued"} <= idx
     with eng.connect() as conn:
         for v in ("v_review_audit", "v_job_failures", "v_costs_daily", "v_adapter_lineage", "v_job_attempts"):
             conn.execute(text(f"SELECT * FROM {v}")).all()

@@ -62,6 +62,55 @@ def test_packed_loss_equals_unpacked_loss(tiny_tokenizer):
         assert not torch.allclose(T.completion_loss(model, leaky)[0], lu, rtol=1e-3)
 
 
+def test_unpadded_packed_batches_match_the_block_diagonal_mask(tiny_tokenizer):
+    """Packed rows run as one unpadded row with attention per sample (domain/adapters/varlen.py): same loss
+    and same LoRA gradients as the padded rows under transformers' block-diagonal mask, and the model still
+    behaves like sdpa outside a packed forward."""
+    from domain.adapters import varlen
+
+    exs = _random_examples([5, 9, 3, 12, 7, 20, 11, 4, 16], seed=1)
+    batch = T.make_batches(exs, 4, 24, True, tiny_tokenizer.pad_token_id)[0]
+    assert batch.input_ids.shape[0] > 1 and batch.tokens < batch.input_ids.numel()  # several rows, tail padding
+    masked = T.Batch(batch.input_ids, batch.labels, batch.position_ids, None, batch.tokens, batch.samples)
+
+    def loss_and_grads(b):
+        model = T.setup_model(tiny_model(tiny_tokenizer), T.TrainConfig(lora_dropout=0.0, max_steps=1))
+        loss, n, _ = T.completion_loss(model, b)
+        loss.backward()
+        assert model.get_base_model().config._attn_implementation == "sdpa"  # switched for the forward only
+        return loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, *a, **k):
+        calls.append(q.shape[2])
+        return sdpa(q, *a, **k)
+
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        lv, nv, gv = loss_and_grads(batch)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+    assert calls == [n for row in batch.segments for n in row] * 2  # per sample, in each of the 2 layers
+    lm, nm, gm = loss_and_grads(masked)
+    assert nv == nm
+    assert torch.allclose(lv, lm, rtol=1e-5)
+    assert all(torch.allclose(gv[k], gm[k], rtol=1e-4, atol=1e-6) for k in gm)
+    # inside packed(...) but outside a segments row, the switched model is plain sdpa (another thread serving)
+    model = tiny_model(tiny_tokenizer)
+    ids = torch.randint(5, 500, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        with varlen.packed(model, [4, 6]):
+            assert model.config._attn_implementation == varlen.NAME
+            with varlen.segments(None):
+                after = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(before, after, atol=1e-6)
+
+
 def test_batches_count_real_tokens_and_mask_prompt(tiny_tokenizer):
     exs = _feedback_examples(tiny_tokenizer, 6)
     for packing in (True, False):

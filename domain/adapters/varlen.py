@@ -1,0 +1,118 @@
+"""Variable-length ("unpadded") attention for packed training batches, without flash-attn.
+
+A packed batch is flattened to one row of real tokens (no tail padding) and attention runs once per sample
+(``scaled_dot_product_attention`` with ``is_causal=True`` on that sample's slice), the way flash-attn's
+``varlen`` kernels work on a GPU. Compared with a block-diagonal mask over padded rows this does no work on
+padding, builds no ``rows × L × L`` mask, and computes only the diagonal blocks of attention.
+
+It plugs into transformers as an attention implementation (``foundry_varlen``), switched on for the packed
+forward only (``packed(model, lengths)``); it behaves exactly like ``sdpa`` outside ``segments(...)``, so a
+review thread sharing the model meanwhile is unaffected.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+NAME = "foundry_varlen"
+_state = threading.local()
+
+
+def _lengths() -> list[int] | None:
+    return getattr(_state, "lengths", None)
+
+
+@contextmanager
+def segments(lengths: list[int] | None):
+    """Forwards inside this block treat their single input row as consecutive samples of these lengths."""
+    previous = _lengths()
+    _state.lengths = None if lengths is None else list(lengths)
+    try:
+        yield
+    finally:
+        _state.lengths = previous
+
+
+def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+               **kwargs):
+    lengths = _lengths()
+    if lengths is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if query.shape[0] != 1 or sum(lengths) != query.shape[2]:
+        raise ValueError(f"varlen attention: segments {sum(lengths)} tokens, input {tuple(query.shape)}")
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    p = dropout if module.training else 0.0
+    outs, start = [], 0
+    for n in lengths:
+        end = start + n
+        outs.append(F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+                                                   dropout_p=p, is_causal=True, scale=scaling))
+        start = end
+    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _mask(*args, **kwargs):
+    if _lengths() is not None:
+        return None  # the attention above needs none
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
+
+
+_registered = False
+
+
+def _configs(model) -> list:
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    sub = [getattr(config, "text_config")] if getattr(config, "text_config", None) is not None else []
+    return list({id(c): c for c in [config, *sub]}.values())
+
+
+def supported(model) -> bool:
+    """Packed batches can run unpadded on models that use ``sdpa`` attention (transformers ≥ 5)."""
+    configs = _configs(model)
+    if not configs or getattr(configs[0], "_attn_implementation", None) not in ("sdpa", NAME):
+        return False
+    try:
+        from transformers import AttentionInterface  # noqa: F401
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextmanager
+def packed(model, lengths: list[int]):
+    """Run the forwards in this block on one row made of samples of these lengths, with attention per sample.
+    The model's attention implementation is switched for the block only (outside ``segments`` it is sdpa)."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        AttentionInterface.register(NAME, _attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, _mask)
+        _registered = True
+    configs = _configs(model)
+    before = [c._attn_implementation for c in configs]
+    for c in configs:
+        c._attn_implementation = NAME
+    try:
+        with segments(lengths):
+            yield
+    finally:
+        for c, impl in zip(configs, before):
+            c._attn_implementation = impl
