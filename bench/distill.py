@@ -1,7 +1,8 @@
 """Benchmark: a distilled half-depth student against the same student trained with plain cross-entropy.
 
-Teacher: SmolLM2-135M-Instruct (30 layers). Student: the teacher with 15 evenly spaced layers kept
-(embeddings, norm and head copied). Both students start from the same weights and train on exactly the same
+Teacher: SmolLM2-135M-Instruct (30 layers). Student: the teacher with 15 of its layers kept, by the job's
+default ``layer_selection="block"`` (drop the 15 consecutive layers whose input and output hidden states are
+closest; embeddings, norm and head copied). Both students start from the same weights and train on exactly the same
 batches (same seed, same token budget, same optimizer and schedule) through real ``distill`` jobs
 (domain.jobs.execute on a throwaway SQLite ledger); only the loss differs:
 - Foundry: alpha=0.5, T=2 (the job's defaults): 0.5*T^2*KL(teacher || student) + 0.5*CE

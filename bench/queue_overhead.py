@@ -37,7 +37,7 @@ def pct(values, q):
 
 def run_raw(n: int, env: dict, pool: str, conc: int) -> dict:
     os.environ["RAW_BROKER"] = env["FOUNDRY_BROKER_URL"]
-    from bench._rawapp import app, noop
+    from bench._rawapp import noop
 
     import subprocess
 

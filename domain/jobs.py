@@ -170,15 +170,16 @@ def load_handler(kind: str) -> Callable[[JobSpec, JobContext], Outcome]:
     return getattr(importlib.import_module(module), name)
 
 
-_known_tenants: dict[str, float] = {}
+_known_tenants: dict[tuple[str, str], float] = {}  # (ledger url, tenant) -> when it was last seen
 
 
-def _tenant_known(tenant: str) -> bool:
-    seen = _known_tenants.get(tenant)
+def _tenant_known(tenant: str, ledger_url: str) -> bool:
+    key = (ledger_url, tenant)
+    seen = _known_tenants.get(key)
     if seen and time.monotonic() - seen < 30:
         return True
     if jobstore.tenant_exists(tenant):
-        _known_tenants[tenant] = time.monotonic()
+        _known_tenants[key] = time.monotonic()
         return True
     return False
 
@@ -263,7 +264,7 @@ def _execute(kind: str, job_id: str, payload: Any, worker: str, settings: Settin
         return {"job_id": job_id, "status": "rejected", "error": str(exc), "field": exc.field}
     body = spec.model_dump(mode="json")
     logs.bind(tenant=spec.tenant)
-    if not _tenant_known(spec.tenant):
+    if not _tenant_known(spec.tenant, settings.ledger_url):
         msg = f"tenant: unknown tenant {spec.tenant!r} (create it with `foundry tenants add {spec.tenant}`)"
         jobstore.record_rejected(job_id, kind, body, msg, field_name="tenant", code="unknown_tenant", worker=worker)
         return {"job_id": job_id, "status": "rejected", "error": msg, "field": "tenant"}

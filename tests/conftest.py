@@ -35,7 +35,15 @@ def use_ledger(monkeypatch, url: str, data_dir) -> str:
     monkeypatch.setenv("FOUNDRY_DATA_DIR", str(data_dir))
     reset_settings()
     ledger_db.dispose_all()
+    forget_tenants()
     return url
+
+
+def forget_tenants() -> None:
+    """Workers cache known tenants per ledger for 30 s; a test that empties or swaps its ledger starts clean."""
+    from domain import jobs
+
+    jobs._known_tenants.clear()
 
 
 def add_tenant(url: str, tenant: str = "acme", **budgets) -> str:

@@ -17,49 +17,50 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from domain.ledger.db import autocommit_engine, session_scope
+from domain.ledger.db import fast_ledger, session_scope
 from domain.ledger.models import FINAL_STATUSES, Job, JobAttempt, Tenant, UsageCost, utcnow
 
 log = logging.getLogger(__name__)
 
 
-# PostgreSQL one-round-trip statements for the hot path (data-modifying CTEs; SQLite uses the ORM path).
-_PG_CLAIM = text("""
+# PostgreSQL one-round-trip statements for the hot path (data-modifying CTEs; SQLite uses the ORM path),
+# run as server-side prepared statements by db.FastLedger.
+_PG_CLAIM = """
     WITH j AS (
-        UPDATE jobs SET attempts = attempts + 1, status = 'running', worker = :worker, heartbeat_at = :now,
-                        started_at = COALESCE(started_at, :now)
-        WHERE id = :id AND status = 'queued' AND attempts < max_attempts
+        UPDATE jobs SET attempts = attempts + 1, status = 'running', worker = %(worker)s, heartbeat_at = %(now)s,
+                        started_at = COALESCE(started_at, %(now)s)
+        WHERE id = %(id)s AND status = 'queued' AND attempts < max_attempts
         RETURNING id, attempts)
     INSERT INTO job_attempts (job_id, attempt, worker, started_at)
-    SELECT id, attempts, :worker, :now FROM j RETURNING attempt""")
+    SELECT id, attempts, %(worker)s, %(now)s FROM j RETURNING attempt"""
 
-_PG_ENQUEUE = text("""
+_PG_ENQUEUE = """
     INSERT INTO jobs (id, kind, tenant_id, payload, idempotency_key, priority, queue, max_attempts, created_by,
                       parent_job_id, enqueued_at, status, attempts, progress, progress_info)
-    VALUES (:id, :kind, :tenant_id, CAST(:payload AS JSON), :idempotency_key, :priority, :queue, :max_attempts,
-            :created_by, :parent_job_id, :enqueued_at, 'queued', 0, 0.0, CAST('{}' AS JSON))""")
+    VALUES (%(id)s, %(kind)s, %(tenant_id)s, CAST(%(payload)s AS JSON), %(idempotency_key)s, %(priority)s, %(queue)s, %(max_attempts)s,
+            %(created_by)s, %(parent_job_id)s, %(enqueued_at)s, 'queued', 0, 0.0, CAST('{}' AS JSON))"""
 
 _USAGE_COLS = ("prompt_tokens", "completion_tokens", "wall_seconds", "gpu_seconds", "model_id", "adapter_version_id",
                "cost", "currency", "price_version")
-_PG_FINISH = text("""
+_PG_FINISH = """
     WITH j AS (
-        UPDATE jobs SET status = 'succeeded', result = CAST(:result AS JSON), finished_at = :now, progress = 1.0,
+        UPDATE jobs SET status = 'succeeded', result = CAST(%(result)s AS JSON), finished_at = %(now)s, progress = 1.0,
                         error = NULL, error_code = NULL
-        WHERE id = :id AND status = 'running' AND attempts = :attempt
+        WHERE id = %(id)s AND status = 'running' AND attempts = %(attempt)s
         RETURNING id, tenant_id, kind),
     a AS (
-        UPDATE job_attempts SET outcome = 'succeeded', finished_at = :now, error = NULL
-        WHERE job_id IN (SELECT id FROM j) AND attempt = :attempt),
+        UPDATE job_attempts SET outcome = 'succeeded', finished_at = %(now)s, error = NULL
+        WHERE job_id IN (SELECT id FROM j) AND attempt = %(attempt)s),
     u AS (
         INSERT INTO usage_costs (job_id, tenant_id, kind, prompt_tokens, completion_tokens, wall_seconds, gpu_seconds,
                                  model_id, adapter_version_id, cost, currency, price_version, created_at)
-        SELECT id, tenant_id, kind, :prompt_tokens, :completion_tokens, :wall_seconds, :gpu_seconds, :model_id,
-               :adapter_version_id, :cost, :currency, :price_version, :now FROM j WHERE CAST(:has_usage AS BOOLEAN))
-    SELECT count(*) FROM j""")
+        SELECT id, tenant_id, kind, %(prompt_tokens)s, %(completion_tokens)s, %(wall_seconds)s, %(gpu_seconds)s, %(model_id)s,
+               %(adapter_version_id)s, %(cost)s, %(currency)s, %(price_version)s, %(now)s FROM j WHERE CAST(%(has_usage)s AS BOOLEAN))
+    SELECT count(*) FROM j"""
 
 
 def _aware(ts: datetime | None) -> datetime | None:
@@ -94,10 +95,9 @@ def record_enqueued(job_id: str, kind: str, tenant: str, payload: dict, *, idemp
                   priority=priority, queue=queue, max_attempts=max_attempts, created_by=created_by,
                   parent_job_id=parent_job_id, enqueued_at=utcnow())
     try:
-        fast = autocommit_engine(url, durable=False)
-        if fast is not None:  # PostgreSQL: one pre-built statement, one round trip, no WAL flush wait
-            with fast.connect() as conn:
-                conn.execute(_PG_ENQUEUE, {**values, "payload": json.dumps(payload)})
+        fast = fast_ledger(url, durable=False)
+        if fast is not None:  # PostgreSQL: one prepared statement, one round trip, no WAL flush wait
+            fast.one(_PG_ENQUEUE, {**values, "payload": json.dumps(payload)})
         else:
             with session_scope(url, durable=False) as s:
                 s.execute(insert(Job).values(status="queued", attempts=0, progress=0.0, progress_info={}, **values))
@@ -153,10 +153,10 @@ def claim(job_id: str, kind: str, tenant: str, payload: dict, worker: str, *, ma
     now = utcnow()
     # Fast path: a queued job with attempts left. Not durable: losing it in a database crash only
     # forgets that this delivery started (the job is still unfinished and will run again).
-    fast = autocommit_engine(url, durable=False)
+    fast = fast_ledger(url, durable=False)
     if fast is not None:
-        with fast.connect() as conn:
-            attempt = conn.execute(_PG_CLAIM, {"id": job_id, "worker": worker, "now": now}).scalar()
+        row = fast.one(_PG_CLAIM, {"id": job_id, "worker": worker, "now": now})
+        attempt = row[0] if row else None
     else:
         with session_scope(url, durable=False) as s:
             attempt = s.execute(
@@ -239,12 +239,11 @@ def finish_success(job_id: str, attempt: int, worker: str, result: dict, *, usag
     ``commit`` added). None if this attempt no longer owns the job (another delivery took it over): then
     nothing is written."""
     now = utcnow()
-    fast = autocommit_engine(url, durable=True) if commit is None else None
+    fast = fast_ledger(url, durable=True) if commit is None else None
     if fast is not None:  # PostgreSQL, nothing but the job's own rows: one durable statement
         params = {"id": job_id, "attempt": attempt, "now": now, "result": json.dumps(result), "has_usage": usage is not None,
                   **{k: (usage or {}).get(k) for k in _USAGE_COLS}}
-        with fast.connect() as conn:
-            owned = conn.execute(_PG_FINISH, params).scalar()
+        owned = fast.one(_PG_FINISH, params)[0]
         if not owned:
             log.warning("job %s: attempt %s lost ownership; result dropped", job_id, attempt)
             return None

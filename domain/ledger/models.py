@@ -81,9 +81,11 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("tenant_id", "kind", "idempotency_key", name="uq_jobs_idempotency"),
         # Partial indexes: the succeeded rows (nearly all of a big ledger) are in none of the status indexes,
-        # so finishing a job adds no entry to them, and the sweeps over open jobs read a small index.
-        Index("ix_jobs_open", "status", "kind", postgresql_where=_OPEN, sqlite_where=_OPEN),
-        Index("ix_jobs_failed", "status", "finished_at", postgresql_where=_FAILED, sqlite_where=_FAILED),
+        # so finishing a job adds no entry to them, and the sweeps over open jobs read a small index. Their key
+        # is a time, not the status: a lookup by id with a status condition (claim, finish) then has nothing
+        # to gain from them and always takes the primary key, even on a table without statistics yet.
+        Index("ix_jobs_open", "enqueued_at", postgresql_where=_OPEN, sqlite_where=_OPEN),
+        Index("ix_jobs_failed", "finished_at", postgresql_where=_FAILED, sqlite_where=_FAILED),
         Index("ix_jobs_tenant_enqueued", "tenant_id", "enqueued_at"),
         Index("ix_jobs_finished", "finished_at", postgresql_where=_FINISHED, sqlite_where=_FINISHED),
     )

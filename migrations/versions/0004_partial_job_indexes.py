@@ -1,7 +1,8 @@
 """jobs: partial status indexes (open jobs, failed jobs) and finished_at only where set
 
 A succeeded job, nearly every row of a big ledger, is in none of the status indexes: finishing it adds no
-index entry there, and the sweeps over queued/running jobs read an index of open jobs only.
+index entry there, and the sweeps over queued/running jobs read an index of open jobs only. They are keyed by
+time, not status, so that a lookup by id with a status condition (claim, finish) always uses the primary key.
 job_attempts gets fillfactor 80 on PostgreSQL so closing an attempt is a HOT update.
 
 Revision ID: 0004
@@ -27,8 +28,8 @@ def _where(clause: str) -> dict:
 def upgrade() -> None:
     op.drop_index("ix_jobs_status_kind", table_name="jobs")
     op.drop_index("ix_jobs_finished", table_name="jobs")
-    op.create_index("ix_jobs_open", "jobs", ["status", "kind"], **_where(OPEN))
-    op.create_index("ix_jobs_failed", "jobs", ["status", "finished_at"], **_where(FAILED))
+    op.create_index("ix_jobs_open", "jobs", ["enqueued_at"], **_where(OPEN))
+    op.create_index("ix_jobs_failed", "jobs", ["finished_at"], **_where(FAILED))
     op.create_index("ix_jobs_finished", "jobs", ["finished_at"], **_where(FINISHED))
     if op.get_bind().dialect.name == "postgresql":
         op.execute("ALTER TABLE job_attempts SET (fillfactor = 80)")

@@ -11,8 +11,6 @@ def env(redis_url, pg_ledger, tmp_path, monkeypatch):
     """Worker environment on the test Redis and PostgreSQL, applied to this process too, with tenant acme."""
     e = worker_env(redis_url, pg_ledger, tmp_path)
     apply_env(monkeypatch, e)
-    from domain import jobs
 
-    jobs._known_tenants.clear()
     add_tenant(pg_ledger, "acme")
     return e

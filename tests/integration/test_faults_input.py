@@ -69,7 +69,6 @@ def _stub_handler(spec, ctx):
 def sqlite_env(sqlite_ledger, monkeypatch):
     monkeypatch.setenv("FOUNDRY_ALLOW_FAULT_INJECTION", "1")
     reset_settings()
-    jobs._known_tenants.clear()
     add_tenant(sqlite_ledger, "acme")
     return sqlite_ledger
 
@@ -183,7 +182,6 @@ def test_corrupted_adapter_files_are_refused_and_detected(pg_ledger, tmp_path, m
     monkeypatch.setenv("FOUNDRY_BASE_MODEL", str(tiny_model_dir))
     monkeypatch.setenv("FOUNDRY_DEVICE", "cpu")
     reset_settings()
-    jobs._known_tenants.clear()
     add_tenant(pg_ledger, "acme")
     vid = make_version("acme", tiny_model_dir, alias="champion")
     with session_scope() as s:

@@ -34,9 +34,7 @@ def env(redis_url, pg_ledger, tmp_path, monkeypatch):
     e = worker_env(redis_url, pg_ledger, tmp_path, FOUNDRY_BASE_MODEL=str(base), FOUNDRY_DEVICE="cpu",
                    FOUNDRY_EMBEDDING_MODEL="hashing:64", OMP_NUM_THREADS="1", FOUNDRY_HEALTH_INTERVAL_S="2")
     apply_env(monkeypatch, e)
-    from domain import jobs
 
-    jobs._known_tenants.clear()
     add_tenant(pg_ledger, "acme")
     return e
 

@@ -11,7 +11,7 @@ import uuid
 import pytest
 from sqlalchemy import select
 
-from domain import consistency, jobs
+from domain import consistency
 from domain.ledger.db import dispose_all, session_scope
 from domain.ledger.models import HealthEvent, Job
 from tests.conftest import add_tenant
@@ -36,7 +36,6 @@ def test_redis_restart_mid_run_loses_nothing(own_redis, pg_ledger, tmp_path, mon
 
     env = worker_env(own_redis.url, pg_ledger, tmp_path)
     apply_env(monkeypatch, env)
-    jobs._known_tenants.clear()
     add_tenant(pg_ledger, "acme")
     with running_worker(env, queues=["control"], pool="threads", concurrency=2):
         ids = [enqueue("noop", {"tenant": "acme", "sleep_s": 0.05, "cost_tokens": 2}) for _ in range(60)]
@@ -89,7 +88,6 @@ def test_postgres_stopped_mid_run_loses_nothing(own_postgres, redis_url, tmp_pat
     upgrade(url)
     env = worker_env(redis_url, url, tmp_path, FOUNDRY_LEDGER_OUTAGE_MAX_S="120")
     apply_env(monkeypatch, env)
-    jobs._known_tenants.clear()
     add_tenant(url, "acme")
     with running_worker(env, queues=["control"], pool="threads", concurrency=2):
         ids = [enqueue("noop", {"tenant": "acme", "sleep_s": 0.2, "cost_tokens": 3}) for _ in range(30)]
@@ -118,7 +116,6 @@ def test_worker_failing_its_checks_stops_taking_jobs_until_it_recovers(redis_url
 
     env = worker_env(redis_url, pg_ledger, tmp_path, FOUNDRY_HEALTH_INTERVAL_S="0.5")
     apply_env(monkeypatch, env)
-    jobs._known_tenants.clear()
     add_tenant(pg_ledger, "acme")
     drain = tmp_path / "drain"
     with running_worker(env, queues=["control"]) as w:

@@ -28,9 +28,7 @@ def env(redis_url, pg_ledger, tmp_path, monkeypatch):
     apply_env(monkeypatch, e)
     reset_retrieval_settings()
     reader.forget()
-    from domain import jobs
 
-    jobs._known_tenants.clear()
     add_tenant(pg_ledger, "acme")
     add_tenant(pg_ledger, "globex")
     yield e

@@ -157,3 +157,24 @@ def test_idempotent_enqueue_and_duplicate_message(env):
         time.sleep(2)
     j, attempts, costs = row(a)
     assert j.status == "succeeded" and attempts == ["succeeded"] and costs == 1
+
+
+def test_results_live_in_the_ledger_unless_celery_results_is_on(env, monkeypatch):
+    """By default no copy of a job's outcome goes to Celery's result backend (the ledger holds it); with
+    FOUNDRY_CELERY_RESULTS=1 a producer can also wait on AsyncResult."""
+    from celery.result import AsyncResult
+
+    from tests.integration.workers import apply_env
+    from worker.client import celery_app, enqueue, wait
+
+    with running_worker(env, queues=["control"]):
+        jid = enqueue("noop", {"tenant": "acme"})
+        assert wait(jid, timeout=30)["status"] == "succeeded"
+        assert AsyncResult(jid, app=celery_app()).state == "PENDING"  # nothing stored in Redis
+    on = {**env, "FOUNDRY_CELERY_RESULTS": "1"}
+    apply_env(monkeypatch, on)
+    with running_worker(on, queues=["control"]):
+        jid = enqueue("noop", {"tenant": "acme", "cost_tokens": 3})
+        summary = AsyncResult(jid, app=celery_app()).get(timeout=30)
+    assert summary["job_id"] == jid and summary["status"] == "succeeded"
+    assert wait(jid, timeout=5)["result"] == summary["result"]

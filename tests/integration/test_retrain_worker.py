@@ -34,9 +34,7 @@ def env(redis_url, pg_ledger, tmp_path, monkeypatch):
     base = save_tiny_model(tmp_path / "tiny-base")
     e = worker_env(redis_url, pg_ledger, tmp_path, FOUNDRY_BASE_MODEL=base, FOUNDRY_DEVICE="cpu", OMP_NUM_THREADS=1)
     apply_env(monkeypatch, e)
-    from domain import jobs
 
-    jobs._known_tenants.clear()
     add_tenant(pg_ledger, "acme")
     seed_feedback("acme", stdlib_review_pairs(10, max_code_lines=8))
     return e

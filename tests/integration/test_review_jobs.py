@@ -31,9 +31,7 @@ def env(redis_url, pg_ledger, tmp_path, monkeypatch, base_dir):
     e = worker_env(redis_url, pg_ledger, tmp_path, FOUNDRY_BASE_MODEL=str(base_dir), FOUNDRY_DEVICE="cpu",
                    FOUNDRY_REVIEW_BATCH_SIZE="4", FOUNDRY_REVIEW_BATCH_WAIT_MS="300")
     apply_env(monkeypatch, e)
-    from domain import jobs
 
-    jobs._known_tenants.clear()
     champions = {}
     for i, tenant in enumerate(("acme", "globex", "initech"), start=1):
         add_tenant(pg_ledger, tenant)

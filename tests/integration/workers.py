@@ -44,11 +44,13 @@ def worker_env(broker_url: str, database_url: str, data_dir, **extra) -> dict:
 def apply_env(monkeypatch, env: dict) -> None:
     from domain.config import reset_settings
     from domain.ledger import db
+    from tests.conftest import forget_tenants
 
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     reset_settings()
     db.dispose_all()
+    forget_tenants()
 
 
 class WorkerProcess:

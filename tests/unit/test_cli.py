@@ -6,7 +6,6 @@ import uuid
 import pytest
 
 from domain import jobs
-from domain.config import reset_settings
 from tests.conftest import add_tenant
 from worker.cli import build_parser, main
 
@@ -14,7 +13,6 @@ from worker.cli import build_parser, main
 @pytest.fixture
 def ledger(sqlite_ledger, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
-    jobs._known_tenants.clear()
     add_tenant(sqlite_ledger, "acme")
     return sqlite_ledger
 

@@ -20,7 +20,6 @@ def ledger(sqlite_ledger, monkeypatch):
     monkeypatch.setenv("FOUNDRY_ALLOW_FAULT_INJECTION", "1")
     monkeypatch.setenv("FOUNDRY_STALE_AFTER_S", "0")
     reset_settings()
-    jobs._known_tenants.clear()
     add_tenant(sqlite_ledger, "acme")
     return sqlite_ledger
 

@@ -17,7 +17,6 @@ from tests.conftest import add_tenant
 def ledger(sqlite_ledger, monkeypatch):
     monkeypatch.setenv("FOUNDRY_ALLOW_FAULT_INJECTION", "1")
     reset_settings()
-    jobs._known_tenants.clear()
     add_tenant(sqlite_ledger, "acme")
     return sqlite_ledger
 

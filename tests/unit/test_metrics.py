@@ -55,7 +55,6 @@ def test_filesystem_depth_counts_message_files_per_queue(tmp_path):
 def ledger(sqlite_ledger, monkeypatch):
     monkeypatch.setenv("FOUNDRY_ALLOW_FAULT_INJECTION", "1")
     reset_settings()
-    jobs._known_tenants.clear()
     add_tenant(sqlite_ledger, "acme")
     return sqlite_ledger
 

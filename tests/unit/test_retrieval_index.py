@@ -241,7 +241,6 @@ def test_a_version_switched_without_its_ledger_commit_is_not_built_on(sqlite_led
     from domain.config import reset_settings as _reset
 
     _reset()
-    _jobs._known_tenants.clear()
     _add(sqlite_ledger, "acme")
     body = {"tenant": "acme", "documents": [{"id": "d1", "text": "def f():\n    return 1\n", "language": "python"}]}
     jid = _uuid.uuid4().hex

@@ -35,9 +35,7 @@ def ledger(sqlite_ledger, base_dir, monkeypatch):
     monkeypatch.setenv("FOUNDRY_BASE_MODEL", str(base_dir))
     monkeypatch.setenv("FOUNDRY_DEVICE", "cpu")
     reset_settings()
-    jobs._known_tenants.clear()
     yield sqlite_ledger
-    jobs._known_tenants.clear()
 
 
 def champion(url, data_dir, base_dir, tenant="acme", seed=1, alias="champion", version=1) -> str:

@@ -33,7 +33,6 @@ def test_real_review_job(sqlite_ledger, smollm2, monkeypatch):
     monkeypatch.setenv("FOUNDRY_BASE_MODEL", smollm2)
     monkeypatch.setenv("FOUNDRY_DEVICE", "cpu")
     reset_settings()
-    jobs._known_tenants.clear()
     add_tenant(sqlite_ledger, "acme")
     out = jobs.execute("review", uuid.uuid4().hex, {"tenant": "acme", "code": CODE, "path": "stats.py",
                                                      "max_new_tokens": 48}, "test:1")
