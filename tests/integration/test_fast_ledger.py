@@ -1,0 +1,62 @@
+"""The hot-path statement runner (domain/ledger/db.py FastLedger) against the real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+from sqlalchemy import exc as sa_exc
+
+from domain.ledger import db, jobstore
+
+pytestmark = pytest.mark.integration
+
+
+def _enqueue(job_id: str, url: str) -> None:
+    jobstore.record_enqueued(job_id, "noop", "acme", {"tenant": "acme"}, idempotency_key=None, priority=5,
+                             queue="control", max_attempts=3, created_by="test", url=url)
+
+
+def test_statements_errors_and_connection_reuse(pg_ledger):
+    fast = db.fast_ledger(pg_ledger, durable=False)
+    assert fast is not None and db.fast_ledger("sqlite:///x.db") is None
+    job_id = uuid.uuid4().hex
+    _enqueue(job_id, pg_ledger)
+    assert fast.one("SELECT status, attempts FROM jobs WHERE id = %(id)s", {"id": job_id}) == ("queued", 0)
+    assert fast.one("SELECT 1 WHERE false", {}) is None
+    # a constraint violation is SQLAlchemy's IntegrityError, and the connection stays usable and pooled
+    with pytest.raises(sa_exc.IntegrityError):
+        fast.one(jobstore._PG_ENQUEUE, {"id": job_id, "kind": "noop", "tenant_id": "acme", "payload": "{}",
+                                        "idempotency_key": None, "priority": 5, "queue": "control",
+                                        "max_attempts": 3, "created_by": "t", "parent_job_id": None,
+                                        "enqueued_at": datetime.now(timezone.utc)})
+    assert len(fast._idle) == 1
+    # a connection the server dropped: one OperationalError (what callers retry on), then fresh connections
+    pid = fast.one("SELECT pg_backend_pid()", {})[0]
+    db.fast_ledger(pg_ledger, durable=True).one("SELECT pg_terminate_backend(%(pid)s)", {"pid": pid})
+    with pytest.raises(sa_exc.OperationalError):
+        fast.one("SELECT 1", {})
+    assert fast.one("SELECT 1", {}) == (1,)
+    assert fast.one("SELECT pg_backend_pid()", {})[0] != pid
+    # durability per runner: the claim/enqueue runner does not wait for the WAL flush, the finish runner does
+    assert fast.one("SHOW synchronous_commit", {}) == ("off",)
+    assert db.fast_ledger(pg_ledger, durable=True).one("SHOW synchronous_commit", {}) == ("on",)
+
+
+def test_a_forked_child_leaves_the_parents_connections_alone(pg_ledger):
+    """A prefork child calls dispose_all() (worker_process_init); that must not end the parent's sessions."""
+    fast = db.fast_ledger(pg_ledger, durable=False)
+    pid = fast.one("SELECT pg_backend_pid()", {})[0]
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            db.dispose_all()
+            import gc
+
+            gc.collect()
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)
+    assert fast.one("SELECT pg_backend_pid()", {})[0] == pid  # same session, still alive
