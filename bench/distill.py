@@ -1,8 +1,9 @@
 """Benchmark: a distilled half-depth student against the same student trained with plain cross-entropy.
 
 Teacher: SmolLM2-135M-Instruct (30 layers). Student: the teacher with 15 of its layers kept, by the job's
-default ``layer_selection="block"`` (drop the 15 consecutive layers whose input and output hidden states are
-closest; embeddings, norm and head copied). Both students start from the same weights and train on exactly the same
+default ``layer_selection="greedy"`` (remove one layer at a time, the one whose removal raises the loss on the
+first training blocks least; embeddings, norm and head copied), chosen once by the first job and given to the
+second as ``kept_layers``. Both students start from the same weights and train on exactly the same
 batches (same seed, same token budget, same optimizer and schedule) through real ``distill`` jobs
 (domain.jobs.execute on a throwaway SQLite ledger); only the loss differs:
 - Foundry: alpha=0.5, T=2 (the job's defaults): 0.5*T^2*KL(teacher || student) + 0.5*CE
@@ -33,18 +34,25 @@ sys.path.insert(0, str(ROOT))
 from bench.quantize import default_model, throwaway_ledger  # noqa: E402
 
 
-def run_job(teacher: str, alpha: float, a: argparse.Namespace) -> dict:
+def run_job(teacher: str, alpha: float, a: argparse.Namespace, kept_layers: list[int] | None = None) -> dict:
     from domain import jobs
+    from domain.ledger.db import session_scope
+    from domain.ledger.models import Artifact
 
     body = {"tenant": "bench", "teacher": teacher, "student_layers": a.student_layers, "alpha": alpha,
             "temperature": a.temperature, "token_budget": a.steps * a.batch_size * a.seq_len, "batch_size": a.batch_size,
             "seq_len": a.seq_len, "learning_rate": a.learning_rate, "eval_max_tokens": a.eval_tokens,
-            "checkpoint_every": 1_000_000, "seed": 0}
+            "checkpoint_every": 1_000_000, "seed": 0, "layer_selection": a.layer_selection}
+    if kept_layers is not None:  # the second student starts from exactly the first one's layers
+        body["kept_layers"] = kept_layers
     t0 = time.perf_counter()
     out = jobs.execute("distill", uuid.uuid4().hex, body, worker="bench:1")
     if out["status"] != "succeeded":
         raise SystemExit(f"alpha={alpha} job {out['status']}: {out.get('error')}")
-    return {**out["result"]["report"], "job_seconds": time.perf_counter() - t0}
+    with session_scope() as s:
+        lineage = s.get(Artifact, out["result"]["artifact_id"]).lineage
+    return {**out["result"]["report"], "job_seconds": time.perf_counter() - t0,
+            "kept_layers": lineage["kept_layers"], "layer_selection": lineage["layer_selection"]}
 
 
 def main() -> None:
@@ -58,6 +66,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--alpha", type=float, default=0.5, help="the distilled run's alpha (the baseline uses 0)")
     ap.add_argument("--eval-tokens", type=int, help="held-out tokens (default 2048; quick 128)")
+    ap.add_argument("--layer-selection", default="greedy", choices=["greedy", "block", "even"],
+                    help="how the student's layers are chosen (once, for both students)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill.json"))
     a = ap.parse_args()
@@ -75,8 +85,9 @@ def main() -> None:
 
     ce = run_job(teacher, 0.0, a)
     print(f"baseline (CE only, alpha=0): student ppl {ce['perplexity_student']:.3f} | teacher ppl "
-          f"{ce['perplexity_teacher']:.3f} | {ce['trained_tokens']} tokens in {ce['job_seconds']:.0f} s", flush=True)
-    kd = run_job(teacher, a.alpha, a)
+          f"{ce['perplexity_teacher']:.3f} | {ce['trained_tokens']} tokens in {ce['job_seconds']:.0f} s "
+          f"(incl. {ce['layer_selection']} layer selection: kept {ce['kept_layers']})", flush=True)
+    kd = run_job(teacher, a.alpha, a, kept_layers=ce["kept_layers"])
     print(f"Foundry (distilled, alpha={a.alpha}, T={a.temperature}): student ppl {kd['perplexity_student']:.3f} | "
           f"retention {kd['retention']:.3f} | {kd['parameter_compression_ratio']:.2f}x fewer params | "
           f"{kd['speedup']:.2f}x tokens/s | KL {kd['kl_divergence']:.3f} | top-1 {kd['top1_agreement']:.3f} | "

@@ -28,6 +28,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -109,6 +110,58 @@ def block_kept_layers(teacher: torch.nn.Module, calibration: torch.Tensor, keep:
     return [i for i in range(total) if not start <= i < start + drop]
 
 
+GREEDY_CALIBRATION_TOKENS = 512  # greedy selection runs ~total × removed forward passes of these: keep them few
+
+
+def _with_layers(model: torch.nn.Module, kept: list[int]) -> torch.nn.Module:
+    """A view of ``model`` running only its decoder layers ``kept``: shares every weight, changes nothing in
+    ``model`` (its module dicts and config are shallow copies)."""
+    shell = copy.copy(model)
+    shell._modules = dict(model._modules)
+    base_prefix = getattr(model, "base_model_prefix", "model")
+    decoder = getattr(model, base_prefix)
+    view = copy.copy(decoder)
+    view._modules = dict(decoder._modules)
+    view.layers = torch.nn.ModuleList([decoder.layers[i] for i in kept])
+    config = copy.copy(decoder.config)
+    config.num_hidden_layers = len(kept)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in kept]
+    view.config = config
+    setattr(shell, base_prefix, view)
+    shell.config = config
+    return shell
+
+
+def _calibration_loss(model: torch.nn.Module, calibration: torch.Tensor) -> float:
+    logits = model(input_ids=calibration, use_cache=False).logits[:, :-1].float()
+    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), calibration[:, 1:].reshape(-1)))
+
+
+def greedy_kept_layers(teacher: torch.nn.Module, calibration: torch.Tensor, keep: int,
+                       tick: Callable[[int, int], None] | None = None) -> list[int]:
+    """Remove layers one at a time, each time the one whose removal raises the next-token loss on the
+    calibration blocks least; the last layer always stays (iterative perplexity-based depth pruning, as in Kim
+    et al., 2024, "Shortened LLaMA"). Costs about ``(total - keep) × total`` forward passes of the calibration
+    blocks. On SmolLM2-135M (30 → 15 layers, 4 × 128 calibration tokens) the untrained student's held-out
+    perplexity is 270 this way against 22,077 with ``block`` selection (1,024 held-out tokens).
+    ``tick(done, todo)`` is called after each removal (progress, deadline and stop checks)."""
+    total = teacher.config.num_hidden_layers
+    kept = list(range(total))
+    device = next(teacher.parameters()).device
+    calibration = calibration.to(device)
+    todo = total - keep
+    with torch.inference_mode():
+        while len(kept) > keep:
+            candidates = [c for c in kept if c != total - 1]
+            losses = [(_calibration_loss(_with_layers(teacher, [k for k in kept if k != c]), calibration), c)
+                      for c in candidates]
+            kept.remove(min(losses)[1])
+            if tick is not None:
+                tick(total - len(kept), todo)
+    return kept
+
+
 def reduce_layers(teacher: torch.nn.Module, keep: int, kept: list[int] | None = None) -> tuple[torch.nn.Module, list[int]]:
     """A copy of ``teacher`` keeping ``keep`` of its decoder layers (``kept``, default evenly spaced);
     embeddings, norm and head copied."""
@@ -149,22 +202,30 @@ def _student_from_path(ref: str, seed: int) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config).float()
 
 
-def build_student(spec: DistillSpec, teacher, teacher_tok, calibration: torch.Tensor | None = None
-                  ) -> tuple[torch.nn.Module, dict]:
+def build_student(spec: DistillSpec, teacher, teacher_tok, calibration: torch.Tensor | None = None,
+                  tick: Callable[[int, int], None] | None = None) -> tuple[torch.nn.Module, dict]:
     """The student for this job and a description of how it was made. Raises InvalidJob/JobFailed.
-    ``calibration``: token blocks for ``layer_selection="block"`` (the first training blocks)."""
+    ``calibration``: token blocks for ``greedy``/``block`` layer selection (the first training blocks)."""
     total = teacher.config.num_hidden_layers
     if spec.student is None:
+        if spec.kept_layers is not None:
+            if spec.kept_layers[-1] >= total or len(spec.kept_layers) >= total:
+                raise InvalidJob(f"kept_layers: the teacher has layers 0..{total - 1}, and a student must keep fewer "
+                                 f"than all {total}", field="kept_layers")
+            student, kept = reduce_layers(teacher, len(spec.kept_layers), list(spec.kept_layers))
+            return student, {"student": "layer_reduction", "layer_selection": "given", "kept_layers": kept}
         keep = spec.student_layers or max(1, total // 2)
         if keep >= total:
             raise InvalidJob(f"student_layers: a student must be smaller than its teacher; the teacher has {total} layers, "
                              f"{keep} asked", field="student_layers")
-        chosen = None
-        if spec.layer_selection == "block" and calibration is not None and keep > 1:
-            chosen = block_kept_layers(teacher, calibration, keep)
+        chosen, how = None, "even"
+        if calibration is not None and keep > 1 and spec.layer_selection in ("greedy", "block"):
+            how = spec.layer_selection
+            few = calibration[:max(1, GREEDY_CALIBRATION_TOKENS // calibration.shape[1])]
+            chosen = (greedy_kept_layers(teacher, few, keep, tick) if how == "greedy"
+                      else block_kept_layers(teacher, calibration, keep))
         student, kept = reduce_layers(teacher, keep, chosen)
-        return student, {"student": "layer_reduction", "layer_selection": "block" if chosen else "even",
-                         "kept_layers": kept}
+        return student, {"student": "layer_reduction", "layer_selection": how, "kept_layers": kept}
     ref = spec.student
     if not Path(ref).is_absolute() and (data_root() / ref).exists():  # a folder under the data root
         ref = str(data_file(ref, "student"))
@@ -329,7 +390,11 @@ def handle_distill(spec: DistillSpec, ctx: JobContext) -> Outcome:
     blocks = training_blocks(spec, tok, steps)
     evals, eval_source = eval_blocks(tok, spec.eval_data_path, spec.eval_max_tokens, min(256, spec.seq_len))
     torch.manual_seed(spec.seed)
-    student, made = build_student(spec, teacher, tok, calibration=blocks[:8])
+    def selecting(done: int, todo: int) -> None:
+        ctx.progress(None, phase="layer_selection", layers_removed=done, layers_to_remove=todo)
+        ctx.check()
+
+    student, made = build_student(spec, teacher, tok, calibration=blocks[:8], tick=selecting)
     student.to(device).train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=spec.learning_rate, weight_decay=0.0)
     scheduler = make_scheduler(optimizer, steps)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from domain.errors import InvalidJob
 
@@ -96,10 +96,14 @@ class DistillSpec(JobSpec):
     teacher: str | None = Field(None, description="Teacher model id/path; default: the deployment's base model.")
     student: str | None = Field(None, description="Student config/path; default: the teacher with fewer layers.")
     student_layers: int | None = Field(None, ge=1, description="Layers kept from the teacher (default: half).")
-    layer_selection: Literal["block", "even"] = Field(
-        "block", description="Which teacher layers the student keeps: 'block' drops the run of consecutive layers that "
-        "changes the hidden state least on the training data (angular distance; the last layer is kept), 'even' keeps "
-        "evenly spaced ones.")
+    layer_selection: Literal["greedy", "block", "even"] = Field(
+        "greedy", description="Which teacher layers the student keeps: 'greedy' removes layers one at a time, each time "
+        "the one whose removal raises the loss on the first training blocks least (the last layer is kept); 'block' "
+        "drops the run of consecutive layers that changes the hidden state least (angular distance; cheaper); 'even' "
+        "keeps evenly spaced ones.")
+    kept_layers: list[int] | None = Field(
+        None, min_length=1, description="The teacher layers the student keeps (0-based, increasing); overrides "
+        "layer_selection, e.g. to reproduce an earlier student.")
     temperature: float = Field(2.0, gt=0, le=100)
     alpha: float = Field(0.5, ge=0, le=1)
     max_steps: int = Field(200, ge=1, le=1_000_000)
@@ -114,6 +118,18 @@ class DistillSpec(JobSpec):
     eval_data_path: str | None = Field(None, max_length=1000, description="Held-out text for the report; default: the "
                                        "standard library's held-out split.")
     eval_max_tokens: int = Field(4096, ge=64, le=1_000_000, description="Held-out tokens for the quality report.")
+
+    @field_validator("kept_layers")
+    @classmethod
+    def _kept_layers(cls, v: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        if v is None:
+            return v
+        if any(i < 0 for i in v) or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("must be increasing layer indices (0-based, no repeats)")
+        count = info.data.get("student_layers")
+        if count is not None and len(v) != count:
+            raise ValueError(f"{len(v)} layers listed but student_layers is {count}")
+        return v
 
 
 class IndexDocument(BaseModel):

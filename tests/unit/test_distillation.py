@@ -106,6 +106,38 @@ def test_block_selection_drops_the_layers_that_change_the_hidden_state_least(tin
     assert torch.equal(ss["model.layers.2.mlp.up_proj.weight"], ts["model.layers.4.mlp.up_proj.weight"])
 
 
+def test_greedy_selection_removes_at_each_step_the_layer_the_loss_misses_least(tiny_tokenizer):
+    teacher = tiny_model(tiny_tokenizer, layers=6, seed=1)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    calibration = torch.randint(0, teacher.config.vocab_size, (4, 16))
+    ticks = []
+    kept = distillation.greedy_kept_layers(teacher, calibration, 3, tick=lambda done, todo: ticks.append((done, todo)))
+    assert ticks == [(1, 3), (2, 3), (3, 3)] and len(kept) == 3 and kept[-1] == 5  # the last layer always stays
+
+    def loss_of_copy(layers):  # the reference: a real reduced copy, not the selection's shared-weight view
+        student, _ = reduce_layers(teacher, len(layers), layers)
+        with torch.no_grad():
+            return distillation._calibration_loss(student, calibration)
+
+    current = list(range(6))
+    while len(current) > 3:
+        losses = {c: loss_of_copy([k for k in current if k != c]) for c in current if c != 5}
+        current.remove(min(losses, key=losses.get))
+    assert kept == current
+    # the teacher itself is untouched (selection runs on views sharing its weights)
+    assert teacher.config.num_hidden_layers == 6 and len(teacher.model.layers) == 6
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert distillation.greedy_kept_layers(teacher, calibration, 1) == [5]
+
+
+def test_given_kept_layers_override_selection(tenant, teacher_dir):
+    out = run({"tenant": tenant, "teacher": str(teacher_dir), "max_steps": 2, "kept_layers": [0, 3], **SMALL})
+    assert out["status"] == "succeeded", out
+    with session_scope() as s:
+        art = s.get(Artifact, out["result"]["artifact_id"])
+    assert art.lineage["kept_layers"] == [0, 3] and art.lineage["layer_selection"] == "given"
+
+
 def test_distill_job_makes_a_servable_student_with_its_report(tenant, teacher_dir):
     out = run({"tenant": tenant, "teacher": str(teacher_dir), "max_steps": 12, **SMALL})
     assert out["status"] == "succeeded", out
@@ -118,7 +150,7 @@ def test_distill_job_makes_a_servable_student_with_its_report(tenant, teacher_di
     assert r["parameter_compression_ratio"] > 1 and r["speedup"] > 0
     assert r["retention"] == pytest.approx(r["perplexity_teacher"] / r["perplexity_student"])
     assert r["trained_tokens"] == 12 * 2 * 32 and math.isfinite(r["final_loss"])
-    assert art.lineage["teacher"] == str(teacher_dir) and art.lineage["layer_selection"] == "block"
+    assert art.lineage["teacher"] == str(teacher_dir) and art.lineage["layer_selection"] == "greedy"
     assert len(art.lineage["kept_layers"]) == 2 and art.lineage["kept_layers"][-1] == 3  # the last layer stays
     assert {"loss", "kl", "tokens_per_s", "step"} <= set(job.progress_info)
     served = quantization.load_serving_model(art, device="cpu")
@@ -257,6 +289,10 @@ def test_a_given_student_config_is_trained(tenant, teacher_dir, tmp_path, tiny_t
     ({"data_path": "tiny.py"}, "data_path", "is empty"),
     ({"eval_data_path": "tiny.py"}, "eval_data_path", "is empty"),
     ({"seq_len": 4096}, "seq_len", "context window"),
+    ({"kept_layers": [0, 9]}, "kept_layers", "the teacher has layers 0..3"),
+    ({"kept_layers": [0, 1, 2, 3]}, "kept_layers", "fewer than all 4"),
+    ({"kept_layers": [2, 1]}, "kept_layers", "increasing"),
+    ({"kept_layers": [0, 1], "student_layers": 3}, "kept_layers", "student_layers is 3"),
 ])
 def test_bad_input_is_rejected_naming_the_field(tenant, teacher_dir, body, field, message):
     (data_root() / "tiny.py").write_text("print('hello')\n")

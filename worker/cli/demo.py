@@ -175,8 +175,9 @@ def cmd_demo(args) -> int:
                 console.print(f"  report: {_short(st['result'])}")
         if "distill" in steps:
             console.rule("distill: a half-depth student")
+            # "block" layer selection: one forward pass; the default "greedy" costs minutes on a CPU
             st = _run_job("distill", {"tenant": args.tenant, "max_steps": 6 if args.quick else 20, "batch_size": 2,
-                                      "seq_len": 128, "checkpoint_every": 5}, args.timeout)
+                                      "seq_len": 128, "checkpoint_every": 5, "layer_selection": "block"}, args.timeout)
             failures += [] if st["status"] == "succeeded" else ["distill"]
             if st["status"] == "succeeded":
                 console.print(f"  report: {_short(st['result'])}")
