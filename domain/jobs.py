@@ -273,7 +273,9 @@ def _execute(kind: str, job_id: str, payload: Any, worker: str, settings: Settin
                            stale_after_s=settings.stale_after_s, priority=spec.priority,
                            idempotency_key=spec.idempotency_key)
     if claim.busy:
-        raise RetryLater(claim.reason, countdown=settings.stale_after_s)
+        # come back when that attempt would be presumed lost, but within the broker's visibility timeout: a
+        # Redis message held (as a countdown) past it is handed back and delivered a second time
+        raise RetryLater(claim.reason, countdown=min(settings.stale_after_s, max(1.0, settings.visibility_timeout / 2)))
     if not claim.run:
         return {"job_id": job_id, "status": claim.status, "skipped": claim.reason, "result": claim.result, **claim.extra}
 
