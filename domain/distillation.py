@@ -133,11 +133,6 @@ def _with_layers(model: torch.nn.Module, kept: list[int]) -> torch.nn.Module:
     return shell
 
 
-def _calibration_loss(model: torch.nn.Module, calibration: torch.Tensor) -> float:
-    logits = model(input_ids=calibration, use_cache=False).logits[:, :-1].float()
-    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), calibration[:, 1:].reshape(-1)))
-
-
 def greedy_kept_layers(teacher: torch.nn.Module, calibration: torch.Tensor, keep: int,
                        tick: Callable[[int, int], None] | None = None) -> list[int]:
     """Remove layers one at a time, each time the one whose removal raises the next-token loss on the
@@ -148,13 +143,11 @@ def greedy_kept_layers(teacher: torch.nn.Module, calibration: torch.Tensor, keep
     ``tick(done, todo)`` is called after each removal (progress, deadline and stop checks)."""
     total = teacher.config.num_hidden_layers
     kept = list(range(total))
-    device = next(teacher.parameters()).device
-    calibration = calibration.to(device)
     todo = total - keep
     with torch.inference_mode():
         while len(kept) > keep:
             candidates = [c for c in kept if c != total - 1]
-            losses = [(_calibration_loss(_with_layers(teacher, [k for k in kept if k != c]), calibration), c)
+            losses = [(heldout.perplexity(_with_layers(teacher, [k for k in kept if k != c]), calibration).perplexity, c)
                       for c in candidates]
             kept.remove(min(losses)[1])
             if tick is not None:

@@ -249,10 +249,20 @@ def execute(kind: str, job_id: str, payload: Any, worker: str, settings: Setting
     try:
         with logs.job_context(job_id=job_id, kind=kind, tenant=tenant):
             return _execute(kind, job_id, payload, worker, settings)
+    except RetryLater as exc:
+        exc.countdown = _within_visibility(exc.countdown, settings)
+        raise
     except Exception as exc:
         if _ledger_down(exc):  # the claim or a failure record could not be written: nothing ran or nothing is lost
-            raise RetryLater(f"ledger unreachable: {type(exc).__name__}", countdown=backoff(1, settings)) from exc
+            raise RetryLater(f"ledger unreachable: {type(exc).__name__}",
+                             countdown=_within_visibility(backoff(1, settings), settings)) from exc
         raise
+
+
+def _within_visibility(countdown: float, settings: Settings) -> float:
+    """Every retry comes back within the broker's visibility timeout: a Redis message held (as a countdown)
+    past it is handed back and delivered a second time."""
+    return min(countdown, max(1.0, settings.visibility_timeout / 2))
 
 
 def _execute(kind: str, job_id: str, payload: Any, worker: str, settings: Settings) -> dict:
@@ -273,9 +283,7 @@ def _execute(kind: str, job_id: str, payload: Any, worker: str, settings: Settin
                            stale_after_s=settings.stale_after_s, priority=spec.priority,
                            idempotency_key=spec.idempotency_key)
     if claim.busy:
-        # come back when that attempt would be presumed lost, but within the broker's visibility timeout: a
-        # Redis message held (as a countdown) past it is handed back and delivered a second time
-        raise RetryLater(claim.reason, countdown=min(settings.stale_after_s, max(1.0, settings.visibility_timeout / 2)))
+        raise RetryLater(claim.reason, countdown=settings.stale_after_s)
     if not claim.run:
         return {"job_id": job_id, "status": claim.status, "skipped": claim.reason, "result": claim.result, **claim.extra}
 

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from sqlalchemy import create_engine, event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -102,7 +103,6 @@ class FastLedger:
     def one(self, sql: str, params: dict) -> tuple | None:
         """Run one statement (``%(name)s`` placeholders) in its own transaction; its first row, if any."""
         import psycopg
-        from sqlalchemy import exc as sa_exc
 
         with self._lock:
             conn = self._idle.pop() if self._idle else None
@@ -169,13 +169,13 @@ def dispose_all() -> None:
         for (pid, _), (engine, _) in list(_engines.items()):
             if pid == os.getpid():
                 engine.dispose()
-        for key, fast in list(_fast.items()):
-            if key[0] == os.getpid():
+        for (pid, _, _), fast in list(_fast.items()):
+            if pid == os.getpid():
                 fast.close()
-                del _fast[key]
-        # A forked child keeps its parent's hot-path connections referenced and untouched: dropping them would
-        # let psycopg close them on collection, which ends the parent's sessions on the server too.
+        # a forked child only drops its parent's connections: psycopg ends a session on collection only in
+        # the process that opened it (tests/integration/test_fast_ledger.py checks it)
         _engines.clear()
+        _fast.clear()
 
 
 def create_all(url: str | None = None) -> None:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from sqlalchemy import select
 
-from domain import distillation, jobs, quantization
+from domain import distillation, heldout, jobs, quantization
 from domain.distillation import distillation_loss, kept_layers, reduce_layers
 from domain.config import get_settings
 from domain.jobs import JobContext, SoftStop
@@ -117,7 +117,7 @@ def test_greedy_selection_removes_at_each_step_the_layer_the_loss_misses_least(t
     def loss_of_copy(layers):  # the reference: a real reduced copy, not the selection's shared-weight view
         student, _ = reduce_layers(teacher, len(layers), layers)
         with torch.no_grad():
-            return distillation._calibration_loss(student, calibration)
+            return heldout.perplexity(student, calibration).perplexity
 
     current = list(range(6))
     while len(current) > 3:
