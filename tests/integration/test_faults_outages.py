@@ -19,6 +19,7 @@ from tests.integration.test_faults_kit import (  # noqa: F401
     ThrowawayPostgres, ThrowawayRedis, fault_summary, record, tally, wait_final,
 )
 from tests.integration.workers import apply_env, running_worker, worker_env
+from worker import maintenance
 
 pytestmark = pytest.mark.integration
 
@@ -49,9 +50,15 @@ def test_redis_restart_mid_run_loses_nothing(own_redis, pg_ledger, tmp_path, mon
         time.sleep(2)
         own_redis.start()
         ids += [enqueue("noop", {"tenant": "acme", "sleep_s": 0.05, "cost_tokens": 2}) for _ in range(20)]
-        wait_final(ids, timeout=120)
+        # beat's stranded-job sweep runs meanwhile, as deployed: a message kombu had popped (BRPOP) but not
+        # yet written to its unacked hash when Redis shut down exists nowhere in the broker any more (seen
+        # once in CI: one job left queued). The ledger still has the job queued and the sweep sends it again.
+        resent: list[str] = []
+        wait_final(ids, timeout=120, sweep=lambda: resent.extend(
+            maintenance.resend_stranded(older_than_s=20, source="test")["resent"]), sweep_every_s=10)
     t = tally(ids)
-    record("Redis restarted mid-run (AOF on)", t, "enqueue while down: EnqueueError, recorded failed")
+    record("Redis restarted mid-run (AOF on)", t,
+           f"enqueue while down: EnqueueError, recorded failed; {len(resent)} stranded re-sent")
     assert t.finished_once == len(ids) and t.lost == 0 and t.duplicated == 0, t
     with session_scope() as s:
         j = s.get(Job, refused)
