@@ -249,9 +249,42 @@ def test_a_soft_stop_checkpoints_then_the_job_resumes_from_it(tenant, teacher_di
     _assert_same_student(straight["result"], resumed)
 
 
-def test_diverging_loss_fails_with_its_code(tenant, teacher_dir):
-    out = run({"tenant": tenant, "teacher": str(teacher_dir), "max_steps": 30, **{**SMALL, "learning_rate": 0.9}})
+def test_diverging_loss_fails_with_its_code(tenant, teacher_dir, tmp_path):
+    """A student whose loss is not finite fails the job with ``diverging_loss``. (This test used to drive a
+    tiny model to diverge with learning_rate 0.9; whether 30 such steps blow up depends on the CPU's float
+    kernels, and on one machine they did not. A NaN weight makes the first loss NaN on every machine.)"""
+    from domain.models import tiny_tokenizer
+
+    broken = tmp_path / "nan-student"
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, layers=1, hidden=32)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    model.save_pretrained(broken)
+    tok.save_pretrained(broken)
+    out = run({"tenant": tenant, "teacher": str(teacher_dir), "student": str(broken), "max_steps": 3, **SMALL})
     assert out["status"] == "failed" and out["code"] == "diverging_loss", out
+    assert "nan" in out["error"] and "lower learning_rate" in out["error"]
+
+
+def test_a_loss_over_ten_times_the_first_is_diverging(tiny_tokenizer):
+    """The other divergence rule, on a real training step: a loss above DIVERGENCE_FACTOR x the first step's
+    stops training before the optimizer takes the step."""
+    from domain.errors import JobFailed
+
+    torch.manual_seed(0)
+    teacher = tiny_model(tiny_tokenizer, layers=2, hidden=32).eval().requires_grad_(False)
+    student = tiny_model(tiny_tokenizer, layers=1, hidden=32)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    scheduler = distillation.make_scheduler(optimizer, 4)
+    ids = torch.randint(5, tiny_tokenizer.vocab_size, (2, 16))
+    first = distillation.train_step(student, teacher, ids, optimizer, scheduler, 2.0, 0.5, None)
+    before = [p.detach().clone() for p in student.parameters()]
+    with pytest.raises(JobFailed) as info:
+        distillation.train_step(student, teacher, ids, optimizer, scheduler, 2.0, 0.5,
+                                first_loss=first.loss.item() / (distillation.DIVERGENCE_FACTOR * 4))
+    assert info.value.code == "diverging_loss" and "first step's" in str(info.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))  # no step was taken
 
 
 def test_out_of_memory_fails_with_its_code(tenant, teacher_dir, monkeypatch):
