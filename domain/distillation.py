@@ -47,6 +47,7 @@ from domain.specs import DistillSpec
 DIVERGENCE_FACTOR = 10.0
 STUDENT_FILE = "student.safetensors"
 STATE_FILE = "trainer_state.pt"
+MADE_FILE = "student.json"  # how the checkpoint's student was made (its kept layers)
 
 
 # ---- the loss ---------------------------------------------------------------------------------
@@ -196,10 +197,20 @@ def _student_from_path(ref: str, seed: int) -> torch.nn.Module:
 
 
 def build_student(spec: DistillSpec, teacher, teacher_tok, calibration: torch.Tensor | None = None,
-                  tick: Callable[[int, int], None] | None = None) -> tuple[torch.nn.Module, dict]:
+                  tick: Callable[[int, int], None] | None = None,
+                  made_before: dict | None = None) -> tuple[torch.nn.Module, dict]:
     """The student for this job and a description of how it was made. Raises InvalidJob/JobFailed.
-    ``calibration``: token blocks for ``greedy``/``block`` layer selection (the first training blocks)."""
+    ``calibration``: token blocks for ``greedy``/``block`` layer selection (the first training blocks).
+    ``made_before``: what an earlier delivery of this job chose (from its checkpoint): the same layers are
+    kept without running the selection again (greedy costs minutes on a CPU)."""
     total = teacher.config.num_hidden_layers
+    if spec.student is None and spec.kept_layers is None and made_before is not None:
+        before = made_before.get("kept_layers")
+        keep = spec.student_layers or max(1, total // 2)
+        if (isinstance(before, list) and len(before) == keep and all(isinstance(i, int) for i in before)
+                and before == sorted(set(before)) and before[0] >= 0 and before[-1] < total):
+            student, kept = reduce_layers(teacher, keep, list(before))
+            return student, {**made_before, "kept_layers": kept}
     if spec.student is None:
         if spec.kept_layers is not None:
             if spec.kept_layers[-1] >= total or len(spec.kept_layers) >= total:
@@ -300,19 +311,38 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(ctx: JobContext, root: Path, step: int, student, optimizer, scheduler, extra: dict, reason: str) -> None:
+def save_checkpoint(ctx: JobContext, root: Path, step: int, student, optimizer, scheduler, extra: dict, reason: str,
+                    made: dict | None = None) -> None:
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_model(student, str(tmp / STUDENT_FILE))
+    if made is not None:
+        (tmp / MADE_FILE).write_text(json.dumps(made))
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": _rng_state(), **extra}, tmp / STATE_FILE)
     publish_dir(tmp, final)
     ctx.record_checkpoint(step, str(final.relative_to(data_root())), tree_digest(final), size_bytes=tree_size(final),
                           metrics={k: v for k, v in extra.items() if isinstance(v, (int, float))}, reason=reason)
     checkpoints.prune_job(ctx.job_id, keep=ctx.settings.checkpoint_keep)
+
+
+def checkpoint_made(ctx: JobContext) -> dict | None:
+    """How the student of this job's latest checkpoint was made, if that checkpoint is intact: a redelivered
+    job rebuilds the same student from it (``build_student(made_before=...)``) before loading the weights."""
+    ckpt = ctx.latest_checkpoint()
+    if ckpt is None:
+        return None
+    path = resolve_in_data_root(ckpt.path)
+    if not (path / MADE_FILE).is_file() or tree_digest(path) != ckpt.sha256:
+        return None  # load_checkpoint reports a corrupt checkpoint; training then starts over
+    try:
+        made = json.loads((path / MADE_FILE).read_text())
+    except ValueError:
+        return None
+    return made if isinstance(made, dict) else None
 
 
 def load_checkpoint(ctx: JobContext, student, optimizer, scheduler) -> dict | None:
@@ -387,7 +417,8 @@ def handle_distill(spec: DistillSpec, ctx: JobContext) -> Outcome:
         ctx.progress(None, phase="layer_selection", layers_removed=done, layers_to_remove=todo)
         ctx.check()
 
-    student, made = build_student(spec, teacher, tok, calibration=blocks[:8], tick=selecting)
+    student, made = build_student(spec, teacher, tok, calibration=blocks[:8], tick=selecting,
+                                  made_before=checkpoint_made(ctx) if spec.student is None else None)
     student.to(device).train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=spec.learning_rate, weight_decay=0.0)
     scheduler = make_scheduler(optimizer, steps)
@@ -401,7 +432,7 @@ def handle_distill(spec: DistillSpec, ctx: JobContext) -> Outcome:
 
     def checkpoint(step: int, reason: str) -> None:
         save_checkpoint(ctx, ckpt_root, step, student, optimizer, scheduler,
-                        {"first_loss": first_loss, "trained_tokens": trained_tokens, **last}, reason)
+                        {"first_loss": first_loss, "trained_tokens": trained_tokens, **last}, reason, made=made)
 
     tick, tick_tokens = time.perf_counter(), 0
     for step in range(start, steps):

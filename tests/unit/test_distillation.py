@@ -211,14 +211,26 @@ def test_a_job_redelivered_after_its_worker_died_resumes_and_matches_an_uninterr
         raise SystemExit("worker killed")  # nothing in the job catches it, like a SIGKILL mid-step
 
     calls = _interrupt_at(monkeypatch, 5, die)
+    selections = {"n": 0}
+    real_greedy = distillation.greedy_kept_layers
+
+    def counted_greedy(*args, **kwargs):
+        selections["n"] += 1
+        return real_greedy(*args, **kwargs)
+
+    monkeypatch.setattr(distillation, "greedy_kept_layers", counted_greedy)
     job_id = uuid.uuid4().hex
     with pytest.raises(SystemExit):
         jobs.execute("distill", job_id, body, worker="host:1")
-    assert _checkpoints(job_id) == [(3, "interval")]
+    assert _checkpoints(job_id) == [(3, "interval")] and selections["n"] == 1
 
     resumed = jobs.execute("distill", job_id, body, worker="host:2")  # the broker redelivers to a new worker process
     assert resumed["status"] == "succeeded", resumed
     assert resumed["result"]["report"]["resumed_from_step"] == 3 and calls["n"] == 5 + 7
+    # the redelivery rebuilt the checkpoint's student from its recorded layers, without selecting again
+    assert selections["n"] == 1
+    assert resumed["result"]["lineage"]["layer_selection"] == straight["result"]["lineage"]["layer_selection"] == "greedy"
+    assert resumed["result"]["lineage"]["kept_layers"] == straight["result"]["lineage"]["kept_layers"]
     _assert_same_student(straight["result"], resumed["result"])
     with session_scope() as s:  # the artifact supersedes the checkpoints: files gone, rows kept and marked
         ckpts = list(s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)))
