@@ -15,6 +15,8 @@ Headline: ``ratio=`` CE-only student perplexity / distilled student perplexity (
 
     .venv/bin/python bench/distill.py           # 96 steps x 1 x 128 tokens = 12,288 tokens per student
     .venv/bin/python bench/distill.py --quick   # 6 steps x 2 x 64 tokens, 4 student layers of 30
+    .venv/bin/python bench/distill.py --steps 2700 --kept-layers 0,1,2,8,9,10,11,20,21,22,23,24,27,28,29
+                                                # 345,600 tokens on the layers the default run chose
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, help="held-out tokens (default 2048; quick 128)")
     ap.add_argument("--layer-selection", default="greedy", choices=["greedy", "block", "even"],
                     help="how the student's layers are chosen (once, for both students)")
+    ap.add_argument("--kept-layers", help="comma-separated teacher layers for both students (skips the selection), "
+                                          "e.g. the ones a shorter run chose, to compare budgets on one student")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill.json"))
     a = ap.parse_args()
@@ -83,7 +87,8 @@ def main() -> None:
         a.student_layers = 4 if q else AutoConfig.from_pretrained(teacher).num_hidden_layers // 2
     throwaway_ledger()
 
-    ce = run_job(teacher, 0.0, a)
+    given = [int(x) for x in a.kept_layers.split(",")] if a.kept_layers else None
+    ce = run_job(teacher, 0.0, a, kept_layers=given)
     print(f"baseline (CE only, alpha=0): student ppl {ce['perplexity_student']:.3f} | teacher ppl "
           f"{ce['perplexity_teacher']:.3f} | {ce['trained_tokens']} tokens in {ce['job_seconds']:.0f} s "
           f"(incl. {ce['layer_selection']} layer selection: kept {ce['kept_layers']})", flush=True)
