@@ -204,13 +204,6 @@ def build_student(spec: DistillSpec, teacher, teacher_tok, calibration: torch.Te
     ``made_before``: what an earlier delivery of this job chose (from its checkpoint): the same layers are
     kept without running the selection again (greedy costs minutes on a CPU)."""
     total = teacher.config.num_hidden_layers
-    if spec.student is None and spec.kept_layers is None and made_before is not None:
-        before = made_before.get("kept_layers")
-        keep = spec.student_layers or max(1, total // 2)
-        if (isinstance(before, list) and len(before) == keep and all(isinstance(i, int) for i in before)
-                and before == sorted(set(before)) and before[0] >= 0 and before[-1] < total):
-            student, kept = reduce_layers(teacher, keep, list(before))
-            return student, {**made_before, "kept_layers": kept}
     if spec.student is None:
         if spec.kept_layers is not None:
             if spec.kept_layers[-1] >= total or len(spec.kept_layers) >= total:
@@ -222,6 +215,11 @@ def build_student(spec: DistillSpec, teacher, teacher_tok, calibration: torch.Te
         if keep >= total:
             raise InvalidJob(f"student_layers: a student must be smaller than its teacher; the teacher has {total} layers, "
                              f"{keep} asked", field="student_layers")
+        before = (made_before or {}).get("kept_layers")
+        if (isinstance(before, list) and len(before) == keep and all(isinstance(i, int) for i in before)
+                and before == sorted(set(before)) and before[0] >= 0 and before[-1] < total):
+            student, kept = reduce_layers(teacher, keep, list(before))
+            return student, {**made_before, "kept_layers": kept}
         chosen, how = None, "even"
         if calibration is not None and keep > 1 and spec.layer_selection in ("greedy", "block"):
             how = spec.layer_selection
@@ -329,15 +327,24 @@ def save_checkpoint(ctx: JobContext, root: Path, step: int, student, optimizer, 
     checkpoints.prune_job(ctx.job_id, keep=ctx.settings.checkpoint_keep)
 
 
-def checkpoint_made(ctx: JobContext) -> dict | None:
-    """How the student of this job's latest checkpoint was made, if that checkpoint is intact: a redelivered
-    job rebuilds the same student from it (``build_student(made_before=...)``) before loading the weights."""
+def intact_checkpoint(ctx: JobContext) -> Path | None:
+    """The folder of this job's latest recorded checkpoint if its sha256 still matches (hashed once per
+    delivery); None if there is none, or it is missing or changed (reported: training starts over)."""
     ckpt = ctx.latest_checkpoint()
     if ckpt is None:
         return None
     path = resolve_in_data_root(ckpt.path)
-    if not (path / MADE_FILE).is_file() or tree_digest(path) != ckpt.sha256:
-        return None  # load_checkpoint reports a corrupt checkpoint; training then starts over
+    if not path.is_dir() or tree_digest(path) != ckpt.sha256:
+        ctx.health("checkpoint", "corrupt", "degraded", f"checkpoint {ckpt.path} missing or changed; starting over")
+        return None
+    return path
+
+
+def checkpoint_made(path: Path | None) -> dict | None:
+    """How the student of an intact checkpoint was made: a redelivered job rebuilds the same student from it
+    (``build_student(made_before=...)``) before loading the weights."""
+    if path is None or not (path / MADE_FILE).is_file():
+        return None
     try:
         made = json.loads((path / MADE_FILE).read_text())
     except ValueError:
@@ -345,14 +352,9 @@ def checkpoint_made(ctx: JobContext) -> dict | None:
     return made if isinstance(made, dict) else None
 
 
-def load_checkpoint(ctx: JobContext, student, optimizer, scheduler) -> dict | None:
-    """Restore the latest recorded checkpoint of this job into the given objects; None if there is none usable."""
-    ckpt = ctx.latest_checkpoint()
-    if ckpt is None:
-        return None
-    path = resolve_in_data_root(ckpt.path)
-    if not path.is_dir() or tree_digest(path) != ckpt.sha256:
-        ctx.health("checkpoint", "corrupt", "degraded", f"checkpoint {ckpt.path} missing or changed; starting over")
+def load_checkpoint(path: Path | None, student, optimizer, scheduler) -> dict | None:
+    """Restore an intact checkpoint (``intact_checkpoint``) into the given objects; None if there is none."""
+    if path is None:
         return None
     load_model(student, str(path / STUDENT_FILE))
     state = torch.load(path / STATE_FILE, weights_only=True)
@@ -417,14 +419,15 @@ def handle_distill(spec: DistillSpec, ctx: JobContext) -> Outcome:
         ctx.progress(None, phase="layer_selection", layers_removed=done, layers_to_remove=todo)
         ctx.check()
 
+    resume = intact_checkpoint(ctx)
     student, made = build_student(spec, teacher, tok, calibration=blocks[:8], tick=selecting,
-                                  made_before=checkpoint_made(ctx) if spec.student is None else None)
+                                  made_before=checkpoint_made(resume) if spec.student is None else None)
     student.to(device).train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=spec.learning_rate, weight_decay=0.0)
     scheduler = make_scheduler(optimizer, steps)
 
     ckpt_root = ctx.settings.artifacts_dir.resolve() / "checkpoints" / "distill" / ctx.job_id
-    state = load_checkpoint(ctx, student, optimizer, scheduler)
+    state = load_checkpoint(resume, student, optimizer, scheduler)
     start = state["step"] if state else 0
     first_loss = state.get("first_loss") if state else None
     trained_tokens = state.get("trained_tokens", 0) if state else 0
