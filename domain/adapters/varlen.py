@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 NAME = "foundry_varlen"
+_SDPA_GQA = torch.__version__ >= "2.5"  # scaled_dot_product_attention(enable_gqa=...)
 _state = threading.local()
 
 
@@ -48,16 +49,18 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     if query.shape[0] != 1 or sum(lengths) != query.shape[2]:
         raise ValueError(f"varlen attention: segments {sum(lengths)} tokens, input {tuple(query.shape)}")
     groups = getattr(module, "num_key_value_groups", 1)
+    gqa = {}
     if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+        if _SDPA_GQA:  # grouped heads read in place (no repeated key/value copies, no gradient to sum back)
+            gqa = {"enable_gqa": True}
+        else:
+            key = key.repeat_interleave(groups, dim=1)
+            value = value.repeat_interleave(groups, dim=1)
     p = dropout if module.training else 0.0
-    outs, start = [], 0
-    for n in lengths:
-        end = start + n
-        outs.append(F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-                                                   dropout_p=p, is_causal=True, scale=scaling))
-        start = end
+    # split, not one slice per sample: a slice's backward writes its gradient into a zero tensor of the whole
+    # row (one per sample, then summed); split's backward is a single concatenation
+    outs = [F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling, **gqa)
+            for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))]
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     return out.transpose(1, 2).contiguous(), None
 
