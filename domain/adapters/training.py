@@ -9,7 +9,9 @@ Batches
   On ``sdpa`` models the forward goes further (``domain/adapters/varlen.py``): the rows' real tokens run
   as one unpadded row and attention runs per sample, like flash-attn's varlen kernels; no padding, no
   mask, only the diagonal blocks of attention (same loss and gradients as the mask, tested).
-- **Unpacked**: ``batch_size`` samples per batch, right-padded to the longest, with an attention mask.
+- **Unpacked**: ``batch_size`` samples per batch, right-padded to the longest, with an attention mask. On
+  ``sdpa`` models these run unpadded too (one row of the samples' real tokens, attention per sample), the
+  way flash-attn's ``unpad_input`` runs padded batches: the same samples per step, no work on padding.
 Loss: cross-entropy on completion tokens only (prompt and padding labels are ``IGNORE``); the output
 projection runs only on those positions, so prompt tokens cost no ``lm_head`` work.
 
@@ -85,7 +87,7 @@ class Batch:
     attention_mask: torch.Tensor | None  # None when packed (positions carry the sample boundaries)
     tokens: int  # real (non-padding) tokens
     samples: int
-    segments: list[list[int]] | None = None  # packed: the sample lengths of each row
+    segments: list[list[int]] | None = None  # the sample lengths of each row (packed: several; unpacked: one)
 
     def to(self, device) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -93,7 +95,8 @@ class Batch:
                      self.tokens, self.samples, self.segments)
 
     def unpadded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-        """A packed batch as one row of its real tokens (ids, labels, positions) and the sample lengths."""
+        """The batch as one row of its real tokens (ids, labels, positions) and the sample lengths. Each
+        sample's first label is ``IGNORE`` (``make_batches``), so no loss crosses from one sample to the next."""
         assert self.segments is not None
         real = [sum(row) for row in self.segments]
         cat = lambda t: torch.cat([t[r, :n] for r, n in enumerate(real)]).unsqueeze(0)  # noqa: E731
@@ -159,8 +162,10 @@ def make_batches(examples: list[TokenizedExample], batch_size: int, max_seq_len:
     else:
         for i in range(0, len(examples), batch_size):
             group = examples[i:i + batch_size]
-            t = _stack([(e.input_ids, e.labels, list(range(len(e.input_ids)))) for e in group], pad_id, with_mask=True)
-            batches.append(Batch(*t, tokens=sum(len(e.input_ids) for e in group), samples=len(group)))
+            t = _stack([(e.input_ids, [IGNORE] + e.labels[1:], list(range(len(e.input_ids)))) for e in group], pad_id,
+                       with_mask=True)
+            batches.append(Batch(*t, tokens=sum(len(e.input_ids) for e in group), samples=len(group),
+                                 segments=[[len(e.input_ids)] for e in group]))
     return batches
 
 
@@ -225,8 +230,9 @@ def completion_loss(model, batch: Batch, count_correct: bool = True) -> tuple[to
     decoder, head = _decoder_and_head(model)
     device = next(model.parameters()).device
     b = batch.to(device)
-    if b.segments is not None and b.attention_mask is None and varlen.supported(decoder):
-        # packed: one row of real tokens, attention per sample (no padding, no block-diagonal mask)
+    if b.segments is not None and varlen.supported(decoder):
+        # one row of real tokens, attention per sample: no padding (packed rows' tails, unpacked batches' short
+        # samples), no attention mask, no block-diagonal mask
         input_ids, labels, position_ids, lengths = b.unpadded()
         with varlen.packed(decoder, lengths):
             hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state

@@ -111,6 +111,41 @@ def test_unpadded_packed_batches_match_the_block_diagonal_mask(tiny_tokenizer):
     assert torch.allclose(before, after, atol=1e-6)
 
 
+def test_unpacked_batches_run_unpadded_with_the_padded_loss_and_gradients(tiny_tokenizer):
+    """An unpacked batch (samples right-padded to the longest, attention mask) runs as one row of its real
+    tokens with attention per sample: same loss and LoRA gradients as the padded rows, no padding computed."""
+    exs = _random_examples([5, 17, 3, 12], seed=2)
+    batch = T.make_batches(exs, 4, 64, False, tiny_tokenizer.pad_token_id)[0]
+    assert batch.attention_mask is not None and batch.segments == [[5], [17], [3], [12]]
+    assert batch.input_ids.shape == (4, 17)
+    padded = T.Batch(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask, batch.tokens,
+                     batch.samples)  # no segments: the attention-mask path
+
+    def loss_and_grads(b):
+        model = T.setup_model(tiny_model(tiny_tokenizer), T.TrainConfig(lora_dropout=0.0, max_steps=1))
+        loss, n, _ = T.completion_loss(model, b)
+        loss.backward()
+        return loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, *a, **k):
+        calls.append(q.shape[2])
+        return sdpa(q, *a, **k)
+
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        lu, nu, gu = loss_and_grads(batch)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+    assert calls == [5, 17, 3, 12] * 2  # per sample, only its real tokens, in each of the 2 layers
+    lp, np_, gp = loss_and_grads(padded)
+    assert nu == np_ == sum(len(e.input_ids) - 3 for e in exs)
+    assert torch.allclose(lu, lp, rtol=1e-5)
+    assert all(torch.allclose(gu[k], gp[k], rtol=1e-4, atol=1e-6) for k in gp)
+
+
 def test_batches_count_real_tokens_and_mask_prompt(tiny_tokenizer):
     exs = _feedback_examples(tiny_tokenizer, 6)
     for packing in (True, False):
