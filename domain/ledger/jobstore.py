@@ -54,7 +54,7 @@ _PG_FINISH = """
         RETURNING id, tenant_id, kind),
     a AS (
         UPDATE job_attempts SET outcome = 'succeeded', finished_at = %(now)s, error = NULL
-        WHERE job_id IN (SELECT id FROM j) AND attempt = %(attempt)s),
+        WHERE job_id = %(id)s AND attempt = %(attempt)s AND EXISTS (SELECT 1 FROM j)),
     u AS (
         INSERT INTO usage_costs (job_id, tenant_id, kind, prompt_tokens, completion_tokens, wall_seconds, gpu_seconds,
                                  model_id, adapter_version_id, cost, currency, price_version, created_at)

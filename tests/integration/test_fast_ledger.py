@@ -60,3 +60,56 @@ def test_a_forked_child_leaves_the_parents_connections_alone(pg_ledger):
             os._exit(0)
     os.waitpid(child, 0)
     assert fast.one("SELECT pg_backend_pid()", {})[0] == pid  # same session, still alive
+
+
+def test_hot_path_reads_rows_by_key_on_a_ledger_without_statistics():
+    """On a freshly migrated ledger (no statistics yet, as right after a deploy or in bench/queue_overhead.py)
+    the prepared claim and finish statements must find their rows through the keys. The finish once updated
+    the attempt row with ``job_id IN (SELECT id FROM j)``: planned on near-empty tables, that became a
+    sequential scan of ``job_attempts`` on every finish, so each job cost more than the one before."""
+    import time
+
+    from sqlalchemy import create_engine, text
+
+    from domain.ledger.migrate import upgrade
+    from tests.conftest import PG_ADMIN_URL, add_tenant
+
+    name = f"foundry_fresh_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    try:
+        upgrade(url)
+        add_tenant(url, "acme")
+        n = 300
+        for _ in range(n):
+            job_id = uuid.uuid4().hex
+            _enqueue(job_id, url)
+            claim = jobstore.claim(job_id, "noop", "acme", {"tenant": "acme"}, "w:1", max_attempts=3,
+                                   stale_after_s=60, url=url)
+            assert claim.run
+            assert jobstore.finish_success(job_id, claim.attempt, "w:1", {"ok": True}, url=url) == {"ok": True}
+        db.dispose_all()  # the sessions end and flush their table statistics
+        eng = create_engine(url)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                with eng.connect() as conn:
+                    rows = {r.relname: r for r in conn.execute(text(
+                        "SELECT relname, seq_tup_read, idx_scan FROM pg_stat_user_tables "
+                        "WHERE relname IN ('jobs', 'job_attempts')"))}
+                if rows["job_attempts"].idx_scan >= n or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+        finally:
+            eng.dispose()
+        assert rows["job_attempts"].idx_scan >= n  # each finish found its attempt row through the key
+        # a scan per job would read about n²/2 rows (45,000 here); lookups by key read none
+        assert rows["job_attempts"].seq_tup_read < n, rows
+        assert rows["jobs"].seq_tup_read < n, rows
+    finally:
+        db.dispose_all()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

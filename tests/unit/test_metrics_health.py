@@ -30,3 +30,22 @@ def test_each_failing_check_is_named():
 def test_memory_snapshot_measures_this_process():
     snap = memory_snapshot()
     assert snap["rss_mb"] > 10 and (snap["available_mb"] is None or snap["available_mb"] > 0)
+
+
+def test_the_ledger_driver_is_loaded_before_the_pool_forks():
+    """The worker's main process imports the ledger's database driver at start-up (celeryd_after_setup), so a
+    pool process does not import it during its first job."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from worker import signals\n"
+        "assert 'psycopg' not in sys.modules, 'imported too early to tell'\n"
+        "signals._warm_ledger_driver()\n"
+        "assert 'psycopg' in sys.modules\n"
+    )
+    env = {"FOUNDRY_DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:1/none", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+    assert out.returncode == 0, out.stderr[-2000:]
