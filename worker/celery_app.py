@@ -142,5 +142,42 @@ def _survive_restore_race() -> None:
     base.QoS.restore_unacked_once = restore_unacked_once
 
 
+def _survive_ack_on_closed_channel() -> None:
+    """A threads-pool worker (reviews) cannot cancel a running job when the Redis connection breaks; Celery
+    logs "cannot be acknowledged after a connection loss" and lets it finish. Its acknowledgement then runs
+    after the consumer has reconnected, on the old channel, whose connection kombu has set to None:
+    ``QoS.ack`` raises ``AttributeError: 'NoneType' object has no attribute 'client'``, which Celery treats
+    as unrecoverable, and the worker exits (seen in tests/integration/test_faults_outages.py). There is
+    nothing left to acknowledge on a closed channel: the job's outcome is already in the ledger, the message
+    stays in the unacked hash and comes back after the visibility timeout (or through the stranded-job
+    sweep), and the ledger's claim then skips a job that already finished. So log it and keep consuming."""
+    import logging
+
+    from kombu.transport import redis as kombu_redis
+    from kombu.transport.virtual import base
+
+    def guard(name: str):
+        original = getattr(kombu_redis.QoS, name)
+        if getattr(original, "_foundry_patched", False):
+            return
+
+        def patched(self, delivery_tag, *args, **kwargs):
+            if getattr(self.channel, "connection", None) is None:  # the channel was closed by a lost connection
+                logging.getLogger(__name__).warning(
+                    "message %s not %s: its broker channel closed with the lost connection; it is delivered "
+                    "again later and the ledger skips a job that already finished", delivery_tag,
+                    "acknowledged" if name == "ack" else "rejected")
+                base.QoS.ack(self, delivery_tag)  # forget it locally
+                return None
+            return original(self, delivery_tag, *args, **kwargs)
+
+        patched._foundry_patched = True
+        setattr(kombu_redis.QoS, name, patched)
+
+    guard("ack")
+    guard("reject")
+
+
 _survive_restore_race()
+_survive_ack_on_closed_channel()
 app = make_celery()

@@ -62,3 +62,59 @@ def test_a_torn_down_connection_while_handing_messages_back_does_not_kill_the_wo
     qos.restore_unacked = torn_down
     assert qos.restore_unacked_once() is None
     assert qos._delivered.restored
+
+
+def test_acknowledging_on_a_channel_closed_by_a_lost_connection_does_not_kill_the_worker():
+    """A threads-pool job that outlived a Redis restart is acknowledged on its old channel, whose connection
+    kombu has set to None: kombu's redis QoS.ack would raise AttributeError ('NoneType' object has no
+    attribute 'client'), which Celery treats as unrecoverable. worker.celery_app turns it into a warning,
+    and a live channel still acknowledges through Redis."""
+    from kombu.transport import redis as kombu_redis
+
+    import worker.celery_app  # noqa: F401  (applies the guard)
+
+    class ClosedChannel:
+        do_restore = True
+        connection = None
+
+        def conn_or_acquire(self, client=None):  # what kombu reaches for: fails like a torn-down channel
+            return self.connection.client
+
+    qos = kombu_redis.QoS(ClosedChannel(), prefetch_count=1)
+    for tag in ("tag-1", "tag-2"):
+        qos._delivered[tag] = object()
+    assert qos.ack("tag-1") is None
+    assert qos.reject("tag-2", requeue=True) is None
+    assert qos._dirty == {"tag-1", "tag-2"}  # forgotten locally; the unacked hash in Redis brings them back later
+
+    calls = []
+
+    class Pipe:
+        def zrem(self, *a):
+            calls.append(("zrem", a))
+            return self
+
+        def hdel(self, *a):
+            calls.append(("hdel", a))
+            return self
+
+        def execute(self):
+            calls.append(("execute",))
+
+    class Client:
+        def pipeline(self):
+            return Pipe()
+
+    class LiveChannel(ClosedChannel):
+        connection = object()
+        unacked_key, unacked_index_key = "unacked", "unacked_index"
+
+        def conn_or_acquire(self, client=None):
+            from contextlib import nullcontext
+
+            return nullcontext(Client())
+
+    live = kombu_redis.QoS(LiveChannel(), prefetch_count=1)
+    live._delivered["tag-3"] = object()
+    live.ack("tag-3")
+    assert ("execute",) in calls and live._dirty == {"tag-3"}
