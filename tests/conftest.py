@@ -8,8 +8,10 @@ If they are unreachable the integration tests fail loudly; FOUNDRY_SKIP_INTEGRAT
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from typing import Iterator
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -66,25 +68,38 @@ def sqlite_ledger(tmp_path, monkeypatch) -> str:
     reset_settings()
 
 
+@contextlib.contextmanager
+def throwaway_pg_database(prefix: str, admin_url: str = PG_ADMIN_URL) -> Iterator[str]:
+    """A new, empty (unmigrated) PostgreSQL database; dropped at the end, this process's connections first."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except BaseException:
+        admin.dispose()
+        raise
+    try:
+        yield admin_url.rsplit("/", 1)[0] + "/" + name
+    finally:
+        ledger_db.dispose_all()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 @pytest.fixture(scope="session")
-def pg_database() -> str:
+def pg_database() -> Iterator[str]:
     """A fresh PostgreSQL database for this test run, migrated to head; dropped at the end."""
     from domain.ledger.migrate import upgrade
 
-    name = f"foundry_test_{uuid.uuid4().hex[:8]}"
-    try:
-        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # noqa: BLE001
-        _service_or_fail("PostgreSQL", exc)
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    upgrade(url)
-    yield url
-    ledger_db.dispose_all()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(throwaway_pg_database("foundry_test"))
+        except Exception as exc:  # noqa: BLE001
+            _service_or_fail("PostgreSQL", exc)
+        upgrade(url)
+        yield url
 
 
 @pytest.fixture

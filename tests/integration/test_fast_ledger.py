@@ -72,14 +72,9 @@ def test_hot_path_reads_rows_by_key_on_a_ledger_without_statistics():
     from sqlalchemy import create_engine, text
 
     from domain.ledger.migrate import upgrade
-    from tests.conftest import PG_ADMIN_URL, add_tenant
+    from tests.conftest import add_tenant, throwaway_pg_database
 
-    name = f"foundry_fresh_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    try:
+    with throwaway_pg_database("foundry_fresh") as url:
         upgrade(url)
         add_tenant(url, "acme")
         n = 300
@@ -104,12 +99,7 @@ def test_hot_path_reads_rows_by_key_on_a_ledger_without_statistics():
                 time.sleep(0.2)
         finally:
             eng.dispose()
-        assert rows["job_attempts"].idx_scan >= n  # each finish found its attempt row through the key
-        # a scan per job would read about n²/2 rows (45,000 here); lookups by key read none
-        assert rows["job_attempts"].seq_tup_read < n, rows
-        assert rows["jobs"].seq_tup_read < n, rows
-    finally:
-        db.dispose_all()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    assert rows["job_attempts"].idx_scan >= n  # each finish found its attempt row through the key
+    # a scan per job would read about n²/2 rows (45,000 here); lookups by key read none
+    assert rows["job_attempts"].seq_tup_read < n, rows
+    assert rows["jobs"].seq_tup_read < n, rows

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -62,6 +64,32 @@ def test_packed_loss_equals_unpacked_loss(tiny_tokenizer):
         assert not torch.allclose(T.completion_loss(model, leaky)[0], lu, rtol=1e-3)
 
 
+def _loss_and_grads(tokenizer, batch):
+    """Loss, completion tokens and LoRA gradients of one batch on a fresh tiny LoRA model (no dropout)."""
+    model = T.setup_model(tiny_model(tokenizer), T.TrainConfig(lora_dropout=0.0, max_steps=1))
+    loss, n, _ = T.completion_loss(model, batch)
+    loss.backward()
+    assert model.get_base_model().config._attn_implementation == "sdpa"  # switched for the forward only
+    return loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+@contextmanager
+def _attention_lengths():
+    """The query length of every scaled_dot_product_attention call made inside the block."""
+    calls: list[int] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, *a, **k):
+        calls.append(q.shape[2])
+        return sdpa(q, *a, **k)
+
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        yield calls
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+
+
 def test_unpadded_packed_batches_match_the_block_diagonal_mask(tiny_tokenizer):
     """Packed rows run as one unpadded row with attention per sample (domain/adapters/varlen.py): same loss
     and same LoRA gradients as the padded rows under transformers' block-diagonal mask, and the model still
@@ -72,28 +100,10 @@ def test_unpadded_packed_batches_match_the_block_diagonal_mask(tiny_tokenizer):
     batch = T.make_batches(exs, 4, 24, True, tiny_tokenizer.pad_token_id)[0]
     assert batch.input_ids.shape[0] > 1 and batch.tokens < batch.input_ids.numel()  # several rows, tail padding
     masked = T.Batch(batch.input_ids, batch.labels, batch.position_ids, None, batch.tokens, batch.samples)
-
-    def loss_and_grads(b):
-        model = T.setup_model(tiny_model(tiny_tokenizer), T.TrainConfig(lora_dropout=0.0, max_steps=1))
-        loss, n, _ = T.completion_loss(model, b)
-        loss.backward()
-        assert model.get_base_model().config._attn_implementation == "sdpa"  # switched for the forward only
-        return loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
-
-    calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(q, *a, **k):
-        calls.append(q.shape[2])
-        return sdpa(q, *a, **k)
-
-    torch.nn.functional.scaled_dot_product_attention = spy
-    try:
-        lv, nv, gv = loss_and_grads(batch)
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = sdpa
+    with _attention_lengths() as calls:
+        lv, nv, gv = _loss_and_grads(tiny_tokenizer, batch)
     assert calls == [n for row in batch.segments for n in row] * 2  # per sample, in each of the 2 layers
-    lm, nm, gm = loss_and_grads(masked)
+    lm, nm, gm = _loss_and_grads(tiny_tokenizer, masked)
     assert nv == nm
     assert torch.allclose(lv, lm, rtol=1e-5)
     assert all(torch.allclose(gv[k], gm[k], rtol=1e-4, atol=1e-6) for k in gm)
@@ -120,27 +130,10 @@ def test_unpacked_batches_run_unpadded_with_the_padded_loss_and_gradients(tiny_t
     assert batch.input_ids.shape == (4, 17)
     padded = T.Batch(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask, batch.tokens,
                      batch.samples)  # no segments: the attention-mask path
-
-    def loss_and_grads(b):
-        model = T.setup_model(tiny_model(tiny_tokenizer), T.TrainConfig(lora_dropout=0.0, max_steps=1))
-        loss, n, _ = T.completion_loss(model, b)
-        loss.backward()
-        return loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
-
-    calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(q, *a, **k):
-        calls.append(q.shape[2])
-        return sdpa(q, *a, **k)
-
-    torch.nn.functional.scaled_dot_product_attention = spy
-    try:
-        lu, nu, gu = loss_and_grads(batch)
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = sdpa
+    with _attention_lengths() as calls:
+        lu, nu, gu = _loss_and_grads(tiny_tokenizer, batch)
     assert calls == [5, 17, 3, 12] * 2  # per sample, only its real tokens, in each of the 2 layers
-    lp, np_, gp = loss_and_grads(padded)
+    lp, np_, gp = _loss_and_grads(tiny_tokenizer, padded)
     assert nu == np_ == sum(len(e.input_ids) - 3 for e in exs)
     assert torch.allclose(lu, lp, rtol=1e-5)
     assert all(torch.allclose(gu[k], gp[k], rtol=1e-4, atol=1e-6) for k in gp)
