@@ -9,7 +9,10 @@
 
 from __future__ import annotations
 
+import json
+
 from celery import Celery, signals
+from celery.app.amqp import AMQP
 from kombu import Exchange, Queue
 
 from domain.config import JOB_KINDS, Settings, get_settings
@@ -55,10 +58,36 @@ def broker_settings(settings: Settings) -> tuple[str, dict, str]:
     return settings.broker_url, options, settings.result_backend or settings.broker_url
 
 
+REPR_MAX = 1024  # Celery's own limit for the argument text in a message's headers and task events
+
+
+def _json_repr(value) -> str:
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    return text if len(text) <= REPR_MAX else text[:REPR_MAX - 3] + "..."
+
+
+class FoundryAMQP(AMQP):
+    """Celery's message builder, with the arguments shown in task events (Flower) as JSON.
+
+    Celery's default text is ``saferepr`` of the arguments, which walks a job body in Python: as much CPU as
+    the rest of an enqueue of a small job (bench/queue_overhead.py, profiled). Messages are JSON anyway, so
+    ``json.dumps`` (in C) shows the same body, cut at the same 1024 characters.
+    """
+
+    def as_task_v2(self, task_id, name, args=None, kwargs=None, *rest, argsrepr=None, kwargsrepr=None, **options):
+        if argsrepr is None:
+            argsrepr = _json_repr(list(args or ()))
+        if kwargsrepr is None:
+            kwargsrepr = _json_repr(kwargs or {})
+        return super().as_task_v2(task_id, name, args, kwargs, *rest, argsrepr=argsrepr, kwargsrepr=kwargsrepr,
+                                  **options)
+
+
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     broker, options, backend = broker_settings(settings)
-    app = Celery("foundry", broker=broker, backend=backend, include=["worker.tasks"])
+    app = Celery("foundry", broker=broker, backend=backend, include=["worker.tasks"],
+                 amqp="worker.celery_app:FoundryAMQP")
     exchange = Exchange("foundry", type="direct")
     app.conf.update(
         task_queues=[Queue(q, exchange, routing_key=q) for q in QUEUES],

@@ -53,6 +53,18 @@ def celery_app():
     return _apps[key]
 
 
+def send_job(app, kind: str, payload: dict, job_id: str, *, queue: str, priority: int | None = None, **options: Any):
+    """Send one job's message (its ledger row is already written).
+
+    ``ignore_result``: unless FOUNDRY_CELERY_RESULTS is on, nothing goes to the result backend, so the
+    producer does not subscribe to the job's result channel. Celery's ``send_task`` otherwise subscribes
+    for every message it sends, and unsubscribes when the AsyncResult is dropped: two Redis commands per
+    job for a result that never comes (bench/queue_overhead.py counts them with Redis' commandstats).
+    """
+    return app.send_task(f"foundry.{kind}", args=[payload], task_id=job_id, queue=queue, routing_key=queue,
+                         priority=priority, ignore_result=not get_settings().celery_results, **options)
+
+
 def enqueue(kind: str, body: dict | JobSpec, *, job_id: str | None = None, parent_job_id: str | None = None,
             created_by: str | None = None, countdown: float | None = None) -> str:
     """Validate, record and send one job. Returns its job id (the first job's, for a repeated idempotency key)."""
@@ -75,10 +87,9 @@ def enqueue(kind: str, body: dict | JobSpec, *, job_id: str | None = None, paren
     if not created:
         return job_id
     try:
-        celery_app().send_task(f"foundry.{kind}", args=[payload], task_id=job_id, queue=queue, routing_key=queue,
-                               priority=spec.priority, countdown=countdown, retry=True,
-                               retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5,
-                                             "interval_max": 2.0})
+        send_job(celery_app(), kind, payload, job_id, queue=queue, priority=spec.priority, countdown=countdown,
+                 retry=True, retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5,
+                                           "interval_max": 2.0})
     except Exception as exc:  # noqa: BLE001 - kombu raises many connection error types
         reason = f"broker unreachable: {type(exc).__name__}: {exc}"
         jobstore.mark_enqueue_failed(job_id, reason)

@@ -89,13 +89,11 @@ def resend_stranded(*, older_than_s: float = 120.0, recheck_s: float = 1.0, dry_
         queued = stranded.still_queued([j.id for j in lost])
         lost = [j for j in lost if j.id not in second and j.id in queued]
     if lost and not dry_run:
-        from worker.client import celery_app
+        from worker.client import celery_app, send_job
 
         app = celery_app()
         for job in lost:
-            queue = job.queue or "control"
-            app.send_task(f"foundry.{job.kind}", args=[job.payload], task_id=job.id, queue=queue, routing_key=queue,
-                          priority=job.priority)
+            send_job(app, job.kind, job.payload, job.id, queue=job.queue or "control", priority=job.priority)
         stranded.record_resent(lost, source)
         log.warning("re-sent %d stranded job(s): %s", len(lost), ", ".join(j.id for j in lost[:20]))
     return {"supported": True, "resent": [j.id for j in lost], "dry_run": dry_run}

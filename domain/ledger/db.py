@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -73,11 +75,84 @@ def session_scope(url: str | None = None, durable: bool = True) -> Iterator[Sess
             raise
 
 
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s|%%")
+
+
+@functools.lru_cache(maxsize=256)
+def _compile(sql: str) -> tuple[bytes, tuple[str, ...]]:
+    """``%(name)s`` placeholders to PostgreSQL's ``$n`` (a name used twice is one parameter)."""
+    names: list[str] = []
+
+    def number(m: re.Match) -> str:
+        if m.group(0) == "%%":
+            return "%"
+        if m.group(1) not in names:
+            names.append(m.group(1))
+        return f"${names.index(m.group(1)) + 1}"
+
+    return _PLACEHOLDER.sub(number, sql).encode(), tuple(names)
+
+
+class _Conn:
+    """A psycopg connection with the hot path's own prepared statements and value adapter."""
+
+    __slots__ = ("conn", "tx", "prepared", "encoding")
+
+    def __init__(self, conn):
+        from psycopg.adapt import Transformer
+
+        self.conn = conn
+        self.tx = Transformer(conn)
+        self.prepared: dict[tuple, bytes] = {}  # (sql, parameter types) -> statement name
+        self.encoding = conn.info.encoding
+
+    @property
+    def closed(self) -> bool:
+        return self.conn.closed
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _result(self):
+        from psycopg import errors, generators, pq
+
+        res = self.conn.wait(generators.execute(self.conn.pgconn))[-1]
+        if res.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
+            raise errors.error_from_result(res, encoding=self.encoding)
+        return res
+
+    def one(self, sql: str, params: dict) -> tuple | None:
+        from psycopg import pq
+        from psycopg.adapt import PyFormat
+
+        text, names = _compile(sql)
+        tx = self.tx
+        values = tx.dump_sequence([params[n] for n in names], [PyFormat.AUTO] * len(names))
+        key = (sql, tx.types)
+        name = self.prepared.get(key)
+        pgconn = self.conn.pgconn
+        if name is None:
+            name = f"foundry_{len(self.prepared)}".encode()
+            pgconn.send_prepare(name, text, param_types=tx.types)
+            self._result()
+            self.prepared[key] = name
+        pgconn.send_query_prepared(name, values, param_formats=tx.formats)
+        res = self._result()
+        if res.status != pq.ExecStatus.TUPLES_OK or not res.ntuples:
+            return None
+        tx.set_pgresult(res)
+        return tx.load_row(0, tuple)
+
+
 class FastLedger:
     """PostgreSQL only: one-statement autocommit transactions (one round trip each) over plain psycopg
     connections with server-side prepared statements, for the job hot path (enqueue, claim, finish).
-    Measured here: 0.19 ms of client CPU per statement against 0.44 ms through a SQLAlchemy connection
-    (bench/queue_overhead.py notes). ``durable=False`` sets ``synchronous_commit=off`` (see session_scope).
+
+    Statements run through libpq's prepared-statement calls with psycopg's own value adapters and wait loop
+    (interruptible, like ``Connection.execute``), without psycopg's cursor layer: about 25 µs of client CPU
+    per statement against 65-90 µs through ``Connection.execute(prepare=True)`` and 0.44 ms through a
+    SQLAlchemy connection (measured here; docs/benchmarks.md). ``durable=False`` sets
+    ``synchronous_commit=off`` (see session_scope).
 
     Errors come out as SQLAlchemy's ``OperationalError`` / ``IntegrityError`` (wrapping psycopg's), so
     callers handle one family. A failed connection is closed with every idle one (after a database
@@ -94,13 +169,13 @@ class FastLedger:
         # depend on the parameters, and planning the CTEs anew on each execution (PostgreSQL's custom plans)
         # costs server CPU for nothing (finish 0.32 -> 0.24 ms, claim 0.25 -> 0.21 ms per statement here).
         self.options = "-c plan_cache_mode=force_generic_plan" + ("" if durable else " -c synchronous_commit=off")
-        self._idle: list = []
+        self._idle: list[_Conn] = []
         self._lock = threading.Lock()
 
-    def _connect(self):
+    def _connect(self) -> _Conn:
         import psycopg
 
-        return psycopg.connect(self.conninfo, autocommit=True, connect_timeout=10, options=self.options)
+        return _Conn(psycopg.connect(self.conninfo, autocommit=True, connect_timeout=10, options=self.options))
 
     def one(self, sql: str, params: dict) -> tuple | None:
         """Run one statement (``%(name)s`` placeholders) in its own transaction; its first row, if any."""
@@ -111,8 +186,7 @@ class FastLedger:
         try:
             if conn is None or conn.closed:
                 conn = self._connect()
-            cur = conn.execute(sql, params, prepare=True)
-            row = cur.fetchone() if cur.description else None
+            row = conn.one(sql, params)
         except psycopg.IntegrityError as exc:
             self._release(conn)
             raise sa_exc.IntegrityError(sql, params, exc) from exc
@@ -125,14 +199,14 @@ class FastLedger:
         self._release(conn)
         return row
 
-    def _release(self, conn) -> None:
+    def _release(self, conn: _Conn) -> None:
         with self._lock:
             if not conn.closed and len(self._idle) < self.IDLE_MAX:
                 self._idle.append(conn)
                 return
         conn.close()
 
-    def _discard(self, conn) -> None:
+    def _discard(self, conn: _Conn | None) -> None:
         with self._lock:
             dead, self._idle = self._idle, []
         for c in [conn, *dead]:

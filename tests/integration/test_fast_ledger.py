@@ -45,6 +45,27 @@ def test_statements_errors_and_connection_reuse(pg_ledger):
     assert db.fast_ledger(pg_ledger, durable=True).one("SHOW synchronous_commit", {}) == ("on",)
 
 
+def test_parameters_types_and_prepared_statements(pg_ledger):
+    """The runner binds ``%(name)s`` parameters itself (a name used twice is one parameter), with psycopg's
+    adapters both ways, and prepares each statement once per connection and parameter types."""
+    fast = db.fast_ledger(pg_ledger, durable=False)
+    fast.close()
+    at = datetime(2026, 11, 30, 5, 6, 7, 891011, tzinfo=timezone.utc)
+    row = fast.one("SELECT %(n)s::int + %(n)s::int, %(s)s::text, %(t)s::timestamptz, %(b)s::boolean, %(none)s::text, "
+                   "CAST(%(j)s AS JSON), 100 %% 7", {"n": 21, "s": "é'x", "t": at, "b": True, "none": None, "j": '{"a": [1]}'})
+    assert row == (42, "é'x", at, True, None, {"a": [1]}, 2)
+    sql = "SELECT CAST(%(v)s AS BIGINT) IS NULL"
+    for _ in range(3):
+        assert fast.one(sql, {"v": None}) == (True,)
+        assert fast.one(sql, {"v": 7}) == (False,)
+    names = fast.one("SELECT array_agg(name::text ORDER BY name) FROM pg_prepared_statements", {})[0]
+    assert len(fast._idle) == 1 and names == ["foundry_0", "foundry_1", "foundry_2", "foundry_3"]
+    # an error in the statement itself reaches the caller as psycopg's; the runner goes on with new connections
+    with pytest.raises(Exception, match="division by zero"):
+        fast.one("SELECT 1 / %(z)s::int", {"z": 0})
+    assert fast.one("SELECT %(x)s::int", {"x": 5}) == (5,)
+
+
 def test_a_forked_child_leaves_the_parents_connections_alone(pg_ledger):
     """A prefork child calls dispose_all() (worker_process_init); that must not end the parent's sessions."""
     fast = db.fast_ledger(pg_ledger, durable=False)

@@ -167,14 +167,26 @@ def test_results_live_in_the_ledger_unless_celery_results_is_on(env, monkeypatch
     from tests.integration.workers import apply_env
     from worker.client import celery_app, enqueue, wait
 
+    import redis
+
+    server = redis.Redis.from_url(env["FOUNDRY_BROKER_URL"])
+
+    def subscribes() -> int:
+        return server.info("commandstats").get("cmdstat_subscribe", {}).get("calls", 0)
+
     with running_worker(env, queues=["control"]):
+        before = subscribes()
         jid = enqueue("noop", {"tenant": "acme"})
+        # nor does the producer subscribe to a result channel that will never carry anything
+        assert subscribes() == before
         assert wait(jid, timeout=30)["status"] == "succeeded"
         assert AsyncResult(jid, app=celery_app()).state == "PENDING"  # nothing stored in Redis
     on = {**env, "FOUNDRY_CELERY_RESULTS": "1"}
     apply_env(monkeypatch, on)
     with running_worker(on, queues=["control"]):
+        before = subscribes()
         jid = enqueue("noop", {"tenant": "acme", "cost_tokens": 3})
+        assert subscribes() > before
         summary = AsyncResult(jid, app=celery_app()).get(timeout=30)
     assert summary["job_id"] == jid and summary["status"] == "succeeded"
     assert wait(jid, timeout=5)["result"] == summary["result"]
