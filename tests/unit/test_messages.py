@@ -15,10 +15,10 @@ def _message(app, args, kwargs=None):
 def test_task_event_arguments_are_the_body_as_json(tmp_path):
     app = make_celery(Settings(data_dir=tmp_path))
     body = {"tenant": "acme", "code": "print('é')", "crash": None, "sleep_s": 0.5}
-    msg = _message(app, [body])
+    msg = app.amqp.create_task_message("job-1", "foundry.noop", [body], {}, create_sent_event=True)
     assert json.loads(msg.headers["argsrepr"]) == [body]
     assert msg.headers["kwargsrepr"] == "{}"
-    assert msg.sent_event is None or msg.sent_event["args"] == msg.headers["argsrepr"]
+    assert msg.sent_event["args"] == msg.headers["argsrepr"]  # what the task-sent event (Flower) shows
     # the message itself is unchanged: the body as given, JSON
     assert msg.body[0] == [body]
 
