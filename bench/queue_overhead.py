@@ -4,7 +4,7 @@ Same Redis, same worker pool/concurrency/acks_late/prefetch settings, in one run
 jobs/s from the first enqueue to the last finish; latency is enqueue-to-finish per job.
 Headline: ratio = Foundry jobs/s ÷ raw Celery jobs/s (target ≥ 0.8).
 
-    python bench/queue_overhead.py [--jobs 2000] [--rounds 3] [--pool prefork --concurrency 2] [--quick]
+    python bench/queue_overhead.py [--jobs 2000] [--rounds 5] [--pool prefork --concurrency 2] [--quick]
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def run_foundry(n: int, env: dict, pool: str, conc: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=2000)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5, help="alternating raw/Foundry rounds; the ratio is of the medians (this kind of machine drifts by 20 %% within a minute)")
     ap.add_argument("--pool", default="prefork")
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--redis", default=os.environ.get("FOUNDRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/13"))
