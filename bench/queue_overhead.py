@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import create_engine, select, text  # noqa: E402
+from sqlalchemy import select, text  # noqa: E402
 
 from tests.integration.workers import start_worker, worker_env  # noqa: E402
 
@@ -110,31 +110,20 @@ def main() -> None:
     import redis
 
     redis.Redis.from_url(args.redis).flushdb()
-    name = f"foundry_bench_{uuid.uuid4().hex[:6]}"
-    admin = create_engine(args.pg_admin, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    url = args.pg_admin.rsplit("/", 1)[0] + "/" + name
-    data = Path(tempfile.mkdtemp(prefix="foundry-bench-"))
-    env = worker_env(args.redis, url, data, FOUNDRY_LONGEST_JOB_S=3600, FOUNDRY_VISIBILITY_TIMEOUT_S=0)
-    os.environ.update(env)
     from domain.ledger.migrate import upgrade
-    from tests.conftest import add_tenant
+    from tests.conftest import add_tenant, throwaway_pg_database
 
-    upgrade(url)
-    add_tenant(url, "bench")
     raw, foundry = [], []
-    try:
+    with throwaway_pg_database("foundry_bench", args.pg_admin) as url:
+        data = Path(tempfile.mkdtemp(prefix="foundry-bench-"))
+        env = worker_env(args.redis, url, data, FOUNDRY_LONGEST_JOB_S=3600, FOUNDRY_VISIBILITY_TIMEOUT_S=0)
+        os.environ.update(env)
+        upgrade(url)
+        add_tenant(url, "bench")
         for r in range(args.rounds):
             raw.append(run_raw(args.jobs, env, args.pool, args.concurrency))
             foundry.append(run_foundry(args.jobs, env, args.pool, args.concurrency))
             print(f"round {r + 1}: raw {raw[-1]['jobs_per_s']:.0f} jobs/s, foundry {foundry[-1]['jobs_per_s']:.0f} jobs/s")
-    finally:
-        from domain.ledger.db import dispose_all
-
-        dispose_all()
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     med = lambda rows, k: statistics.median(x[k] for x in rows)  # noqa: E731
     summary = {
         "settings": {"jobs": args.jobs, "rounds": args.rounds, "pool": args.pool, "concurrency": args.concurrency},

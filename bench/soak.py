@@ -12,6 +12,7 @@ Target: 0 and 0. Last line: ``lost=<n> duplicated=<n>``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -26,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import create_engine, func, select, text  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
 
 from tests.integration.workers import start_worker, worker_env  # noqa: E402
 
@@ -115,11 +116,10 @@ def main() -> None:
     import redis
 
     redis.Redis.from_url(args.redis).flushdb()
-    name = f"foundry_soak_{uuid.uuid4().hex[:6]}"
-    admin = create_engine(args.pg_admin, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    url = args.pg_admin.rsplit("/", 1)[0] + "/" + name
+    from tests.conftest import add_tenant, throwaway_pg_database
+
+    database = contextlib.ExitStack()  # closed at the end of the run: this process's connections, then the database
+    url = database.enter_context(throwaway_pg_database("foundry_soak", args.pg_admin))
     data = Path(tempfile.mkdtemp(prefix="foundry-soak-"))
     from domain.models import save_tiny_model
 
@@ -128,9 +128,7 @@ def main() -> None:
                      FOUNDRY_EMBEDDING_MODEL="hashing:64", OMP_NUM_THREADS="1", FOUNDRY_LOG_JSON="0")
     os.environ.update(env)
     from domain.adapters.testing import seed_feedback, stdlib_review_pairs
-    from domain.ledger.db import dispose_all
     from domain.ledger.migrate import upgrade
-    from tests.conftest import add_tenant
     from worker.client import enqueue
 
     upgrade(url)
@@ -193,9 +191,7 @@ def main() -> None:
             workers[object()] = fut.result()
         list(pool.map(lambda w: w.kill(), workers.values()))  # the run is over: no need for a warm stop
         pool.shutdown()
-        dispose_all()
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        database.close()
     succeeded = result["statuses"].get("succeeded", 0)
     summary = {
         "settings": {"seconds": args.seconds, "kill_every": args.kill_every, "max_in_flight": args.max_in_flight,

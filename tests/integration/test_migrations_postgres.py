@@ -1,29 +1,24 @@
 """Migrations on PostgreSQL: upgrade from empty, check clean, downgrade to base, views answer."""
 
-import uuid
+import contextlib
 
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
 from domain.ledger.migrate import alembic_config, check, upgrade
-from tests.conftest import PG_ADMIN_URL, _service_or_fail
+from tests.conftest import _service_or_fail, throwaway_pg_database
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def empty_pg():
-    name = f"foundry_mig_{uuid.uuid4().hex[:8]}"
-    try:
-        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as c:
-            c.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # noqa: BLE001
-        _service_or_fail("PostgreSQL", exc)
-    yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    with admin.connect() as c:
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(throwaway_pg_database("foundry_mig"))
+        except Exception as exc:  # noqa: BLE001
+            _service_or_fail("PostgreSQL", exc)
+        yield url
 
 
 def test_upgrade_check_downgrade(empty_pg):
