@@ -23,13 +23,13 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, or_, select
 
 from domain.config import get_settings
+from domain.kinds import CHECKPOINTING_KINDS
 from domain.ledger.db import session_scope
 from domain.ledger.models import Checkpoint, Job, utcnow
 from domain.paths import UnsafePath, resolve_in_data_root
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTING_KINDS = frozenset({"retrain", "distill"})
 _REMOVABLE = ("failed", "dead", "rejected")  # final statuses whose checkpoints wait out the retention period
 
 

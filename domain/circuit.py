@@ -17,28 +17,17 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta, timezone
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import desc, select
 
 from domain import health
 from domain.adapters import store
+from domain.config import CircuitSettings, get_settings
 from domain.ledger.db import session_scope
 from domain.ledger.models import AdapterAlias, AliasHistory, HealthEvent
 
 log = logging.getLogger(__name__)
 
 MOVED_BY = "circuit-breaker"
-
-
-class CircuitSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FOUNDRY_CIRCUIT_", extra="ignore")
-
-    enabled: bool = Field(True, description="Roll back failing champions automatically.")
-    failures: int = Field(3, ge=1, description="Review failures on a recently promoted champion that trip the breaker.")
-    window_s: float = Field(900.0, gt=0, description="Failures older than this are forgotten.")
-    recent_s: float = Field(24 * 3600.0, gt=0, description="Only a champion promoted this recently is rolled back "
-                            "automatically (an old champion failing points at something else).")
 
 
 def _aware(ts: datetime | None) -> datetime | None:
@@ -67,7 +56,7 @@ def observe_review(tenant: str, adapter_version_id: str | None, ok: bool, error:
     """Record one review (or canary) outcome on an adapter version; roll the champion back when the
     breaker trips. Returns the action taken: None (nothing), "recorded" (a failure counted) or
     "rolled_back" (the champion moved to the previous version)."""
-    settings = settings or CircuitSettings()
+    settings = settings or get_settings().circuit
     if ok or adapter_version_id is None:
         return None
     now = now or datetime.now(timezone.utc)
@@ -107,3 +96,14 @@ def observe_review(tenant: str, adapter_version_id: str | None, ok: bool, error:
                   detail={"from_version_id": adapter_version_id, "to_version_id": target, "reason": reason,
                           "trigger": source})
     return "rolled_back"
+
+
+def on_review_failure(ctx, error: str) -> None:
+    """The review kind's failure hook (``domain/kinds.py``): count the failure on the adapter version the job
+    used (or would have used), which may roll a freshly promoted champion back."""
+    version_id = ctx.info.get("adapter_version_id")
+    if version_id is None:
+        with session_scope() as s:
+            version = store.resolve_adapter(s, ctx.tenant, getattr(ctx.spec, "adapter", None))
+            version_id = version.id if version is not None else None
+    observe_review(ctx.tenant, version_id, ok=False, error=error, source=ctx.worker)

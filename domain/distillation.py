@@ -37,7 +37,7 @@ from safetensors.torch import load_model, save_model
 
 from domain import checkpoints, costs, heldout
 from domain.errors import InvalidJob, JobFailed
-from domain.jobs import JobContext, Outcome
+from domain.contract import JobContext, Outcome
 from domain.ledger.models import new_id
 from domain.models import ModelLoadError, load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
 from domain.paths import data_root, resolve_in_data_root

@@ -1,9 +1,10 @@
-"""Running one job: validate → claim an attempt → call the kind's handler → record the outcome.
+"""The runner: one delivery of a job, validate → claim an attempt → call the kind's handler → record the outcome.
 
-A handler is a plain function ``handle(spec, ctx) -> Outcome``. It reports progress through ``ctx``,
-raises ``InvalidJob`` (rejected), ``JobFailed`` (failed), ``TransientError`` (retried with backoff) and
-returns an ``Outcome`` whose ``commit`` callback writes its ledger rows in the same transaction as the
-job's success, so a redelivered message can never write them twice.
+The kinds, their specs and handlers are in ``domain/kinds.py``; what a handler receives and returns is in
+``domain/contract.py``. A handler reports progress through ``ctx``, raises ``InvalidJob`` (rejected),
+``JobFailed`` (failed), ``TransientError`` (retried with backoff) and returns an ``Outcome`` whose
+``commit`` callback writes its ledger rows in the same transaction as the job's success, so a
+redelivered message can never write them twice.
 
 Nothing here imports Celery: ``worker/tasks.py`` maps ``RetryLater`` and ``SoftStop`` onto it.
 """
@@ -12,162 +13,32 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import random
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from sqlalchemy import desc, select
-from sqlalchemy.orm import Session
-
-from domain import checkpoints, costs, health, logs
+from domain import checkpoints, costs, logs
 from domain.config import Settings, get_settings
+from domain.contract import (JobContext, Outcome, RetryLater, SoftStop, jsonable, register_running,  # noqa: F401
+                             running_job_ids, start_heartbeat, stop_requested, unregister_running)
 from domain.errors import InvalidJob, JobFailed, JobTimeout, TransientError
+from domain.kinds import HANDLERS, KINDS, parse_spec
 from domain.ledger import jobstore
-from domain.ledger.db import session_scope
-from domain.ledger.models import Checkpoint
-from domain.specs import JobSpec, NoopSpec, parse_spec
+from domain.ledger.jobstore import Claim
+from domain.specs import JobSpec
 
 log = logging.getLogger(__name__)
 
-# kind -> "module:function"; imported on first use so a review worker never imports training code.
-HANDLERS: dict[str, str] = {
-    "review": "domain.review.service:handle_review",
-    "retrain": "domain.adapters.retrain:handle_retrain",
-    "quantize": "domain.quantization:handle_quantize",
-    "distill": "domain.distillation:handle_distill",
-    "index": "domain.retrieval.service:handle_index",
-    "noop": "domain.jobs:handle_noop",
-}
 
-
-@dataclass
-class Outcome:
-    result: dict
-    usage: costs.Usage | None = None
-    commit: Callable[[Session], dict | None] | None = None
-
-
-class RetryLater(Exception):
-    """Transient failure: the caller should redeliver the job after ``countdown`` seconds."""
-
-    def __init__(self, message: str, countdown: float):
-        super().__init__(message)
-        self.countdown = countdown
-
-
-class SoftStop(Exception):
-    """The worker is shutting down: the job checkpointed and must be requeued, not failed."""
-
-
-# ---- process-wide state: jobs running in this process, stop flag, heartbeats ------------------
-
-_running: dict[str, "JobContext"] = {}
-_running_lock = threading.Lock()
-stop_requested = threading.Event()  # set on warm shutdown; long jobs checkpoint and raise SoftStop
-_heartbeat_thread: threading.Thread | None = None
-
-
-def _heartbeat_loop(interval: float) -> None:
-    while True:
-        time.sleep(interval)
-        with _running_lock:
-            ids = [jid for jid, ctx in _running.items() if not ctx.settled]
-        try:
-            jobstore.heartbeat(ids)
-        except Exception as exc:  # noqa: BLE001 - a missed heartbeat is not fatal
-            log.warning("heartbeat failed: %s", exc)
-
-
-def _ensure_heartbeat(interval: float) -> None:
-    global _heartbeat_thread
-    if _heartbeat_thread is None or not _heartbeat_thread.is_alive():
-        _heartbeat_thread = threading.Thread(target=_heartbeat_loop, args=(interval,), daemon=True, name="foundry-heartbeat")
-        _heartbeat_thread.start()
-
-
-def running_job_ids() -> list[str]:
-    with _running_lock:
-        return list(_running)
-
-
-@dataclass
-class JobContext:
-    job_id: str
-    kind: str
-    spec: JobSpec
-    attempt: int
-    worker: str
-    settings: Settings
-    deadline: float  # time.monotonic() value
-    settled: bool = False
-    _last_progress: float = 0.0
-    info: dict = field(default_factory=dict)
-
-    @property
-    def tenant(self) -> str:
-        return self.spec.tenant
-
-    def check(self) -> None:
-        """Raise if the job ran out of time or the worker is stopping. Long loops call it often."""
-        if time.monotonic() > self.deadline:
-            raise JobTimeout(f"{self.kind} job exceeded its time limit of {self.settings.time_limits.get(self.kind)} s")
-        if stop_requested.is_set():
-            raise SoftStop("worker stopping")
-
-    @property
-    def stopping(self) -> bool:
-        return stop_requested.is_set()
-
-    def progress(self, fraction: float | None = None, force: bool = False, **info: Any) -> None:
-        """Record progress (throttled to one write a second) and check the deadline."""
-        self.info.update(info)
-        now = time.monotonic()
-        if force or now - self._last_progress >= 1.0:
-            self._last_progress = now
-            try:
-                jobstore.record_progress(self.job_id, fraction, _jsonable(self.info))
-            except Exception as exc:  # noqa: BLE001 - progress is best effort
-                log.warning("job %s: progress not recorded: %s", self.job_id, exc)
-        if time.monotonic() > self.deadline:
-            raise JobTimeout(f"{self.kind} job exceeded its time limit of {self.settings.time_limits.get(self.kind)} s")
-
-    def record_checkpoint(self, step: int, path: str, sha256: str, *, size_bytes: int | None = None,
-                          metrics: dict | None = None, reason: str = "interval") -> None:
-        with session_scope() as s:
-            s.add(Checkpoint(job_id=self.job_id, kind=self.kind, step=step, path=path, sha256=sha256,
-                             size_bytes=size_bytes, metrics=_jsonable(metrics or {}), reason=reason))
-
-    def latest_checkpoint(self) -> Checkpoint | None:
-        with session_scope() as s:
-            return s.scalar(select(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.pruned_at.is_(None))
-                            .order_by(desc(Checkpoint.step), desc(Checkpoint.id)).limit(1))
-
-    def health(self, component: str, event: str, status: str, message: str, **detail: Any) -> None:
-        health.record(component, event, status, message, source=self.worker, detail=_jsonable(detail),
-                      tenant_id=self.tenant, job_id=self.job_id)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (str, int, bool)) or obj is None:
-        return obj
-    if isinstance(obj, float):
-        return obj if obj == obj and abs(obj) != float("inf") else None
-    if hasattr(obj, "item"):
-        return _jsonable(obj.item())
-    return str(obj)
+def _load(ref: str) -> Callable:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def load_handler(kind: str) -> Callable[[JobSpec, JobContext], Outcome]:
-    module, _, name = HANDLERS[kind].partition(":")
-    return getattr(importlib.import_module(module), name)
+    return _load(HANDLERS[kind])
 
 
 _known_tenants: dict[tuple[str, str], float] = {}  # (ledger url, tenant) -> when it was last seen
@@ -265,112 +136,113 @@ def _within_visibility(countdown: float, settings: Settings) -> float:
     return min(countdown, max(1.0, settings.visibility_timeout / 2))
 
 
+class _Settled(Exception):
+    """A stage ended this delivery early (rejected, skipped, failed): ``summary`` is what execute returns."""
+
+    def __init__(self, summary: dict):
+        super().__init__(summary.get("status"))
+        self.summary = summary
+
+
 def _execute(kind: str, job_id: str, payload: Any, worker: str, settings: Settings) -> dict:
+    try:
+        spec = _admit(kind, job_id, payload, worker, settings)
+        claim = _claim(kind, job_id, spec, worker, settings)
+        ctx = JobContext(job_id=job_id, kind=kind, spec=spec, attempt=claim.attempt, worker=worker, settings=settings,
+                         deadline=time.monotonic() + _time_limit(kind, settings))
+        outcome, seconds = _run_handler(ctx, settings)
+        return _record_success(ctx, outcome, seconds, settings)
+    except _Settled as done:
+        return done.summary
+
+
+def _admit(kind: str, job_id: str, payload: Any, worker: str, settings: Settings) -> JobSpec:
+    """The validated spec of a known tenant; else the job is recorded rejected."""
     try:
         spec = parse_spec(kind, payload)
     except InvalidJob as exc:
         log.warning("job %s rejected: %s", job_id, exc)
         jobstore.record_rejected(job_id, kind, payload, str(exc), field_name=exc.field, worker=worker)
-        return {"job_id": job_id, "status": "rejected", "error": str(exc), "field": exc.field}
-    body = spec.model_dump(mode="json")
+        raise _Settled({"job_id": job_id, "status": "rejected", "error": str(exc), "field": exc.field}) from None
     logs.bind(tenant=spec.tenant)
     if not _tenant_known(spec.tenant, settings.ledger_url):
         msg = f"tenant: unknown tenant {spec.tenant!r} (create it with `foundry tenants add {spec.tenant}`)"
-        jobstore.record_rejected(job_id, kind, body, msg, field_name="tenant", code="unknown_tenant", worker=worker)
-        return {"job_id": job_id, "status": "rejected", "error": msg, "field": "tenant"}
+        jobstore.record_rejected(job_id, kind, spec.model_dump(mode="json"), msg, field_name="tenant",
+                                 code="unknown_tenant", worker=worker)
+        raise _Settled({"job_id": job_id, "status": "rejected", "error": msg, "field": "tenant"})
+    return spec
 
-    claim = jobstore.claim(job_id, kind, spec.tenant, body, worker, max_attempts=settings.max_attempts,
-                           stale_after_s=settings.stale_after_s, priority=spec.priority,
-                           idempotency_key=spec.idempotency_key)
+
+def _claim(kind: str, job_id: str, spec: JobSpec, worker: str, settings: Settings) -> Claim:
+    """This delivery's attempt; a job finished, dead or owned by a live worker is skipped or handed back."""
+    claim = jobstore.claim(job_id, kind, spec.tenant, spec.model_dump(mode="json"), worker,
+                           max_attempts=settings.max_attempts, stale_after_s=settings.stale_after_s,
+                           priority=spec.priority, idempotency_key=spec.idempotency_key)
     if claim.busy:
         raise RetryLater(claim.reason, countdown=settings.stale_after_s)
     if not claim.run:
-        return {"job_id": job_id, "status": claim.status, "skipped": claim.reason, "result": claim.result, **claim.extra}
+        raise _Settled({"job_id": job_id, "status": claim.status, "skipped": claim.reason, "result": claim.result,
+                        **claim.extra})
+    return claim
 
-    limit = float(settings.time_limits.get(kind, settings.longest_job_s))
-    ctx = JobContext(job_id=job_id, kind=kind, spec=spec, attempt=claim.attempt, worker=worker, settings=settings,
-                     deadline=time.monotonic() + limit)
-    _ensure_heartbeat(settings.heartbeat_s)
-    with _running_lock:
-        _running[job_id] = ctx
+
+def _time_limit(kind: str, settings: Settings) -> float:
+    return float(settings.time_limits.get(kind, settings.longest_job_s))
+
+
+def _run_handler(ctx: JobContext, settings: Settings) -> tuple[Outcome, float]:
+    """Call the kind's handler under its time limit; a failure is recorded here and settles the delivery."""
+    job_id, attempt = ctx.job_id, ctx.attempt
+    start_heartbeat(settings.heartbeat_s)
+    register_running(ctx)
     t0 = time.perf_counter()
     try:
-        with _HardLimit(limit + 30):
-            outcome = load_handler(kind)(spec, ctx)
+        with _HardLimit(_time_limit(ctx.kind, settings) + 30):
+            outcome = load_handler(ctx.kind)(ctx.spec, ctx)
     except InvalidJob as exc:
-        jobstore.finish_failure(job_id, claim.attempt, str(exc), exc.code, final_status="rejected")
-        return {"job_id": job_id, "status": "rejected", "error": str(exc), "field": exc.field}
+        jobstore.finish_failure(job_id, attempt, str(exc), exc.code, final_status="rejected")
+        raise _Settled({"job_id": job_id, "status": "rejected", "error": str(exc), "field": exc.field}) from None
     except TransientError as exc:
-        jobstore.finish_failure(job_id, claim.attempt, str(exc), exc.code, final_status="retry")
-        raise RetryLater(str(exc), countdown=backoff(claim.attempt, settings)) from exc
-    except SoftStop as exc:
-        jobstore.finish_failure(job_id, claim.attempt, "worker stopped; requeued from its last checkpoint",
+        jobstore.finish_failure(job_id, attempt, str(exc), exc.code, final_status="retry")
+        raise RetryLater(str(exc), countdown=backoff(attempt, settings)) from exc
+    except SoftStop:
+        jobstore.finish_failure(job_id, attempt, "worker stopped; requeued from its last checkpoint",
                                 "soft_stop", final_status="interrupted")
-        raise exc
+        raise
     except JobFailed as exc:
         log.error("job %s failed: %s", job_id, exc)
-        jobstore.finish_failure(job_id, claim.attempt, str(exc), exc.code)
-        _observe_failure(ctx, str(exc))
-        return {"job_id": job_id, "status": "failed", "error": str(exc), "code": exc.code}
+        _failed(ctx, str(exc), exc.code)
     except Exception as exc:  # noqa: BLE001 - an unexpected error is a permanent failure of this job
         log.exception("job %s crashed", job_id)
-        msg = f"{type(exc).__name__}: {exc}"
-        jobstore.finish_failure(job_id, claim.attempt, msg, "error")
-        _observe_failure(ctx, msg)
-        return {"job_id": job_id, "status": "failed", "error": msg, "code": "error"}
+        _failed(ctx, f"{type(exc).__name__}: {exc}", "error")
     finally:
-        ctx.settled = True
-        with _running_lock:
-            _running.pop(job_id, None)
+        unregister_running(ctx)
+    return outcome, time.perf_counter() - t0
 
+
+def _failed(ctx: JobContext, error: str, code: str) -> None:
+    """Record a permanent failure, run the kind's failure hook (e.g. the review circuit breaker), settle."""
+    jobstore.finish_failure(ctx.job_id, ctx.attempt, error, code)
+    hook = KINDS[ctx.kind].on_failure
+    if hook is not None:
+        try:
+            _load(hook)(ctx, error)
+        except Exception as exc:  # noqa: BLE001 - a hook must never turn a failure into a crash
+            log.warning("failure hook %s not run for job %s: %s", hook, ctx.job_id, exc)
+    raise _Settled({"job_id": ctx.job_id, "status": "failed", "error": error, "code": code})
+
+
+def _record_success(ctx: JobContext, outcome: Outcome, seconds: float, settings: Settings) -> dict:
+    """Price the usage and commit result, usage and the handler's rows in one transaction."""
     usage = None
     if outcome.usage is not None:
         if not outcome.usage.wall_seconds:
-            outcome.usage.wall_seconds = time.perf_counter() - t0
+            outcome.usage.wall_seconds = seconds
         usage = costs.usage_row(outcome.usage, settings.prices())
-    result = _jsonable(outcome.result)
-    stored = with_ledger(lambda: jobstore.finish_success(job_id, claim.attempt, worker, result, usage=usage,
+    result = jsonable(outcome.result)
+    stored = with_ledger(lambda: jobstore.finish_success(ctx.job_id, ctx.attempt, ctx.worker, result, usage=usage,
                                                          commit=outcome.commit), "finish", settings)
     if stored is None:
-        return {"job_id": job_id, "status": "superseded", "skipped": "another attempt owns this job"}
-    checkpoints.after_success(kind, job_id)
-    return {"job_id": job_id, "status": "succeeded", "result": stored}
-
-
-def _observe_failure(ctx: JobContext, error: str) -> None:
-    """Feed a failed review to the adapter circuit breaker (domain/circuit.py), which rolls a freshly
-    promoted champion back after repeated failures."""
-    if ctx.kind != "review":
-        return
-    try:
-        from domain import circuit
-        from domain.adapters.store import resolve_adapter
-
-        version_id = ctx.info.get("adapter_version_id")
-        if version_id is None:
-            with session_scope() as s:
-                version = resolve_adapter(s, ctx.tenant, getattr(ctx.spec, "adapter", None))
-                version_id = version.id if version is not None else None
-        circuit.observe_review(ctx.tenant, version_id, ok=False, error=error, source=ctx.worker)
-    except Exception as exc:  # noqa: BLE001 - the breaker must never turn a failure into a crash
-        log.warning("circuit breaker not updated for job %s: %s", ctx.job_id, exc)
-
-
-# ---- the noop kind: benchmarks, smoke tests, fault injection ------------------------------------
-
-def handle_noop(spec: NoopSpec, ctx: JobContext) -> Outcome:
-    if spec.crash and ctx.attempt <= spec.crash_times:
-        if not ctx.settings.allow_fault_injection:
-            raise InvalidJob("crash: fault injection is disabled (FOUNDRY_ALLOW_FAULT_INJECTION)", field="crash")
-        if spec.crash == "exit":
-            os._exit(137)  # the worker dies mid-job, like an OOM kill
-        if spec.crash == "transient":
-            raise TransientError("injected transient fault")
-        raise RuntimeError("injected fault")
-    end = time.monotonic() + spec.sleep_s
-    while time.monotonic() < end:
-        time.sleep(min(0.05, max(0.0, end - time.monotonic())))
-        ctx.check()
-        ctx.progress(1 - (end - time.monotonic()) / spec.sleep_s if spec.sleep_s else 1.0)
-    usage = costs.Usage(prompt_tokens=spec.cost_tokens, model_id="noop") if spec.cost_tokens else None
-    return Outcome(result={"slept": spec.sleep_s}, usage=usage)
+        return {"job_id": ctx.job_id, "status": "superseded", "skipped": "another attempt owns this job"}
+    checkpoints.after_success(ctx.kind, ctx.job_id)
+    return {"job_id": ctx.job_id, "status": "succeeded", "result": stored}

@@ -28,7 +28,7 @@ from sqlalchemy import func, select
 
 from domain import costs, heldout
 from domain.errors import InvalidJob, JobFailed
-from domain.jobs import JobContext, Outcome, _jsonable
+from domain.contract import JobContext, Outcome, jsonable
 from domain.ledger.models import AdapterVersion, Artifact, new_id
 from domain.ledger.db import session_scope
 from domain.models import LoadedModel, ModelLoadError, load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
@@ -307,7 +307,7 @@ def add_artifact(session, artifact_id: str, *, kind: str, tenant: str, name: str
     latest = session.scalar(select(func.max(Artifact.version)).where(
         Artifact.kind == kind, Artifact.tenant_id == tenant, Artifact.name == name))
     art = Artifact(id=artifact_id, kind=kind, tenant_id=tenant, name=name, version=(latest or 0) + 1, path=path, sha256=sha256,
-                   size_bytes=size_bytes, status="ready", lineage=_jsonable(lineage), report=_jsonable(report),
+                   size_bytes=size_bytes, status="ready", lineage=jsonable(lineage), report=jsonable(report),
                    created_by_job_id=job_id)
     session.add(art)
 

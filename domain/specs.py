@@ -2,8 +2,8 @@
 
 A message is the JSON object sent as the single positional argument of the Celery task
 ``foundry.<kind>`` (see docs/messages.md). Unknown fields are refused, so a typo is reported
-instead of silently ignored. ``parse_spec`` turns any validation failure into ``InvalidJob`` whose
-message names the offending field.
+instead of silently ignored. ``domain.kinds.parse_spec`` turns any validation failure into ``InvalidJob``
+whose message names the offending field.
 """
 
 from __future__ import annotations
@@ -177,20 +177,14 @@ class NoopSpec(JobSpec):
     cost_tokens: int = Field(0, ge=0, description="Record this many tokens of usage (tests cost exactly-once).")
 
 
-SPECS: dict[str, type[JobSpec]] = {
-    "review": ReviewSpec, "retrain": RetrainSpec, "quantize": QuantizeSpec,
-    "distill": DistillSpec, "index": IndexSpec, "noop": NoopSpec,
-}
-
-
 def _field_path(loc: tuple) -> str:
     return ".".join(str(p) for p in loc) or "(message)"
 
 
-def parse_spec(kind: str, payload: Any) -> JobSpec:
-    """Validate a message body. Raises InvalidJob naming the field at fault."""
-    if kind not in SPECS:
-        raise InvalidJob(f"kind: unknown job kind {kind!r}; known: {', '.join(SPECS)}", field="kind")
+def validate_body(model: type[JobSpec], payload: Any) -> JobSpec:
+    """Validate a message body against its kind's spec model (``domain.kinds.parse_spec`` picks the model).
+    Raises InvalidJob naming the field at fault."""
+    kind = model.model_fields["kind"].default
     if isinstance(payload, (str, bytes)):
         try:
             payload = json.loads(payload)
@@ -200,17 +194,10 @@ def parse_spec(kind: str, payload: Any) -> JobSpec:
         raise InvalidJob(f"(message): the job body must be a JSON object, got {type(payload).__name__}", field="(message)")
     payload = {k: v for k, v in payload.items() if k != "kind" or v == kind}
     try:
-        return SPECS[kind].model_validate(payload)
+        return model.model_validate(payload)
     except ValidationError as exc:
         errs = exc.errors()
         first = errs[0]
         field = _field_path(first["loc"])
         msgs = "; ".join(f"{_field_path(e['loc'])}: {e['msg']}" for e in errs[:5])
         raise InvalidJob(msgs, field=field) from None
-
-
-def json_schema(kind: str) -> dict:
-    schema = SPECS[kind].model_json_schema()
-    schema["$id"] = f"https://foundry.dev/schemas/{kind}.json"
-    schema["title"] = f"foundry.{kind} job"
-    return schema

@@ -5,6 +5,9 @@
 - Redis visibility_timeout above the longest job, identical for the broker and the result backend.
 - prefetch 1, JSON only, explicitly named tasks routed to one queue per kind.
 - Embedded default: kombu's filesystem:// transport and a file result backend under FOUNDRY_DATA_DIR.
+
+Importing this module (a producer's first enqueue does) changes nothing outside it: the kombu guards and
+the embedded broker's folders are set up when a worker or beat starts (``prepare_worker``).
 """
 
 from __future__ import annotations
@@ -15,24 +18,17 @@ from celery import Celery, signals
 from celery.app.amqp import AMQP
 from kombu import Exchange, Queue
 
-from domain.config import JOB_KINDS, Settings, get_settings
+from domain.config import Settings, get_settings
+from domain.kinds import CONTROL_QUEUE, KINDS, QUEUES
 
-QUEUES = (*JOB_KINDS, "control")  # control: noop/benchmark jobs, schedule ticks
-# Which queues each worker flavour consumes (docker-compose and `foundry worker` use these).
-GPU_QUEUES = ("review", "retrain", "quantize", "distill")
-CPU_QUEUES = ("index", "control")
-
-
-def queue_for(kind: str) -> str:
-    return kind if kind in JOB_KINDS else "control"
+EMBEDDED_FOLDERS = ("queue", "processed", "control", "results")
 
 
 def broker_settings(settings: Settings) -> tuple[str, dict, str]:
-    """(broker_url, broker_transport_options, result_backend) for these settings."""
+    """(broker_url, broker_transport_options, result_backend) for these settings. Creates nothing: the
+    embedded broker's folders are made by ``prepare_broker``."""
     if settings.embedded:
         base = settings.broker_dir.resolve()
-        for sub in ("queue", "processed", "control", "results"):
-            (base / sub).mkdir(parents=True, exist_ok=True)
         options = {
             "data_folder_in": str(base / "queue"),
             "data_folder_out": str(base / "queue"),
@@ -56,6 +52,13 @@ def broker_settings(settings: Settings) -> tuple[str, dict, str]:
         "health_check_interval": 25,
     }
     return settings.broker_url, options, settings.result_backend or settings.broker_url
+
+
+def prepare_broker(settings: Settings) -> None:
+    """Create the embedded broker's folders (a worker, beat, or a producer about to write a message there)."""
+    if settings.embedded:
+        for sub in EMBEDDED_FOLDERS:
+            (settings.broker_dir.resolve() / sub).mkdir(parents=True, exist_ok=True)
 
 
 REPR_MAX = 1024  # Celery's own limit for the argument text in a message's headers and task events
@@ -89,14 +92,13 @@ def make_celery(settings: Settings | None = None) -> Celery:
     app = Celery("foundry", broker=broker, backend=backend, include=["worker.tasks"],
                  amqp="worker.celery_app:FoundryAMQP")
     exchange = Exchange("foundry", type="direct")
+    control = {"queue": CONTROL_QUEUE, "routing_key": CONTROL_QUEUE}
     app.conf.update(
         task_queues=[Queue(q, exchange, routing_key=q) for q in QUEUES],
-        task_default_queue="control",
+        task_default_queue=CONTROL_QUEUE,
         task_default_exchange="foundry",
-        task_routes={f"foundry.{k}": {"queue": k, "routing_key": k} for k in JOB_KINDS}
-        | {"foundry.noop": {"queue": "control", "routing_key": "control"},
-           "foundry.schedule_tick": {"queue": "control", "routing_key": "control"},
-           "foundry.resend_stranded": {"queue": "control", "routing_key": "control"}},
+        task_routes={f"foundry.{k.name}": {"queue": k.queue, "routing_key": k.queue} for k in KINDS.values()}
+        | {"foundry.schedule_tick": control, "foundry.resend_stranded": control},
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -207,6 +209,18 @@ def _survive_ack_on_closed_channel() -> None:
     guard("reject")
 
 
-_survive_restore_race()
-_survive_ack_on_closed_channel()
+def install_kombu_guards() -> None:
+    """Both kombu guards above (idempotent). Patches kombu for the whole process: workers only."""
+    _survive_restore_race()
+    _survive_ack_on_closed_channel()
+
+
+@signals.celeryd_init.connect
+@signals.beat_init.connect
+def prepare_worker(**_) -> None:
+    """A worker's (or beat's) start-up: the kombu guards and the embedded broker's folders."""
+    install_kombu_guards()
+    prepare_broker(get_settings())
+
+
 app = make_celery()

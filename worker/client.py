@@ -23,8 +23,9 @@ from domain.config import get_settings
 from domain.errors import InvalidJob
 from domain.ledger import jobstore
 from domain.ledger.db import session_scope
+from domain.kinds import parse_spec, queue_for
 from domain.ledger.models import FINAL_STATUSES, Job
-from domain.specs import JobSpec, parse_spec
+from domain.specs import JobSpec
 
 
 class EnqueueError(RuntimeError):
@@ -43,12 +44,14 @@ _apps: dict = {}
 
 
 def celery_app():
-    """A Celery app for the current settings (cached; tests and tools may change the environment)."""
-    from worker.celery_app import make_celery
+    """A Celery app for the current settings (cached; tests and tools may change the environment). An
+    embedded broker's folders are made here: its messages are files this producer writes."""
+    from worker.celery_app import make_celery, prepare_broker
 
     settings = get_settings()
     key = (settings.broker_url, settings.result_backend, str(settings.data_dir))
     if key not in _apps:
+        prepare_broker(settings)
         _apps[key] = make_celery(settings)
     return _apps[key]
 
@@ -68,8 +71,6 @@ def send_job(app, kind: str, payload: dict, job_id: str, *, queue: str, priority
 def enqueue(kind: str, body: dict | JobSpec, *, job_id: str | None = None, parent_job_id: str | None = None,
             created_by: str | None = None, countdown: float | None = None) -> str:
     """Validate, record and send one job. Returns its job id (the first job's, for a repeated idempotency key)."""
-    from worker.celery_app import queue_for
-
     settings = get_settings()
     job_id = job_id or uuid.uuid4().hex
     raw = body.model_dump(mode="json") if isinstance(body, JobSpec) else body

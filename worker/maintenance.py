@@ -18,7 +18,8 @@ import time
 from domain import stranded
 from domain.config import Settings, get_settings
 from domain.metrics import REDIS_UNACKED_INDEX_KEY, REDIS_UNACKED_KEY, redis_queue_keys
-from worker.celery_app import QUEUES, broker_settings
+from domain.kinds import QUEUES
+from worker.celery_app import broker_settings
 
 log = logging.getLogger(__name__)
 

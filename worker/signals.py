@@ -22,26 +22,13 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from celery import signals
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from domain import health, jobs
-from domain.config import get_settings
+from domain import contract, health
+from domain.config import HealthSettings, get_settings
+from domain.kinds import ML_QUEUES
 from domain.ledger import db
 
 log = logging.getLogger(__name__)
 _state = {"node": socket.gethostname(), "checker": None}
-
-
-class HealthSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FOUNDRY_HEALTH_", extra="ignore")
-
-    interval_s: float = Field(30.0, gt=0, description="Seconds between a worker's health checks.")
-    min_free_memory_mb: float = Field(512.0, ge=0, description="Stop consuming below this much memory headroom (RSS "
-                                      "limit or system memory available).")
-    min_gpu_free_mb: float = Field(512.0, ge=0, description="Stop consuming below this much free GPU memory (CUDA only).")
-    memory_event_s: float = Field(300.0, gt=0, description="How often the memory figures are written as a health "
-                                  "event (for the metrics) while nothing changes.")
 
 
 def _rss_mb() -> float:
@@ -138,7 +125,7 @@ def _stale_running_here(stale_after_s: float) -> list[str]:
     from domain.ledger.db import session_scope
     from domain.ledger.models import Job, utcnow
 
-    ids = jobs.running_job_ids()
+    ids = contract.running_job_ids()
     if not ids:
         return []
     cutoff = utcnow() - timedelta(seconds=stale_after_s)
@@ -154,8 +141,7 @@ def run_checks(settings: HealthSettings) -> tuple[CheckResult, bool, str]:
             stale = _stale_running_here(get_settings().stale_after_s)
         except Exception as exc:  # noqa: BLE001
             db_ok, db_msg = False, f"unreachable: {type(exc).__name__}"
-    hb = jobs._heartbeat_thread
-    alive = not jobs.running_job_ids() or (hb is not None and hb.is_alive())
+    alive = not contract.running_job_ids() or contract.heartbeat_alive()
     result = evaluate(db_ok=db_ok, db_msg=db_msg, memory=memory_snapshot(), stale_jobs=stale, heartbeat_alive=alive,
                       drained=_drain_file(_state["node"]), settings=settings)
     return result, db_ok, db_msg
@@ -234,9 +220,6 @@ def _consumed_queues(sender) -> list[str]:
         return []
 
 
-ML_QUEUES = {"review", "retrain", "quantize", "distill", "index"}
-
-
 @signals.celeryd_after_setup.connect
 def _warm_ledger_driver(sender=None, instance=None, **_):
     """Import the ledger's database driver (psycopg for PostgreSQL) in the main process, before the pool forks:
@@ -292,7 +275,7 @@ def _ready(sender=None, **_):
     if _state["checker"] is None:
         app = getattr(sender, "app", None)
         gate = Gate(app, node, _consumed_queues(sender)) if app is not None else None
-        t = threading.Thread(target=_periodic_checks, args=(node, broker_url, options, gate, HealthSettings()),
+        t = threading.Thread(target=_periodic_checks, args=(node, broker_url, options, gate, get_settings().health),
                              daemon=True, name="foundry-health")
         t.start()
         _state["checker"] = t
@@ -300,8 +283,8 @@ def _ready(sender=None, **_):
 
 @signals.worker_shutting_down.connect
 def _shutting_down(sig=None, how=None, **_):
-    jobs.stop_requested.set()  # long jobs checkpoint and requeue themselves
-    log.warning("worker stopping (%s %s): running jobs %s will checkpoint", sig, how, jobs.running_job_ids())
+    contract.stop_requested.set()  # long jobs checkpoint and requeue themselves
+    log.warning("worker stopping (%s %s): running jobs %s will checkpoint", sig, how, contract.running_job_ids())
 
 
 @signals.worker_shutdown.connect

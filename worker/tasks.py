@@ -1,4 +1,4 @@
-"""The five job tasks (plus noop and the beat tick). Each only maps Celery onto domain.jobs.execute.
+"""One task per job kind (``domain/kinds.py``), plus beat's two. Each only maps Celery onto domain.jobs.execute.
 
 Message: ``foundry.<kind>`` with the job body (a JSON object, see docs/messages.md) as the single
 positional argument (keyword arguments are accepted as the body too). The Celery task id is the job id.
@@ -13,6 +13,7 @@ from celery import Task
 from celery.exceptions import Reject
 
 from domain import jobs
+from domain.kinds import KINDS
 from worker import signals  # noqa: F401  (worker lifecycle: health events, soft stop, memory recycling)
 from worker.celery_app import app
 
@@ -43,34 +44,15 @@ def run(task: Task, kind: str, body, extra: dict) -> dict:
         raise Reject("worker stopping: job requeued from its last checkpoint", requeue=True)
 
 
-@app.task(name="foundry.review", base=FoundryTask, bind=True)
-def review(self, body=None, **extra):
-    return run(self, "review", body, extra)
+def _job_task(kind: str) -> Task:
+    def job(self, body=None, **extra):
+        return run(self, kind, body, extra)
+
+    job.__name__ = job.__qualname__ = kind
+    return app.task(name=f"foundry.{kind}", base=FoundryTask, bind=True)(job)
 
 
-@app.task(name="foundry.retrain", base=FoundryTask, bind=True)
-def retrain(self, body=None, **extra):
-    return run(self, "retrain", body, extra)
-
-
-@app.task(name="foundry.quantize", base=FoundryTask, bind=True)
-def quantize(self, body=None, **extra):
-    return run(self, "quantize", body, extra)
-
-
-@app.task(name="foundry.distill", base=FoundryTask, bind=True)
-def distill(self, body=None, **extra):
-    return run(self, "distill", body, extra)
-
-
-@app.task(name="foundry.index", base=FoundryTask, bind=True)
-def index(self, body=None, **extra):
-    return run(self, "index", body, extra)
-
-
-@app.task(name="foundry.noop", base=FoundryTask, bind=True)
-def noop(self, body=None, **extra):
-    return run(self, "noop", body, extra)
+JOB_TASKS: dict[str, Task] = {kind: _job_task(kind) for kind in KINDS}  # foundry.review, foundry.retrain, ...
 
 
 @app.task(name="foundry.schedule_tick", bind=True, acks_late=False, ignore_result=True)

@@ -99,7 +99,7 @@ def _plan(spec: RetrainSpec, resume: dict | None) -> dict:
 
 def handle_retrain(spec: RetrainSpec, ctx):
     """The job handler (see the module docstring); returns a ``domain.jobs.Outcome``."""
-    from domain.jobs import Outcome
+    from domain.contract import Outcome
     from domain.models import model_fingerprint
 
     t0 = time.perf_counter()

@@ -45,7 +45,7 @@ def set_schedule(tenant: str, cron: str, *, min_new_feedback: int = 10, adapter_
                  params: dict | None = None, enabled: bool = True, url: str | None = None) -> dict:
     """Create or change a tenant's schedule. Raises ValueError for a bad cron expression or retrain
     parameters, LookupError for an unknown tenant."""
-    from domain.specs import parse_spec
+    from domain.kinds import parse_spec
 
     cronlib.parse(cron)
     if min_new_feedback < 1:

@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from domain.retrieval.settings import BUNDLED_MODEL, get_retrieval_settings
+from domain.config import BUNDLED_EMBEDDING_MODEL, get_settings
 
 Progress = Callable[[int, int], None]  # (texts done, total)
 
@@ -41,7 +41,7 @@ class SentenceTransformerEmbedder:
         from sentence_transformers import SentenceTransformer
 
         self.name = ref
-        path = bundled_model_path() if ref == BUNDLED_MODEL else Path(ref)
+        path = bundled_model_path() if ref == BUNDLED_EMBEDDING_MODEL else Path(ref)
         if path.exists():
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder never needs the hub
             self.model = SentenceTransformer(str(path), device="cpu")
@@ -96,7 +96,7 @@ _cache_lock = threading.Lock()
 
 def get_embedder(ref: str | None = None) -> Embedder:
     """The embedder for ``ref`` (default: FOUNDRY_EMBEDDING_MODEL), loaded once per process."""
-    ref = ref or get_retrieval_settings().embedding_model
+    ref = ref or get_settings().retrieval.embedding_model
     with _cache_lock:
         if ref not in _cache:
             if ref.startswith("hashing:"):

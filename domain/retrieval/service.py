@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from sqlalchemy import select
 
 from domain import costs
+from domain.config import get_settings
+from domain.contract import Outcome
 from domain.errors import JobFailed, TransientError
 from domain.ledger.db import session_scope
 from domain.ledger.models import Artifact, Feedback, Review
@@ -24,7 +26,6 @@ from domain.retrieval import reader
 from domain.retrieval.builder import build_version
 from domain.retrieval.embedding import get_embedder
 from domain.retrieval.fusion import DEFAULT_FUSION, FusionConfig
-from domain.retrieval.settings import get_retrieval_settings
 from domain.retrieval.snapshots import (
     CorruptSnapshot, Snapshot, WriterBusy, acquire_lease, clean_stale_builds, load_snapshot, prune, read_current,
     relative_path, release_lease, renew_lease, switch_current, version_dir, versions_on_disk,
@@ -64,7 +65,7 @@ def retrieve_context(tenant: str, query: str, k: int = 4, floor: float | None = 
     snapshot = reader.current_snapshot(tenant)
     if snapshot is None:
         return RetrievedContext([], None)
-    floor = get_retrieval_settings().retrieval_floor if floor is None else floor
+    floor = get_settings().retrieval.retrieval_floor if floor is None else floor
     hits = reader.search(snapshot, query, k=max(k, 1) * 2 if k > 0 else 0, fusion=fusion)
     chunks = [ContextChunk(id=h.chunk["id"], text=h.chunk["text"], score=round(h.similarity, 6),
                            path=h.chunk.get("path"), source=h.chunk.get("source"), document_id=h.chunk["document_id"],
@@ -200,9 +201,8 @@ def _take_lease(tenant: str, holder: str, ttl: float, ctx) -> None:
 
 def handle_index(spec, ctx):
     """Index job: add (upsert) / remove / rebuild the tenant's index as a new snapshot version."""
-    from domain.jobs import Outcome
 
-    settings = get_retrieval_settings()
+    settings = get_settings().retrieval
     tenant, holder, ttl = spec.tenant, f"job:{ctx.job_id}", settings.index_lease_ttl_s
     t0 = time.perf_counter()
     _take_lease(tenant, holder, ttl, ctx)

@@ -23,7 +23,7 @@ from domain import budgets
 from domain.adapters.store import check_base_model, resolve_adapter, verified_adapter_path
 from domain.costs import Usage
 from domain.errors import InvalidJob, JobFailed, JobTimeout
-from domain.jobs import JobContext, Outcome
+from domain.contract import JobContext, Outcome
 from domain.ledger.db import session_scope
 from domain.ledger.models import AdapterVersion, Artifact, Review, Tenant, new_id
 from domain.models import ModelLoadError

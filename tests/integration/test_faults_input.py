@@ -18,7 +18,7 @@ from domain import consistency, jobs
 from domain.config import reset_settings
 from domain.ledger.db import session_scope
 from domain.ledger.models import HealthEvent, Job, JobAttempt, Review, UsageCost
-from domain.specs import SPECS
+from domain.kinds import SPECS
 from tests.conftest import add_tenant
 from tests.integration.test_faults_kit import fault_summary, record, tally, wait_final  # noqa: F401
 from tests.integration.workers import running_worker

@@ -13,7 +13,7 @@ from domain.ledger.db import session_scope
 from domain.ledger.models import Artifact, Job, JobAttempt
 from domain.retrieval import reader
 from domain.retrieval.service import retrieve_context
-from domain.retrieval.settings import reset_retrieval_settings
+from domain.config import reset_settings
 from domain.retrieval.snapshots import read_current
 from tests.conftest import add_tenant
 from tests.integration.workers import apply_env, running_worker, start_worker, worker_env
@@ -26,14 +26,14 @@ def env(redis_url, pg_ledger, tmp_path, monkeypatch):
     e = worker_env(redis_url, pg_ledger, tmp_path, FOUNDRY_EMBEDDING_MODEL="hashing:256",
                    FOUNDRY_INDEX_LEASE_TTL_S="3", FOUNDRY_EMBEDDING_BATCH_SIZE="100")
     apply_env(monkeypatch, e)
-    reset_retrieval_settings()
+    reset_settings()
     reader.forget()
 
     add_tenant(pg_ledger, "acme")
     add_tenant(pg_ledger, "globex")
     yield e
     reader.forget()
-    reset_retrieval_settings()
+    reset_settings()
 
 
 def docs(prefix: str, n: int, size: int = 1) -> list[dict]:

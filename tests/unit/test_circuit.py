@@ -7,6 +7,7 @@ from sqlalchemy import select
 
 from domain import circuit
 from domain.adapters import store
+from domain.config import Settings
 from domain.ledger.db import session_scope
 from domain.ledger.models import AdapterAlias, AdapterVersion, AliasHistory, HealthEvent, utcnow
 from tests.conftest import add_tenant
@@ -96,5 +97,5 @@ def test_rollback_of_the_first_champion_serves_the_base_model(sqlite_ledger):
 def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("FOUNDRY_CIRCUIT_FAILURES", "7")
     monkeypatch.setenv("FOUNDRY_CIRCUIT_WINDOW_S", "30")
-    s = circuit.CircuitSettings()
+    s = Settings().circuit
     assert s.failures == 7 and s.window_s == 30 and s.enabled

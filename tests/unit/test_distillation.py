@@ -17,7 +17,7 @@ from domain import distillation, heldout, jobs, quantization
 from domain.distillation import distillation_loss, kept_layers, reduce_layers
 from domain.config import get_settings
 from domain.jobs import JobContext, SoftStop
-from domain.specs import parse_spec
+from domain.kinds import parse_spec
 from domain.ledger.db import session_scope
 from domain.ledger.models import Artifact, Checkpoint, Job
 from domain.models import save_tiny_model, tiny_model

@@ -15,7 +15,7 @@ from domain.ledger.models import Artifact, Feedback, Job, Lease, Review
 from domain.paths import sha256_file
 from domain.retrieval import reader
 from domain.retrieval.service import retrieve_context
-from domain.retrieval.settings import reset_retrieval_settings
+from domain.config import reset_settings
 from domain.retrieval.snapshots import acquire_lease, read_current, tenant_dir, version_dir
 from tests.conftest import add_tenant
 
@@ -38,13 +38,13 @@ def multiply_matrix(rows, cols):
 @pytest.fixture
 def index_env(sqlite_ledger, monkeypatch):
     monkeypatch.setenv("FOUNDRY_EMBEDDING_MODEL", "hashing:256")
-    reset_retrieval_settings()
+    reset_settings()
     reader.forget()
     add_tenant(sqlite_ledger, "acme")
     add_tenant(sqlite_ledger, "globex")
     yield sqlite_ledger
     reader.forget()
-    reset_retrieval_settings()
+    reset_settings()
 
 
 def run(body: dict) -> dict:
@@ -143,7 +143,7 @@ def test_tenant_isolation(index_env):
 def test_hnsw_tombstones_compaction_and_rebuild(index_env, monkeypatch):
     monkeypatch.setenv("FOUNDRY_INDEX_EXACT_MAX", "8")
     monkeypatch.setenv("FOUNDRY_INDEX_TOMBSTONE_REBUILD", "0.3")
-    reset_retrieval_settings()
+    reset_settings()
     docs = [doc(f"d{i}", f"def function_number_{i}(value):\n    return value * {i} + {i * 7}\n", language="python")
             for i in range(20)]
     res = add("acme", *docs)
@@ -170,7 +170,7 @@ def test_old_versions_are_pruned(index_env):
 def test_writer_lease_is_exclusive(index_env, monkeypatch):
     acquire_lease("acme", "someone-else", ttl_s=300)
     monkeypatch.setenv("FOUNDRY_INDEX_LEASE_TTL_S", "0.5")  # the job waits at most this long for the lease
-    reset_retrieval_settings()
+    reset_settings()
     with pytest.raises(RetryLater):
         run({"tenant": "acme", "action": "add", "documents": [doc("a", "text one two three")]})
     assert read_current("acme") is None

@@ -20,7 +20,7 @@ from domain.ledger.db import session_scope
 from domain.ledger.models import Artifact, HealthEvent, Job
 from domain.retrieval import reader, service
 from domain.retrieval.service import retrieve_context
-from domain.retrieval.settings import reset_retrieval_settings
+from domain.config import reset_settings
 from domain.retrieval.snapshots import read_current, tenant_dir, version_dir
 from tests.conftest import add_tenant
 
@@ -31,12 +31,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def index_env(sqlite_ledger, monkeypatch):
     monkeypatch.setenv("FOUNDRY_EMBEDDING_MODEL", "hashing:128")
     monkeypatch.setenv("FOUNDRY_INDEX_LEASE_TTL_S", "2")
-    reset_retrieval_settings()
+    reset_settings()
     reader.forget()
     add_tenant(sqlite_ledger, "acme")
     yield sqlite_ledger
     reader.forget()
-    reset_retrieval_settings()
+    reset_settings()
 
 
 def run(body: dict) -> dict:

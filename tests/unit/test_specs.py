@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from domain.errors import InvalidJob
-from domain.specs import SPECS, json_schema, parse_spec
+from domain.kinds import SPECS, json_schema, parse_spec
 
 VALID = {
     "review": {"code": "def f():\n    return 1\n", "tenant": "acme"},

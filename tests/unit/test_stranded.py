@@ -45,10 +45,12 @@ def test_the_embedded_filesystem_broker_is_not_swept(sqlite_ledger):
 
 def test_a_torn_down_connection_while_handing_messages_back_does_not_kill_the_worker():
     """kombu raises AttributeError from restore_unacked_once when the Redis connection is already gone;
-    Celery would call that unrecoverable and exit. worker.celery_app makes it a logged warning."""
+    Celery would call that unrecoverable and exit. A worker's start-up makes it a logged warning."""
     from kombu.transport.virtual import base
 
-    import worker.celery_app  # noqa: F401  (applies the guard)
+    from worker.celery_app import install_kombu_guards
+
+    install_kombu_guards()  # what a worker does at start-up
 
     class Channel:
         do_restore = True
@@ -67,11 +69,13 @@ def test_a_torn_down_connection_while_handing_messages_back_does_not_kill_the_wo
 def test_acknowledging_on_a_channel_closed_by_a_lost_connection_does_not_kill_the_worker():
     """A threads-pool job that outlived a Redis restart is acknowledged on its old channel, whose connection
     kombu has set to None: kombu's redis QoS.ack would raise AttributeError ('NoneType' object has no
-    attribute 'client'), which Celery treats as unrecoverable. worker.celery_app turns it into a warning,
+    attribute 'client'), which Celery treats as unrecoverable. A worker's start-up turns it into a warning,
     and a live channel still acknowledges through Redis."""
     from kombu.transport import redis as kombu_redis
 
-    import worker.celery_app  # noqa: F401  (applies the guard)
+    from worker.celery_app import install_kombu_guards
+
+    install_kombu_guards()  # what a worker does at start-up
 
     class ClosedChannel:
         do_restore = True

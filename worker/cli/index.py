@@ -93,7 +93,7 @@ def _submit(args, body: dict) -> int:
     if args.inline:
         from domain.jobs import execute
         from domain.ledger import jobstore
-        from domain.specs import parse_spec
+        from domain.kinds import parse_spec
 
         try:
             spec = parse_spec("index", body)

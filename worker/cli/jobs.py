@@ -189,7 +189,7 @@ def enqueue_and_report(kind: str, body: dict, *, wait_for: bool, timeout: float)
 
 
 def cmd_schema(args) -> int:
-    from domain.specs import json_schema
+    from domain.kinds import json_schema
 
     json.dump(json_schema(args.kind), sys.stdout, indent=2)
     print()

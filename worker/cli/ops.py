@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import os
 import socket
 import sys
 
@@ -178,9 +177,10 @@ def cmd_ledger_check(args) -> int:
 def cmd_metrics_serve(args) -> int:
     from domain.config import get_settings
     from domain.metrics import LedgerMetrics, serve
-    from worker.celery_app import QUEUES, broker_settings
+    from domain.kinds import QUEUES
+    from worker.celery_app import broker_settings
 
-    user, password = os.environ.get("FOUNDRY_METRICS_USER"), os.environ.get("FOUNDRY_METRICS_PASSWORD")
+    user, password = get_settings().metrics.user, get_settings().metrics.password
     if not args.no_auth_i_know and not (user and password):
         err_console.print("[red]error:[/red] set FOUNDRY_METRICS_USER and FOUNDRY_METRICS_PASSWORD (basic auth), "
                           "or pass --no-auth-i-know to serve without authentication")

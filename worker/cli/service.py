@@ -35,7 +35,7 @@ def register(sub) -> None:
 def worker_argv(flavour: str, queues: str | None = None, concurrency: int | None = None, name: str | None = None,
                 loglevel: str = "INFO") -> list[str]:
     from domain.config import get_settings
-    from worker.celery_app import CPU_QUEUES, GPU_QUEUES, QUEUES
+    from domain.kinds import CPU_QUEUES, GPU_QUEUES, QUEUES
 
     table = {
         "gpu": (GPU_QUEUES, "solo", 1),
