@@ -21,8 +21,9 @@ from typing import Any, Callable
 
 from domain import checkpoints, costs, logs
 from domain.config import Settings, get_settings
-from domain.contract import (JobContext, Outcome, RetryLater, SoftStop, jsonable, register_running,  # noqa: F401
-                             running_job_ids, start_heartbeat, stop_requested, unregister_running)
+from domain.contract import (JobContext, Outcome, RetryLater, SoftStop, jsonable, register_running, start_heartbeat,
+                             unregister_running)
+from domain.contract import running_job_ids, stop_requested  # noqa: F401 - the runner's callers find them here too
 from domain.errors import InvalidJob, JobFailed, JobTimeout, TransientError
 from domain.kinds import HANDLERS, KINDS, parse_spec
 from domain.ledger import jobstore
