@@ -1,6 +1,19 @@
-"""Checkpoint files of long jobs (retrain, distill): kept while the job can resume from them, removed when
-it cannot.
+"""Checkpoints of long jobs (retrain, distill): one format, one writer, one reader, one pruning rule.
 
+The format: one folder per checkpoint, ``checkpoints/<kind>/<job id>/step-NNNNNNNN/`` under the data root::
+
+    checkpoint.json     the manifest: format, step, the weights/state file names, tied weight names,
+                        config (the job's hyperparameters) and extra (what the job needs to resume)
+    model.safetensors   the trainable weights (LoRA weights for retrain, the whole student for distill)
+    trainer_state.pt    optimizer, scheduler and RNG states (``torch.load(weights_only=True)``)
+
+``write`` lays one out (temp folder, then rename) and returns it with its sha256 (``paths.sha256_tree``);
+``save`` is the one place a job's checkpoint is written, recorded (``ctx.record_checkpoint``) and pruned;
+``latest`` hands a redelivered job its last checkpoint if the files still match the recorded sha256, read
+by ``read``; ``restore`` puts optimizer, scheduler and RNG states back. Torch is imported only by the
+functions that need it, so the ledger side (jobs, beat) stays light.
+
+Retention:
 - While a job runs, only its newest ``checkpoint_keep`` checkpoints stay on disk; older ones are pruned
   after each save (``prune_job(job_id, keep=...)``).
 - When the job succeeds, its product (an adapter version, an artifact) supersedes them: every one is
@@ -15,10 +28,15 @@ checkpoints a job wrote; a resuming job only looks at rows that are not pruned.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import random
 import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import and_, or_, select
 
@@ -26,7 +44,10 @@ from domain.config import get_settings
 from domain.kinds import CHECKPOINTING_KINDS
 from domain.ledger.db import session_scope
 from domain.ledger.models import Checkpoint, Job, utcnow
-from domain.paths import UnsafePath, resolve_in_data_root
+from domain.paths import UnsafePath, resolve_in_data_root, sha256_tree
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +138,154 @@ def after_success(kind: str, job_id: str) -> None:
         prune_job(job_id, keep=0)
     except Exception as exc:  # noqa: BLE001 - the job already succeeded; pruning is housekeeping
         log.warning("job %s: checkpoints not pruned: %s", job_id, exc)
+
+
+# ---- the format: one writer, one reader -----------------------------------------------------------
+
+FORMAT = 1
+MANIFEST = "checkpoint.json"
+WEIGHTS = "model.safetensors"
+STATE = "trainer_state.pt"
+
+
+@dataclass(frozen=True)
+class Written:
+    """A checkpoint folder in place, with what the ledger records about it."""
+
+    folder: Path
+    step: int
+    sha256: str  # paths.sha256_tree of the folder
+    size_bytes: int
+
+
+@dataclass
+class Loaded:
+    """A checkpoint as read back: the manifest's fields, the weights (on the CPU) and the trainer state."""
+
+    folder: Path
+    step: int
+    weights: dict[str, torch.Tensor]
+    state: dict  # optimizer, scheduler, rng
+    config: dict
+    extra: dict
+
+
+def folder_for(kind: str, job_id: str, step: int) -> str:
+    """Where a job's checkpoint of ``step`` lives, relative to the data root."""
+    return f"checkpoints/{kind}/{job_id}/step-{step:08d}"
+
+
+def rng_state() -> dict:
+    """Python's and torch's RNG states (CUDA's too when there is one), as ``torch.save`` keeps them."""
+    import torch
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import torch
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _untied(weights: dict) -> tuple[dict, dict[str, str]]:
+    """safetensors refuses tensors that share memory (a tied head and embedding): keep the first name of
+    each, and say which names are the same tensor as a kept one."""
+    kept, tied, seen = {}, {}, {}
+    for name, t in weights.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if t.numel() and key in seen:
+            tied[name] = seen[key]
+            continue
+        seen[key] = name
+        kept[name] = t.detach().contiguous()
+    return kept, tied
+
+
+def write(folder: str | os.PathLike, weights: dict, *, step: int, optimizer, scheduler, config: dict,
+          extra: dict) -> Written:
+    """Write one complete checkpoint folder: into ``.<name>.tmp`` beside it, then renamed into place (a
+    folder of the same step from an earlier delivery is replaced). ``config`` and ``extra`` must be JSON."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    kept, tied = _untied(weights)
+    save_file(kept, str(tmp / WEIGHTS), metadata={"format": "pt"})
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+               tmp / STATE)
+    manifest = {"format": FORMAT, "step": step, "weights": WEIGHTS, "state": STATE, "tied": tied,
+                "config": config, "extra": extra}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    return Written(folder=folder, step=step, sha256=sha256_tree(folder), size_bytes=size)
+
+
+def read(folder: str | os.PathLike) -> Loaded:
+    """Read a checkpoint folder written by ``write``. Raises OSError (a file missing) or ValueError (not this
+    format)."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{folder / MANIFEST}: not a checkpoint of format {FORMAT}")
+    weights = load_file(str(folder / manifest["weights"]))
+    for name, same_as in manifest.get("tied", {}).items():
+        weights[name] = weights[same_as]
+    state = torch.load(folder / manifest["state"], weights_only=True, map_location="cpu")
+    return Loaded(folder=folder, step=int(manifest["step"]), weights=weights, state=state,
+                  config=manifest.get("config") or {}, extra=manifest.get("extra") or {})
+
+
+def restore(ckpt: Loaded, optimizer, scheduler) -> None:
+    """Put a checkpoint's optimizer, scheduler and RNG states back (the caller loads the weights)."""
+    optimizer.load_state_dict(ckpt.state["optimizer"])
+    scheduler.load_state_dict(ckpt.state["scheduler"])
+    set_rng_state(ckpt.state["rng"])
+
+
+# ---- a job's checkpoints: save (write, record, prune) and resume -----------------------------------
+
+def save(ctx, step: int, weights: dict, *, optimizer, scheduler, config: dict, extra: dict, metrics: dict,
+         reason: str) -> Written:
+    """The one place a job checkpoints: write the folder, record it (path, sha256, size, ``metrics``) with
+    ``ctx.record_checkpoint``, then prune all but the newest ``checkpoint_keep``."""
+    rel = folder_for(ctx.kind, ctx.job_id, step)
+    written = write(resolve_in_data_root(rel), weights, step=step, optimizer=optimizer, scheduler=scheduler,
+                    config=config, extra=extra)
+    ctx.record_checkpoint(step, rel, written.sha256, size_bytes=written.size_bytes, metrics=metrics, reason=reason)
+    prune_job(ctx.job_id, keep=ctx.settings.checkpoint_keep)
+    return written
+
+
+def latest(ctx) -> Loaded | None:
+    """This job's latest recorded checkpoint, read, if its files still match the recorded sha256 (hashed once
+    per delivery); None if there is none, or it is missing, changed or unreadable (a health event says so:
+    training starts over)."""
+    row = ctx.latest_checkpoint()
+    if row is None:
+        return None
+    try:
+        folder = resolve_in_data_root(row.path)
+        if folder.is_dir() and sha256_tree(folder) == row.sha256:
+            return read(folder)
+    except (OSError, ValueError, KeyError):
+        pass
+    ctx.health("checkpoint", "corrupt", "degraded",
+               f"checkpoint {row.path} is missing, changed or unreadable; training starts over", step=row.step)
+    return None

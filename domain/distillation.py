@@ -12,7 +12,10 @@ The teacher is in eval mode with gradients off and is never quantized. Training 
 library's train split (``domain.heldout``) or the job's ``data_path``; the batch of step ``k`` is a function of
 (seed, k) only, so a resumed job sees exactly the batches an uninterrupted one would. Every
 ``checkpoint_every`` steps, and when the worker asks to stop, the student, optimizer, scheduler, RNG state and
-step are saved and recorded with ``ctx.record_checkpoint``; a redelivered job resumes from the latest one.
+step are saved in ``domain.checkpoints``' one format (with how the student was made, in ``extra``) and
+recorded with ``ctx.record_checkpoint``; a redelivered job resumes from the latest one.
+
+``handle_distill`` reads as its stages: ``_setup`` / ``_train`` / evaluate / ``_publish`` / commit.
 
 Failure codes: ``out_of_memory``, ``tokenizer_mismatch`` (teacher and student vocabularies differ),
 ``diverging_loss`` (NaN/inf, or a loss above ``DIVERGENCE_FACTOR`` × the first step's).
@@ -23,31 +26,26 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
 
 from domain import checkpoints, costs, heldout
 from domain.errors import InvalidJob, JobFailed
 from domain.contract import JobContext, Outcome
 from domain.ledger.models import new_id
 from domain.models import ModelLoadError, load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
-from domain.paths import data_root, resolve_in_data_root
+from domain.paths import data_root
 from domain.quantization import REPORT_FILE, add_artifact, data_file, eval_blocks, publish_dir, tree_digest, tree_size
 from domain.specs import DistillSpec
 
 DIVERGENCE_FACTOR = 10.0
-STUDENT_FILE = "student.safetensors"
-STATE_FILE = "trainer_state.pt"
-MADE_FILE = "student.json"  # how the checkpoint's student was made (its kept layers)
 
 
 # ---- the loss ---------------------------------------------------------------------------------
@@ -293,77 +291,6 @@ def training_blocks(spec: DistillSpec, tokenizer, steps: int) -> torch.Tensor:
     return blocks
 
 
-# ---- checkpoints ------------------------------------------------------------------------------
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(ctx: JobContext, root: Path, step: int, student, optimizer, scheduler, extra: dict, reason: str,
-                    made: dict | None = None) -> None:
-    final = root / f"step-{step:08d}"
-    tmp = root / f".step-{step:08d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_model(student, str(tmp / STUDENT_FILE))
-    if made is not None:
-        (tmp / MADE_FILE).write_text(json.dumps(made))
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(), **extra}, tmp / STATE_FILE)
-    publish_dir(tmp, final)
-    ctx.record_checkpoint(step, str(final.relative_to(data_root())), tree_digest(final), size_bytes=tree_size(final),
-                          metrics={k: v for k, v in extra.items() if isinstance(v, (int, float))}, reason=reason)
-    checkpoints.prune_job(ctx.job_id, keep=ctx.settings.checkpoint_keep)
-
-
-def intact_checkpoint(ctx: JobContext) -> Path | None:
-    """The folder of this job's latest recorded checkpoint if its sha256 still matches (hashed once per
-    delivery); None if there is none, or it is missing or changed (reported: training starts over)."""
-    ckpt = ctx.latest_checkpoint()
-    if ckpt is None:
-        return None
-    path = resolve_in_data_root(ckpt.path)
-    if not path.is_dir() or tree_digest(path) != ckpt.sha256:
-        ctx.health("checkpoint", "corrupt", "degraded", f"checkpoint {ckpt.path} missing or changed; starting over")
-        return None
-    return path
-
-
-def checkpoint_made(path: Path | None) -> dict | None:
-    """How the student of an intact checkpoint was made: a redelivered job rebuilds the same student from it
-    (``build_student(made_before=...)``) before loading the weights."""
-    if path is None or not (path / MADE_FILE).is_file():
-        return None
-    try:
-        made = json.loads((path / MADE_FILE).read_text())
-    except ValueError:
-        return None
-    return made if isinstance(made, dict) else None
-
-
-def load_checkpoint(path: Path | None, student, optimizer, scheduler) -> dict | None:
-    """Restore an intact checkpoint (``intact_checkpoint``) into the given objects; None if there is none."""
-    if path is None:
-        return None
-    load_model(student, str(path / STUDENT_FILE))
-    state = torch.load(path / STATE_FILE, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    return state
-
-
 # ---- one step ---------------------------------------------------------------------------------
 
 def _is_oom(exc: BaseException) -> bool:
@@ -394,105 +321,22 @@ def train_step(student, teacher, ids: torch.Tensor, optimizer, scheduler, temper
     return out
 
 
-# ---- the job ----------------------------------------------------------------------------------
+# ---- the job: setup → train → evaluate → publish → commit ---------------------------------------
 
 def handle_distill(spec: DistillSpec, ctx: JobContext) -> Outcome:
     t0 = time.perf_counter()
-    device = resolve_device(ctx.settings.device)
-    teacher_ref = spec.teacher or ctx.settings.base_model_ref()
-    try:
-        loaded = load_causal_lm(teacher_ref, device=str(device))
-    except ModelLoadError as exc:
-        raise InvalidJob(f"teacher: {exc}", field="teacher") from exc
-    teacher, tok = loaded.model, loaded.tokenizer
-    if getattr(teacher.config, "quantization_config", None) is not None:
-        raise InvalidJob("teacher: the teacher must be a float model, not a quantized one", field="teacher")
-    teacher.eval().requires_grad_(False)
-    if spec.seq_len > loaded.context_window:
-        raise InvalidJob(f"seq_len: {spec.seq_len} exceeds the teacher's context window {loaded.context_window}", field="seq_len")
-
-    steps = total_steps(spec)
-    blocks = training_blocks(spec, tok, steps)
-    evals, eval_source = eval_blocks(tok, spec.eval_data_path, spec.eval_max_tokens, min(256, spec.seq_len))
-    torch.manual_seed(spec.seed)
-    def selecting(done: int, todo: int) -> None:
-        ctx.progress(None, phase="layer_selection", layers_removed=done, layers_to_remove=todo)
-        ctx.check()
-
-    resume = intact_checkpoint(ctx)
-    student, made = build_student(spec, teacher, tok, calibration=blocks[:8], tick=selecting,
-                                  made_before=checkpoint_made(resume) if spec.student is None else None)
-    student.to(device).train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=spec.learning_rate, weight_decay=0.0)
-    scheduler = make_scheduler(optimizer, steps)
-
-    ckpt_root = ctx.settings.artifacts_dir.resolve() / "checkpoints" / "distill" / ctx.job_id
-    state = load_checkpoint(resume, student, optimizer, scheduler)
-    start = state["step"] if state else 0
-    first_loss = state.get("first_loss") if state else None
-    trained_tokens = state.get("trained_tokens", 0) if state else 0
-    last = {"loss": state.get("loss"), "kl": state.get("kl"), "ce": state.get("ce")} if state else {}
-
-    def checkpoint(step: int, reason: str) -> None:
-        save_checkpoint(ctx, ckpt_root, step, student, optimizer, scheduler,
-                        {"first_loss": first_loss, "trained_tokens": trained_tokens, **last}, reason, made=made)
-
-    tick, tick_tokens = time.perf_counter(), 0
-    for step in range(start, steps):
-        ids = batch_for_step(blocks, step, spec.batch_size, spec.seed).to(device)
-        try:
-            out = train_step(student, teacher, ids, optimizer, scheduler, spec.temperature, spec.alpha, first_loss)
-        except (RuntimeError, MemoryError) as exc:
-            if _is_oom(exc):
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                raise JobFailed(f"out of memory at batch_size={spec.batch_size}, seq_len={spec.seq_len}: lower them "
-                                f"({exc})", code="out_of_memory") from exc
-            raise
-        first_loss = first_loss if first_loss is not None else out.loss.item()
-        trained_tokens += int(ids.numel())
-        tick_tokens += int(ids.numel())
-        last = {"loss": out.loss.item(), "kl": out.kl.item(), "ce": out.ce.item()}
-        done = step + 1
-        ctx.progress(done / steps * 0.9, step=done, steps=steps, tokens_per_s=tick_tokens / max(time.perf_counter() - tick, 1e-9),
-                     **last)
-        if ctx.stopping:
-            checkpoint(done, "soft_stop")
-            ctx.check()
-        if done % spec.checkpoint_every == 0 and done < steps:
-            checkpoint(done, "interval")
-        ctx.check()
+    run = _setup(spec, ctx)
+    trained = _train(spec, ctx, run)
 
     ctx.progress(0.9, stage="evaluate", force=True)
-    student.eval()
-    cmp = heldout.compare(teacher, student, evals, batch_size=4, on_batch=lambda _: ctx.check())
+    run.student.eval()
+    cmp = heldout.compare(run.teacher, run.student, run.evals, batch_size=4, on_batch=lambda _: ctx.check())
 
-    staging = ctx.settings.artifacts_dir.resolve() / "distilled" / f".{ctx.job_id}.tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
-    student.save_pretrained(staging, safe_serialization=True)
-    tok.save_pretrained(staging)
-    t_params, s_params = n_params(teacher), n_params(student)
-    report = {
-        "teacher_params": t_params, "student_params": s_params, "parameter_compression_ratio": t_params / s_params,
-        "teacher_layers": teacher.config.num_hidden_layers, "student_layers": student.config.num_hidden_layers,
-        "perplexity_teacher": cmp.perplexity_reference, "perplexity_student": cmp.perplexity_candidate,
-        "retention": cmp.perplexity_reference / cmp.perplexity_candidate,
-        "kl_divergence": cmp.kl_divergence, "top1_agreement": cmp.top1_agreement,
-        "tokens_per_s_teacher": cmp.tokens_per_s_reference, "tokens_per_s_student": cmp.tokens_per_s_candidate,
-        "speedup": cmp.tokens_per_s_candidate / cmp.tokens_per_s_reference,
-        "steps": steps, "trained_tokens": trained_tokens, "resumed_from_step": start,
-        "final_loss": last.get("loss"), "final_kl": last.get("kl"), "final_ce": last.get("ce"),
-        "temperature": spec.temperature, "alpha": spec.alpha, "learning_rate": spec.learning_rate,
-        "batch_size": spec.batch_size, "seq_len": spec.seq_len,
-        "train_source": spec.data_path or "stdlib:train", "eval_source": eval_source, "eval_tokens": cmp.tokens,
-    }
-    lineage = {"teacher": teacher_ref, "teacher_hash": model_fingerprint(teacher_ref), **made, "seed": spec.seed}
-    (staging / REPORT_FILE).write_text(json.dumps({"kind": "distilled_model", "report": report, "lineage": lineage}, indent=2))
-    dest = staging.parent / ctx.job_id
-    publish_dir(staging, dest)
-    rel, digest, size = str(dest.relative_to(data_root())), tree_digest(dest), tree_size(dest)
-    name = f"{Path(teacher_ref).name}-{student.config.num_hidden_layers}L-distilled"
+    report = _report(spec, run, trained, cmp)
+    lineage = {"teacher": run.teacher_ref, "teacher_hash": model_fingerprint(run.teacher_ref), **run.made,
+               "seed": spec.seed}
+    rel, digest, size = _publish(ctx, run, report, lineage)
+    name = f"{Path(run.teacher_ref).name}-{run.student.config.num_hidden_layers}L-distilled"
     artifact_id = new_id()
 
     def commit(session) -> None:
@@ -500,8 +344,163 @@ def handle_distill(spec: DistillSpec, ctx: JobContext) -> Outcome:
                      sha256=digest, size_bytes=size, lineage=lineage, report=report, job_id=ctx.job_id)
 
     wall = time.perf_counter() - t0
-    usage = costs.Usage(prompt_tokens=trained_tokens + 2 * int(evals.numel()), wall_seconds=wall,
-                        gpu_seconds=wall if device.type == "cuda" else 0.0, model_id=teacher_ref)
+    usage = costs.Usage(prompt_tokens=trained.tokens + 2 * int(run.evals.numel()), wall_seconds=wall,
+                        gpu_seconds=wall if run.device.type == "cuda" else 0.0, model_id=run.teacher_ref)
     result = {"artifact_id": artifact_id, "path": rel, "sha256": digest, "size_bytes": size, "report": report,
               "lineage": lineage}
     return Outcome(result=result, usage=usage, commit=commit)
+
+
+@dataclass
+class _Run:
+    """What setup made: the frozen teacher, the data, and the student with its optimizer (resumed when the
+    job has an intact checkpoint)."""
+
+    teacher_ref: str
+    device: torch.device
+    teacher: torch.nn.Module
+    tokenizer: object
+    steps: int
+    blocks: torch.Tensor
+    evals: torch.Tensor
+    eval_source: str
+    student: torch.nn.Module
+    made: dict  # how the student was made (kept in every checkpoint, then in the artifact's lineage)
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    resume: checkpoints.Loaded | None
+
+
+@dataclass
+class _Trained:
+    """The training loop's running totals (kept in every checkpoint's ``extra``)."""
+
+    start: int = 0
+    first_loss: float | None = None
+    tokens: int = 0
+    last: dict = field(default_factory=dict)  # loss, kl, ce of the last step
+
+    @classmethod
+    def resumed(cls, ckpt: checkpoints.Loaded | None) -> _Trained:
+        if ckpt is None:
+            return cls()
+        x = ckpt.extra
+        return cls(start=ckpt.step, first_loss=x.get("first_loss"), tokens=x.get("trained_tokens", 0),
+                   last={"loss": x.get("loss"), "kl": x.get("kl"), "ce": x.get("ce")})
+
+    def extra(self) -> dict:
+        return {"first_loss": self.first_loss, "trained_tokens": self.tokens, **self.last}
+
+
+def _load_teacher(spec: DistillSpec, ctx: JobContext, device: torch.device):
+    teacher_ref = spec.teacher or ctx.settings.base_model_ref()
+    try:
+        loaded = load_causal_lm(teacher_ref, device=str(device))
+    except ModelLoadError as exc:
+        raise InvalidJob(f"teacher: {exc}", field="teacher") from exc
+    if getattr(loaded.model.config, "quantization_config", None) is not None:
+        raise InvalidJob("teacher: the teacher must be a float model, not a quantized one", field="teacher")
+    loaded.model.eval().requires_grad_(False)
+    if spec.seq_len > loaded.context_window:
+        raise InvalidJob(f"seq_len: {spec.seq_len} exceeds the teacher's context window {loaded.context_window}", field="seq_len")
+    return teacher_ref, loaded
+
+
+def _setup(spec: DistillSpec, ctx: JobContext) -> _Run:
+    device = resolve_device(ctx.settings.device)
+    teacher_ref, loaded = _load_teacher(spec, ctx, device)
+    teacher, tok = loaded.model, loaded.tokenizer
+    steps = total_steps(spec)
+    blocks = training_blocks(spec, tok, steps)
+    evals, eval_source = eval_blocks(tok, spec.eval_data_path, spec.eval_max_tokens, min(256, spec.seq_len))
+    torch.manual_seed(spec.seed)
+
+    def selecting(done: int, todo: int) -> None:
+        ctx.progress(None, phase="layer_selection", layers_removed=done, layers_to_remove=todo)
+        ctx.check()
+
+    resume = checkpoints.latest(ctx)
+    made_before = resume.extra.get("student") if resume is not None and spec.student is None else None
+    student, made = build_student(spec, teacher, tok, calibration=blocks[:8], tick=selecting,
+                                  made_before=made_before if isinstance(made_before, dict) else None)
+    student.to(device).train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=spec.learning_rate, weight_decay=0.0)
+    scheduler = make_scheduler(optimizer, steps)
+    if resume is not None:
+        student.load_state_dict(resume.weights)
+        checkpoints.restore(resume, optimizer, scheduler)
+    return _Run(teacher_ref=teacher_ref, device=device, teacher=teacher, tokenizer=tok, steps=steps, blocks=blocks,
+                evals=evals, eval_source=eval_source, student=student, made=made, optimizer=optimizer,
+                scheduler=scheduler, resume=resume)
+
+
+def _train(spec: DistillSpec, ctx: JobContext, run: _Run) -> _Trained:
+    """Steps from the checkpoint's (or 0) to the last; checkpoints every ``checkpoint_every`` steps and on a
+    soft stop through ``checkpoints.save``."""
+    trained = _Trained.resumed(run.resume)
+
+    def checkpoint(step: int, reason: str) -> None:
+        extra = trained.extra()
+        checkpoints.save(ctx, step, run.student.state_dict(), optimizer=run.optimizer, scheduler=run.scheduler,
+                         config=spec.model_dump(mode="json"), extra={**extra, "student": run.made},
+                         metrics={k: v for k, v in extra.items() if isinstance(v, (int, float))}, reason=reason)
+
+    tick, tick_tokens = time.perf_counter(), 0
+    for step in range(trained.start, run.steps):
+        ids = batch_for_step(run.blocks, step, spec.batch_size, spec.seed).to(run.device)
+        try:
+            out = train_step(run.student, run.teacher, ids, run.optimizer, run.scheduler, spec.temperature, spec.alpha,
+                             trained.first_loss)
+        except (RuntimeError, MemoryError) as exc:
+            if _is_oom(exc):
+                if run.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                raise JobFailed(f"out of memory at batch_size={spec.batch_size}, seq_len={spec.seq_len}: lower them "
+                                f"({exc})", code="out_of_memory") from exc
+            raise
+        trained.first_loss = trained.first_loss if trained.first_loss is not None else out.loss.item()
+        trained.tokens += int(ids.numel())
+        tick_tokens += int(ids.numel())
+        trained.last = {"loss": out.loss.item(), "kl": out.kl.item(), "ce": out.ce.item()}
+        done = step + 1
+        ctx.progress(done / run.steps * 0.9, step=done, steps=run.steps,
+                     tokens_per_s=tick_tokens / max(time.perf_counter() - tick, 1e-9), **trained.last)
+        if ctx.stopping:
+            checkpoint(done, "soft_stop")
+            ctx.check()
+        if done % spec.checkpoint_every == 0 and done < run.steps:
+            checkpoint(done, "interval")
+        ctx.check()
+    return trained
+
+
+def _report(spec: DistillSpec, run: _Run, trained: _Trained, cmp) -> dict:
+    t_params, s_params = n_params(run.teacher), n_params(run.student)
+    return {
+        "teacher_params": t_params, "student_params": s_params, "parameter_compression_ratio": t_params / s_params,
+        "teacher_layers": run.teacher.config.num_hidden_layers, "student_layers": run.student.config.num_hidden_layers,
+        "perplexity_teacher": cmp.perplexity_reference, "perplexity_student": cmp.perplexity_candidate,
+        "retention": cmp.perplexity_reference / cmp.perplexity_candidate,
+        "kl_divergence": cmp.kl_divergence, "top1_agreement": cmp.top1_agreement,
+        "tokens_per_s_teacher": cmp.tokens_per_s_reference, "tokens_per_s_student": cmp.tokens_per_s_candidate,
+        "speedup": cmp.tokens_per_s_candidate / cmp.tokens_per_s_reference,
+        "steps": run.steps, "trained_tokens": trained.tokens, "resumed_from_step": trained.start,
+        "final_loss": trained.last.get("loss"), "final_kl": trained.last.get("kl"), "final_ce": trained.last.get("ce"),
+        "temperature": spec.temperature, "alpha": spec.alpha, "learning_rate": spec.learning_rate,
+        "batch_size": spec.batch_size, "seq_len": spec.seq_len,
+        "train_source": spec.data_path or "stdlib:train", "eval_source": run.eval_source, "eval_tokens": cmp.tokens,
+    }
+
+
+def _publish(ctx: JobContext, run: _Run, report: dict, lineage: dict) -> tuple[str, str, int]:
+    """The student, its tokenizer and the report as one folder under ``artifacts/distilled/<job id>``;
+    returns (path relative to the data root, sha256, bytes)."""
+    staging = ctx.settings.artifacts_dir.resolve() / "distilled" / f".{ctx.job_id}.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    run.student.save_pretrained(staging, safe_serialization=True)
+    run.tokenizer.save_pretrained(staging)
+    (staging / REPORT_FILE).write_text(json.dumps({"kind": "distilled_model", "report": report, "lineage": lineage}, indent=2))
+    dest = staging.parent / ctx.job_id
+    publish_dir(staging, dest)
+    return str(dest.relative_to(data_root())), tree_digest(dest), tree_size(dest)

@@ -2,13 +2,15 @@
 
     champion / last version → new feedback? (none: "nothing to train") → data set (dedup, hash, split)
     → base model (resident) + LoRA (continued from the champion when it has the same name)
-    → train with checkpoints (resume from the last one on redelivery) → gate vs champion (or base)
-    → save the adapter under the data root → Outcome(commit = version row + aliases)
+    → train with checkpoints (``domain.checkpoints``; resume from the last one on redelivery)
+    → gate vs champion (or base) → save the adapter under the data root → Outcome(commit = version row + aliases)
+
+``handle_retrain`` reads as those stages: ``_setup`` / ``_train`` / the gate / publish / ``_committer``.
 
 Watermarks: the job trains when at least ``min_feedback`` usable feedback items arrived after the newest
 version of this adapter name (``feedback_until``). It trains on all feedback after the *champion's*
 ``feedback_until``, continuing from the champion, so feedback behind a rejected candidate is not lost.
-A resumed attempt reuses the first attempt's window and parent (kept in the checkpoint's metrics).
+A resumed attempt reuses the first attempt's window and parent (kept in the checkpoint's ``extra``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import torch
 
@@ -26,7 +30,6 @@ from domain.adapters import data as fbdata
 from domain.adapters import gate, store, training
 from domain.ledger.db import session_scope
 from domain.ledger.models import AdapterVersion, new_id
-from domain.paths import resolve_in_data_root, sha256_tree
 from domain.specs import RetrainSpec
 
 log = logging.getLogger(__name__)
@@ -98,27 +101,89 @@ def _plan(spec: RetrainSpec, resume: dict | None) -> dict:
 
 
 def handle_retrain(spec: RetrainSpec, ctx):
-    """The job handler (see the module docstring); returns a ``domain.jobs.Outcome``."""
+    """The job handler (see the module docstring): setup → train → evaluate → publish → commit; returns a
+    ``domain.contract.Outcome``."""
     from domain.contract import Outcome
-    from domain.models import model_fingerprint
 
     t0 = time.perf_counter()
-    settings = ctx.settings
-    base_ref = spec.base_model or settings.base_model_ref()
-    ckpt = ctx.latest_checkpoint()
-    resume = _usable_checkpoint(ckpt, ctx)
-    plan = _plan(spec, resume["extra"] if resume else None)
-    dataset: fbdata.Dataset | None = plan["dataset"]
-    if dataset is None or not dataset.examples:
+    resume = checkpoints.latest(ctx)
+    plan = _plan(spec, resume.extra if resume else None)
+    if plan["dataset"] is None or not plan["dataset"].examples:
         found = plan["new_feedback"] if plan["new_feedback"] is not None else 0
         return Outcome(result={"status": "nothing to train", "new_feedback": found, "min_feedback": spec.min_feedback,
                                "message": f"{found} new usable feedback item(s) since the last version; "
                                           f"{spec.min_feedback} needed"})
-    if resume and resume["extra"].get("dataset_hash") != dataset.dataset_hash:
+    job = _setup(spec, ctx, plan, resume)
+
+    ctx.progress(0.0, stage="load", force=True)
+    with _training_slot(ctx):  # one training per process: PEFT wraps the resident base in place
+        loaded = base_model(job.base_ref, ctx.settings.device, job.cfg.qlora)
+        data = _Data.encode(job.dataset, loaded.tokenizer, job.cfg, spec.eval_fraction)
+        model = training.setup_model(loaded.model, job.cfg, job.parent_dir)
+        try:
+            result, start = _train(ctx, model, job, data.train_batches)
+            ctx.progress(0.95, stage="eval", step=result.steps, loss=result.final_loss, force=True)
+            decision = gate.run_gate(model, data.eval_batches, job.champion_dir,
+                                     job.champion.id if job.champion else None, spec.promotion_margin)
+            version_id = new_id()
+            files = store.save_adapter_files(model, store.adapter_rel_dir(spec.tenant, spec.adapter_name, ctx.job_id))
+        finally:
+            training.cleanup(model)
+
+    metrics = _metrics(job, data, result, start, decision)
+    hyper = {**job.cfg.hyperparams(), "train_tokens_per_epoch": sum(len(e.input_ids) for e in data.train_tok)}
+    wall = time.perf_counter() - t0
+    usage = costs.Usage(prompt_tokens=result.tokens, completion_tokens=0, wall_seconds=wall,
+                        gpu_seconds=wall if loaded.device.type == "cuda" else 0.0,
+                        model_id=job.base_ref, adapter_version_id=version_id)
+    summary = {"status": "promoted" if decision.promote else "kept champion", "promoted": decision.promote,
+               "version_id": version_id,
+               "reason": decision.reason, "adapter_name": spec.adapter_name, "parent_id": job.meta["parent_id"],
+               "dataset_hash": job.dataset.dataset_hash, "dataset_size": len(job.dataset.examples),
+               "tokens_trained": result.tokens, "steps": result.steps, "resumed_from_step": start,
+               "train_loss_final": result.final_loss, "eval_loss": decision.candidate["loss"],
+               "reference_eval_loss": decision.baseline["loss"], "reference": decision.reference,
+               "artifact_path": files.rel_path, "artifact_sha256": files.sha256}
+    commit = _committer(spec, ctx, job, files, version_id, decision, metrics, hyper)
+    return Outcome(result=summary, usage=usage, commit=commit)
+
+
+# ---- the stages -----------------------------------------------------------------------------------
+
+@dataclass
+class _Setup:
+    """What the job trains on and against, decided before the base model is loaded."""
+
+    base_ref: str
+    base_hash: str
+    cfg: training.TrainConfig
+    champion: AdapterVersion | None
+    parent: AdapterVersion | None
+    champion_dir: Path | None
+    parent_dir: Path | None
+    since: datetime | None
+    dataset: fbdata.Dataset
+    resume: checkpoints.Loaded | None
+
+    @property
+    def meta(self) -> dict:
+        """Kept in every checkpoint: a resumed attempt reuses this window and parent."""
+        return {"parent_id": self.parent.id if self.parent else None,
+                "since": self.since.isoformat() if self.since else None,
+                "until": self.dataset.feedback_until.isoformat() if self.dataset.feedback_until else None,
+                "dataset_hash": self.dataset.dataset_hash}
+
+
+def _setup(spec: RetrainSpec, ctx, plan: dict, resume: checkpoints.Loaded | None) -> _Setup:
+    """Refuse what cannot be trained on (a champion on another base model, files that changed on disk) and
+    drop a checkpoint of other feedback."""
+    from domain.models import model_fingerprint
+
+    dataset: fbdata.Dataset = plan["dataset"]
+    if resume and resume.extra.get("dataset_hash") != dataset.dataset_hash:
         ctx.health("adapter", "checkpoint_stale", "degraded", "feedback changed since the checkpoint; training restarts")
         resume = None
-
-    # Refuse what cannot be trained on: a champion on another base model, or files that changed on disk.
+    base_ref = spec.base_model or ctx.settings.base_model_ref()
     base_hash = model_fingerprint(base_ref)
     champion, parent = plan["champion"], plan["parent"]
     champion_dir = None
@@ -126,53 +191,62 @@ def handle_retrain(spec: RetrainSpec, ctx):
         store.check_base_model(champion, base_ref)
         champion_dir = store.verified_adapter_path(champion)
     parent_dir = store.verified_adapter_path(parent) if parent is not None else None
+    return _Setup(base_ref=base_ref, base_hash=base_hash, cfg=training.TrainConfig.from_spec(spec), champion=champion,
+                  parent=parent, champion_dir=champion_dir, parent_dir=parent_dir, since=plan["since"],
+                  dataset=dataset, resume=resume)
 
-    cfg = training.TrainConfig.from_spec(spec)
-    ctx.progress(0.0, stage="load", force=True)
-    with _training_slot(ctx):  # one training per process: PEFT wraps the resident base in place
-        loaded = base_model(base_ref, settings.device, cfg.qlora)
-        tok = loaded.tokenizer
-        train_ex, eval_ex = dataset.split(spec.eval_fraction)
-        encode = lambda exs: [fbdata.tokenize(tok, e, cfg.max_seq_len) for e in exs]  # noqa: E731
-        train_tok, eval_tok = encode(train_ex), encode(eval_ex)
-        train_batches = training.make_batches(train_tok, cfg.batch_size, cfg.max_seq_len, cfg.packing, tok.pad_token_id)
-        eval_batches = training.make_batches(eval_tok, cfg.batch_size, cfg.max_seq_len, cfg.packing, tok.pad_token_id)
 
-        model = training.setup_model(loaded.model, cfg, parent_dir)
-        try:
-            optimizer, scheduler = training.make_optimizer(model, cfg)
-            start, losses = 0, []
-            if resume:
-                start, losses, _ = training.load_checkpoint(resume["path"], model, optimizer, scheduler)
-                ctx.health("adapter", "resume", "ok", f"retrain resumed from step {start}", step=start)
-            meta = {"parent_id": parent.id if parent else None, "since": plan["since"].isoformat() if plan["since"] else None,
-                    "until": dataset.feedback_until.isoformat() if dataset.feedback_until else None,
-                    "dataset_hash": dataset.dataset_hash}
-            hooks = _JobHooks(ctx, model, optimizer, scheduler, cfg, meta, losses)
-            result = training.train(model, train_batches, cfg, optimizer, scheduler, start_step=start, losses=losses,
-                                    hooks=hooks.as_hooks())
-            ctx.progress(0.95, stage="eval", step=result.steps, loss=result.final_loss, force=True)
-            decision = gate.run_gate(model, eval_batches, champion_dir, champion.id if champion else None,
-                                     spec.promotion_margin)
-            version_id = new_id()
-            files = store.save_adapter_files(model, store.adapter_rel_dir(spec.tenant, spec.adapter_name, ctx.job_id))
-        finally:
-            training.cleanup(model)
+@dataclass
+class _Data:
+    train_ex: list
+    eval_ex: list
+    train_tok: list
+    eval_tok: list
+    train_batches: list[training.Batch]
+    eval_batches: list[training.Batch]
 
-    train_tokens = sum(len(e.input_ids) for e in train_tok)
-    metrics = {"train_loss_first": result.losses[0] if result.losses else None, "train_loss_final": result.final_loss,
-               "steps": result.steps, "resumed_from_step": start, "tokens_per_s": result.tokens_per_s,
-               "eval": decision.candidate, "reference_eval": decision.baseline, "reference": decision.reference,
-               "gate": {"promote": decision.promote, "reason": decision.reason, "margin": decision.margin,
-                        "relative_improvement": decision.relative_improvement},
-               "train_examples": len(train_ex), "eval_examples": len(eval_ex),
-               "eval_on_train": len(dataset.examples) < 2, "dataset_skipped": dataset.skipped,
-               "prompt_truncated": sum(e.prompt_truncated for e in train_tok + eval_tok)}
-    hyper = {**cfg.hyperparams(), "train_tokens_per_epoch": train_tokens}
+    @classmethod
+    def encode(cls, dataset: fbdata.Dataset, tok, cfg: training.TrainConfig, eval_fraction: float) -> _Data:
+        train_ex, eval_ex = dataset.split(eval_fraction)
+        train_tok = [fbdata.tokenize(tok, e, cfg.max_seq_len) for e in train_ex]
+        eval_tok = [fbdata.tokenize(tok, e, cfg.max_seq_len) for e in eval_ex]
+        batches = lambda exs: training.make_batches(exs, cfg.batch_size, cfg.max_seq_len, cfg.packing,
+                                                    tok.pad_token_id)
+        return cls(train_ex, eval_ex, train_tok, eval_tok, batches(train_tok), batches(eval_tok))
+
+
+def _train(ctx, model, job: _Setup, batches: list[training.Batch]) -> tuple[training.TrainResult, int]:
+    """Train from the start or from the job's checkpoint; returns the result and the step it started at."""
+    optimizer, scheduler = training.make_optimizer(model, job.cfg)
+    start, losses = 0, []
+    if job.resume:
+        start, losses = training.resume(job.resume, model, optimizer, scheduler)
+        ctx.health("adapter", "resume", "ok", f"retrain resumed from step {start}", step=start)
+    hooks = _JobHooks(ctx, model, optimizer, scheduler, job.cfg, job.meta, losses)
+    result = training.train(model, batches, job.cfg, optimizer, scheduler, start_step=start, losses=losses,
+                            hooks=hooks.as_hooks())
+    return result, start
+
+
+def _metrics(job: _Setup, data: _Data, result: training.TrainResult, start: int, decision) -> dict:
+    return {"train_loss_first": result.losses[0] if result.losses else None, "train_loss_final": result.final_loss,
+            "steps": result.steps, "resumed_from_step": start, "tokens_per_s": result.tokens_per_s,
+            "eval": decision.candidate, "reference_eval": decision.baseline, "reference": decision.reference,
+            "gate": {"promote": decision.promote, "reason": decision.reason, "margin": decision.margin,
+                     "relative_improvement": decision.relative_improvement},
+            "train_examples": len(data.train_ex), "eval_examples": len(data.eval_ex),
+            "eval_on_train": len(job.dataset.examples) < 2, "dataset_skipped": job.dataset.skipped,
+            "prompt_truncated": sum(e.prompt_truncated for e in data.train_tok + data.eval_tok)}
+
+
+def _committer(spec: RetrainSpec, ctx, job: _Setup, files, version_id: str, decision, metrics: dict, hyper: dict):
+    """The Outcome's commit: the version row, the candidate alias, and the champion alias when the gate
+    promotes and the champion it was judged against is still the champion."""
+    champion, parent, dataset = job.champion, job.parent, job.dataset
 
     def commit(session) -> dict:
         version = store.register_version(
-            session, tenant=spec.tenant, name=spec.adapter_name, base_model_id=base_ref, base_model_hash=base_hash,
+            session, tenant=spec.tenant, name=spec.adapter_name, base_model_id=job.base_ref, base_model_hash=job.base_hash,
             files=files, parent_id=parent.id if parent else None, dataset_hash=dataset.dataset_hash,
             dataset_size=len(dataset.examples), feedback_until=dataset.feedback_until, hyperparams=hyper,
             metrics=metrics, status="candidate", created_by_job_id=ctx.job_id, version_id=version_id,
@@ -192,25 +266,14 @@ def handle_retrain(spec: RetrainSpec, ctx):
                     "reason": why}
         return {"version_id": version.id, "version": version.version}
 
-    usage = costs.Usage(prompt_tokens=result.tokens, completion_tokens=0, wall_seconds=time.perf_counter() - t0,
-                        gpu_seconds=(time.perf_counter() - t0) if loaded.device.type == "cuda" else 0.0,
-                        model_id=base_ref, adapter_version_id=version_id)
-    summary = {"status": "promoted" if decision.promote else "kept champion", "promoted": decision.promote,
-               "version_id": version_id,
-               "reason": decision.reason, "adapter_name": spec.adapter_name, "parent_id": meta["parent_id"],
-               "dataset_hash": dataset.dataset_hash, "dataset_size": len(dataset.examples),
-               "tokens_trained": result.tokens, "steps": result.steps, "resumed_from_step": start,
-               "train_loss_final": result.final_loss, "eval_loss": decision.candidate["loss"],
-               "reference_eval_loss": decision.baseline["loss"], "reference": decision.reference,
-               "artifact_path": files.rel_path, "artifact_sha256": files.sha256}
-    return Outcome(result=summary, usage=usage, commit=commit)
+    return commit
 
 
 # ---- checkpoints through the job context ------------------------------------------------------------
 
 class _JobHooks:
-    """The training loop's hooks for a job: progress to the ledger, checkpoints under the data root
-    recorded with ``ctx.record_checkpoint``, soft stop through ``ctx.stopping`` / ``ctx.check``."""
+    """The training loop's hooks for a job: progress to the ledger, checkpoints through ``checkpoints.save``
+    (written, recorded, pruned), soft stop through ``ctx.stopping`` / ``ctx.check``."""
 
     def __init__(self, ctx, model, optimizer, scheduler, cfg: training.TrainConfig, meta: dict, losses: list[float]):
         self.ctx, self.model, self.optimizer, self.scheduler, self.cfg, self.meta = ctx, model, optimizer, scheduler, cfg, meta
@@ -224,31 +287,11 @@ class _JobHooks:
                           tokens_per_s=round(tokens_per_s, 1))
 
     def checkpoint(self, step: int, reason: str) -> None:
-        rel = f"checkpoints/retrain/{self.ctx.job_id}/step-{step:07d}"
-        folder = resolve_in_data_root(rel)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        training.save_checkpoint(folder, self.model, self.optimizer, self.scheduler, step, self.losses, self.meta)
-        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-        self.ctx.record_checkpoint(step, rel, sha256_tree(folder), size_bytes=size,
-                                   metrics={**self.meta, "loss": self.last_loss}, reason=reason)
-        checkpoints.prune_job(self.ctx.job_id, keep=self.ctx.settings.checkpoint_keep)
+        checkpoints.save(self.ctx, step, training.adapter_weights(self.model), optimizer=self.optimizer,
+                         scheduler=self.scheduler, config=self.cfg.hyperparams(),
+                         extra={**self.meta, "losses": self.losses}, metrics={**self.meta, "loss": self.last_loss},
+                         reason=reason)
 
     def as_hooks(self) -> training.Hooks:
         return training.Hooks(progress=self.progress, checkpoint=self.checkpoint,
                               stopping=lambda: self.ctx.stopping, check=self.ctx.check)
-
-
-def _usable_checkpoint(ckpt, ctx) -> dict | None:
-    """The job's last checkpoint if its files are intact; otherwise None (train from the start)."""
-    if ckpt is None:
-        return None
-    try:
-        folder = resolve_in_data_root(ckpt.path)
-        ok = folder.is_dir() and sha256_tree(folder) == ckpt.sha256
-    except (OSError, ValueError):
-        ok = False
-    if not ok:
-        ctx.health("adapter", "checkpoint_corrupt", "degraded",
-                   f"checkpoint {ckpt.path} is missing or does not match its sha256; training restarts", step=ckpt.step)
-        return None
-    return {"path": folder, "step": ckpt.step, "extra": dict(ckpt.metrics or {})}

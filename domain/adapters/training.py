@@ -18,16 +18,13 @@ projection runs only on those positions, so prompt tokens cost no ``lm_head`` wo
 Order: step ``s`` uses batch ``perm_e[s mod n]`` where ``perm_e`` is a permutation seeded by (seed, epoch
 ``e = s div n``): the order is a function of the step alone, which is what makes resuming exact.
 
-Checkpoints (one folder): ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT) and
-``trainer_state.pt`` (optimizer, scheduler, RNG states, step, losses; ``torch.load(weights_only=True)``).
+Checkpoints are ``domain.checkpoints``' one format: the LoRA weights (``adapter_weights``) as safetensors,
+optimizer/scheduler/RNG states, the step and the losses so far; ``resume`` puts them back.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,10 +33,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from domain import checkpoints
 from domain.adapters import varlen
 from domain.adapters.data import IGNORE, TokenizedExample
-
-TRAINER_STATE = "trainer_state.pt"
 
 
 @dataclass
@@ -249,49 +245,23 @@ def completion_loss(model, batch: Batch, count_correct: bool = True) -> tuple[to
     return loss_sum, int(y.numel()), correct
 
 
-# ---- checkpoints --------------------------------------------------------------------------------
+# ---- checkpoints (the format is domain.checkpoints') ---------------------------------------------
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def adapter_weights(model) -> dict[str, torch.Tensor]:
+    """The trainable LoRA weights of the ``default`` adapter: what a checkpoint keeps of the model."""
+    from peft import get_peft_model_state_dict
 
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    return get_peft_model_state_dict(model, adapter_name="default")
 
 
-def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, losses: list[float], extra: dict) -> None:
-    """Write one complete checkpoint folder (temp folder + rename)."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True, selected_adapters=["default"])
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                "step": step, "losses": list(losses), "extra": extra}, tmp / TRAINER_STATE)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-
-
-def load_checkpoint(folder: Path, model, optimizer, scheduler) -> tuple[int, list[float], dict]:
-    """Restore adapter weights, optimizer, scheduler and RNG states; returns (step, losses, extra)."""
+def resume(ckpt: checkpoints.Loaded, model, optimizer, scheduler) -> tuple[int, list[float]]:
+    """Put a checkpoint's adapter weights, optimizer, scheduler and RNG states back; returns (step, the losses
+    of the steps before it, kept in ``extra["losses"]``)."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    folder = Path(folder)
-    weights = load_file(str(folder / "adapter_model.safetensors"), device=str(next(model.parameters()).device))
-    set_peft_model_state_dict(model, weights, adapter_name="default")
-    state = torch.load(folder / TRAINER_STATE, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    return int(state["step"]), [float(x) for x in state["losses"]], dict(state["extra"])
+    set_peft_model_state_dict(model, ckpt.weights, adapter_name="default")
+    checkpoints.restore(ckpt, optimizer, scheduler)
+    return ckpt.step, [float(x) for x in ckpt.extra.get("losses", [])]
 
 
 # ---- the loop -----------------------------------------------------------------------------------

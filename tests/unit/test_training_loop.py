@@ -7,6 +7,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from domain import checkpoints
 from domain.adapters import training as T
 from domain.adapters.data import IGNORE, FeedbackExample, TokenizedExample, tokenize
 from domain.adapters.testing import stdlib_review_pairs
@@ -193,9 +194,9 @@ def test_resume_from_checkpoint_ends_at_the_same_loss(tiny_tokenizer, tmp_path):
     model, opt, sched = fresh()
 
     def checkpoint(step, reason):
-        folder = tmp_path / f"step-{step}"
-        T.save_checkpoint(folder, model, opt, sched, step, losses_so_far[:step], {"reason": reason})
-        saved[step] = folder
+        saved[step] = checkpoints.write(tmp_path / f"step-{step}", T.adapter_weights(model), step=step, optimizer=opt,
+                                        scheduler=sched, config=cfg.hyperparams(),
+                                        extra={"reason": reason, "losses": losses_so_far[:step]}).folder
 
     losses_so_far: list[float] = []
     hooks = T.Hooks(progress=lambda step, loss, tps: losses_so_far.append(loss), checkpoint=checkpoint,
@@ -206,8 +207,9 @@ def test_resume_from_checkpoint_ends_at_the_same_loss(tiny_tokenizer, tmp_path):
     torch.manual_seed(12345)  # the killed process's RNG is gone; the checkpoint must restore it
 
     model, opt, sched = fresh()
-    step, losses, extra = T.load_checkpoint(saved[5], model, opt, sched)
-    assert step == 5 and extra == {"reason": "interval"} and losses == full.losses[:5]
+    ckpt = checkpoints.read(saved[5])
+    step, losses = T.resume(ckpt, model, opt, sched)
+    assert step == 5 and ckpt.extra["reason"] == "interval" and losses == full.losses[:5]
     resumed = T.train(model, batches, cfg, opt, sched, start_step=step, losses=losses)
     assert resumed.steps == 12 and len(resumed.losses) == 12
     assert resumed.losses == pytest.approx(full.losses, rel=1e-6)
@@ -218,12 +220,13 @@ def test_checkpoint_is_safetensors_plus_weights_only_state(tiny_tokenizer, tmp_p
     cfg = T.TrainConfig(max_steps=2, target_modules=["q_proj"], lora_r=2)
     model = T.setup_model(tiny_model(tiny_tokenizer), cfg)
     opt, sched = T.make_optimizer(model, cfg)
-    T.save_checkpoint(tmp_path / "ck", model, opt, sched, 2, [1.0, 0.5], {"k": "v"})
+    checkpoints.write(tmp_path / "ck", T.adapter_weights(model), step=2, optimizer=opt, scheduler=sched,
+                      config=cfg.hyperparams(), extra={"k": "v", "losses": [1.0, 0.5]})
     names = sorted(p.name for p in (tmp_path / "ck").iterdir())
-    assert "adapter_model.safetensors" in names and T.TRAINER_STATE in names
-    assert not any(n.endswith(".bin") for n in names)
-    state = torch.load(tmp_path / "ck" / T.TRAINER_STATE, weights_only=True)
-    assert state["step"] == 2 and set(state) >= {"optimizer", "scheduler", "rng"}
+    assert names == sorted([checkpoints.MANIFEST, checkpoints.WEIGHTS, checkpoints.STATE])
+    state = torch.load(tmp_path / "ck" / checkpoints.STATE, weights_only=True)
+    assert set(state) == {"optimizer", "scheduler", "rng"}
+    assert checkpoints.read(tmp_path / "ck").step == 2
 
 
 def test_data_order_depends_only_on_step():
