@@ -22,6 +22,7 @@ from sqlalchemy import desc, select
 from domain import health
 from domain.adapters import store
 from domain.config import CircuitSettings, get_settings
+from domain.contract import JobContext
 from domain.ledger.db import session_scope
 from domain.ledger.models import AdapterAlias, AliasHistory, HealthEvent
 
@@ -98,7 +99,7 @@ def observe_review(tenant: str, adapter_version_id: str | None, ok: bool, error:
     return "rolled_back"
 
 
-def on_review_failure(ctx, error: str) -> None:
+def on_review_failure(ctx: JobContext, error: str) -> None:
     """The review kind's failure hook (``domain/kinds.py``): count the failure on the adapter version the job
     used (or would have used), which may roll a freshly promoted champion back."""
     version_id = ctx.info.get("adapter_version_id")
