@@ -35,7 +35,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 def review(rt, code: str, path: str, handle, max_new: int) -> float:
     """One review on the runtime as handle_review runs it: fit the prompt, one batch row, wait."""
     from domain.review.batcher import GenerationRequest
-    from domain.review.prompt import fit_prompt, shared_prefix_len
+    from domain.prompting import fit_prompt, shared_prefix_len
 
     t0 = time.perf_counter()
     with rt.tokenizer_lock:

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from domain.config import get_settings  # noqa: E402
 from domain.models import load_causal_lm, prepare_embedded_model  # noqa: E402
 from domain.review.batcher import GenerationRequest  # noqa: E402
-from domain.review.prompt import fit_prompt, shared_prefix_len  # noqa: E402
+from domain.prompting import fit_prompt, shared_prefix_len  # noqa: E402
 from domain.review.runtime import AdapterHandle, Runtime, model_id_for  # noqa: E402
 from domain.review.testing import make_adapter  # noqa: E402
 

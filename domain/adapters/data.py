@@ -2,7 +2,7 @@
 
 - An **accepted** review teaches the review the model wrote (``reviews.raw_text``).
 - A **rejected** review with a correction teaches the correction; one without a correction teaches nothing.
-- The prompt is the review prompt the service uses (``domain.review.prompt.build_messages``, without
+- The prompt is the review prompt the service uses (``domain.prompting.build_messages``, without
   retrieved context, which is not stored with the review), rendered with the model's chat template.
 - Examples are deduplicated by the sha256 of (messages, completion) and sorted by it, so the same feedback
   always gives the same data set and the same ``dataset_hash``.
@@ -144,7 +144,7 @@ class TokenizedExample:
 
 
 def default_prompt_builder(code: str, path: str | None, language: str | None, is_diff: bool) -> list[dict]:
-    from domain.review.prompt import build_messages
+    from domain.prompting import build_messages
 
     return build_messages(code, path, language, is_diff, [])
 
@@ -153,7 +153,7 @@ def tokenize(tokenizer, example: FeedbackExample, max_seq_len: int, build_messag
     """Prompt (chat template, generation prompt) + completion + end-of-turn token, at most ``max_seq_len``
     tokens. A long prompt is cut by the review prompt's own fitting rule (middle lines of the code); a
     completion longer than half the window is cut at its end."""
-    from domain.review.prompt import encode, fit_prompt
+    from domain.prompting import encode, fit_prompt
 
     completion = list(tokenizer(example.completion, add_special_tokens=False)["input_ids"])
     completion = completion[: max(1, max_seq_len // 2) - 1] + [tokenizer.eos_token_id]

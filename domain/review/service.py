@@ -29,7 +29,7 @@ from domain.ledger.models import AdapterVersion, Artifact, Review, Tenant, new_i
 from domain.models import ModelLoadError
 from domain.review.batcher import GenerationRequest
 from domain.review.parse import parse_review
-from domain.review.prompt import fit_prompt, guess_language, shared_prefix_len
+from domain.prompting import fit_prompt, guess_language, shared_prefix_len
 from domain.review.runtime import AdapterHandle, Runtime, get_runtime
 from domain.specs import ReviewSpec
 
