@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from domain.errors import InvalidJob
 from domain.ledger.models import Feedback, Review
+from domain.prompting import build_messages as review_messages, encode, fit_prompt
 
 IGNORE = -100  # label of a token that carries no loss (prompt, padding)
 
@@ -144,17 +145,13 @@ class TokenizedExample:
 
 
 def default_prompt_builder(code: str, path: str | None, language: str | None, is_diff: bool) -> list[dict]:
-    from domain.prompting import build_messages
-
-    return build_messages(code, path, language, is_diff, [])
+    return review_messages(code, path, language, is_diff, [])
 
 
 def tokenize(tokenizer, example: FeedbackExample, max_seq_len: int, build_messages=default_prompt_builder) -> TokenizedExample:
     """Prompt (chat template, generation prompt) + completion + end-of-turn token, at most ``max_seq_len``
     tokens. A long prompt is cut by the review prompt's own fitting rule (middle lines of the code); a
     completion longer than half the window is cut at its end."""
-    from domain.prompting import encode, fit_prompt
-
     completion = list(tokenizer(example.completion, add_special_tokens=False)["input_ids"])
     completion = completion[: max(1, max_seq_len // 2) - 1] + [tokenizer.eos_token_id]
     messages = build_messages(example.code, example.path, example.language, example.is_diff)
