@@ -41,7 +41,8 @@ from domain.jobs import JobContext, Outcome
 from domain.ledger.models import new_id
 from domain.models import ModelLoadError, load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
 from domain.paths import data_root, resolve_in_data_root
-from domain.quantization import REPORT_FILE, add_artifact, data_file, eval_blocks, publish_dir, tree_digest, tree_size
+from domain.quantization import eval_blocks
+from domain.artifacts import REPORT_FILE, add_artifact, data_file, publish_dir, tree_digest, tree_size
 from domain.specs import DistillSpec
 
 DIVERGENCE_FACTOR = 10.0

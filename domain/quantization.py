@@ -1,4 +1,4 @@
-"""The ``quantize`` job, and loading a quantized or distilled artifact for serving.
+"""The ``quantize`` job.
 
 A quantize job takes a float source model (a base model, or a base with one of the tenant's adapters merged
 into it), quantizes it with bitsandbytes (NF4 with optional double quantization, FP4, or INT8), measures
@@ -7,32 +7,29 @@ what that cost on held-out text, and records the result as an ``Artifact(kind="q
 Merging is done the right way: the base is loaded in float, the adapter merged (``merge_and_unload``) in
 float, the merged weights saved, and only then quantized. Nothing is ever merged into 4-bit weights.
 
-``load_serving_model(artifact)`` loads a ``quantized_model`` or ``distilled_model`` artifact recorded in the
-ledger (after checking its sha256) so a review worker can serve it; PEFT adapters load on top of it
+The artifact is loaded for serving by ``domain.artifacts.load_serving_model``; PEFT adapters load on top of it
 (QLoRA-style serving). A tenant chooses its artifact with ``foundry serve set TENANT ARTIFACT_ID``.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
-from sqlalchemy import func, select
 
 from domain import costs, heldout
+from domain.artifacts import REPORT_FILE, add_artifact, data_file, publish_dir, tree_digest, tree_size
 from domain.errors import InvalidJob, JobFailed
-from domain.jobs import JobContext, Outcome, _jsonable
-from domain.ledger.models import AdapterVersion, Artifact, new_id
+from domain.jobs import JobContext, Outcome
+from domain.ledger.models import AdapterVersion, new_id
 from domain.ledger.db import session_scope
-from domain.models import LoadedModel, ModelLoadError, load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
-from domain.paths import UnsafePath, data_root, resolve_in_data_root
+from domain.models import ModelLoadError, load_causal_lm, model_fingerprint, resolve_device
+from domain.paths import data_root
 from domain.specs import QUANT_METHODS, QuantizeSpec
 
 log = logging.getLogger(__name__)
@@ -47,10 +44,8 @@ class _DropCastNotice(logging.Filter):
 
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropCastNotice())
 
-SERVABLE_KINDS = ("quantized_model", "distilled_model")
 EVAL_SEQ_LEN = 256
 EVAL_BATCH = 4
-REPORT_FILE = "foundry-artifact.json"
 
 
 # ---- what this platform can run --------------------------------------------------------------
@@ -106,25 +101,6 @@ def bnb_config(method: str, double_quant: bool, compute_dtype: torch.dtype):
 
 # ---- files ----------------------------------------------------------------------------------
 
-def tree_digest(path: str | os.PathLike) -> str:
-    """sha256 over a folder's regular files (names and contents, sorted), skipping dot-files such as
-    caches written next to weights after the fact."""
-    root = Path(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        h.update(str(f.relative_to(root)).encode())
-        with open(f, "rb") as fh:
-            fd = hashlib.sha256()
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                fd.update(block)
-        h.update(fd.hexdigest().encode())
-    return h.hexdigest()
-
-
-def tree_size(path: str | os.PathLike, pattern: str = "*") -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob(pattern) if p.is_file())
-
-
 def weights_bytes(model: torch.nn.Module) -> int:
     """Bytes of a model's distinct tensors (tied weights counted once): its size as safetensors."""
     seen, total = set(), 0
@@ -134,24 +110,6 @@ def weights_bytes(model: torch.nn.Module) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     return total
-
-
-def publish_dir(staging: Path, dest: Path) -> None:
-    """Move a finished folder into place (a redelivered job replaces its own earlier copy)."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, dest)
-
-
-def data_file(rel: str, field: str) -> Path:
-    try:
-        path = resolve_in_data_root(rel)
-    except UnsafePath as exc:
-        raise InvalidJob(f"{field}: {exc}", field=field) from exc
-    if not path.exists():
-        raise InvalidJob(f"{field}: {rel!r} does not exist under the data root", field=field)
-    return path
 
 
 def eval_blocks(tokenizer, eval_data_path: str | None, max_tokens: int, seq_len: int) -> tuple[torch.Tensor, str]:
@@ -299,53 +257,3 @@ def _bnb_version() -> str:
     import bitsandbytes
 
     return bitsandbytes.__version__
-
-
-def add_artifact(session, artifact_id: str, *, kind: str, tenant: str, name: str, path: str, sha256: str,
-                 size_bytes: int, lineage: dict, report: dict, job_id: str) -> None:
-    """Insert a ready model artifact, the next version of ``name`` for this tenant (inside the job's commit)."""
-    latest = session.scalar(select(func.max(Artifact.version)).where(
-        Artifact.kind == kind, Artifact.tenant_id == tenant, Artifact.name == name))
-    art = Artifact(id=artifact_id, kind=kind, tenant_id=tenant, name=name, version=(latest or 0) + 1, path=path, sha256=sha256,
-                   size_bytes=size_bytes, status="ready", lineage=_jsonable(lineage), report=_jsonable(report),
-                   created_by_job_id=job_id)
-    session.add(art)
-
-
-# ---- serving ----------------------------------------------------------------------------------
-
-def load_serving_model(artifact: Artifact, device: str = "auto") -> LoadedModel:
-    """Load a quantized or distilled artifact recorded in the ledger, after checking its sha256.
-
-    Raises ``ModelLoadError`` when the artifact is not a servable model, is missing, or changed on disk.
-    PEFT adapters load on top of the returned model (``PeftModel.from_pretrained(loaded.model, dir)``).
-    """
-    from transformers import AutoModelForCausalLM
-
-    if artifact.kind not in SERVABLE_KINDS:
-        raise ModelLoadError(f"artifact {artifact.id} is a {artifact.kind}, not a servable model ({', '.join(SERVABLE_KINDS)})")
-    if artifact.status in ("building", "corrupt"):
-        raise ModelLoadError(f"artifact {artifact.id} is {artifact.status}")
-    try:
-        path = resolve_in_data_root(artifact.path)
-    except UnsafePath as exc:
-        raise ModelLoadError(f"artifact {artifact.id}: {exc}") from exc
-    if not (path / "config.json").exists():
-        raise ModelLoadError(f"artifact {artifact.id}: no model at {artifact.path} under the data root")
-    if artifact.sha256 and tree_digest(path) != artifact.sha256:
-        raise ModelLoadError(f"artifact {artifact.id}: sha256 mismatch, the files at {artifact.path} changed since it was recorded")
-    dev = resolve_device(device)
-    config = json.loads((path / "config.json").read_text())
-    if "quantization_config" not in config:
-        return load_causal_lm(str(path), device=str(dev))
-    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
-    device_map = "cpu" if dev.type == "cpu" else {"": dev.index or 0}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device_map)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"artifact {artifact.id}: cannot load {artifact.path}: {exc}") from exc
-    model.eval()
-    tok = load_tokenizer(str(path))
-    if getattr(model.generation_config, "pad_token_id", None) is None:
-        model.generation_config.pad_token_id = tok.pad_token_id
-    return LoadedModel(model=model, tokenizer=tok, ref=str(path), device=dev)

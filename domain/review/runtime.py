@@ -363,7 +363,7 @@ def runtime_key(settings: Settings, artifact=None) -> str:
 
 def get_runtime(settings: Settings | None = None, artifact=None) -> Runtime:
     """The resident runtime for the deployment's base model (or a tenant's serving artifact, an
-    ``artifacts`` row loaded by ``domain.quantization.load_serving_model``); loaded on first use."""
+    ``artifacts`` row loaded by ``domain.artifacts.load_serving_model``); loaded on first use."""
     settings = settings or get_settings()
     key = runtime_key(settings, artifact)
     with _registry_lock:
@@ -372,7 +372,7 @@ def get_runtime(settings: Settings | None = None, artifact=None) -> Runtime:
             return rt
         t0 = time.perf_counter()
         if artifact is not None:
-            from domain.quantization import load_serving_model
+            from domain.artifacts import load_serving_model
 
             loaded = load_serving_model(artifact, device=settings.device)
             model_id = f"{artifact.name or 'artifact'}:{artifact.id}"

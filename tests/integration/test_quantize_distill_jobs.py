@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_quantize_job_through_a_worker_records_a_servable_artifact(env, tiny_model_dir):
-    from domain.quantization import load_serving_model
+    from domain.artifacts import load_serving_model
     from worker.client import enqueue_quantize, wait
 
     with running_worker(env, queues=["quantize"]):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from sqlalchemy import select
 
-from domain import distillation, heldout, jobs, quantization
+from domain import artifacts, distillation, heldout, jobs
 from domain.distillation import distillation_loss, kept_layers, reduce_layers
 from domain.config import get_settings
 from domain.jobs import JobContext, SoftStop
@@ -153,7 +153,7 @@ def test_distill_job_makes_a_servable_student_with_its_report(tenant, teacher_di
     assert art.lineage["teacher"] == str(teacher_dir) and art.lineage["layer_selection"] == "greedy"
     assert len(art.lineage["kept_layers"]) == 2 and art.lineage["kept_layers"][-1] == 3  # the last layer stays
     assert {"loss", "kl", "tokens_per_s", "step"} <= set(job.progress_info)
-    served = quantization.load_serving_model(art, device="cpu")
+    served = artifacts.load_serving_model(art, device="cpu")
     assert served.model.config.num_hidden_layers == 2
 
 
