@@ -5,8 +5,8 @@ loading a servable one back.
 - ``publish_dir(staging, dest)``: move a finished folder into place.
 - ``data_file(rel, field)``: a data file a job names, under the data root.
 - ``add_artifact(session, ...)``: the ``artifacts`` row of a ready model (inside the job's commit).
-- ``load_serving_model(artifact)``: a ``quantized_model`` or ``distilled_model`` artifact loaded for serving
-  after checking its sha256.
+- ``load_serving_model(artifact)``: a ``quantized_model`` or ``distilled_model`` artifact loaded for serving:
+  ``servable_folder`` (kind, status, path and sha256 checked) then ``load_model_folder``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from domain.errors import InvalidJob
 from domain.jobs import _jsonable  # becomes domain.contract.jsonable
 from domain.ledger.models import Artifact
 from domain.models import LoadedModel, ModelLoadError, load_causal_lm, load_tokenizer, resolve_device
-from domain.paths import UnsafePath, resolve_in_data_root
+from domain.paths import UnsafePath, resolve_in_data_root, sha256_file
 
 SERVABLE_KINDS = ("quantized_model", "distilled_model")
 REPORT_FILE = "foundry-artifact.json"
@@ -33,17 +33,13 @@ REPORT_FILE = "foundry-artifact.json"
 # ---- files ----------------------------------------------------------------------------------
 
 def tree_digest(path: str | os.PathLike) -> str:
-    """sha256 over a folder's regular files (names and contents, sorted), skipping dot-files such as
-    caches written next to weights after the fact."""
+    """The sha256 recorded for a folder: names and contents of its regular files in sorted order, skipping
+    dot-files (caches a library writes next to weights after the fact must not change the digest)."""
     root = Path(path)
     h = hashlib.sha256()
     for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
         h.update(str(f.relative_to(root)).encode())
-        with open(f, "rb") as fh:
-            fd = hashlib.sha256()
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                fd.update(block)
-        h.update(fd.hexdigest().encode())
+        h.update(sha256_file(f).encode())
     return h.hexdigest()
 
 
@@ -90,8 +86,11 @@ def load_serving_model(artifact: Artifact, device: str = "auto") -> LoadedModel:
     Raises ``ModelLoadError`` when the artifact is not a servable model, is missing, or changed on disk.
     PEFT adapters load on top of the returned model (``PeftModel.from_pretrained(loaded.model, dir)``).
     """
-    from transformers import AutoModelForCausalLM
+    return load_model_folder(servable_folder(artifact), device, label=f"artifact {artifact.id}")
 
+
+def servable_folder(artifact: Artifact) -> Path:
+    """The folder of a servable artifact under the data root, once its kind, status and sha256 are checked."""
     if artifact.kind not in SERVABLE_KINDS:
         raise ModelLoadError(f"artifact {artifact.id} is a {artifact.kind}, not a servable model ({', '.join(SERVABLE_KINDS)})")
     if artifact.status in ("building", "corrupt"):
@@ -104,6 +103,13 @@ def load_serving_model(artifact: Artifact, device: str = "auto") -> LoadedModel:
         raise ModelLoadError(f"artifact {artifact.id}: no model at {artifact.path} under the data root")
     if artifact.sha256 and tree_digest(path) != artifact.sha256:
         raise ModelLoadError(f"artifact {artifact.id}: sha256 mismatch, the files at {artifact.path} changed since it was recorded")
+    return path
+
+
+def load_model_folder(path: Path, device: str = "auto", *, label: str = "model") -> LoadedModel:
+    """A float or bitsandbytes-quantized model folder loaded on ``device`` (``label`` names it in errors)."""
+    from transformers import AutoModelForCausalLM
+
     dev = resolve_device(device)
     config = json.loads((path / "config.json").read_text())
     if "quantization_config" not in config:
@@ -113,7 +119,7 @@ def load_serving_model(artifact: Artifact, device: str = "auto") -> LoadedModel:
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device_map)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"artifact {artifact.id}: cannot load {artifact.path}: {exc}") from exc
+        raise ModelLoadError(f"{label}: cannot load {path}: {exc}") from exc
     model.eval()
     tok = load_tokenizer(str(path))
     if getattr(model.generation_config, "pad_token_id", None) is None:

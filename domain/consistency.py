@@ -16,11 +16,9 @@ Errors break an invariant (``foundry ledger check`` exits 1); warnings need a lo
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 from sqlalchemy import func, select
 
@@ -28,7 +26,8 @@ from domain.ledger.db import session_scope
 from domain.ledger.models import (
     FINAL_STATUSES, AdapterAlias, AdapterVersion, Artifact, Checkpoint, Feedback, Job, JobAttempt, Review, UsageCost,
 )
-from domain.paths import UnsafePath, resolve_in_data_root, sha256_file, sha256_tree
+from domain.artifacts import tree_digest
+from domain.paths import UnsafePath, resolve_in_data_root, sha256_file
 
 LIVE_ARTIFACT_STATUSES = ("ready", "active")  # superseded snapshots may be pruned from disk
 
@@ -209,7 +208,7 @@ def _check_aliases_and_feedback(report: Report, s, tenant: str | None) -> None:
 
 def file_matches(rel_path: str, expected: str | None) -> tuple[bool, str]:
     """Does the file or folder at ``rel_path`` exist under the data root and match ``expected``?
-    A folder matches by its tree digest (with or without dot-files) or by one of its top-level files
+    A folder matches by its tree digest (``artifacts.tree_digest``) or by one of its top-level files
     (adapters record the weights file, index snapshots their manifest)."""
     try:
         full = resolve_in_data_root(rel_path)
@@ -221,17 +220,9 @@ def file_matches(rel_path: str, expected: str | None) -> tuple[bool, str]:
         return True, "no sha256 recorded"
     if full.is_file():
         return (sha256_file(full) == expected), "sha256 mismatch"
-    digests = {sha256_tree(full), _tree_digest_without_dotfiles(full)}
+    digests = {tree_digest(full)}
     digests |= {sha256_file(p) for p in full.iterdir() if p.is_file()}
     return (expected in digests), "sha256 mismatch"
-
-
-def _tree_digest_without_dotfiles(root: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        h.update(str(f.relative_to(root)).encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
 
 
 def _check_files(report: Report, s, tenant: str | None) -> None:

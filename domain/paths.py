@@ -31,11 +31,6 @@ def resolve_in_data_root(rel: str | os.PathLike) -> Path:
     return full
 
 
-def relative_to_root(path: str | os.PathLike) -> str:
-    full = resolve_in_data_root(path)
-    return str(full.relative_to(data_root()))
-
-
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -43,12 +38,3 @@ def sha256_file(path: str | os.PathLike) -> str:
             h.update(block)
     return h.hexdigest()
 
-
-def sha256_tree(path: str | os.PathLike) -> str:
-    """Hash of a folder: names and contents of its regular files, in sorted order."""
-    root = Path(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(root)).encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()

@@ -27,7 +27,8 @@ from sqlalchemy.orm import Session
 from domain import health
 from domain.errors import InvalidJob, JobFailed
 from domain.ledger.models import AdapterAlias, AdapterLineage, AdapterVersion, AliasHistory, Artifact, Tenant, utcnow
-from domain.paths import UnsafePath, resolve_in_data_root, sha256_file, sha256_tree
+from domain.artifacts import tree_digest
+from domain.paths import UnsafePath, resolve_in_data_root, sha256_file
 
 CHAMPION = "champion"
 CANDIDATE = "candidate"
@@ -159,7 +160,7 @@ def _matches(path: Path, expected: str, folder: Path | None = None) -> bool:
     key = (str(path), st.st_size, st.st_mtime_ns, expected)
     if key in _verified:
         return True
-    ok = sha256_file(path) == expected or (folder is not None and sha256_tree(folder) == expected)
+    ok = sha256_file(path) == expected or (folder is not None and tree_digest(folder) == expected)
     if ok:
         _verified[key] = True
     return ok
