@@ -27,10 +27,10 @@ from domain.jobs import JobContext, Outcome
 from domain.ledger.db import session_scope
 from domain.ledger.models import AdapterVersion, Artifact, Review, Tenant, new_id
 from domain.models import ModelLoadError
-from domain.review.batcher import GenerationRequest
+from domain.review.batcher import AdapterHandle, GenerationRequest
 from domain.review.parse import parse_review
 from domain.prompting import fit_prompt, guess_language, shared_prefix_len
-from domain.review.runtime import AdapterHandle, Runtime, get_runtime
+from domain.review.runtime import Runtime, get_runtime
 from domain.specs import ReviewSpec
 
 log = logging.getLogger(__name__)

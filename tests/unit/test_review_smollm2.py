@@ -11,7 +11,8 @@ from domain.config import get_settings, reset_settings
 from domain.models import load_causal_lm
 from domain.review import runtime
 from domain.prompting import fit_prompt, shared_prefix_len
-from domain.review.runtime import AdapterHandle, Runtime
+from domain.review.batcher import AdapterHandle
+from domain.review.runtime import Runtime
 from domain.review.testing import make_adapter
 from tests.conftest import add_tenant
 
