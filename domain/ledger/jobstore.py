@@ -155,40 +155,67 @@ def claim(job_id: str, kind: str, tenant: str, payload: dict, worker: str, *, ma
             if dup is not None:
                 return Claim(run=False, status=dup.status, reason=f"duplicate of job {dup.id} (idempotency key)",
                              result=dup.result, extra={"duplicate_of": dup.id})
-            job = Job(id=job_id, kind=kind, tenant_id=tenant, payload=payload, status="queued", priority=priority,
-                      idempotency_key=idempotency_key, max_attempts=max_attempts, created_by="foreign")
-            s.add(job)
-            try:
-                s.flush()
-            except IntegrityError:
-                s.rollback()
+            job = _adopt_foreign(s, Job(id=job_id, kind=kind, tenant_id=tenant, payload=payload, status="queued",
+                                        priority=priority, idempotency_key=idempotency_key,
+                                        max_attempts=max_attempts, created_by="foreign"))
+            if job is None:  # another delivery inserted it first: start over against its row
                 return claim(job_id, kind, tenant, payload, worker, max_attempts=max_attempts,
                              stale_after_s=stale_after_s, priority=priority, idempotency_key=idempotency_key, url=url)
         if job.status in FINAL_STATUSES:
             return Claim(run=False, status=job.status, reason=f"already {job.status}", result=job.result)
         if job.status == "running":
-            beat = _aware(job.heartbeat_at)
-            fresh = beat is not None and (now - beat).total_seconds() < stale_after_s
-            same_node_restarted = job.worker and job.worker.split(":")[0] == worker.split(":")[0] and job.worker != worker
-            if fresh and not same_node_restarted:
-                return Claim(run=False, status="running", busy=True,
-                             reason=f"running on {job.worker} (heartbeat {int((now - beat).total_seconds())}s ago)")
-            # the previous attempt is lost: its worker died without a word
-            s.execute(update(JobAttempt).where(JobAttempt.job_id == job_id, JobAttempt.outcome.is_(None))
-                      .values(outcome="lost", finished_at=now, error=f"worker {job.worker} lost"))
-        limit = job.max_attempts or max_attempts
-        if job.attempts >= limit:
-            last = job.error or "worker lost during the job"
-            job.status, job.error_code, job.finished_at = "dead", "max_attempts", now
-            job.error = f"dead-lettered after {job.attempts} attempts; last error: {last}"
-            s.add(JobAttempt(job_id=job_id, attempt=job.attempts + 1, worker=worker, started_at=now, finished_at=now,
-                             outcome="dead", error=job.error))
-            return Claim(run=False, status="dead", reason=job.error)
-        job.attempts += 1
-        job.status, job.worker, job.heartbeat_at = "running", worker, now
-        job.started_at = job.started_at or now
-        s.add(JobAttempt(job_id=job_id, attempt=job.attempts, worker=worker, started_at=now))
-        return Claim(run=True, attempt=job.attempts, status="running")
+            busy = _still_running_elsewhere(job, worker, now, stale_after_s)
+            if busy is not None:
+                return busy
+            _mark_attempt_lost(s, job, now)
+        if job.attempts >= (job.max_attempts or max_attempts):
+            return _dead_letter(s, job, worker, now)
+        return _start_attempt(s, job, worker, now)
+
+
+def _adopt_foreign(s: Session, job: Job) -> Job | None:
+    """Insert the row of a job a foreign producer sent; None if a concurrent delivery inserted it first."""
+    s.add(job)
+    try:
+        s.flush()
+    except IntegrityError:
+        s.rollback()
+        return None
+    return job
+
+
+def _still_running_elsewhere(job: Job, worker: str, now: datetime, stale_after_s: float) -> Claim | None:
+    """A busy claim if another live worker holds the job (fresh heartbeat, not this node's restarted worker)."""
+    beat = _aware(job.heartbeat_at)
+    fresh = beat is not None and (now - beat).total_seconds() < stale_after_s
+    same_node_restarted = job.worker and job.worker.split(":")[0] == worker.split(":")[0] and job.worker != worker
+    if fresh and not same_node_restarted:
+        return Claim(run=False, status="running", busy=True,
+                     reason=f"running on {job.worker} (heartbeat {int((now - beat).total_seconds())}s ago)")
+    return None
+
+
+def _mark_attempt_lost(s: Session, job: Job, now: datetime) -> None:
+    """The previous attempt is lost: its worker died without a word."""
+    s.execute(update(JobAttempt).where(JobAttempt.job_id == job.id, JobAttempt.outcome.is_(None))
+              .values(outcome="lost", finished_at=now, error=f"worker {job.worker} lost"))
+
+
+def _dead_letter(s: Session, job: Job, worker: str, now: datetime) -> Claim:
+    last = job.error or "worker lost during the job"
+    job.status, job.error_code, job.finished_at = "dead", "max_attempts", now
+    job.error = f"dead-lettered after {job.attempts} attempts; last error: {last}"
+    s.add(JobAttempt(job_id=job.id, attempt=job.attempts + 1, worker=worker, started_at=now, finished_at=now,
+                     outcome="dead", error=job.error))
+    return Claim(run=False, status="dead", reason=job.error)
+
+
+def _start_attempt(s: Session, job: Job, worker: str, now: datetime) -> Claim:
+    job.attempts += 1
+    job.status, job.worker, job.heartbeat_at = "running", worker, now
+    job.started_at = job.started_at or now
+    s.add(JobAttempt(job_id=job.id, attempt=job.attempts, worker=worker, started_at=now))
+    return Claim(run=True, attempt=job.attempts, status="running")
 
 
 def _find_idempotent(s: Session, tenant: str, kind: str, key: str | None) -> Job | None:
