@@ -1,8 +1,9 @@
 """Model artifacts in the ledger and under the data root: hashing a folder, publishing it, recording it, and
 loading a servable one back.
 
-- ``tree_digest(folder)``: the sha256 recorded for a folder (names and contents of its files, dot-files skipped).
-- ``publish_dir(staging, dest)``: move a finished folder into place.
+- ``sha256_tree(folder)``: the sha256 recorded for a folder (names and contents of its files, dot-files skipped).
+- ``publish_model(folder, dest, kind, report, lineage)``: write the report file, move the finished folder into
+  place (``paths.publish_dir``) and return what the ledger records of it (``Published``: path, sha256, size).
 - ``data_file(rel, field)``: a data file a job names, under the data root.
 - ``add_artifact(session, ...)``: the ``artifacts`` row of a ready model (inside the job's commit).
 - ``load_serving_model(artifact)``: a ``quantized_model`` or ``distilled_model`` artifact loaded for serving:
@@ -11,10 +12,9 @@ loading a servable one back.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from domain.errors import InvalidJob
 from domain.jobs import _jsonable  # becomes domain.contract.jsonable
 from domain.ledger.models import Artifact
 from domain.models import LoadedModel, ModelLoadError, load_causal_lm, load_tokenizer, resolve_device
-from domain.paths import UnsafePath, resolve_in_data_root, sha256_file
+from domain.paths import UnsafePath, data_root, publish_dir, resolve_in_data_root, sha256_tree
 
 SERVABLE_KINDS = ("quantized_model", "distilled_model")
 REPORT_FILE = "foundry-artifact.json"
@@ -32,27 +32,24 @@ REPORT_FILE = "foundry-artifact.json"
 
 # ---- files ----------------------------------------------------------------------------------
 
-def tree_digest(path: str | os.PathLike) -> str:
-    """The sha256 recorded for a folder: names and contents of its regular files in sorted order, skipping
-    dot-files (caches a library writes next to weights after the fact must not change the digest)."""
-    root = Path(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        h.update(str(f.relative_to(root)).encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
-
-
 def tree_size(path: str | os.PathLike, pattern: str = "*") -> int:
     return sum(p.stat().st_size for p in Path(path).rglob(pattern) if p.is_file())
 
 
-def publish_dir(staging: Path, dest: Path) -> None:
-    """Move a finished folder into place (a redelivered job replaces its own earlier copy)."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, dest)
+@dataclass(frozen=True)
+class Published:
+    """A model folder in place under the data root, as the ledger records it."""
+
+    path: str  # relative to the data root
+    sha256: str  # paths.sha256_tree of the folder
+    size_bytes: int
+
+
+def publish_model(folder: Path, dest: Path, kind: str, report: dict, lineage: dict) -> Published:
+    """Write the report file into a finished model folder, move the folder to ``dest`` and describe it."""
+    (folder / REPORT_FILE).write_text(json.dumps({"kind": kind, "report": report, "lineage": lineage}, indent=2))
+    publish_dir(folder, dest)
+    return Published(path=str(dest.relative_to(data_root())), sha256=sha256_tree(dest), size_bytes=tree_size(dest))
 
 
 def data_file(rel: str, field: str) -> Path:
@@ -101,7 +98,7 @@ def servable_folder(artifact: Artifact) -> Path:
         raise ModelLoadError(f"artifact {artifact.id}: {exc}") from exc
     if not (path / "config.json").exists():
         raise ModelLoadError(f"artifact {artifact.id}: no model at {artifact.path} under the data root")
-    if artifact.sha256 and tree_digest(path) != artifact.sha256:
+    if artifact.sha256 and sha256_tree(path) != artifact.sha256:
         raise ModelLoadError(f"artifact {artifact.id}: sha256 mismatch, the files at {artifact.path} changed since it was recorded")
     return path
 

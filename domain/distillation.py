@@ -36,13 +36,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 
 from domain import checkpoints, costs, heldout
-from domain.errors import InvalidJob, JobFailed
+from domain.errors import InvalidJob, JobFailed, is_out_of_memory
 from domain.jobs import JobContext, Outcome
 from domain.ledger.models import new_id
 from domain.models import ModelLoadError, load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
-from domain.paths import data_root, resolve_in_data_root
+from domain.paths import data_root, publish_dir, resolve_in_data_root, sha256_tree
 from domain.quantization import eval_blocks
-from domain.artifacts import REPORT_FILE, add_artifact, data_file, publish_dir, tree_digest, tree_size
+from domain.artifacts import REPORT_FILE, add_artifact, data_file, tree_size
 from domain.specs import DistillSpec
 
 DIVERGENCE_FACTOR = 10.0
@@ -323,7 +323,7 @@ def save_checkpoint(ctx: JobContext, root: Path, step: int, student, optimizer, 
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": _rng_state(), **extra}, tmp / STATE_FILE)
     publish_dir(tmp, final)
-    ctx.record_checkpoint(step, str(final.relative_to(data_root())), tree_digest(final), size_bytes=tree_size(final),
+    ctx.record_checkpoint(step, str(final.relative_to(data_root())), sha256_tree(final), size_bytes=tree_size(final),
                           metrics={k: v for k, v in extra.items() if isinstance(v, (int, float))}, reason=reason)
     checkpoints.prune_job(ctx.job_id, keep=ctx.settings.checkpoint_keep)
 
@@ -335,7 +335,7 @@ def intact_checkpoint(ctx: JobContext) -> Path | None:
     if ckpt is None:
         return None
     path = resolve_in_data_root(ckpt.path)
-    if not path.is_dir() or tree_digest(path) != ckpt.sha256:
+    if not path.is_dir() or sha256_tree(path) != ckpt.sha256:
         ctx.health("checkpoint", "corrupt", "degraded", f"checkpoint {ckpt.path} missing or changed; starting over")
         return None
     return path
@@ -366,10 +366,6 @@ def load_checkpoint(path: Path | None, student, optimizer, scheduler) -> dict | 
 
 
 # ---- one step ---------------------------------------------------------------------------------
-
-def _is_oom(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or "can't allocate memory" in text
 
 
 def train_step(student, teacher, ids: torch.Tensor, optimizer, scheduler, temperature: float, alpha: float,
@@ -444,7 +440,7 @@ def handle_distill(spec: DistillSpec, ctx: JobContext) -> Outcome:
         try:
             out = train_step(student, teacher, ids, optimizer, scheduler, spec.temperature, spec.alpha, first_loss)
         except (RuntimeError, MemoryError) as exc:
-            if _is_oom(exc):
+            if is_out_of_memory(exc):
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 raise JobFailed(f"out of memory at batch_size={spec.batch_size}, seq_len={spec.seq_len}: lower them "
@@ -492,7 +488,7 @@ def handle_distill(spec: DistillSpec, ctx: JobContext) -> Outcome:
     (staging / REPORT_FILE).write_text(json.dumps({"kind": "distilled_model", "report": report, "lineage": lineage}, indent=2))
     dest = staging.parent / ctx.job_id
     publish_dir(staging, dest)
-    rel, digest, size = str(dest.relative_to(data_root())), tree_digest(dest), tree_size(dest)
+    rel, digest, size = str(dest.relative_to(data_root())), sha256_tree(dest), tree_size(dest)
     name = f"{Path(teacher_ref).name}-{student.config.num_hidden_layers}L-distilled"
     artifact_id = new_id()
 
