@@ -24,7 +24,7 @@ from sqlalchemy import desc, select
 from domain import health
 from domain.adapters import store
 from domain.ledger.db import session_scope
-from domain.ledger.models import AdapterAlias, AliasHistory, HealthEvent
+from domain.ledger.models import AdapterAlias, AliasHistory, HealthEvent, aware
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,6 @@ class CircuitSettings(BaseSettings):
                             "automatically (an old champion failing points at something else).")
 
 
-def _aware(ts: datetime | None) -> datetime | None:
-    return ts.replace(tzinfo=timezone.utc) if ts is not None and ts.tzinfo is None else ts
-
 
 def _promoted_at(session, tenant: str, version_id: str) -> datetime | None:
     """When the champion alias last moved onto ``version_id``."""
@@ -51,7 +48,7 @@ def _promoted_at(session, tenant: str, version_id: str) -> datetime | None:
                                                       AliasHistory.alias == store.CHAMPION,
                                                       AliasHistory.to_version_id == version_id)
                            .order_by(desc(AliasHistory.moved_at), desc(AliasHistory.id)).limit(1))
-    return _aware(entry.moved_at) if entry is not None else None
+    return aware(entry.moved_at) if entry is not None else None
 
 
 def _failures_since(session, tenant: str, version_id: str, since: datetime) -> int:

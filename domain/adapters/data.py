@@ -15,13 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from domain.errors import InvalidJob
-from domain.ledger.models import Feedback, Review
+from domain.ledger.models import Feedback, Review, aware
 from domain.prompting import build_messages as review_messages, encode, fit_prompt
 
 IGNORE = -100  # label of a token that carries no loss (prompt, padding)
@@ -65,11 +65,6 @@ class Dataset:
             train, held = [held[0]], held[1:]
         return train, held
 
-
-def aware(ts: datetime | None) -> datetime | None:
-    if ts is not None and ts.tzinfo is None:
-        return ts.replace(tzinfo=timezone.utc)
-    return ts
 
 
 def looks_like_diff(code: str, language: str | None) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Callable
 
 from sqlalchemy import select, update
@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from domain.ledger.db import HotStatement, run_hot, run_hot_in, session_scope
-from domain.ledger.models import FINAL_STATUSES, Job, JobAttempt, Tenant, utcnow
+from domain.ledger.models import FINAL_STATUSES, Job, JobAttempt, Tenant, aware, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,6 @@ FINISH = HotStatement("""
     SELECT id, tenant_id, kind, %(prompt_tokens)s, %(completion_tokens)s, %(wall_seconds)s, %(gpu_seconds)s, %(model_id)s,
            %(adapter_version_id)s, %(cost)s, %(currency)s, %(price_version)s, %(now)s FROM j WHERE %(has_usage)s"""))
 
-
-def _aware(ts: datetime | None) -> datetime | None:
-    if ts is not None and ts.tzinfo is None:  # SQLite hands back naive datetimes
-        return ts.replace(tzinfo=timezone.utc)
-    return ts
 
 
 @dataclass
@@ -186,7 +181,7 @@ def _adopt_foreign(s: Session, job: Job) -> Job | None:
 
 def _still_running_elsewhere(job: Job, worker: str, now: datetime, stale_after_s: float) -> Claim | None:
     """A busy claim if another live worker holds the job (fresh heartbeat, not this node's restarted worker)."""
-    beat = _aware(job.heartbeat_at)
+    beat = aware(job.heartbeat_at)
     fresh = beat is not None and (now - beat).total_seconds() < stale_after_s
     same_node_restarted = job.worker and job.worker.split(":")[0] == worker.split(":")[0] and job.worker != worker
     if fresh and not same_node_restarted:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from domain.errors import TransientError
+from domain.errors import TransientError, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,6 @@ class _Call:
 
     fn: Callable[[], Any]
     future: Future = field(default_factory=Future)
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 class Batcher:
@@ -209,7 +205,7 @@ class Batcher:
             if rt.device.type == "cuda":
                 torch.cuda.synchronize(rt.device)
         except Exception as exc:  # noqa: BLE001
-            if not _is_oom(exc):
+            if not is_out_of_memory(exc):
                 raise
             if rt.device.type == "cuda":
                 torch.cuda.empty_cache()
