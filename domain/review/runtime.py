@@ -230,16 +230,28 @@ class Runtime:
             del self._prefix_cache[key]
 
     def _prefill_then_decode(self, prompts, slots, max_new_tokens, prefix_lens) -> list[list[int]] | None:
+        names = [s or BASE for s in slots]
+        t_prefill = time.perf_counter()
+        prefilled = self._prefill(prompts, names, prefix_lens)
+        if prefilled is None:
+            return None
+        caches, outs = prefilled
+        t_decode = time.perf_counter()
+        lens = [len(p) for p in prompts]
+        cache, mask = self._one_batch_cache(caches, lens, room=max(1, max(max_new_tokens)))
+        del caches
+        steps = self._decode(cache, mask, outs, names, lens, max_new_tokens)
+        self.timings["prefill_s"] += t_decode - t_prefill
+        self.timings["decode_s"] += time.perf_counter() - t_decode
+        self.timings["decode_steps"] += steps
+        return outs
+
+    def _prefill(self, prompts, names, prefix_lens):
+        """Each prompt alone (its shared prefix from the prefix cache): (key/value caches, first tokens),
+        or None for a cache layout the batched decoder does not merge."""
         from transformers.cache_utils import DynamicCache, DynamicLayer
 
-        from peft import PeftModel
-
-        from domain.review.kvcache import PreallocatedLayer
-        from domain.review.mixed_lora import MixedLoRA
-
-        names = [s or BASE for s in slots]
         caches, outs = [], []
-        t_prefill = time.perf_counter()
         for ids, name, p in zip(prompts, names, prefix_lens):
             p = p if 0 < p < len(ids) else 0
             past = self._prefix(ids[:p], name) if p else None
@@ -251,27 +263,38 @@ class Runtime:
                 return None
             caches.append(cache)
             outs.append([int(out.logits[0, -1].argmax())])
-        lens = [len(p) for p in prompts]
+        return caches, outs
+
+    def _one_batch_cache(self, caches, lens: list[int], room: int):
+        """The rows' caches left-padded into one (with ``room`` preallocated steps), and its attention mask."""
+        from domain.review.kvcache import PreallocatedLayer
+
         width = max(lens)
-        t_decode = time.perf_counter()
         cache = caches[0]
         for li, layer in enumerate(cache.layers):  # left-pad every row's keys/values to the longest prompt
             layer.keys = torch.cat([torch.nn.functional.pad(c.layers[li].keys, (0, 0, width - n, 0))
                                     for c, n in zip(caches, lens)])
             layer.values = torch.cat([torch.nn.functional.pad(c.layers[li].values, (0, 0, width - n, 0))
                                       for c, n in zip(caches, lens)])
-        del caches
-        room = max(1, max(max_new_tokens))
         cache.layers = [PreallocatedLayer.wrap(layer, room) for layer in cache.layers]
-        mask = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(lens), width), dtype=torch.long, device=self.device)
         for i, n in enumerate(lens):
             mask[i, width - n:] = 1
+        return cache, mask
+
+    def _decode(self, cache, mask, outs: list[list[int]], names: list[str], lens: list[int],
+                max_new_tokens: list[int]) -> int:
+        """Greedy decoding of all unfinished rows together, one token per step, dropping finished rows;
+        appends to ``outs`` and returns the number of steps."""
+        from peft import PeftModel
+
+        from domain.review.mixed_lora import MixedLoRA
 
         def done(i: int) -> bool:
             return outs[i][-1] in self.eos_ids or len(outs[i]) >= max_new_tokens[i]
 
-        active = [i for i in range(len(prompts)) if not done(i)]
-        if len(active) < len(prompts):
+        active = [i for i in range(len(outs)) if not done(i)]
+        if len(active) < len(outs):
             keep = torch.tensor(active, dtype=torch.long, device=self.device)
             cache.batch_select_indices(keep)
             mask = mask[keep]
@@ -300,10 +323,7 @@ class Runtime:
                     active = [active[j] for j in still]
                     if rows is not None:
                         rows.select(keep)
-        self.timings["prefill_s"] += t_decode - t_prefill
-        self.timings["decode_s"] += time.perf_counter() - t_decode
-        self.timings["decode_steps"] += step
-        return outs
+        return step
 
     def _generate_padded(self, prompts, slots, max_new_tokens) -> list[list[int]]:
         width = max(len(p) for p in prompts)
