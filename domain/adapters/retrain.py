@@ -26,8 +26,7 @@ from domain.adapters import data as fbdata
 from domain.adapters import gate, store, training
 from domain.ledger.db import session_scope
 from domain.ledger.models import AdapterVersion, new_id
-from domain.artifacts import tree_digest
-from domain.paths import resolve_in_data_root
+from domain.paths import resolve_in_data_root, sha256_tree
 from domain.specs import RetrainSpec
 
 log = logging.getLogger(__name__)
@@ -230,7 +229,7 @@ class _JobHooks:
         folder.parent.mkdir(parents=True, exist_ok=True)
         training.save_checkpoint(folder, self.model, self.optimizer, self.scheduler, step, self.losses, self.meta)
         size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-        self.ctx.record_checkpoint(step, rel, tree_digest(folder), size_bytes=size,
+        self.ctx.record_checkpoint(step, rel, sha256_tree(folder), size_bytes=size,
                                    metrics={**self.meta, "loss": self.last_loss}, reason=reason)
         checkpoints.prune_job(self.ctx.job_id, keep=self.ctx.settings.checkpoint_keep)
 
@@ -245,7 +244,7 @@ def _usable_checkpoint(ckpt, ctx) -> dict | None:
         return None
     try:
         folder = resolve_in_data_root(ckpt.path)
-        ok = folder.is_dir() and tree_digest(folder) == ckpt.sha256
+        ok = folder.is_dir() and sha256_tree(folder) == ckpt.sha256
     except (OSError, ValueError):
         ok = False
     if not ok:

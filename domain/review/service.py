@@ -51,16 +51,13 @@ def check_input(spec: ReviewSpec, max_bytes: int) -> None:
                          field="code")
 
 
-# ---- retrieval: domain.retrieval when present; no index is a valid case ---------------------------
+# ---- retrieval: no index is a valid case ---------------------------
 
 def retrieve(spec: ReviewSpec, ctx) -> tuple[list, int | None, str | None]:
     """(chunks, index version, error) — an error never fails the review, it is recorded."""
     if not spec.use_retrieval:
         return [], None, None
-    try:
-        from domain.retrieval.service import retrieve_context
-    except ImportError:
-        return [], None, None
+    from domain.retrieval.service import retrieve_context  # faiss and the embedder load with the first retrieval
     query = (f"{spec.path}\n" if spec.path else "") + spec.code[:4000]
     try:
         found = retrieve_context(spec.tenant, query, k=RETRIEVAL_K)
