@@ -99,7 +99,7 @@ def main() -> None:
     from domain.models import load_causal_lm
     from domain.review.batcher import AdapterHandle, Batcher
     from domain.review.runtime import Runtime, model_id_for
-    from domain.review.testing import make_adapter
+    from tests.fixtures.review import make_adapter
 
     ref = base_ref(args.model)
     path, code = stdlib_functions(1)[0]

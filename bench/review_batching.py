@@ -39,7 +39,7 @@ from domain.models import load_causal_lm, prepare_embedded_model  # noqa: E402
 from domain.review.batcher import AdapterHandle, Batcher, GenerationRequest  # noqa: E402
 from domain.prompting import fit_prompt, shared_prefix_len  # noqa: E402
 from domain.review.runtime import Runtime, model_id_for  # noqa: E402
-from domain.review.testing import make_adapter  # noqa: E402
+from tests.fixtures.review import make_adapter  # noqa: E402
 
 
 def stdlib_functions(n: int, max_lines: int = 30) -> list[tuple[str, str]]:

@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from domain.ledger.db import session_scope
 from domain.ledger.models import Artifact, Checkpoint, Job, JobAttempt, UsageCost
-from domain.models import save_tiny_model
+from tests.fixtures.tiny_models import save_tiny_model
 from tests.integration.workers import running_worker, start_worker
 
 pytestmark = pytest.mark.integration

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from domain.adapters import data
-from domain.adapters.testing import seed_feedback, stdlib_review_pairs
+from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
 from domain.ledger.db import session_scope
 from domain.ledger.models import utcnow
 from tests.conftest import add_tenant

@@ -12,7 +12,7 @@ import torch
 from domain.models import load_causal_lm
 from domain.review.batcher import AdapterHandle, Batcher, GenerationRequest
 from domain.review.runtime import Runtime
-from domain.review.testing import make_adapter, save_lively_tiny_model
+from tests.fixtures.review import make_adapter, save_lively_tiny_model
 
 
 @pytest.fixture(scope="module")

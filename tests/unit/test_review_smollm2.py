@@ -13,7 +13,7 @@ from domain.review import runtime
 from domain.prompting import fit_prompt, shared_prefix_len
 from domain.review.batcher import AdapterHandle
 from domain.review.runtime import Runtime
-from domain.review.testing import make_adapter
+from tests.fixtures.review import make_adapter
 from tests.conftest import add_tenant
 
 pytestmark = pytest.mark.slow
