@@ -35,7 +35,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 def review(rt, code: str, path: str, handle, max_new: int) -> float:
     """One review on the runtime as handle_review runs it: fit the prompt, one batch row, wait."""
     from domain.review.batcher import GenerationRequest
-    from domain.review.prompt import fit_prompt, shared_prefix_len
+    from domain.prompting import fit_prompt, shared_prefix_len
 
     t0 = time.perf_counter()
     with rt.tokenizer_lock:
@@ -55,13 +55,15 @@ def cold_child(ref: str, adapter: str, device: str, max_new: int, threads: int |
     if threads:
         torch.set_num_threads(threads)
     from domain.models import load_causal_lm
-    from domain.review.runtime import AdapterHandle, Runtime, model_id_for
+    from domain.review.batcher import AdapterHandle, Batcher
+    from domain.review.runtime import Runtime, model_id_for
     from bench.review_batching import stdlib_functions
 
     t_import = time.perf_counter() - t0
     loaded = load_causal_lm(ref, device=device)
     t_base = time.perf_counter() - t0 - t_import
     rt = Runtime(loaded, "cold", model_id_for(ref), max_adapters=2)
+    rt.batcher = Batcher(rt)
     handle = AdapterHandle("a0", lambda: Path(adapter))
     t1 = time.perf_counter()
     rt.ensure_adapter(handle)
@@ -95,8 +97,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from bench.review_batching import base_ref, stdlib_functions
     from domain.models import load_causal_lm
-    from domain.review.runtime import AdapterHandle, Runtime, model_id_for
-    from domain.review.testing import make_adapter
+    from domain.review.batcher import AdapterHandle, Batcher
+    from domain.review.runtime import Runtime, model_id_for
+    from tests.fixtures.review import make_adapter
 
     ref = base_ref(args.model)
     path, code = stdlib_functions(1)[0]
@@ -120,6 +123,7 @@ def main() -> None:
               f"base load {cold_run['base_load_s']:.2f} s, adapter load {cold_run['adapter_load_s']:.3f} s, "
               f"review {cold_run['review_s']:.2f} s)", flush=True)
         rt = Runtime(load_causal_lm(ref, device=args.device), "bench", model_id_for(ref), max_adapters=2)
+        rt.batcher = Batcher(rt)
         rt.ensure_adapter(handles[0])
         review(rt, code, path, handles[0], args.max_new_tokens)  # this process's first review: not timed
 

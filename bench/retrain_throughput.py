@@ -3,7 +3,7 @@ hyperparameters, measured side by side in one run.
 
 Data: feedback-like samples made from real code nobody here wrote: standard-library functions (docstring
 removed) as the reviewed code and a review written from their docstring as the completion
-(``domain.adapters.testing.stdlib_review_pairs``), rendered with the review prompt and the model's chat
+(``tests.fixtures.adapters.stdlib_review_pairs``), rendered with the review prompt and the model's chat
 template, completion-only labels. Lengths vary like real feedback.
 
 Runs (same LoRA config r/alpha/dropout/targets, AdamW, learning rate, batch size, max_seq_len, seed):
@@ -42,17 +42,19 @@ import torch  # noqa: E402
 
 from domain.adapters import training as T  # noqa: E402
 from domain.adapters.data import IGNORE, FeedbackExample, tokenize  # noqa: E402
-from domain.adapters.testing import stdlib_review_pairs  # noqa: E402
+from tests.fixtures.adapters import stdlib_review_pairs  # noqa: E402
 
 
 def load_model(args):
-    from domain.models import load_causal_lm, save_tiny_model
+    from domain.models import load_causal_lm
+    from tests.fixtures.tiny_models import save_tiny_model
 
     embedded = ROOT / ".foundry" / "models" / "smollm2-135m-instruct"
     if args.quick:  # a tiny random Llama; with SmolLM2's tokenizer when it is prepared (realistic lengths)
         dest = Path(tempfile.mkdtemp(prefix="foundry-bench-tiny-")) / "tiny"
         if (embedded / "tokenizer.json").exists():
-            from domain.models import load_tokenizer, tiny_model
+            from domain.models import load_tokenizer
+            from tests.fixtures.tiny_models import tiny_model
 
             tok = load_tokenizer(str(embedded))
             tiny_model(tok, layers=4, hidden=128, max_positions=2048).save_pretrained(dest, safe_serialization=True)

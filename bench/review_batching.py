@@ -36,10 +36,10 @@ import torch  # noqa: E402
 
 from domain.config import get_settings  # noqa: E402
 from domain.models import load_causal_lm, prepare_embedded_model  # noqa: E402
-from domain.review.batcher import GenerationRequest  # noqa: E402
-from domain.review.prompt import fit_prompt, shared_prefix_len  # noqa: E402
-from domain.review.runtime import AdapterHandle, Runtime, model_id_for  # noqa: E402
-from domain.review.testing import make_adapter  # noqa: E402
+from domain.review.batcher import AdapterHandle, Batcher, GenerationRequest  # noqa: E402
+from domain.prompting import fit_prompt, shared_prefix_len  # noqa: E402
+from domain.review.runtime import Runtime, model_id_for  # noqa: E402
+from tests.fixtures.review import make_adapter  # noqa: E402
 
 
 def stdlib_functions(n: int, max_lines: int = 30) -> list[tuple[str, str]]:
@@ -76,8 +76,8 @@ def setup(ref: str, device: str, batch_size: int, wait_ms: float, n_adapters: in
     loaded = load_causal_lm(ref, device=device)
     paths = [make_adapter(ref, tmp / f"adapter{i}", seed=i, r=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
                           base_model=loaded.model) for i in range(n_adapters)]  # LoRA layers removed again after saving
-    rt = Runtime(loaded, "bench", model_id_for(ref), max_adapters=n_adapters, batch_size=batch_size,
-                 batch_wait_s=wait_ms / 1000)
+    rt = Runtime(loaded, "bench", model_id_for(ref), max_adapters=n_adapters)
+    rt.batcher = Batcher(rt, max_batch=batch_size, wait_s=wait_ms / 1000)
     handles = [AdapterHandle(f"adapter{i}", lambda p=p: p) for i, p in enumerate(paths)]
     for h in handles:
         rt.ensure_adapter(h, {x.version_id for x in handles})

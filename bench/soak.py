@@ -121,13 +121,13 @@ def main() -> None:
     database = contextlib.ExitStack()  # closed at the end of the run: this process's connections, then the database
     url = database.enter_context(throwaway_pg_database("foundry_soak", args.pg_admin))
     data = Path(tempfile.mkdtemp(prefix="foundry-soak-"))
-    from domain.models import save_tiny_model
+    from tests.fixtures.tiny_models import save_tiny_model
 
     base = save_tiny_model(data / "tiny-base")
     env = worker_env(args.redis, url, data, FOUNDRY_BASE_MODEL=str(base), FOUNDRY_DEVICE="cpu",
                      FOUNDRY_EMBEDDING_MODEL="hashing:64", OMP_NUM_THREADS="1", FOUNDRY_LOG_JSON="0")
     os.environ.update(env)
-    from domain.adapters.testing import seed_feedback, stdlib_review_pairs
+    from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
     from domain.ledger.migrate import upgrade
     from worker.client import enqueue
 

@@ -24,15 +24,13 @@ from domain.adapters import store
 from domain.config import CircuitSettings, get_settings
 from domain.contract import JobContext
 from domain.ledger.db import session_scope
-from domain.ledger.models import AdapterAlias, AliasHistory, HealthEvent
+from domain.ledger.models import AdapterAlias, AliasHistory, HealthEvent, aware
 
 log = logging.getLogger(__name__)
 
 MOVED_BY = "circuit-breaker"
 
 
-def _aware(ts: datetime | None) -> datetime | None:
-    return ts.replace(tzinfo=timezone.utc) if ts is not None and ts.tzinfo is None else ts
 
 
 def _promoted_at(session, tenant: str, version_id: str) -> datetime | None:
@@ -41,7 +39,7 @@ def _promoted_at(session, tenant: str, version_id: str) -> datetime | None:
                                                       AliasHistory.alias == store.CHAMPION,
                                                       AliasHistory.to_version_id == version_id)
                            .order_by(desc(AliasHistory.moved_at), desc(AliasHistory.id)).limit(1))
-    return _aware(entry.moved_at) if entry is not None else None
+    return aware(entry.moved_at) if entry is not None else None
 
 
 def _failures_since(session, tenant: str, version_id: str, since: datetime) -> int:

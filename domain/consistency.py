@@ -16,17 +16,15 @@ Errors break an invariant (``foundry ledger check`` exits 1); warnings need a lo
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 from sqlalchemy import func, select
 
 from domain.ledger.db import session_scope
 from domain.ledger.models import (
-    FINAL_STATUSES, AdapterAlias, AdapterVersion, Artifact, Checkpoint, Feedback, Job, JobAttempt, Review, UsageCost,
+    FINAL_STATUSES, AdapterAlias, AdapterVersion, Artifact, Checkpoint, Feedback, Job, JobAttempt, Review, UsageCost, aware,
 )
 from domain.paths import UnsafePath, resolve_in_data_root, sha256_file, sha256_tree
 
@@ -66,9 +64,6 @@ class Report:
     def add(self, check: str, message: str, ids=(), severity: str = "error") -> None:
         self.issues.append(Issue(check, severity, message, [str(i) for i in ids][:50]))
 
-
-def _aware(ts: datetime | None) -> datetime | None:
-    return ts.replace(tzinfo=timezone.utc) if ts is not None and ts.tzinfo is None else ts
 
 
 def check(url: str | None = None, *, stale_after_s: float | None = None, check_files: bool = True,
@@ -121,7 +116,7 @@ def _check_attempts(report: Report, jobs: dict, attempts: dict, now: datetime, s
         if job.status == "running":
             if open_rows != 1:
                 problems["running_without_one_open_attempt"].append(jid)
-            beat = _aware(job.heartbeat_at)
+            beat = aware(job.heartbeat_at)
             if beat is None or now - beat > timedelta(seconds=stale_after_s):
                 stale.append(jid)
     texts = {
@@ -209,7 +204,7 @@ def _check_aliases_and_feedback(report: Report, s, tenant: str | None) -> None:
 
 def file_matches(rel_path: str, expected: str | None) -> tuple[bool, str]:
     """Does the file or folder at ``rel_path`` exist under the data root and match ``expected``?
-    A folder matches by its tree digest (with or without dot-files) or by one of its top-level files
+    A folder matches by its tree digest (``paths.sha256_tree``) or by one of its top-level files
     (adapters record the weights file, index snapshots their manifest)."""
     try:
         full = resolve_in_data_root(rel_path)
@@ -221,17 +216,9 @@ def file_matches(rel_path: str, expected: str | None) -> tuple[bool, str]:
         return True, "no sha256 recorded"
     if full.is_file():
         return (sha256_file(full) == expected), "sha256 mismatch"
-    digests = {sha256_tree(full), _tree_digest_without_dotfiles(full)}
+    digests = {sha256_tree(full)}
     digests |= {sha256_file(p) for p in full.iterdir() if p.is_file()}
     return (expected in digests), "sha256 mismatch"
-
-
-def _tree_digest_without_dotfiles(root: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        h.update(str(f.relative_to(root)).encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
 
 
 def _check_files(report: Report, s, tenant: str | None) -> None:

@@ -37,12 +37,13 @@ import torch
 import torch.nn.functional as F
 
 from domain import checkpoints, costs, heldout
-from domain.errors import InvalidJob, JobFailed
+from domain.errors import InvalidJob, JobFailed, is_out_of_memory
 from domain.contract import JobContext, Outcome
 from domain.ledger.models import new_id
 from domain.models import ModelLoadError, load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
-from domain.paths import data_root
-from domain.quantization import REPORT_FILE, add_artifact, data_file, eval_blocks, publish_dir, tree_digest, tree_size
+from domain.artifacts import REPORT_FILE, add_artifact, data_file, tree_size
+from domain.paths import data_root, publish_dir, sha256_tree
+from domain.quantization import eval_blocks
 from domain.specs import DistillSpec
 
 DIVERGENCE_FACTOR = 10.0
@@ -293,10 +294,6 @@ def training_blocks(spec: DistillSpec, tokenizer, steps: int) -> torch.Tensor:
 
 # ---- one step ---------------------------------------------------------------------------------
 
-def _is_oom(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or "can't allocate memory" in text
-
 
 def train_step(student, teacher, ids: torch.Tensor, optimizer, scheduler, temperature: float, alpha: float,
                first_loss: float | None) -> DistillLoss:
@@ -452,7 +449,7 @@ def _train(spec: DistillSpec, ctx: JobContext, run: _Run) -> _Trained:
             out = train_step(run.student, run.teacher, ids, run.optimizer, run.scheduler, spec.temperature, spec.alpha,
                              trained.first_loss)
         except (RuntimeError, MemoryError) as exc:
-            if _is_oom(exc):
+            if is_out_of_memory(exc):
                 if run.device.type == "cuda":
                     torch.cuda.empty_cache()
                 raise JobFailed(f"out of memory at batch_size={spec.batch_size}, seq_len={spec.seq_len}: lower them "
@@ -503,4 +500,4 @@ def _publish(ctx: JobContext, run: _Run, report: dict, lineage: dict) -> tuple[s
     (staging / REPORT_FILE).write_text(json.dumps({"kind": "distilled_model", "report": report, "lineage": lineage}, indent=2))
     dest = staging.parent / ctx.job_id
     publish_dir(staging, dest)
-    return str(dest.relative_to(data_root())), tree_digest(dest), tree_size(dest)
+    return str(dest.relative_to(data_root())), sha256_tree(dest), tree_size(dest)

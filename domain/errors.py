@@ -29,3 +29,10 @@ class JobFailed(RuntimeError):
 class JobTimeout(JobFailed):
     def __init__(self, message: str):
         super().__init__(message, code="timeout")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Did an allocation fail? CUDA's ``OutOfMemoryError`` ("CUDA out of memory ..."), Python's ``MemoryError``,
+    or the CPU allocator's ``RuntimeError`` ("... can't allocate memory ...")."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text

@@ -4,15 +4,28 @@ show their passwords. ``configure(json_logs=True)`` switches to one JSON object 
 from __future__ import annotations
 
 import contextvars
+import functools
+import getpass
 import json
 import logging
 import re
+import socket
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
 
 _job: contextvars.ContextVar[dict] = contextvars.ContextVar("foundry_job", default={})
 _SECRET_URL = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@", re.I)
+
+
+@functools.cache
+def actor(role: str) -> str:
+    """``role:user@host``: who did something, as the ledger records it (``created_by``, ``moved_by``);
+    ``role`` alone where the user or host cannot be found."""
+    try:
+        return f"{role}:{getpass.getuser()}@{socket.gethostname()}"
+    except Exception:  # noqa: BLE001 - no passwd entry, no hostname: the role still says enough
+        return role
 
 
 def mask_secrets(text: str) -> str:

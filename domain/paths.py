@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 from domain.config import get_settings
@@ -31,11 +32,6 @@ def resolve_in_data_root(rel: str | os.PathLike) -> Path:
     return full
 
 
-def relative_to_root(path: str | os.PathLike) -> str:
-    full = resolve_in_data_root(path)
-    return str(full.relative_to(data_root()))
-
-
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -45,10 +41,29 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def sha256_tree(path: str | os.PathLike) -> str:
-    """Hash of a folder: names and contents of its regular files, in sorted order."""
+    """The sha256 recorded for a folder: names and contents of its regular files in sorted order, skipping
+    dot-files (caches a library writes next to weights after the fact must not change the digest)."""
     root = Path(path)
     h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
         h.update(str(f.relative_to(root)).encode())
         h.update(sha256_file(f).encode())
     return h.hexdigest()
+
+
+# ---- a folder is either absent or complete: build it under a staging name, then rename it --------------
+
+def fresh_dir(path: Path) -> Path:
+    """An empty staging folder at ``path`` (what an interrupted earlier attempt left there is removed)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def publish_dir(staging: Path, dest: Path) -> None:
+    """Move a finished folder into place (a redelivered job replaces its own earlier copy)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, dest)

@@ -1,4 +1,4 @@
-"""The ``quantize`` job, and loading a quantized or distilled artifact for serving.
+"""The ``quantize`` job.
 
 A quantize job takes a float source model (a base model, or a base with one of the tenant's adapters merged
 into it), quantizes it with bitsandbytes (NF4 with optional double quantization, FP4, or INT8), measures
@@ -7,32 +7,29 @@ what that cost on held-out text, and records the result as an ``Artifact(kind="q
 Merging is done the right way: the base is loaded in float, the adapter merged (``merge_and_unload``) in
 float, the merged weights saved, and only then quantized. Nothing is ever merged into 4-bit weights.
 
-``load_serving_model(artifact)`` loads a ``quantized_model`` or ``distilled_model`` artifact recorded in the
-ledger (after checking its sha256) so a review worker can serve it; PEFT adapters load on top of it
+The artifact is loaded for serving by ``domain.artifacts.load_serving_model``; PEFT adapters load on top of it
 (QLoRA-style serving). A tenant chooses its artifact with ``foundry serve set TENANT ARTIFACT_ID``.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
-import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from sqlalchemy import func, select
 
 from domain import costs, heldout
+from domain.artifacts import Published, add_artifact, data_file, publish_model, tree_size
 from domain.errors import InvalidJob, JobFailed
-from domain.contract import JobContext, Outcome, jsonable
-from domain.ledger.models import AdapterVersion, Artifact, new_id
+from domain.contract import JobContext, Outcome
+from domain.ledger.models import AdapterVersion, new_id
 from domain.ledger.db import session_scope
-from domain.models import LoadedModel, ModelLoadError, load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
-from domain.paths import UnsafePath, data_root, resolve_in_data_root
+from domain.models import LoadedModel, ModelLoadError, load_causal_lm, model_fingerprint, resolve_device
+from domain.paths import fresh_dir
 from domain.specs import QUANT_METHODS, QuantizeSpec
 
 log = logging.getLogger(__name__)
@@ -47,10 +44,8 @@ class _DropCastNotice(logging.Filter):
 
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropCastNotice())
 
-SERVABLE_KINDS = ("quantized_model", "distilled_model")
 EVAL_SEQ_LEN = 256
 EVAL_BATCH = 4
-REPORT_FILE = "foundry-artifact.json"
 
 
 # ---- what this platform can run --------------------------------------------------------------
@@ -106,25 +101,6 @@ def bnb_config(method: str, double_quant: bool, compute_dtype: torch.dtype):
 
 # ---- files ----------------------------------------------------------------------------------
 
-def tree_digest(path: str | os.PathLike) -> str:
-    """sha256 over a folder's regular files (names and contents, sorted), skipping dot-files such as
-    caches written next to weights after the fact."""
-    root = Path(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        h.update(str(f.relative_to(root)).encode())
-        with open(f, "rb") as fh:
-            fd = hashlib.sha256()
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                fd.update(block)
-        h.update(fd.hexdigest().encode())
-    return h.hexdigest()
-
-
-def tree_size(path: str | os.PathLike, pattern: str = "*") -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob(pattern) if p.is_file())
-
-
 def weights_bytes(model: torch.nn.Module) -> int:
     """Bytes of a model's distinct tensors (tied weights counted once): its size as safetensors."""
     seen, total = set(), 0
@@ -134,24 +110,6 @@ def weights_bytes(model: torch.nn.Module) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     return total
-
-
-def publish_dir(staging: Path, dest: Path) -> None:
-    """Move a finished folder into place (a redelivered job replaces its own earlier copy)."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, dest)
-
-
-def data_file(rel: str, field: str) -> Path:
-    try:
-        path = resolve_in_data_root(rel)
-    except UnsafePath as exc:
-        raise InvalidJob(f"{field}: {exc}", field=field) from exc
-    if not path.exists():
-        raise InvalidJob(f"{field}: {rel!r} does not exist under the data root", field=field)
-    return path
 
 
 def eval_blocks(tokenizer, eval_data_path: str | None, max_tokens: int, seq_len: int) -> tuple[torch.Tensor, str]:
@@ -198,100 +156,125 @@ def merge_adapter(model: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
 
 # ---- the job ----------------------------------------------------------------------------------
 
+@dataclass
+class _Source:
+    ref: str  # the float model quantized (after merging ``adapter`` into it, if any)
+    loaded: LoadedModel
+    adapter: AdapterVersion | None
+    adapter_dir: Path | None
+
+
 def handle_quantize(spec: QuantizeSpec, ctx: JobContext) -> Outcome:
     t0 = time.perf_counter()
-    settings = ctx.settings
-    device = resolve_device(settings.device)
+    device = resolve_device(ctx.settings.device)
     check_method(spec.method, device)
     ctx.progress(0.0, stage="load")
-
-    adapter = adapter_dir = None
-    if spec.adapter:
-        adapter = find_adapter(spec.tenant, spec.adapter)
-    source_ref = spec.source_model or (adapter.base_model_id if adapter else None) or settings.base_model_ref()
-    try:
-        source = load_causal_lm(source_ref, device=str(device))
-    except ModelLoadError as exc:
-        raise InvalidJob(f"source_model: {exc}", field="source_model") from exc
-    if adapter is not None:
-        adapter_dir = adapter_folder(adapter, source_ref)
-    compute_dtype = next(source.model.parameters()).dtype
-
-    seq_len = min(EVAL_SEQ_LEN, source.context_window)
-    blocks, eval_source = eval_blocks(source.tokenizer, spec.eval_data_path, spec.eval_max_tokens, seq_len)
-
-    staging = settings.artifacts_dir.resolve() / "quantized" / f".{ctx.job_id}.tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    quantize_from = source_ref
-    reference = source.model
-    if adapter_dir is not None:
-        ctx.progress(0.1, stage="merge")
-        reference = merge_adapter(source.model, adapter_dir)
-        quantize_from = str(staging / "merged-float")
-        reference.save_pretrained(quantize_from, safe_serialization=True)
-        source.tokenizer.save_pretrained(quantize_from)
+    source = _load_source(spec, ctx.settings, device)
+    seq_len = min(EVAL_SEQ_LEN, source.loaded.context_window)
+    blocks, eval_source = eval_blocks(source.loaded.tokenizer, spec.eval_data_path, spec.eval_max_tokens, seq_len)
+    staging = fresh_dir(ctx.settings.artifacts_dir.resolve() / "quantized" / f".{ctx.job_id}.tmp")
+    reference, quantize_from = _float_reference(source, staging, ctx)
 
     ctx.progress(0.2, stage="quantize")
-    try:
-        quant = load_causal_lm(quantize_from, device=str(device), dtype=compute_dtype,
-                               quantization_config=bnb_config(spec.method, spec.double_quant, compute_dtype))
-    except ModelLoadError as exc:
-        raise JobFailed(f"quantization failed: {exc}", code="quantization_failed") from exc
-
-    def on_batch(done: float) -> None:
-        ctx.progress(0.3 + 0.6 * done, stage="evaluate")
-        ctx.check()
-
-    cmp = heldout.compare(reference, quant.model, blocks, batch_size=EVAL_BATCH, on_batch=on_batch)
+    compute_dtype = next(source.loaded.model.parameters()).dtype
+    quant = _quantize(spec, quantize_from, device, compute_dtype)
+    cmp = heldout.compare(reference, quant.model, blocks, batch_size=EVAL_BATCH, on_batch=_evaluate_progress(ctx))
 
     ctx.progress(0.9, stage="save")
     out = staging / "model"
     quant.model.save_pretrained(out, safe_serialization=True)
-    source.tokenizer.save_pretrained(out)
-    size_before = weights_bytes(reference)
-    size_after = tree_size(out, "*.safetensors")
-    mem_before, mem_after = reference.get_memory_footprint(), quant.model.get_memory_footprint()
-    report = {
-        "method": spec.method, "double_quant": spec.double_quant and spec.method == "nf4", "device": device.type,
-        "source_dtype": str(compute_dtype).removeprefix("torch."), "bitsandbytes_version": _bnb_version(),
-        "size_before_bytes": size_before, "size_after_bytes": size_after,
-        "compression_ratio": size_before / size_after,
-        "memory_footprint_before_bytes": mem_before, "memory_footprint_after_bytes": mem_after,
-        "memory_ratio": mem_after / mem_before,
-        "perplexity_before": cmp.perplexity_reference, "perplexity_after": cmp.perplexity_candidate,
-        "perplexity_delta_pct": 100 * (cmp.perplexity_candidate / cmp.perplexity_reference - 1),
-        "kl_divergence": cmp.kl_divergence, "top1_agreement": cmp.top1_agreement,
-        "tokens_per_s_before": cmp.tokens_per_s_reference, "tokens_per_s_after": cmp.tokens_per_s_candidate,
-        "tokens_per_s_ratio": cmp.tokens_per_s_candidate / cmp.tokens_per_s_reference,
-        "eval_source": eval_source, "eval_tokens": cmp.tokens, "eval_seq_len": seq_len,
-    }
-    lineage = {
-        "source_model": source_ref, "source_model_hash": model_fingerprint(source_ref),
-        "adapter_version_id": adapter.id if adapter else None,
-        "adapter_sha256": adapter.artifact_sha256 if adapter else None,
-        "adapter_base_model_hash": adapter.base_model_hash if adapter else None,
-        "merged": adapter is not None, "method": spec.method,
-    }
-    (out / REPORT_FILE).write_text(json.dumps({"kind": "quantized_model", "report": report, "lineage": lineage}, indent=2))
-    dest = staging.parent / ctx.job_id
-    publish_dir(out, dest)
+    source.loaded.tokenizer.save_pretrained(out)
+    report = {"method": spec.method, "double_quant": spec.double_quant and spec.method == "nf4", "device": device.type,
+              "source_dtype": str(compute_dtype).removeprefix("torch."), "bitsandbytes_version": _bnb_version(),
+              **_sizes(reference, quant.model, out), **_quality(cmp),
+              "eval_source": eval_source, "eval_tokens": cmp.tokens, "eval_seq_len": seq_len}
+    lineage = _lineage(spec, source)
+    published = publish_model(out, staging.parent / ctx.job_id, "quantized_model", report, lineage)
     shutil.rmtree(staging, ignore_errors=True)
-    rel = str(dest.relative_to(data_root()))
-    digest, size = tree_digest(dest), tree_size(dest)
-    name = f"{Path(source_ref).name}-{spec.method}" + (f"+{adapter.name}-v{adapter.version}" if adapter else "")
+    return _outcome(spec, ctx, source, published, report, lineage,
+                    usage=costs.Usage(prompt_tokens=2 * int(blocks.numel()), wall_seconds=time.perf_counter() - t0,
+                                      gpu_seconds=(time.perf_counter() - t0) if device.type == "cuda" else 0.0,
+                                      model_id=source.ref, adapter_version_id=source.adapter.id if source.adapter else None))
 
+
+def _load_source(spec: QuantizeSpec, settings, device: torch.device) -> _Source:
+    """The float source model, and the tenant's adapter (checked against it) when the job names one."""
+    adapter = find_adapter(spec.tenant, spec.adapter) if spec.adapter else None
+    ref = spec.source_model or (adapter.base_model_id if adapter else None) or settings.base_model_ref()
+    try:
+        loaded = load_causal_lm(ref, device=str(device))
+    except ModelLoadError as exc:
+        raise InvalidJob(f"source_model: {exc}", field="source_model") from exc
+    return _Source(ref, loaded, adapter, adapter_folder(adapter, ref) if adapter is not None else None)
+
+
+def _float_reference(source: _Source, staging: Path, ctx: JobContext) -> tuple[torch.nn.Module, str]:
+    """The float model the quantized one is compared with, and where to quantize from: the source itself,
+    or the source with the adapter merged in float (saved under ``staging``)."""
+    if source.adapter_dir is None:
+        return source.loaded.model, source.ref
+    ctx.progress(0.1, stage="merge")
+    merged = merge_adapter(source.loaded.model, source.adapter_dir)
+    folder = str(staging / "merged-float")
+    merged.save_pretrained(folder, safe_serialization=True)
+    source.loaded.tokenizer.save_pretrained(folder)
+    return merged, folder
+
+
+def _quantize(spec: QuantizeSpec, ref: str, device: torch.device, compute_dtype: torch.dtype) -> LoadedModel:
+    try:
+        return load_causal_lm(ref, device=str(device), dtype=compute_dtype,
+                              quantization_config=bnb_config(spec.method, spec.double_quant, compute_dtype))
+    except ModelLoadError as exc:
+        raise JobFailed(f"quantization failed: {exc}", code="quantization_failed") from exc
+
+
+def _evaluate_progress(ctx: JobContext):
+    def on_batch(done: float) -> None:
+        ctx.progress(0.3 + 0.6 * done, stage="evaluate")
+        ctx.check()
+
+    return on_batch
+
+
+def _sizes(reference: torch.nn.Module, quantized: torch.nn.Module, out: Path) -> dict:
+    size_before, size_after = weights_bytes(reference), tree_size(out, "*.safetensors")
+    mem_before, mem_after = reference.get_memory_footprint(), quantized.get_memory_footprint()
+    return {"size_before_bytes": size_before, "size_after_bytes": size_after, "compression_ratio": size_before / size_after,
+            "memory_footprint_before_bytes": mem_before, "memory_footprint_after_bytes": mem_after,
+            "memory_ratio": mem_after / mem_before}
+
+
+def _quality(cmp: heldout.Comparison) -> dict:
+    return {"perplexity_before": cmp.perplexity_reference, "perplexity_after": cmp.perplexity_candidate,
+            "perplexity_delta_pct": 100 * (cmp.perplexity_candidate / cmp.perplexity_reference - 1),
+            "kl_divergence": cmp.kl_divergence, "top1_agreement": cmp.top1_agreement,
+            "tokens_per_s_before": cmp.tokens_per_s_reference, "tokens_per_s_after": cmp.tokens_per_s_candidate,
+            "tokens_per_s_ratio": cmp.tokens_per_s_candidate / cmp.tokens_per_s_reference}
+
+
+def _lineage(spec: QuantizeSpec, source: _Source) -> dict:
+    adapter = source.adapter
+    return {"source_model": source.ref, "source_model_hash": model_fingerprint(source.ref),
+            "adapter_version_id": adapter.id if adapter else None,
+            "adapter_sha256": adapter.artifact_sha256 if adapter else None,
+            "adapter_base_model_hash": adapter.base_model_hash if adapter else None,
+            "merged": adapter is not None, "method": spec.method}
+
+
+def _outcome(spec: QuantizeSpec, ctx: JobContext, source: _Source, published: Published, report: dict, lineage: dict,
+             usage: costs.Usage) -> Outcome:
+    adapter = source.adapter
+    name = f"{Path(source.ref).name}-{spec.method}" + (f"+{adapter.name}-v{adapter.version}" if adapter else "")
     artifact_id = new_id()
 
     def commit(session) -> None:
-        add_artifact(session, artifact_id, kind="quantized_model", tenant=spec.tenant, name=name, path=rel,
-                     sha256=digest, size_bytes=size, lineage=lineage, report=report, job_id=ctx.job_id)
+        add_artifact(session, artifact_id, kind="quantized_model", tenant=spec.tenant, name=name, path=published.path,
+                     sha256=published.sha256, size_bytes=published.size_bytes, lineage=lineage, report=report,
+                     job_id=ctx.job_id)
 
-    usage = costs.Usage(prompt_tokens=2 * int(blocks.numel()), wall_seconds=time.perf_counter() - t0,
-                        gpu_seconds=(time.perf_counter() - t0) if device.type == "cuda" else 0.0,
-                        model_id=source_ref, adapter_version_id=adapter.id if adapter else None)
-    result = {"artifact_id": artifact_id, "path": rel, "sha256": digest, "size_bytes": size, "report": report, "lineage": lineage}
+    result = {"artifact_id": artifact_id, "path": published.path, "sha256": published.sha256,
+              "size_bytes": published.size_bytes, "report": report, "lineage": lineage}
     return Outcome(result=result, usage=usage, commit=commit)
 
 
@@ -299,53 +282,3 @@ def _bnb_version() -> str:
     import bitsandbytes
 
     return bitsandbytes.__version__
-
-
-def add_artifact(session, artifact_id: str, *, kind: str, tenant: str, name: str, path: str, sha256: str,
-                 size_bytes: int, lineage: dict, report: dict, job_id: str) -> None:
-    """Insert a ready model artifact, the next version of ``name`` for this tenant (inside the job's commit)."""
-    latest = session.scalar(select(func.max(Artifact.version)).where(
-        Artifact.kind == kind, Artifact.tenant_id == tenant, Artifact.name == name))
-    art = Artifact(id=artifact_id, kind=kind, tenant_id=tenant, name=name, version=(latest or 0) + 1, path=path, sha256=sha256,
-                   size_bytes=size_bytes, status="ready", lineage=jsonable(lineage), report=jsonable(report),
-                   created_by_job_id=job_id)
-    session.add(art)
-
-
-# ---- serving ----------------------------------------------------------------------------------
-
-def load_serving_model(artifact: Artifact, device: str = "auto") -> LoadedModel:
-    """Load a quantized or distilled artifact recorded in the ledger, after checking its sha256.
-
-    Raises ``ModelLoadError`` when the artifact is not a servable model, is missing, or changed on disk.
-    PEFT adapters load on top of the returned model (``PeftModel.from_pretrained(loaded.model, dir)``).
-    """
-    from transformers import AutoModelForCausalLM
-
-    if artifact.kind not in SERVABLE_KINDS:
-        raise ModelLoadError(f"artifact {artifact.id} is a {artifact.kind}, not a servable model ({', '.join(SERVABLE_KINDS)})")
-    if artifact.status in ("building", "corrupt"):
-        raise ModelLoadError(f"artifact {artifact.id} is {artifact.status}")
-    try:
-        path = resolve_in_data_root(artifact.path)
-    except UnsafePath as exc:
-        raise ModelLoadError(f"artifact {artifact.id}: {exc}") from exc
-    if not (path / "config.json").exists():
-        raise ModelLoadError(f"artifact {artifact.id}: no model at {artifact.path} under the data root")
-    if artifact.sha256 and tree_digest(path) != artifact.sha256:
-        raise ModelLoadError(f"artifact {artifact.id}: sha256 mismatch, the files at {artifact.path} changed since it was recorded")
-    dev = resolve_device(device)
-    config = json.loads((path / "config.json").read_text())
-    if "quantization_config" not in config:
-        return load_causal_lm(str(path), device=str(dev))
-    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
-    device_map = "cpu" if dev.type == "cpu" else {"": dev.index or 0}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device_map)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"artifact {artifact.id}: cannot load {artifact.path}: {exc}") from exc
-    model.eval()
-    tok = load_tokenizer(str(path))
-    if getattr(model.generation_config, "pad_token_id", None) is None:
-        model.generation_config.pad_token_id = tok.pad_token_id
-    return LoadedModel(model=model, tokenizer=tok, ref=str(path), device=dev)

@@ -68,6 +68,16 @@ def sqlite_ledger(tmp_path, monkeypatch) -> str:
     reset_settings()
 
 
+@pytest.fixture
+def ledger(sqlite_ledger, monkeypatch) -> str:
+    """The SQLite ledger with tenant ``acme`` and fault injection allowed (noop jobs that fail or sleep on
+    request). A test module adds what it needs by overriding it: ``def ledger(ledger, ...)``."""
+    monkeypatch.setenv("FOUNDRY_ALLOW_FAULT_INJECTION", "1")
+    reset_settings()
+    add_tenant(sqlite_ledger, "acme")
+    return sqlite_ledger
+
+
 @contextlib.contextmanager
 def throwaway_pg_database(prefix: str, admin_url: str = PG_ADMIN_URL) -> Iterator[str]:
     """A new, empty (unmigrated) PostgreSQL database; dropped at the end, this process's connections first."""
@@ -132,7 +142,7 @@ def redis_url() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from domain.models import tiny_tokenizer as make
+    from tests.fixtures.tiny_models import tiny_tokenizer as make
 
     return make()
 
@@ -140,7 +150,7 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     """A tiny random Llama model saved to disk, loadable by path like any real model."""
-    from domain.models import tiny_model
+    from tests.fixtures.tiny_models import tiny_model
 
     d = tmp_path_factory.mktemp("tiny-model")
     model = tiny_model(tiny_tokenizer)

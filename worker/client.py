@@ -12,9 +12,6 @@ silently. The same idempotency key (per tenant and kind) returns the first job i
 
 from __future__ import annotations
 
-import functools
-import getpass
-import socket
 import time
 import uuid
 from typing import Any
@@ -25,19 +22,12 @@ from domain.ledger import jobstore
 from domain.ledger.db import session_scope
 from domain.kinds import parse_spec, queue_for
 from domain.ledger.models import FINAL_STATUSES, Job
+from domain.logs import actor
 from domain.specs import JobSpec
 
 
 class EnqueueError(RuntimeError):
     """The broker could not take the job (it is recorded failed with this reason)."""
-
-
-@functools.cache
-def _producer() -> str:
-    try:
-        return f"client:{getpass.getuser()}@{socket.gethostname()}"
-    except Exception:  # noqa: BLE001
-        return "client"
 
 
 _apps: dict = {}
@@ -77,13 +67,13 @@ def enqueue(kind: str, body: dict | JobSpec, *, job_id: str | None = None, paren
     try:
         spec = parse_spec(kind, raw)
     except InvalidJob as exc:
-        jobstore.record_rejected(job_id, kind, raw, str(exc), field_name=exc.field, worker=created_by or _producer())
+        jobstore.record_rejected(job_id, kind, raw, str(exc), field_name=exc.field, worker=created_by or actor("client"))
         raise
     payload = spec.model_dump(mode="json")
     queue = queue_for(kind)
     job_id, created = jobstore.record_enqueued(
         job_id, kind, spec.tenant, payload, idempotency_key=spec.idempotency_key, priority=spec.priority,
-        queue=queue, max_attempts=settings.max_attempts, created_by=created_by or _producer(),
+        queue=queue, max_attempts=settings.max_attempts, created_by=created_by or actor("client"),
         parent_job_id=parent_job_id)
     if not created:
         return job_id
@@ -147,4 +137,4 @@ def feedback(review_id: str, verdict: str, correction: str | None = None, *, ten
     from domain.feedback import record_feedback
 
     return record_feedback(review_id, verdict, correction=correction, tenant=tenant,
-                           created_by=created_by or _producer())
+                           created_by=created_by or actor("client"))

@@ -2,7 +2,7 @@
 
 - An **accepted** review teaches the review the model wrote (``reviews.raw_text``).
 - A **rejected** review with a correction teaches the correction; one without a correction teaches nothing.
-- The prompt is the review prompt the service uses (``domain.review.prompt.build_messages``, without
+- The prompt is the review prompt the service uses (``domain.prompting.build_messages``, without
   retrieved context, which is not stored with the review), rendered with the model's chat template.
 - Examples are deduplicated by the sha256 of (messages, completion) and sorted by it, so the same feedback
   always gives the same data set and the same ``dataset_hash``.
@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from domain.errors import InvalidJob
-from domain.ledger.models import Feedback, Review
+from domain.ledger.models import Feedback, Review, aware
+from domain.prompting import build_messages as review_messages, encode, fit_prompt
 
 IGNORE = -100  # label of a token that carries no loss (prompt, padding)
 
@@ -64,11 +65,6 @@ class Dataset:
             train, held = [held[0]], held[1:]
         return train, held
 
-
-def aware(ts: datetime | None) -> datetime | None:
-    if ts is not None and ts.tzinfo is None:
-        return ts.replace(tzinfo=timezone.utc)
-    return ts
 
 
 def looks_like_diff(code: str, language: str | None) -> bool:
@@ -144,17 +140,13 @@ class TokenizedExample:
 
 
 def default_prompt_builder(code: str, path: str | None, language: str | None, is_diff: bool) -> list[dict]:
-    from domain.review.prompt import build_messages
-
-    return build_messages(code, path, language, is_diff, [])
+    return review_messages(code, path, language, is_diff, [])
 
 
 def tokenize(tokenizer, example: FeedbackExample, max_seq_len: int, build_messages=default_prompt_builder) -> TokenizedExample:
     """Prompt (chat template, generation prompt) + completion + end-of-turn token, at most ``max_seq_len``
     tokens. A long prompt is cut by the review prompt's own fitting rule (middle lines of the code); a
     completion longer than half the window is cut at its end."""
-    from domain.review.prompt import encode, fit_prompt
-
     completion = list(tokenizer(example.completion, add_special_tokens=False)["input_ids"])
     completion = completion[: max(1, max_seq_len // 2) - 1] + [tokenizer.eos_token_id]
     messages = build_messages(example.code, example.path, example.language, example.is_diff)

@@ -24,10 +24,10 @@ from sqlalchemy.exc import IntegrityError
 
 from domain import checkpoints
 from domain.adapters import cron as cronlib
-from domain.adapters.data import aware, count_new_feedback
+from domain.adapters.data import count_new_feedback
 from domain.adapters.store import latest_version
 from domain.ledger.db import session_scope
-from domain.ledger.models import Job, Lease, RetrainSchedule, Tenant, utcnow
+from domain.ledger.models import Job, Lease, RetrainSchedule, Tenant, aware, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from domain import health
 from domain.errors import InvalidJob, JobFailed
 from domain.ledger.models import AdapterAlias, AdapterLineage, AdapterVersion, AliasHistory, Artifact, Tenant, utcnow
-from domain.paths import UnsafePath, resolve_in_data_root, sha256_file, sha256_tree
+from domain.paths import UnsafePath, fresh_dir, publish_dir, resolve_in_data_root, sha256_file, sha256_tree
 
 CHAMPION = "champion"
 CANDIDATE = "candidate"
@@ -91,10 +91,7 @@ def save_adapter_files(peft_model, rel_dir: str, adapter_name: str = "default") 
     """Save one adapter of a PEFT model as safetensors under ``rel_dir`` (write to a temp folder, then
     rename: the folder is either absent or complete)."""
     dest = resolve_in_data_root(rel_dir)
-    tmp = dest.with_name(dest.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = fresh_dir(dest.with_name(dest.name + ".tmp"))
     peft_model.save_pretrained(str(tmp), safe_serialization=True, selected_adapters=[adapter_name])
     if adapter_name != "default":  # PEFT nests non-default adapters in a subfolder
         nested = tmp / adapter_name
@@ -107,9 +104,7 @@ def save_adapter_files(peft_model, rel_dir: str, adapter_name: str = "default") 
             shutil.rmtree(stray) if stray.is_dir() else stray.unlink()  # safetensors only, no model card
     if not (tmp / WEIGHTS_FILE).exists():
         raise JobFailed(f"adapter save produced no {WEIGHTS_FILE} in {tmp}", code="adapter_save_failed")
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    publish_dir(tmp, dest)
     return describe_files(rel_dir)
 
 
@@ -211,13 +206,6 @@ def register_version(session: Session, *, tenant: str, name: str, base_model_id:
         session.add(AdapterLineage(child_id=version.id, parent_id=pid, relation=relation, weight=weight))
     session.flush()
     return version
-
-
-def save_adapter_version(session: Session, peft_model, *, tenant: str, name: str, folder: str,
-                         adapter_name: str = "default", **fields) -> AdapterVersion:
-    """Save the files of a PEFT adapter and register them as a new version (see ``register_version``)."""
-    files = save_adapter_files(peft_model, adapter_rel_dir(tenant, name, folder), adapter_name)
-    return register_version(session, tenant=tenant, name=name, files=files, **fields)
 
 
 # ---- aliases ------------------------------------------------------------------------------------

@@ -87,14 +87,7 @@ def _configs(model) -> list:
 def supported(model) -> bool:
     """Packed batches can run unpadded on models that use ``sdpa`` attention (transformers ≥ 5)."""
     configs = _configs(model)
-    if not configs or getattr(configs[0], "_attn_implementation", None) not in ("sdpa", NAME):
-        return False
-    try:
-        from transformers import AttentionInterface  # noqa: F401
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return bool(configs) and getattr(configs[0], "_attn_implementation", None) in ("sdpa", NAME)
 
 
 @contextmanager

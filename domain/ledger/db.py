@@ -7,9 +7,12 @@ import os
 import re
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
 from typing import Iterator
 
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import DateTime, Numeric, bindparam, create_engine, event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -254,8 +257,72 @@ def dispose_all() -> None:
         _fast.clear()
 
 
-def create_all(url: str | None = None) -> None:
-    """Bring the schema to the newest migration (``alembic upgrade head``) programmatically."""
-    from domain.ledger.migrate import upgrade
 
-    upgrade(url)
+# ---- the hot-path statements, one source for both dialects -----------------------------------------
+
+@dataclass(frozen=True)
+class HotStatement:
+    """A job hot-path statement (enqueue, claim, finish) written once for PostgreSQL and SQLite.
+
+    ``first`` is an INSERT or UPDATE ``... RETURNING`` the columns ``cols``: the row called ``j``; each of
+    ``then`` reads ``j`` and runs only when ``first`` returned a row. PostgreSQL runs the whole as one
+    statement (data-modifying CTEs: one round trip, prepared by ``FastLedger``); a session (SQLite, or
+    PostgreSQL inside a larger transaction) runs the parts in order, ``j`` bound as a ``VALUES`` row.
+    Placeholders are ``%(name)s``; the statement's value is ``j``'s row (or None)."""
+
+    first: str
+    cols: tuple[str, ...]
+    then: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def postgresql(self) -> str:
+        if not self.then:
+            return self.first
+        ctes = [f"j AS ({self.first})", *(f"s{i} AS ({sql})" for i, sql in enumerate(self.then))]
+        return f"WITH {', '.join(ctes)} SELECT {', '.join(self.cols)} FROM j"
+
+    @functools.cached_property
+    def j_values(self) -> str:
+        return f"WITH j({', '.join(self.cols)}) AS (VALUES ({', '.join(f'%(j_{c})s' for c in self.cols)})) "
+
+
+def run_hot(statement: HotStatement, params: dict, url: str | None = None, durable: bool = True) -> tuple | None:
+    """Run a hot-path statement in its own transaction: one prepared round trip on PostgreSQL, a short
+    transaction of its parts on SQLite."""
+    fast = fast_ledger(url, durable=durable)
+    if fast is not None:
+        return fast.one(statement.postgresql, params)
+    with session_scope(url, durable=durable) as s:
+        return run_hot_in(s, statement, params)
+
+
+def run_hot_in(session: Session, statement: HotStatement, params: dict) -> tuple | None:
+    """Run a hot-path statement's parts inside ``session``'s transaction (any dialect)."""
+    row = session.execute(_text(statement.first, params), params).first()
+    if row is None:
+        return None
+    row = tuple(row)
+    if statement.then:
+        bound = {**params, **{f"j_{c}": v for c, v in zip(statement.cols, row)}}
+        for sql in statement.then:
+            session.execute(_text(statement.j_values + sql, bound), bound)
+    return row
+
+
+_NAMED = re.compile(r"%\((\w+)\)s")
+
+
+_BIND_TYPES = {datetime: DateTime(timezone=True), Decimal: Numeric(14, 6)}  # stored as the ORM's columns store them
+
+
+def _text(sql: str, params: dict):
+    """A SQLAlchemy ``text()`` of a ``%(name)s`` statement, datetimes and decimals bound as the ORM binds them."""
+    return _text_for(sql, tuple(sorted((k, type(v)) for k, v in params.items() if type(v) in _BIND_TYPES)))
+
+
+@functools.lru_cache(maxsize=64)
+def _text_for(sql: str, typed: tuple[tuple[str, type], ...]):
+    used = set(_NAMED.findall(sql))
+    stmt = text(_NAMED.sub(r":\1", sql).replace("%%", "%"))
+    binds = [bindparam(n, type_=_BIND_TYPES[t]) for n, t in typed if n in used]
+    return stmt.bindparams(*binds) if binds else stmt

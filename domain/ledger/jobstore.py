@@ -14,59 +14,50 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from typing import Any, Callable
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from domain.ledger.db import fast_ledger, session_scope
-from domain.ledger.models import FINAL_STATUSES, Job, JobAttempt, Tenant, UsageCost, utcnow
+from domain.ledger.db import HotStatement, run_hot, run_hot_in, session_scope
+from domain.ledger.models import FINAL_STATUSES, Job, JobAttempt, Tenant, aware, utcnow
 
 log = logging.getLogger(__name__)
 
 
-# PostgreSQL one-round-trip statements for the hot path (data-modifying CTEs; SQLite uses the ORM path),
-# run as server-side prepared statements by db.FastLedger.
-_PG_CLAIM = """
-    WITH j AS (
-        UPDATE jobs SET attempts = attempts + 1, status = 'running', worker = %(worker)s, heartbeat_at = %(now)s,
-                        started_at = COALESCE(started_at, %(now)s)
-        WHERE id = %(id)s AND status = 'queued' AND attempts < max_attempts
-        RETURNING id, attempts)
-    INSERT INTO job_attempts (job_id, attempt, worker, started_at)
-    SELECT id, attempts, %(worker)s, %(now)s FROM j RETURNING attempt"""
-
-_PG_ENQUEUE = """
+# The hot path's three statements, one text each for PostgreSQL and SQLite (db.HotStatement: one prepared round
+# trip on PostgreSQL, the same parts in one short transaction on SQLite).
+ENQUEUE = HotStatement("""
     INSERT INTO jobs (id, kind, tenant_id, payload, idempotency_key, priority, queue, max_attempts, created_by,
                       parent_job_id, enqueued_at, status, attempts, progress, progress_info)
-    VALUES (%(id)s, %(kind)s, %(tenant_id)s, CAST(%(payload)s AS JSON), %(idempotency_key)s, %(priority)s, %(queue)s, %(max_attempts)s,
-            %(created_by)s, %(parent_job_id)s, %(enqueued_at)s, 'queued', 0, 0.0, CAST('{}' AS JSON))"""
+    VALUES (%(id)s, %(kind)s, %(tenant_id)s, %(payload)s, %(idempotency_key)s, %(priority)s, %(queue)s, %(max_attempts)s,
+            %(created_by)s, %(parent_job_id)s, %(enqueued_at)s, 'queued', 0, 0.0, '{}')
+    RETURNING id""", ("id",))
+
+CLAIM = HotStatement("""
+    UPDATE jobs SET attempts = attempts + 1, status = 'running', worker = %(worker)s, heartbeat_at = %(now)s,
+                    started_at = COALESCE(started_at, %(now)s)
+    WHERE id = %(id)s AND status = 'queued' AND attempts < max_attempts
+    RETURNING id, attempts""", ("id", "attempts"), then=("""
+    INSERT INTO job_attempts (job_id, attempt, worker, started_at)
+    SELECT id, attempts, %(worker)s, %(now)s FROM j""",))
 
 _USAGE_COLS = ("prompt_tokens", "completion_tokens", "wall_seconds", "gpu_seconds", "model_id", "adapter_version_id",
                "cost", "currency", "price_version")
-_PG_FINISH = """
-    WITH j AS (
-        UPDATE jobs SET status = 'succeeded', result = CAST(%(result)s AS JSON), finished_at = %(now)s, progress = 1.0,
-                        error = NULL, error_code = NULL
-        WHERE id = %(id)s AND status = 'running' AND attempts = %(attempt)s
-        RETURNING id, tenant_id, kind),
-    a AS (
-        UPDATE job_attempts SET outcome = 'succeeded', finished_at = %(now)s, error = NULL
-        WHERE job_id = %(id)s AND attempt = %(attempt)s AND EXISTS (SELECT 1 FROM j)),
-    u AS (
-        INSERT INTO usage_costs (job_id, tenant_id, kind, prompt_tokens, completion_tokens, wall_seconds, gpu_seconds,
-                                 model_id, adapter_version_id, cost, currency, price_version, created_at)
-        SELECT id, tenant_id, kind, %(prompt_tokens)s, %(completion_tokens)s, %(wall_seconds)s, %(gpu_seconds)s, %(model_id)s,
-               %(adapter_version_id)s, %(cost)s, %(currency)s, %(price_version)s, %(now)s FROM j WHERE CAST(%(has_usage)s AS BOOLEAN))
-    SELECT count(*) FROM j"""
+FINISH = HotStatement("""
+    UPDATE jobs SET status = 'succeeded', result = %(result)s, finished_at = %(now)s, progress = 1.0,
+                    error = NULL, error_code = NULL
+    WHERE id = %(id)s AND status = 'running' AND attempts = %(attempt)s
+    RETURNING id, tenant_id, kind""", ("id", "tenant_id", "kind"), then=("""
+    UPDATE job_attempts SET outcome = 'succeeded', finished_at = %(now)s, error = NULL
+    WHERE job_id = %(id)s AND attempt = %(attempt)s AND EXISTS (SELECT 1 FROM j)""", """
+    INSERT INTO usage_costs (job_id, tenant_id, kind, prompt_tokens, completion_tokens, wall_seconds, gpu_seconds,
+                             model_id, adapter_version_id, cost, currency, price_version, created_at)
+    SELECT id, tenant_id, kind, %(prompt_tokens)s, %(completion_tokens)s, %(wall_seconds)s, %(gpu_seconds)s, %(model_id)s,
+           %(adapter_version_id)s, %(cost)s, %(currency)s, %(price_version)s, %(now)s FROM j WHERE %(has_usage)s"""))
 
-
-def _aware(ts: datetime | None) -> datetime | None:
-    if ts is not None and ts.tzinfo is None:  # SQLite hands back naive datetimes
-        return ts.replace(tzinfo=timezone.utc)
-    return ts
 
 
 @dataclass
@@ -94,13 +85,8 @@ def record_enqueued(job_id: str, kind: str, tenant: str, payload: dict, *, idemp
     values = dict(id=job_id, kind=kind, tenant_id=tenant, payload=payload, idempotency_key=idempotency_key,
                   priority=priority, queue=queue, max_attempts=max_attempts, created_by=created_by,
                   parent_job_id=parent_job_id, enqueued_at=utcnow())
-    try:
-        fast = fast_ledger(url, durable=False)
-        if fast is not None:  # PostgreSQL: one prepared statement, one round trip, no WAL flush wait
-            fast.one(_PG_ENQUEUE, {**values, "payload": json.dumps(payload)})
-        else:
-            with session_scope(url, durable=False) as s:
-                s.execute(insert(Job).values(status="queued", attempts=0, progress=0.0, progress_info={}, **values))
+    try:  # not durable: a lost queued row is re-created by the worker's claim
+        run_hot(ENQUEUE, {**values, "payload": json.dumps(payload)}, url, durable=False)
     except IntegrityError:
         with session_scope(url) as s:
             existing = s.scalar(select(Job.id).where(Job.tenant_id == tenant, Job.kind == kind,
@@ -153,21 +139,9 @@ def claim(job_id: str, kind: str, tenant: str, payload: dict, worker: str, *, ma
     now = utcnow()
     # Fast path: a queued job with attempts left. Not durable: losing it in a database crash only
     # forgets that this delivery started (the job is still unfinished and will run again).
-    fast = fast_ledger(url, durable=False)
-    if fast is not None:
-        row = fast.one(_PG_CLAIM, {"id": job_id, "worker": worker, "now": now})
-        attempt = row[0] if row else None
-    else:
-        with session_scope(url, durable=False) as s:
-            attempt = s.execute(
-                update(Job).where(Job.id == job_id, Job.status == "queued", Job.attempts < Job.max_attempts)
-                .values(attempts=Job.attempts + 1, status="running", worker=worker, heartbeat_at=now,
-                        started_at=func.coalesce(Job.started_at, now))
-                .returning(Job.attempts)).scalar()
-            if attempt is not None:
-                s.execute(insert(JobAttempt).values(job_id=job_id, attempt=attempt, worker=worker, started_at=now))
-    if attempt is not None:
-        return Claim(run=True, attempt=attempt, status="running")
+    row = run_hot(CLAIM, {"id": job_id, "worker": worker, "now": now}, url, durable=False)
+    if row is not None:
+        return Claim(run=True, attempt=row[1], status="running")
     # Slow path: unknown job (foreign producer), a redelivery of a running/final job, or attempts used up.
     with session_scope(url) as s:
         job = s.get(Job, job_id, with_for_update=True)
@@ -176,40 +150,67 @@ def claim(job_id: str, kind: str, tenant: str, payload: dict, worker: str, *, ma
             if dup is not None:
                 return Claim(run=False, status=dup.status, reason=f"duplicate of job {dup.id} (idempotency key)",
                              result=dup.result, extra={"duplicate_of": dup.id})
-            job = Job(id=job_id, kind=kind, tenant_id=tenant, payload=payload, status="queued", priority=priority,
-                      idempotency_key=idempotency_key, max_attempts=max_attempts, created_by="foreign")
-            s.add(job)
-            try:
-                s.flush()
-            except IntegrityError:
-                s.rollback()
+            job = _adopt_foreign(s, Job(id=job_id, kind=kind, tenant_id=tenant, payload=payload, status="queued",
+                                        priority=priority, idempotency_key=idempotency_key,
+                                        max_attempts=max_attempts, created_by="foreign"))
+            if job is None:  # another delivery inserted it first: start over against its row
                 return claim(job_id, kind, tenant, payload, worker, max_attempts=max_attempts,
                              stale_after_s=stale_after_s, priority=priority, idempotency_key=idempotency_key, url=url)
         if job.status in FINAL_STATUSES:
             return Claim(run=False, status=job.status, reason=f"already {job.status}", result=job.result)
         if job.status == "running":
-            beat = _aware(job.heartbeat_at)
-            fresh = beat is not None and (now - beat).total_seconds() < stale_after_s
-            same_node_restarted = job.worker and job.worker.split(":")[0] == worker.split(":")[0] and job.worker != worker
-            if fresh and not same_node_restarted:
-                return Claim(run=False, status="running", busy=True,
-                             reason=f"running on {job.worker} (heartbeat {int((now - beat).total_seconds())}s ago)")
-            # the previous attempt is lost: its worker died without a word
-            s.execute(update(JobAttempt).where(JobAttempt.job_id == job_id, JobAttempt.outcome.is_(None))
-                      .values(outcome="lost", finished_at=now, error=f"worker {job.worker} lost"))
-        limit = job.max_attempts or max_attempts
-        if job.attempts >= limit:
-            last = job.error or "worker lost during the job"
-            job.status, job.error_code, job.finished_at = "dead", "max_attempts", now
-            job.error = f"dead-lettered after {job.attempts} attempts; last error: {last}"
-            s.add(JobAttempt(job_id=job_id, attempt=job.attempts + 1, worker=worker, started_at=now, finished_at=now,
-                             outcome="dead", error=job.error))
-            return Claim(run=False, status="dead", reason=job.error)
-        job.attempts += 1
-        job.status, job.worker, job.heartbeat_at = "running", worker, now
-        job.started_at = job.started_at or now
-        s.add(JobAttempt(job_id=job_id, attempt=job.attempts, worker=worker, started_at=now))
-        return Claim(run=True, attempt=job.attempts, status="running")
+            busy = _still_running_elsewhere(job, worker, now, stale_after_s)
+            if busy is not None:
+                return busy
+            _mark_attempt_lost(s, job, now)
+        if job.attempts >= (job.max_attempts or max_attempts):
+            return _dead_letter(s, job, worker, now)
+        return _start_attempt(s, job, worker, now)
+
+
+def _adopt_foreign(s: Session, job: Job) -> Job | None:
+    """Insert the row of a job a foreign producer sent; None if a concurrent delivery inserted it first."""
+    s.add(job)
+    try:
+        s.flush()
+    except IntegrityError:
+        s.rollback()
+        return None
+    return job
+
+
+def _still_running_elsewhere(job: Job, worker: str, now: datetime, stale_after_s: float) -> Claim | None:
+    """A busy claim if another live worker holds the job (fresh heartbeat, not this node's restarted worker)."""
+    beat = aware(job.heartbeat_at)
+    fresh = beat is not None and (now - beat).total_seconds() < stale_after_s
+    same_node_restarted = job.worker and job.worker.split(":")[0] == worker.split(":")[0] and job.worker != worker
+    if fresh and not same_node_restarted:
+        return Claim(run=False, status="running", busy=True,
+                     reason=f"running on {job.worker} (heartbeat {int((now - beat).total_seconds())}s ago)")
+    return None
+
+
+def _mark_attempt_lost(s: Session, job: Job, now: datetime) -> None:
+    """The previous attempt is lost: its worker died without a word."""
+    s.execute(update(JobAttempt).where(JobAttempt.job_id == job.id, JobAttempt.outcome.is_(None))
+              .values(outcome="lost", finished_at=now, error=f"worker {job.worker} lost"))
+
+
+def _dead_letter(s: Session, job: Job, worker: str, now: datetime) -> Claim:
+    last = job.error or "worker lost during the job"
+    job.status, job.error_code, job.finished_at = "dead", "max_attempts", now
+    job.error = f"dead-lettered after {job.attempts} attempts; last error: {last}"
+    s.add(JobAttempt(job_id=job.id, attempt=job.attempts + 1, worker=worker, started_at=now, finished_at=now,
+                     outcome="dead", error=job.error))
+    return Claim(run=False, status="dead", reason=job.error)
+
+
+def _start_attempt(s: Session, job: Job, worker: str, now: datetime) -> Claim:
+    job.attempts += 1
+    job.status, job.worker, job.heartbeat_at = "running", worker, now
+    job.started_at = job.started_at or now
+    s.add(JobAttempt(job_id=job.id, attempt=job.attempts, worker=worker, started_at=now))
+    return Claim(run=True, attempt=job.attempts, status="running")
 
 
 def _find_idempotent(s: Session, tenant: str, kind: str, key: str | None) -> Job | None:
@@ -239,32 +240,29 @@ def finish_success(job_id: str, attempt: int, worker: str, result: dict, *, usag
     ``commit`` added). None if this attempt no longer owns the job (another delivery took it over): then
     nothing is written."""
     now = utcnow()
-    fast = fast_ledger(url, durable=True) if commit is None else None
-    if fast is not None:  # PostgreSQL, nothing but the job's own rows: one durable statement
-        params = {"id": job_id, "attempt": attempt, "now": now, "result": json.dumps(result), "has_usage": usage is not None,
-                  **{k: (usage or {}).get(k) for k in _USAGE_COLS}}
-        owned = fast.one(_PG_FINISH, params)[0]
-        if not owned:
-            log.warning("job %s: attempt %s lost ownership; result dropped", job_id, attempt)
-            return None
-        return result
+    if commit is None:  # nothing but the job's own rows: one durable statement
+        return _finish(None, job_id, attempt, now, result, usage, url)
     with session_scope(url) as s:  # durable: the broker message is acknowledged right after this commit
-        owner = s.execute(select(Job.tenant_id, Job.kind).where(Job.id == job_id, Job.status == "running",
-                                                                 Job.attempts == attempt).with_for_update()).first()
-        if owner is None:
+        owned = s.execute(select(Job.id).where(Job.id == job_id, Job.status == "running", Job.attempts == attempt)
+                          .with_for_update()).first()
+        if owned is None:
             log.warning("job %s: attempt %s lost ownership; result dropped", job_id, attempt)
             return None
-        if commit is not None:
-            extra = commit(s)
-            if extra:
-                result = {**result, **extra}
-        if usage is not None:
-            s.execute(insert(UsageCost).values(job_id=job_id, tenant_id=owner.tenant_id, kind=owner.kind,
-                                               created_at=now, **usage))
-        s.execute(update(Job).where(Job.id == job_id).values(status="succeeded", result=result, finished_at=now,
-                                                             progress=1.0, error=None, error_code=None))
-        _close_attempt(s, job_id, attempt, "succeeded", None, now)
-        return result
+        extra = commit(s)
+        if extra:
+            result = {**result, **extra}
+        return _finish(s, job_id, attempt, now, result, usage, url)
+
+
+def _finish(s: Session | None, job_id: str, attempt: int, now: datetime, result: dict, usage: dict | None,
+            url: str | None) -> dict | None:
+    params = {"id": job_id, "attempt": attempt, "now": now, "result": json.dumps(result), "has_usage": usage is not None,
+              **{k: (usage or {}).get(k) for k in _USAGE_COLS}}
+    row = run_hot(FINISH, params, url) if s is None else run_hot_in(s, FINISH, params)
+    if row is None:
+        log.warning("job %s: attempt %s lost ownership; result dropped", job_id, attempt)
+        return None
+    return result
 
 
 def finish_failure(job_id: str, attempt: int, error: str, code: str, *, final_status: str = "failed",
@@ -289,8 +287,3 @@ def _close_attempt(s: Session, job_id: str, attempt: int, outcome: str, error: s
     s.execute(update(JobAttempt).where(JobAttempt.job_id == job_id, JobAttempt.attempt == attempt)
               .values(outcome=outcome, error=error, finished_at=now))
 
-
-def stale_running_jobs(stale_after_s: float, url: str | None = None) -> list[Job]:
-    cutoff = utcnow() - timedelta(seconds=stale_after_s)
-    with session_scope(url) as s:
-        return list(s.scalars(select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff)))

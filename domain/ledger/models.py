@@ -25,6 +25,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def aware(ts: datetime | None) -> datetime | None:
+    """A ledger timestamp as an aware UTC datetime (SQLite hands back naive ones)."""
+    return ts.replace(tzinfo=timezone.utc) if ts is not None and ts.tzinfo is None else ts
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 

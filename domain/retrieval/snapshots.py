@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from domain.ledger.db import session_scope
 from domain.ledger.models import Lease, utcnow
-from domain.paths import data_root, sha256_file
+from domain.paths import data_root, fresh_dir, publish_dir, sha256_file
 from domain.retrieval.dense import DenseIndex
 from domain.retrieval.keyword import KeywordIndex
 
@@ -145,10 +145,7 @@ def write_snapshot(tenant: str, version: int, build_name: str, *, lines: list[st
     """Write a complete snapshot under a temp name, then rename it to v<version>.
     Returns (folder, sha256 of the manifest, size in bytes)."""
     root = tenant_dir(tenant)
-    tmp = root / f".build-{build_name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = fresh_dir(root / f".build-{build_name}")
     with open(tmp / "chunks.jsonl", "w") as f:
         f.write("".join(line + "\n" for line in lines))
     dense.save(tmp)
@@ -161,9 +158,7 @@ def write_snapshot(tenant: str, version: int, build_name: str, *, lines: list[st
                 "files": {str(p.relative_to(tmp)): sha256_file(p) for p in files}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     final = version_dir(tenant, version)
-    if final.exists():  # left by an attempt whose ledger commit failed: never pointed to
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    publish_dir(tmp, final)  # replaces a copy left by an attempt whose ledger commit failed (never pointed to)
     _fsync_dir(root)
     size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
     return final, sha256_file(final / MANIFEST), size

@@ -21,23 +21,44 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import torch
 
-from domain.errors import TransientError
-
-if TYPE_CHECKING:
-    from domain.review.runtime import AdapterHandle, Runtime
+from domain.errors import TransientError, is_out_of_memory
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class AdapterHandle:
+    """What a request needs to find its adapter: the version id and how to get its verified folder
+    (called only when the adapter is not resident already)."""
+
+    version_id: str
+    locate: Callable[[], Path]
+
+
+class BatchModel(Protocol):
+    """What the batcher needs of a resident model (``domain.review.runtime.Runtime``)."""
+
+    max_adapters: int
+    device: torch.device
+
+    def ensure_adapter(self, handle: AdapterHandle, pinned: set[str] = ...) -> str: ...
+
+    def generate(self, prompts: list[list[int]], slots: list[str | None], max_new_tokens: list[int],
+                 prefix_lens: list[int]) -> list[list[int]]: ...
+
+    def decode(self, token_ids: list[int]) -> str: ...
 
 
 @dataclass
 class GenerationRequest:
     input_ids: list[int]
     max_new_tokens: int
-    adapter: "AdapterHandle | None" = None  # None: the bare base model
+    adapter: AdapterHandle | None = None  # None: the bare base model
     prefix_len: int = 0  # leading tokens shared by all reviews (system prompt): their KV cache is reused
     future: Future = field(default_factory=Future)
     submitted_at: float = field(default_factory=time.monotonic)
@@ -64,12 +85,10 @@ class _Call:
     future: Future = field(default_factory=Future)
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 class Batcher:
-    def __init__(self, runtime: "Runtime", max_batch: int = 8, wait_s: float = 0.02):
+    """Batches the requests submitted from many job threads onto one model, on one thread of its own."""
+
+    def __init__(self, runtime: BatchModel, max_batch: int = 8, wait_s: float = 0.02):
         self.runtime = runtime
         self.max_batch = max(1, int(max_batch))
         self.wait_s = max(0.0, float(wait_s))
@@ -186,7 +205,7 @@ class Batcher:
             if rt.device.type == "cuda":
                 torch.cuda.synchronize(rt.device)
         except Exception as exc:  # noqa: BLE001
-            if not _is_oom(exc):
+            if not is_out_of_memory(exc):
                 raise
             if rt.device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -2,6 +2,8 @@
 
 - ``get_runtime(settings, artifact)`` loads the base model once per process (keyed by model ref or
   serving artifact id, and device) and keeps it; later reviews reuse it (``BASE_LOADS`` counts loads).
+  It builds the runtime's ``Batcher`` (``rt.batcher``) around it: the batcher takes the runtime as a
+  parameter and never imports this module.
 - Adapters live in PEFT adapter slots (``fslot000001``...) named independently of versions; the slot
   table is an LRU bounded by ``max_adapters``. A new adapter takes a free slot (``load_adapter``) or the
   least recently used one: hot-swapped in place when the two LoRA configs match (its safetensors
@@ -22,18 +24,17 @@ import copy
 import gc
 import json
 import logging
-import os
 import threading
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from domain.config import Settings, get_settings
+from domain.artifacts import load_serving_model
 from domain.models import LoadedModel, load_causal_lm
+from domain.review.batcher import AdapterHandle, Batcher
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +42,6 @@ BASE = "__base__"
 WEIGHTS = "adapter_model.safetensors"
 _LORA_KEYS = ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "bias",
               "fan_in_fan_out", "modules_to_save", "layers_to_transform")
-
-
-@dataclass
-class AdapterHandle:
-    """What a request needs to find its adapter: the version id and how to get its verified folder
-    (called only when the adapter is not resident already)."""
-
-    version_id: str
-    locate: Callable[[], Path]
 
 
 def model_id_for(ref: str) -> str:
@@ -72,9 +64,7 @@ def _lora_signature(config) -> tuple:
 
 class Runtime:
     def __init__(self, loaded: LoadedModel, key: str, model_id: str, *, max_adapters: int = 8,
-                 serving_artifact_id: str | None = None, batch_size: int = 8, batch_wait_s: float = 0.02):
-        from domain.review.batcher import Batcher
-
+                 serving_artifact_id: str | None = None):
         self.loaded = loaded
         self.key = key
         self.model_id = model_id
@@ -92,7 +82,7 @@ class Runtime:
         self._next_slot = 0
         self.stats: Counter = Counter()  # adapter_loads, hotswaps, evictions, batches, rows, prefix_hits
         self.timings: Counter = Counter()  # prefill_s, decode_s, decode_steps (benchmarks, tuning)
-        self.batcher = Batcher(self, max_batch=batch_size, wait_s=batch_wait_s)
+        self.batcher: Batcher | None = None  # set by get_runtime (or a test or benchmark) around this runtime
         tok_max = getattr(self.tokenizer, "model_max_length", None) or 0
         self.context_window = min(loaded.context_window, tok_max) if 0 < tok_max < 10**7 else loaded.context_window
         eos = self.base.generation_config.eos_token_id
@@ -240,16 +230,28 @@ class Runtime:
             del self._prefix_cache[key]
 
     def _prefill_then_decode(self, prompts, slots, max_new_tokens, prefix_lens) -> list[list[int]] | None:
+        names = [s or BASE for s in slots]
+        t_prefill = time.perf_counter()
+        prefilled = self._prefill(prompts, names, prefix_lens)
+        if prefilled is None:
+            return None
+        caches, outs = prefilled
+        t_decode = time.perf_counter()
+        lens = [len(p) for p in prompts]
+        cache, mask = self._one_batch_cache(caches, lens, room=max(1, max(max_new_tokens)))
+        del caches
+        steps = self._decode(cache, mask, outs, names, lens, max_new_tokens)
+        self.timings["prefill_s"] += t_decode - t_prefill
+        self.timings["decode_s"] += time.perf_counter() - t_decode
+        self.timings["decode_steps"] += steps
+        return outs
+
+    def _prefill(self, prompts, names, prefix_lens):
+        """Each prompt alone (its shared prefix from the prefix cache): (key/value caches, first tokens),
+        or None for a cache layout the batched decoder does not merge."""
         from transformers.cache_utils import DynamicCache, DynamicLayer
 
-        from peft import PeftModel
-
-        from domain.review.kvcache import PreallocatedLayer
-        from domain.review.mixed_lora import MixedLoRA
-
-        names = [s or BASE for s in slots]
         caches, outs = [], []
-        t_prefill = time.perf_counter()
         for ids, name, p in zip(prompts, names, prefix_lens):
             p = p if 0 < p < len(ids) else 0
             past = self._prefix(ids[:p], name) if p else None
@@ -261,27 +263,38 @@ class Runtime:
                 return None
             caches.append(cache)
             outs.append([int(out.logits[0, -1].argmax())])
-        lens = [len(p) for p in prompts]
+        return caches, outs
+
+    def _one_batch_cache(self, caches, lens: list[int], room: int):
+        """The rows' caches left-padded into one (with ``room`` preallocated steps), and its attention mask."""
+        from domain.review.kvcache import PreallocatedLayer
+
         width = max(lens)
-        t_decode = time.perf_counter()
         cache = caches[0]
         for li, layer in enumerate(cache.layers):  # left-pad every row's keys/values to the longest prompt
             layer.keys = torch.cat([torch.nn.functional.pad(c.layers[li].keys, (0, 0, width - n, 0))
                                     for c, n in zip(caches, lens)])
             layer.values = torch.cat([torch.nn.functional.pad(c.layers[li].values, (0, 0, width - n, 0))
                                       for c, n in zip(caches, lens)])
-        del caches
-        room = max(1, max(max_new_tokens))
         cache.layers = [PreallocatedLayer.wrap(layer, room) for layer in cache.layers]
-        mask = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(lens), width), dtype=torch.long, device=self.device)
         for i, n in enumerate(lens):
             mask[i, width - n:] = 1
+        return cache, mask
+
+    def _decode(self, cache, mask, outs: list[list[int]], names: list[str], lens: list[int],
+                max_new_tokens: list[int]) -> int:
+        """Greedy decoding of all unfinished rows together, one token per step, dropping finished rows;
+        appends to ``outs`` and returns the number of steps."""
+        from peft import PeftModel
+
+        from domain.review.mixed_lora import MixedLoRA
 
         def done(i: int) -> bool:
             return outs[i][-1] in self.eos_ids or len(outs[i]) >= max_new_tokens[i]
 
-        active = [i for i in range(len(prompts)) if not done(i)]
-        if len(active) < len(prompts):
+        active = [i for i in range(len(outs)) if not done(i)]
+        if len(active) < len(outs):
             keep = torch.tensor(active, dtype=torch.long, device=self.device)
             cache.batch_select_indices(keep)
             mask = mask[keep]
@@ -310,10 +323,7 @@ class Runtime:
                     active = [active[j] for j in still]
                     if rows is not None:
                         rows.select(keep)
-        self.timings["prefill_s"] += t_decode - t_prefill
-        self.timings["decode_s"] += time.perf_counter() - t_decode
-        self.timings["decode_steps"] += step
-        return outs
+        return step
 
     def _generate_padded(self, prompts, slots, max_new_tokens) -> list[list[int]]:
         width = max(len(p) for p in prompts)
@@ -348,14 +358,6 @@ _registry_lock = threading.Lock()
 BASE_LOADS: Counter = Counter()  # runtime key -> times its base model was loaded in this process
 
 
-def _setting(settings: Settings, name: str, default):
-    """A review setting: the Settings field if it exists, else FOUNDRY_<NAME> from the environment."""
-    value = getattr(settings, name, None)
-    if value is None:
-        value = os.environ.get(f"FOUNDRY_{name.upper()}", default)
-    return value
-
-
 def runtime_key(settings: Settings, artifact=None) -> str:
     what = f"artifact:{artifact.id}" if artifact is not None else f"model:{settings.base_model_ref()}"
     return f"{what}@{settings.device}"
@@ -363,7 +365,7 @@ def runtime_key(settings: Settings, artifact=None) -> str:
 
 def get_runtime(settings: Settings | None = None, artifact=None) -> Runtime:
     """The resident runtime for the deployment's base model (or a tenant's serving artifact, an
-    ``artifacts`` row loaded by ``domain.quantization.load_serving_model``); loaded on first use."""
+    ``artifacts`` row loaded by ``domain.artifacts.load_serving_model``); loaded on first use."""
     settings = settings or get_settings()
     key = runtime_key(settings, artifact)
     with _registry_lock:
@@ -372,8 +374,6 @@ def get_runtime(settings: Settings | None = None, artifact=None) -> Runtime:
             return rt
         t0 = time.perf_counter()
         if artifact is not None:
-            from domain.quantization import load_serving_model
-
             loaded = load_serving_model(artifact, device=settings.device)
             model_id = f"{artifact.name or 'artifact'}:{artifact.id}"
         else:
@@ -381,11 +381,9 @@ def get_runtime(settings: Settings | None = None, artifact=None) -> Runtime:
             loaded = load_causal_lm(ref, device=settings.device)
             model_id = model_id_for(ref)
         BASE_LOADS[key] += 1
-        rt = Runtime(loaded, key, model_id,
-                     max_adapters=int(_setting(settings, "max_resident_adapters", 8)),
-                     serving_artifact_id=getattr(artifact, "id", None),
-                     batch_size=max(1, int(settings.review_batch_size)),
-                     batch_wait_s=float(_setting(settings, "review_batch_wait_ms", 20)) / 1000.0)
+        rt = Runtime(loaded, key, model_id, max_adapters=settings.max_resident_adapters,
+                     serving_artifact_id=getattr(artifact, "id", None))
+        rt.batcher = Batcher(rt, max_batch=settings.review_batch_size, wait_s=settings.review_batch_wait_ms / 1000.0)
         log.info("review runtime %s ready in %.1f s", key, time.perf_counter() - t0)
         _runtimes[key] = rt
         return rt
@@ -395,6 +393,7 @@ def reset_runtimes() -> None:
     """Drop every resident model (tests; a worker never needs it)."""
     with _registry_lock:
         for rt in _runtimes.values():
-            rt.batcher.stop()
+            if rt.batcher is not None:
+                rt.batcher.stop()
         _runtimes.clear()
     gc.collect()

@@ -27,10 +27,10 @@ from domain.contract import JobContext, Outcome
 from domain.ledger.db import session_scope
 from domain.ledger.models import AdapterVersion, Artifact, Review, Tenant, new_id
 from domain.models import ModelLoadError
-from domain.review.batcher import GenerationRequest
+from domain.review.batcher import AdapterHandle, GenerationRequest
 from domain.review.parse import parse_review
-from domain.review.prompt import fit_prompt, guess_language, shared_prefix_len
-from domain.review.runtime import AdapterHandle, Runtime, get_runtime
+from domain.prompting import fit_prompt, guess_language, shared_prefix_len
+from domain.review.runtime import Runtime, get_runtime
 from domain.specs import ReviewSpec
 
 log = logging.getLogger(__name__)
@@ -51,16 +51,13 @@ def check_input(spec: ReviewSpec, max_bytes: int) -> None:
                          field="code")
 
 
-# ---- retrieval: domain.retrieval when present; no index is a valid case ---------------------------
+# ---- retrieval: no index is a valid case ---------------------------
 
 def retrieve(spec: ReviewSpec, ctx) -> tuple[list, int | None, str | None]:
     """(chunks, index version, error) — an error never fails the review, it is recorded."""
     if not spec.use_retrieval:
         return [], None, None
-    try:
-        from domain.retrieval.service import retrieve_context
-    except ImportError:
-        return [], None, None
+    from domain.retrieval.service import retrieve_context  # faiss and the embedder load with the first retrieval
     query = (f"{spec.path}\n" if spec.path else "") + spec.code[:4000]
     try:
         found = retrieve_context(spec.tenant, query, k=RETRIEVAL_K)

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 
 import pytest
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import select
 
 from domain.ledger import db, jobstore
 
@@ -28,7 +29,7 @@ def test_statements_errors_and_connection_reuse(pg_ledger):
     assert fast.one("SELECT 1 WHERE false", {}) is None
     # a constraint violation is SQLAlchemy's IntegrityError, and the connection stays usable and pooled
     with pytest.raises(sa_exc.IntegrityError):
-        fast.one(jobstore._PG_ENQUEUE, {"id": job_id, "kind": "noop", "tenant_id": "acme", "payload": "{}",
+        fast.one(jobstore.ENQUEUE.postgresql, {"id": job_id, "kind": "noop", "tenant_id": "acme", "payload": "{}",
                                         "idempotency_key": None, "priority": 5, "queue": "control",
                                         "max_attempts": 3, "created_by": "t", "parent_job_id": None,
                                         "enqueued_at": datetime.now(timezone.utc)})
@@ -124,3 +125,53 @@ def test_hot_path_reads_rows_by_key_on_a_ledger_without_statistics():
     # a scan per job would read about n²/2 rows (45,000 here); lookups by key read none
     assert rows["job_attempts"].seq_tup_read < n, rows
     assert rows["jobs"].seq_tup_read < n, rows
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def either_ledger(request):
+    return request.getfixturevalue("sqlite_ledger" if request.param == "sqlite" else "pg_ledger")
+
+
+def test_the_hot_path_statements_write_the_same_rows_on_both_dialects(either_ledger):
+    """enqueue, claim and finish are one text each (jobstore.ENQUEUE/CLAIM/FINISH): one prepared round trip
+    on PostgreSQL, their parts in one transaction on SQLite. Both must leave the same rows the ORM reads."""
+    from decimal import Decimal
+
+    from domain.ledger.db import session_scope
+    from domain.ledger.models import Job, JobAttempt, Tenant, UsageCost
+    from tests.conftest import add_tenant
+
+    url = either_ledger
+    add_tenant(url, "acme")
+    job_id, other = uuid.uuid4().hex, uuid.uuid4().hex
+    _enqueue(job_id, url)
+    _enqueue(other, url)
+    claim = jobstore.claim(job_id, "noop", "acme", {}, "w:1", max_attempts=3, stale_after_s=60, url=url)
+    assert (claim.run, claim.attempt) == (True, 1)
+    usage = {"prompt_tokens": 7, "completion_tokens": 3, "wall_seconds": 0.5, "gpu_seconds": 0.0, "model_id": "m",
+             "adapter_version_id": None, "cost": Decimal("0.000125"), "currency": "USD", "price_version": "p1"}
+    assert jobstore.finish_success(job_id, 2, "w:1", {"x": 1}, usage=usage, url=url) is None  # not this attempt
+    assert jobstore.finish_success(job_id, 1, "w:1", {"x": [1, "é"]}, usage=usage, url=url) == {"x": [1, "é"]}
+    again = jobstore.claim(job_id, "noop", "acme", {}, "w:2", max_attempts=3, stale_after_s=60, url=url)
+    assert (again.run, again.status, again.result) == (False, "succeeded", {"x": [1, "é"]})
+
+    second = jobstore.claim(other, "noop", "acme", {}, "w:1", max_attempts=3, stale_after_s=60, url=url)
+
+    def commit(s):
+        s.add(Tenant(id="beta", display_name="made by the job"))  # the handler's own rows, same transaction
+        return {"tenant": "beta"}
+
+    assert jobstore.finish_success(other, second.attempt, "w:1", {"y": 2}, commit=commit, url=url) == \
+        {"y": 2, "tenant": "beta"}
+    with session_scope(url) as s:
+        job = s.get(Job, job_id)
+        assert (job.status, job.attempts, job.progress, job.result, job.progress_info) == ("succeeded", 1, 1.0, {"x": [1, "é"]}, {})
+        assert job.payload == {"tenant": "acme"} and job.started_at is not None and job.finished_at >= job.started_at
+        att = s.scalars(select(JobAttempt).where(JobAttempt.job_id == job_id)).one()
+        assert (att.attempt, att.worker, att.outcome) == (1, "w:1", "succeeded") and att.finished_at is not None
+        cost = s.scalars(select(UsageCost).where(UsageCost.job_id == job_id)).one()
+        assert (cost.tenant_id, cost.kind, cost.prompt_tokens, cost.cost, cost.price_version) == \
+            ("acme", "noop", 7, Decimal("0.000125"), "p1")
+        assert s.get(Job, other).result == {"y": 2, "tenant": "beta"}
+        assert s.get(Tenant, "beta").display_name == "made by the job"
+        assert s.scalars(select(UsageCost).where(UsageCost.job_id == other)).first() is None

@@ -65,16 +65,8 @@ def _stub_handler(spec, ctx):
     return jobs.Outcome(result={"stub": True})
 
 
-@pytest.fixture
-def sqlite_env(sqlite_ledger, monkeypatch):
-    monkeypatch.setenv("FOUNDRY_ALLOW_FAULT_INJECTION", "1")
-    reset_settings()
-    add_tenant(sqlite_ledger, "acme")
-    return sqlite_ledger
-
-
 @pytest.mark.parametrize("kind", KINDS)
-def test_hypothesis_malformed_bodies_are_rejected_once_naming_the_field(kind, sqlite_env, monkeypatch):
+def test_hypothesis_malformed_bodies_are_rejected_once_naming_the_field(kind, ledger, monkeypatch):
     monkeypatch.setitem(jobs.HANDLERS, kind, f"{__name__}:_stub_handler")
     seen: list[str] = []
     valid: list[str] = []
@@ -175,7 +167,7 @@ def test_corrupted_adapter_files_are_refused_and_detected(pg_ledger, tmp_path, m
     """The champion's weights are overwritten on disk: reviews fail with a clear code (no review, no
     cost), a health event names the version, and the consistency checker reports the file."""
     from domain.adapters.store import WEIGHTS_FILE
-    from domain.adapters.testing import make_version
+    from tests.fixtures.adapters import make_version
     from domain.paths import resolve_in_data_root
     from domain.ledger.models import AdapterVersion
 

@@ -15,10 +15,10 @@ from sqlalchemy import func, select, update
 
 from domain import consistency
 from worker import maintenance
-from domain.adapters.testing import seed_feedback, stdlib_review_pairs
+from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
 from domain.ledger.db import session_scope
 from domain.ledger.models import AdapterVersion, Artifact, Job, JobAttempt, Review
-from domain.models import save_tiny_model
+from tests.fixtures.tiny_models import save_tiny_model
 from tests.conftest import add_tenant
 from tests.integration.test_faults_kit import fault_summary, record, tally, wait_final  # noqa: F401
 from tests.integration.workers import apply_env, start_worker, worker_env

@@ -9,14 +9,14 @@ from sqlalchemy import select
 
 from domain.ledger.db import session_scope
 from domain.ledger.models import Artifact, Checkpoint, Job, JobAttempt, UsageCost
-from domain.models import save_tiny_model
+from tests.fixtures.tiny_models import save_tiny_model
 from tests.integration.workers import running_worker, start_worker
 
 pytestmark = pytest.mark.integration
 
 
 def test_quantize_job_through_a_worker_records_a_servable_artifact(env, tiny_model_dir):
-    from domain.quantization import load_serving_model
+    from domain.artifacts import load_serving_model
     from worker.client import enqueue_quantize, wait
 
     with running_worker(env, queues=["quantize"]):

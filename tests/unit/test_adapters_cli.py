@@ -7,7 +7,7 @@ import json
 import pytest
 
 from domain.adapters import store
-from domain.adapters.testing import make_version
+from tests.fixtures.adapters import make_version
 from domain.config import reset_settings
 from domain.ledger.db import session_scope
 from domain.ledger.models import HealthEvent

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from domain.adapters import data
-from domain.adapters.testing import seed_feedback, stdlib_review_pairs
+from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
 from domain.ledger.db import session_scope
 from domain.ledger.models import utcnow
 from tests.conftest import add_tenant
@@ -75,7 +75,7 @@ def test_split_is_by_hash_and_never_empty(sqlite_ledger):
 
 
 def test_tokenize_uses_the_review_prompt_and_fits_the_window(tiny_tokenizer):
-    from domain.review.prompt import SYSTEM_PROMPT
+    from domain.prompting import SYSTEM_PROMPT
 
     path, code, review = stdlib_review_pairs(1)[0]
     ex = data.FeedbackExample(code, path, None, False, review, "accepted", None)

@@ -7,7 +7,7 @@ import torch
 from sqlalchemy import select
 
 from domain.adapters import merge, store
-from domain.adapters.testing import make_version
+from tests.fixtures.adapters import make_version
 from domain.config import reset_settings
 from domain.errors import InvalidJob
 from domain.ledger.db import session_scope

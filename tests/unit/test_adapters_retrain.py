@@ -8,7 +8,7 @@ from sqlalchemy import select
 
 from domain import jobs
 from domain.adapters import store
-from domain.adapters.testing import make_version, seed_feedback, stdlib_review_pairs
+from tests.fixtures.adapters import make_version, seed_feedback, stdlib_review_pairs
 from domain.config import reset_settings
 from domain.ledger.db import session_scope
 from domain.ledger.models import (
@@ -30,12 +30,10 @@ def one_thread():
 
 
 @pytest.fixture
-def ledger(sqlite_ledger, tiny_model_dir, monkeypatch):
+def ledger(ledger, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("FOUNDRY_BASE_MODEL", str(tiny_model_dir))
     reset_settings()
-    add_tenant(sqlite_ledger, "acme")
-    return sqlite_ledger
-
+    return ledger
 
 def run(body: dict, job_id: str | None = None, tenant: str = "acme") -> dict:
     return jobs.execute("retrain", job_id or new_id(), {"tenant": tenant, **BODY, **body}, "test-worker")
@@ -130,7 +128,7 @@ def test_corrupt_champion_is_refused(ledger, tiny_model_dir):
 
 
 def test_base_model_mismatch_is_refused(ledger, tiny_model_dir, tmp_path):
-    from domain.models import save_tiny_model
+    from tests.fixtures.tiny_models import save_tiny_model
 
     make_version("acme", str(tiny_model_dir), seed=1, alias="champion")
     other = save_tiny_model(tmp_path / "another-base", seed=9)

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import select
 
 from domain.adapters import store
-from domain.adapters.testing import make_version
+from tests.fixtures.adapters import make_version
 from domain.errors import InvalidJob, JobFailed
 from domain.ledger.db import session_scope
 from domain.ledger.models import AdapterAlias, AdapterVersion, Artifact, HealthEvent
@@ -86,7 +86,7 @@ def test_changed_config_is_refused_and_missing_files_reported(base):
 
 
 def test_base_model_mismatch_is_refused_with_a_clear_error(base, tmp_path):
-    from domain.models import save_tiny_model
+    from tests.fixtures.tiny_models import save_tiny_model
 
     vid = make_version("acme", base, seed=1)
     other = save_tiny_model(tmp_path / "other-base", seed=7)

@@ -16,7 +16,7 @@ from domain import checkpoints, jobs
 from domain.adapters.testing import seed_feedback, stdlib_review_pairs
 from domain.config import get_settings, reset_settings
 from domain.distillation import reduce_layers
-from domain.jobs import JobContext
+from domain.contract import JobContext
 from domain.ledger.db import session_scope
 from domain.ledger.models import Checkpoint, HealthEvent
 from domain.models import load_causal_lm, save_tiny_model

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pytest
 from sqlalchemy import select
 
 from domain import checkpoints
 from domain.ledger.db import session_scope
 from domain.ledger.models import Checkpoint, Job, utcnow
 from domain.paths import data_root
-from tests.conftest import add_tenant
 
 
 def make_job(job_id: str, status: str, finished_days_ago: float | None = None, steps=(5, 10, 15)) -> None:
@@ -34,12 +32,6 @@ def state(job_id: str) -> list[tuple[int, bool, bool]]:
     with session_scope() as s:
         rows = s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step))
         return [(c.step, c.pruned_at is not None, (data_root() / c.path).exists()) for c in rows]
-
-
-@pytest.fixture
-def ledger(sqlite_ledger):
-    add_tenant(sqlite_ledger, "acme")
-    return sqlite_ledger
 
 
 def test_prune_job_keeps_the_newest_checkpoints(ledger):

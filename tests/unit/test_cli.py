@@ -6,16 +6,13 @@ import uuid
 import pytest
 
 from domain import jobs
-from tests.conftest import add_tenant
 from worker.cli import build_parser, main
 
 
 @pytest.fixture
-def ledger(sqlite_ledger, monkeypatch):
+def ledger(ledger, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
-    add_tenant(sqlite_ledger, "acme")
-    return sqlite_ledger
-
+    return ledger
 
 def run(capsys, *argv) -> tuple[int, str]:
     code = main(list(argv))

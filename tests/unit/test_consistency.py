@@ -9,20 +9,15 @@ import torch
 
 from domain import consistency, jobs
 from domain.adapters import store
-from domain.config import reset_settings
 from domain.ledger.db import session_scope
 from domain.ledger.models import AdapterAlias, Job, JobAttempt, Review, UsageCost, utcnow
 from tests.conftest import add_tenant
 
 
 @pytest.fixture
-def ledger(sqlite_ledger, monkeypatch):
-    monkeypatch.setenv("FOUNDRY_ALLOW_FAULT_INJECTION", "1")
-    reset_settings()
-    add_tenant(sqlite_ledger, "acme")
-    add_tenant(sqlite_ledger, "globex")
-    return sqlite_ledger
-
+def ledger(ledger):
+    add_tenant(ledger, "globex")
+    return ledger
 
 def run_noop(**body):
     jid = uuid.uuid4().hex

@@ -12,17 +12,13 @@ from domain import dlq, jobs
 from domain.config import reset_settings
 from domain.ledger.db import session_scope
 from domain.ledger.models import Job, JobAttempt
-from tests.conftest import add_tenant
 
 
 @pytest.fixture
-def ledger(sqlite_ledger, monkeypatch):
-    monkeypatch.setenv("FOUNDRY_ALLOW_FAULT_INJECTION", "1")
+def ledger(ledger, monkeypatch):
     monkeypatch.setenv("FOUNDRY_STALE_AFTER_S", "0")
     reset_settings()
-    add_tenant(sqlite_ledger, "acme")
-    return sqlite_ledger
-
+    return ledger
 
 def make_dead(key: str | None = None) -> str:
     """A job whose worker dies on every delivery, delivered until it is dead-lettered."""

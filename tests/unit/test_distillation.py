@@ -13,14 +13,14 @@ import torch
 from safetensors.torch import load_file
 from sqlalchemy import select
 
-from domain import distillation, heldout, jobs, quantization
+from domain import artifacts, distillation, heldout, jobs
 from domain.distillation import distillation_loss, kept_layers, reduce_layers
 from domain.config import get_settings
-from domain.jobs import JobContext, SoftStop
+from domain.contract import JobContext, SoftStop
 from domain.kinds import parse_spec
 from domain.ledger.db import session_scope
 from domain.ledger.models import Artifact, Checkpoint, Job
-from domain.models import save_tiny_model, tiny_model
+from tests.fixtures.tiny_models import save_tiny_model, tiny_model
 from domain.paths import data_root, resolve_in_data_root
 from tests.conftest import add_tenant
 
@@ -153,7 +153,7 @@ def test_distill_job_makes_a_servable_student_with_its_report(tenant, teacher_di
     assert art.lineage["teacher"] == str(teacher_dir) and art.lineage["layer_selection"] == "greedy"
     assert len(art.lineage["kept_layers"]) == 2 and art.lineage["kept_layers"][-1] == 3  # the last layer stays
     assert {"loss", "kl", "tokens_per_s", "step"} <= set(job.progress_info)
-    served = quantization.load_serving_model(art, device="cpu")
+    served = artifacts.load_serving_model(art, device="cpu")
     assert served.model.config.num_hidden_layers == 2
 
 
@@ -265,7 +265,7 @@ def test_diverging_loss_fails_with_its_code(tenant, teacher_dir, tmp_path):
     """A student whose loss is not finite fails the job with ``diverging_loss``. (This test used to drive a
     tiny model to diverge with learning_rate 0.9; whether 30 such steps blow up depends on the CPU's float
     kernels, and on one machine they did not. A NaN weight makes the first loss NaN on every machine.)"""
-    from domain.models import tiny_tokenizer
+    from tests.fixtures.tiny_models import tiny_tokenizer
 
     broken = tmp_path / "nan-student"
     tok = tiny_tokenizer()
@@ -309,7 +309,7 @@ def test_out_of_memory_fails_with_its_code(tenant, teacher_dir, monkeypatch):
 
 
 def test_student_with_another_tokenizer_fails_with_tokenizer_mismatch(tenant, teacher_dir, tmp_path):
-    from domain.models import tiny_tokenizer
+    from tests.fixtures.tiny_models import tiny_tokenizer
 
     other = tmp_path / "other-student"
     tok = tiny_tokenizer(vocab_size=300)

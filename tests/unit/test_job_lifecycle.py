@@ -10,15 +10,6 @@ from domain.config import get_settings, reset_settings
 from domain.ledger import jobstore
 from domain.ledger.db import session_scope
 from domain.ledger.models import Job, JobAttempt, UsageCost
-from tests.conftest import add_tenant
-
-
-@pytest.fixture
-def ledger(sqlite_ledger, monkeypatch):
-    monkeypatch.setenv("FOUNDRY_ALLOW_FAULT_INJECTION", "1")
-    reset_settings()
-    add_tenant(sqlite_ledger, "acme")
-    return sqlite_ledger
 
 
 def job(job_id):

@@ -9,12 +9,9 @@ import urllib.error
 import urllib.request
 import uuid
 
-import pytest
 from prometheus_client import generate_latest
 
 from domain import jobs, metrics
-from domain.config import reset_settings
-from tests.conftest import add_tenant
 
 
 class FakeRedis:
@@ -49,14 +46,6 @@ def test_filesystem_depth_counts_message_files_per_queue(tmp_path):
         (tmp_path / name).write_text("{}")
     assert metrics.filesystem_queue_depths(tmp_path, ["review", "control", "index"]) == {"review": 2, "control": 1,
                                                                                           "index": 0}
-
-
-@pytest.fixture
-def ledger(sqlite_ledger, monkeypatch):
-    monkeypatch.setenv("FOUNDRY_ALLOW_FAULT_INJECTION", "1")
-    reset_settings()
-    add_tenant(sqlite_ledger, "acme")
-    return sqlite_ledger
 
 
 def value(m: metrics.LedgerMetrics, name: str, **labels) -> float | None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from domain import heldout, jobs, quantization
+from domain import artifacts, heldout, jobs, quantization
 from domain.ledger.db import session_scope
 from domain.ledger.models import AdapterAlias, AdapterVersion, Artifact, Job, UsageCost
 from domain.models import ModelLoadError, load_causal_lm, model_fingerprint
@@ -57,7 +57,7 @@ def test_quantize_makes_a_servable_artifact_with_its_report(tenant, tiny_model_d
     assert art.lineage["adapter_version_id"] is None
 
     # the artifact loads for serving, quantized, and scores the same held-out text as the job measured
-    served = quantization.load_serving_model(art, device="cpu")
+    served = artifacts.load_serving_model(art, device="cpu")
     assert any(type(m).__name__ == linear_cls for m in served.model.modules())
     tok = load_causal_lm(str(tiny_model_dir), device="cpu").tokenizer
     blocks = heldout.token_blocks(tok, heldout.stdlib_text("heldout", 512 * 8), 256, 512)
@@ -72,7 +72,7 @@ def test_adapter_loads_on_top_of_a_quantized_artifact(tenant, tiny_model_dir, tm
     from peft import LoraConfig, PeftModel, get_peft_model
 
     out = run("quantize", {"tenant": tenant, "source_model": str(tiny_model_dir), "method": "nf4", "eval_max_tokens": 256})
-    served = quantization.load_serving_model(artifact(out["result"]["artifact_id"]), device="cpu")
+    served = artifacts.load_serving_model(artifact(out["result"]["artifact_id"]), device="cpu")
     lora = get_peft_model(load_causal_lm(str(tiny_model_dir), device="cpu").model,
                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     lora.save_pretrained(tmp_path / "lora")
@@ -108,7 +108,7 @@ def test_merge_then_quantize_quantizes_the_merged_float_model(tenant, tiny_model
     art = artifact(out["result"]["artifact_id"])
     assert art.lineage["adapter_version_id"] == vid and art.lineage["merged"] is True
     assert art.lineage["source_model"] == str(tiny_model_dir)  # the adapter's base is the default source
-    served = quantization.load_serving_model(art, device="cpu").model
+    served = artifacts.load_serving_model(art, device="cpu").model
     base = load_causal_lm(str(tiny_model_dir), device="cpu").model
     tok = load_causal_lm(str(tiny_model_dir), device="cpu").tokenizer
     blocks = heldout.token_blocks(tok, heldout.stdlib_text("heldout", 4000), 128, 256)
@@ -141,13 +141,13 @@ def test_serving_refuses_a_changed_or_wrong_artifact(tenant, tiny_model_dir):
     art = artifact(out["result"]["artifact_id"])
     (data_root() / art.path / "config.json").write_text((data_root() / art.path / "config.json").read_text() + " ")
     with pytest.raises(ModelLoadError, match="sha256 mismatch"):
-        quantization.load_serving_model(art)
+        artifacts.load_serving_model(art)
     art.kind = "adapter"
     with pytest.raises(ModelLoadError, match="not a servable model"):
-        quantization.load_serving_model(art)
+        artifacts.load_serving_model(art)
     art.kind, art.path = "quantized_model", "../elsewhere"
     with pytest.raises(ModelLoadError):
-        quantization.load_serving_model(art)
+        artifacts.load_serving_model(art)
 
 
 def _job(job_id: str) -> Job:
@@ -205,7 +205,7 @@ def test_nf4_of_the_embedded_smollm2_is_under_035x_fp32_memory_and_still_generat
     assert out["status"] == "succeeded", out
     r = out["result"]["report"]
     assert r["memory_ratio"] <= 0.35 and r["top1_agreement"] > 0.6 and r["kl_divergence"] < 1.0
-    served = quantization.load_serving_model(artifact(out["result"]["artifact_id"]), device="cpu")
+    served = artifacts.load_serving_model(artifact(out["result"]["artifact_id"]), device="cpu")
     ids = served.tokenizer("def add(a, b):\n", return_tensors="pt").input_ids
     text = served.tokenizer.decode(served.model.generate(ids, max_new_tokens=8, do_sample=False)[0][ids.shape[1]:])
     assert text.strip()

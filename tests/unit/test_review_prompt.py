@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from domain.errors import InvalidJob
-from domain.review.prompt import (SYSTEM_PROMPT, build_messages, encode, fit_prompt, guess_language, number_lines,
+from domain.prompting import (SYSTEM_PROMPT, build_messages, encode, fit_prompt, guess_language, number_lines,
                                   render)
 
 CODE = "import os\n\ndef read(path):\n    return open(path).read()\n"

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from domain.models import load_causal_lm
-from domain.review.batcher import GenerationRequest
-from domain.review.runtime import AdapterHandle, Runtime
-from domain.review.testing import make_adapter, save_lively_tiny_model
+from domain.review.batcher import AdapterHandle, Batcher, GenerationRequest
+from domain.review.runtime import Runtime
+from tests.fixtures.review import make_adapter, save_lively_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,10 @@ def lively(tmp_path_factory):
     return base, adapters
 
 
-def new_runtime(base: Path, **kw) -> Runtime:
-    return Runtime(load_causal_lm(str(base), device="cpu"), "test", "tiny", **kw)
+def new_runtime(base: Path, batch_size: int = 8, batch_wait_s: float = 0.02, **kw) -> Runtime:
+    rt = Runtime(load_causal_lm(str(base), device="cpu"), "test", "tiny", **kw)
+    rt.batcher = Batcher(rt, max_batch=batch_size, wait_s=batch_wait_s)
+    return rt
 
 
 def handle(adapters: dict, name: str) -> AdapterHandle:

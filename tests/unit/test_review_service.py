@@ -19,7 +19,7 @@ from domain.ledger import jobstore
 from domain.ledger.db import session_scope
 from domain.ledger.models import Job, Review, UsageCost
 from domain.review import runtime
-from domain.review.testing import make_adapter, register_adapter, save_lively_tiny_model
+from tests.fixtures.review import make_adapter, register_adapter, save_lively_tiny_model
 from tests.conftest import add_tenant
 
 CODE = "def add(a, b):\n    return a - b\n\n\ndef div(a, b):\n    return a / b\n"
@@ -31,12 +31,11 @@ def base_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def ledger(sqlite_ledger, base_dir, monkeypatch):
+def ledger(ledger, base_dir, monkeypatch):
     monkeypatch.setenv("FOUNDRY_BASE_MODEL", str(base_dir))
     monkeypatch.setenv("FOUNDRY_DEVICE", "cpu")
     reset_settings()
-    yield sqlite_ledger
-
+    yield ledger
 
 def champion(url, data_dir, base_dir, tenant="acme", seed=1, alias="champion", version=1) -> str:
     rel = f"adapters/{tenant}/v{version}-{seed}"

@@ -10,9 +10,10 @@ from domain import jobs
 from domain.config import get_settings, reset_settings
 from domain.models import load_causal_lm
 from domain.review import runtime
-from domain.review.prompt import fit_prompt, shared_prefix_len
-from domain.review.runtime import AdapterHandle, Runtime
-from domain.review.testing import make_adapter
+from domain.prompting import fit_prompt, shared_prefix_len
+from domain.review.batcher import AdapterHandle
+from domain.review.runtime import Runtime
+from tests.fixtures.review import make_adapter
 from tests.conftest import add_tenant
 
 pytestmark = pytest.mark.slow

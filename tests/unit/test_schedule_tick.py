@@ -11,12 +11,11 @@ import pytest
 from sqlalchemy import select, update
 
 from domain.adapters import schedule
-from domain.adapters.testing import seed_feedback, stdlib_review_pairs
+from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
 from domain.errors import InvalidJob
 from domain.ledger import jobstore
 from domain.ledger.db import session_scope
 from domain.ledger.models import AdapterVersion, Job, Lease, RetrainSchedule, new_id, utcnow
-from tests.conftest import add_tenant
 
 SET_AT = datetime(2026, 1, 1, 10, 0, tzinfo=timezone.utc)
 
@@ -39,12 +38,6 @@ class Recorder:
         return job_id
 
 
-@pytest.fixture
-def acme(sqlite_ledger):
-    add_tenant(sqlite_ledger, "acme")
-    return sqlite_ledger
-
-
 def _set(cron="@daily", min_feedback=5, **params):
     row = schedule.set_schedule("acme", cron, min_new_feedback=min_feedback, params=params)
     with session_scope() as s:
@@ -52,7 +45,7 @@ def _set(cron="@daily", min_feedback=5, **params):
     return row
 
 
-def test_set_schedule_validates_and_changes_without_redeploy(acme):
+def test_set_schedule_validates_and_changes_without_redeploy(ledger):
     with pytest.raises(ValueError, match="cron"):
         schedule.set_schedule("acme", "every day")
     with pytest.raises(InvalidJob, match="max_steps"):
@@ -68,7 +61,7 @@ def test_set_schedule_validates_and_changes_without_redeploy(acme):
     assert schedule.remove_schedule("acme") and schedule.list_schedules() == []
 
 
-def test_due_threshold_and_one_enqueue_per_fire(acme):
+def test_due_threshold_and_one_enqueue_per_fire(ledger):
     _set("@daily", min_feedback=5, max_steps=20)
     enqueue = Recorder()
     day = lambda d, h=0, m=0: datetime(2026, 1, d, h, m, 30, tzinfo=timezone.utc)  # noqa: E731
@@ -105,13 +98,13 @@ def test_due_threshold_and_one_enqueue_per_fire(acme):
     assert len(enqueue.calls) == 2
 
 
-def test_disabled_schedules_are_not_evaluated(acme):
+def test_disabled_schedules_are_not_evaluated(ledger):
     schedule.set_schedule("acme", "@hourly", min_new_feedback=1, enabled=False)
     seed_feedback("acme", stdlib_review_pairs(2))
     assert schedule.tick(utcnow() + timedelta(hours=2), Recorder(), "beat-a") == []
 
 
-def test_two_beats_ticking_at_once_enqueue_once(acme):
+def test_two_beats_ticking_at_once_enqueue_once(ledger):
     _set("@hourly", min_feedback=1)
     seed_feedback("acme", stdlib_review_pairs(2))
     enqueue = Recorder(delay=0.05)
@@ -133,7 +126,7 @@ def test_two_beats_ticking_at_once_enqueue_once(acme):
         assert len(s.scalars(select(Job).where(Job.kind == "retrain")).all()) == 1
 
 
-def test_fire_is_claimed_once_even_without_the_lease(acme):
+def test_fire_is_claimed_once_even_without_the_lease(ledger):
     """Compare-and-set on last_run_at: a second evaluator of the same fire (an expired lease, a clock
     skew) finds it handled; the idempotency key would fold a repeated enqueue into the same job."""
     _set("@hourly", min_feedback=1)
@@ -149,7 +142,7 @@ def test_fire_is_claimed_once_even_without_the_lease(acme):
     assert "another tick" in second["why"] and len(enqueue.calls) == 1
 
 
-def test_lease_is_exclusive_until_it_expires(acme):
+def test_lease_is_exclusive_until_it_expires(ledger):
     t0 = datetime(2026, 1, 1, 0, 0, tzinfo=timezone.utc)
     assert schedule.acquire_lease("x", "beat-a", t0, 60)
     assert not schedule.acquire_lease("x", "beat-b", t0 + timedelta(seconds=30), 60)
@@ -162,7 +155,7 @@ def test_lease_is_exclusive_until_it_expires(acme):
     assert schedule.acquire_lease("x", "beat-a", t0 + timedelta(seconds=92), 60)
 
 
-def test_failed_enqueue_gives_the_fire_back(acme):
+def test_failed_enqueue_gives_the_fire_back(ledger):
     _set("@hourly", min_feedback=1)
     seed_feedback("acme", stdlib_review_pairs(2))
     now = datetime(2026, 1, 1, 11, 0, 10, tzinfo=timezone.utc)

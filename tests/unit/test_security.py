@@ -151,7 +151,7 @@ def test_tenant_isolation_in_dead_letter_operations(sqlite_ledger):
 
 
 def test_tenant_isolation_in_feedback(sqlite_ledger):
-    from domain.adapters.testing import seed_feedback
+    from tests.fixtures.adapters import seed_feedback
     from domain.feedback import record_feedback
     from domain.ledger.db import session_scope
     from domain.ledger.models import Feedback

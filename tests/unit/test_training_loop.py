@@ -10,8 +10,8 @@ import torch
 from domain import checkpoints
 from domain.adapters import training as T
 from domain.adapters.data import IGNORE, FeedbackExample, TokenizedExample, tokenize
-from domain.adapters.testing import stdlib_review_pairs
-from domain.models import tiny_model
+from tests.fixtures.adapters import stdlib_review_pairs
+from tests.fixtures.tiny_models import tiny_model
 
 
 @pytest.fixture(autouse=True)

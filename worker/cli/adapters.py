@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import getpass
 import json
-import socket
 
 from rich.table import Table
 from sqlalchemy import desc, select
 
 from domain.ledger.db import session_scope
+from domain.logs import actor
 from domain.ledger.models import AdapterLineage, AdapterVersion
 from worker.cli._common import console, dump, fmt_time
-
-
-def _who() -> str:
-    try:
-        return f"cli:{getpass.getuser()}@{socket.gethostname()}"
-    except Exception:  # noqa: BLE001
-        return "cli"
 
 
 def register(sub) -> None:
@@ -155,7 +147,7 @@ def cmd_promote(args) -> int:
 
     with session_scope() as s:
         v = resolve_adapter(s, args.tenant, args.ref)
-        entry = move_alias(s, args.tenant, args.alias, v.id, _who(), args.reason)
+        entry = move_alias(s, args.tenant, args.alias, v.id, actor("cli"), args.reason)
         console.print(f"{args.alias} of {args.tenant}: {entry.from_version_id or '(base)'} → {v.id} ({v.name} v{v.version})")
     return 0
 
@@ -165,7 +157,7 @@ def cmd_rollback(args) -> int:
     from domain.adapters.store import rollback
 
     with session_scope() as s:
-        entry = rollback(s, args.tenant, _who(), args.reason, alias=args.alias)
+        entry = rollback(s, args.tenant, actor("cli"), args.reason, alias=args.alias)
         frm, to = entry.from_version_id, entry.to_version_id
     health.record("adapter", "rollback", "ok", f"{args.alias} rolled back {frm} → {to or '(base)'}: {args.reason}",
                   source="cli", tenant_id=args.tenant, detail={"from": frm, "to": to, "alias": args.alias})
@@ -179,7 +171,7 @@ def cmd_merge(args) -> int:
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     with session_scope() as s:
         v = merge_versions(s, args.tenant, args.refs, weights, name=args.name, combination=args.combination,
-                           moved_by=_who(), alias=args.alias)
+                           moved_by=actor("cli"), alias=args.alias)
         console.print(f"merged into {v.id} ({v.name} v{v.version}) at {v.artifact_path}")
     return 0
 
@@ -267,7 +259,7 @@ def cmd_schedule_tick(args) -> int:
 
     report: list = []
     jobs = tick(utcnow(), lambda kind, body, parent=None: enqueue(kind, body, parent_job_id=parent, created_by="cli"),
-                holder=_who(), report=report)
+                holder=actor("cli"), report=report)
     for r in report:
         console.print(f"{r['tenant']}/{r['adapter_name']} fire {r['fire']}: {r['action']}"
                       f"{' ' + r['job_id'] if r.get('job_id') else ''}{' (' + r['why'] + ')' if r.get('why') else ''}")

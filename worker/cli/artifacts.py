@@ -13,7 +13,7 @@ from domain.ledger.db import session_scope
 from domain.ledger.models import Artifact, Tenant
 from worker.cli._common import console, dump, fmt_time
 
-SERVABLE_KINDS = ("quantized_model", "distilled_model")  # = domain.quantization.SERVABLE_KINDS (no torch import here)
+SERVABLE_KINDS = ("quantized_model", "distilled_model")  # = domain.artifacts.SERVABLE_KINDS (no torch import here)
 
 
 def register(sub) -> None:

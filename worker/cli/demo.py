@@ -138,49 +138,8 @@ def cmd_demo(args) -> int:
     log = data / "demo-worker.log"
     console.print(f"starting a worker process (log: {log}) ...")
     worker = _start_worker(log)
-    failures: list[str] = []
-    review_ids: list[str] = []
-    tokens = 48 if args.quick else 96
-    steps_train = 8 if args.quick else 30
     try:
-        if "index" in steps:
-            console.rule("index: make the retrieval index")
-            st = _run_job("index", {"tenant": args.tenant, "action": "add", "documents": _stdlib_documents(12)},
-                          args.timeout, "index 12 stdlib functions")
-            failures += [] if st["status"] == "succeeded" else ["index"]
-        if "review" in steps:
-            console.rule("review: code reviews with the champion adapter (none yet: the base model)")
-            review_ids = _reviews(args, tokens, failures)
-        if "feedback" in steps and review_ids:
-            console.rule("feedback: users accept or correct reviews")
-            _feedback(args, review_ids)
-        if "retrain" in steps:
-            console.rule("retrain: a LoRA version from the feedback, judged by the eval gate")
-            st = _run_job("retrain", {"tenant": args.tenant, "max_steps": steps_train, "batch_size": 2,
-                                      "checkpoint_every": max(2, steps_train // 2), "lora_r": 8, "lora_alpha": 16,
-                                      "max_seq_len": 384, "promotion_margin": 0.0}, args.timeout)
-            if st["status"] != "succeeded":
-                failures.append("retrain")
-            else:
-                console.print(f"  result: {_short(st['result'])}")
-                if "review" in steps:
-                    console.rule("review again: served with the champion adapter")
-                    _reviews(args, tokens, failures, only=1)
-        if "quantize" in steps:
-            console.rule("quantize: NF4 serving artifact with a quality report")
-            st = _run_job("quantize", {"tenant": args.tenant, "method": "nf4",
-                                       "eval_max_tokens": 512 if args.quick else 2048}, args.timeout)
-            failures += [] if st["status"] == "succeeded" else ["quantize"]
-            if st["status"] == "succeeded":
-                console.print(f"  report: {_short(st['result'])}")
-        if "distill" in steps:
-            console.rule("distill: a half-depth student")
-            # "block" layer selection: one forward pass; the default "greedy" costs minutes on a CPU
-            st = _run_job("distill", {"tenant": args.tenant, "max_steps": 6 if args.quick else 20, "batch_size": 2,
-                                      "seq_len": 128, "checkpoint_every": 5, "layer_selection": "block"}, args.timeout)
-            failures += [] if st["status"] == "succeeded" else ["distill"]
-            if st["status"] == "succeeded":
-                console.print(f"  report: {_short(st['result'])}")
+        failures = _run_steps(args, steps)
     finally:
         _stop_worker(worker)
     console.rule("what the ledger recorded")
@@ -192,6 +151,53 @@ def cmd_demo(args) -> int:
     console.print(f"[green]demo finished in {took:.0f} s[/]: every step succeeded. Try `foundry jobs`, "
                   "`foundry audit costs`, `foundry adapters list --tenant demo`.")
     return 0
+
+
+def _run_steps(args, steps: list[str]) -> list[str]:
+    """Run the chosen steps in order, one job each through the worker; the names of the steps that failed."""
+    failures: list[str] = []
+    review_ids: list[str] = []
+    tokens = 48 if args.quick else 96
+    steps_train = 8 if args.quick else 30
+    if "index" in steps:
+        console.rule("index: make the retrieval index")
+        st = _run_job("index", {"tenant": args.tenant, "action": "add", "documents": _stdlib_documents(12)},
+                      args.timeout, "index 12 stdlib functions")
+        failures += [] if st["status"] == "succeeded" else ["index"]
+    if "review" in steps:
+        console.rule("review: code reviews with the champion adapter (none yet: the base model)")
+        review_ids = _reviews(args, tokens, failures)
+    if "feedback" in steps and review_ids:
+        console.rule("feedback: users accept or correct reviews")
+        _feedback(args, review_ids)
+    if "retrain" in steps:
+        console.rule("retrain: a LoRA version from the feedback, judged by the eval gate")
+        st = _run_job("retrain", {"tenant": args.tenant, "max_steps": steps_train, "batch_size": 2,
+                                  "checkpoint_every": max(2, steps_train // 2), "lora_r": 8, "lora_alpha": 16,
+                                  "max_seq_len": 384, "promotion_margin": 0.0}, args.timeout)
+        if st["status"] != "succeeded":
+            failures.append("retrain")
+        else:
+            console.print(f"  result: {_short(st['result'])}")
+            if "review" in steps:
+                console.rule("review again: served with the champion adapter")
+                _reviews(args, tokens, failures, only=1)
+    if "quantize" in steps:
+        console.rule("quantize: NF4 serving artifact with a quality report")
+        st = _run_job("quantize", {"tenant": args.tenant, "method": "nf4",
+                                   "eval_max_tokens": 512 if args.quick else 2048}, args.timeout)
+        failures += [] if st["status"] == "succeeded" else ["quantize"]
+        if st["status"] == "succeeded":
+            console.print(f"  report: {_short(st['result'])}")
+    if "distill" in steps:
+        console.rule("distill: a half-depth student")
+        # "block" layer selection: one forward pass; the default "greedy" costs minutes on a CPU
+        st = _run_job("distill", {"tenant": args.tenant, "max_steps": 6 if args.quick else 20, "batch_size": 2,
+                                  "seq_len": 128, "checkpoint_every": 5, "layer_selection": "block"}, args.timeout)
+        failures += [] if st["status"] == "succeeded" else ["distill"]
+        if st["status"] == "succeeded":
+            console.print(f"  report: {_short(st['result'])}")
+    return failures
 
 
 def _short(obj, limit: int = 400) -> str:

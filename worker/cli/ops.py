@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import getpass
 import json
 import socket
 import sys
 
 from rich.table import Table
 
+from domain.logs import actor
 from worker.cli._common import console, dump, err_console, fmt_time
-
-
-def _operator() -> str:
-    try:
-        return f"cli:{getpass.getuser()}@{socket.gethostname()}"
-    except Exception:  # noqa: BLE001
-        return "cli"
 
 
 def register(sub) -> None:
@@ -98,7 +91,7 @@ def cmd_resend_stranded(args) -> int:
     from worker import maintenance
 
     older = get_settings().stranded_after_s if args.older_than is None else args.older_than
-    report = maintenance.resend_stranded(older_than_s=older, dry_run=args.dry_run, source=_operator())
+    report = maintenance.resend_stranded(older_than_s=older, dry_run=args.dry_run, source=actor("cli"))
     if args.json:
         print(dump(report))
     elif not report["supported"]:
@@ -134,7 +127,7 @@ def cmd_dlq_retry(args) -> int:
     failed = 0
     for jid in args.job_ids:
         try:
-            new = dlq.retry(jid, enqueue, by=_operator(), tenant=args.tenant)
+            new = dlq.retry(jid, enqueue, by=actor("cli"), tenant=args.tenant)
             console.print(f"{jid} → retried as [bold]{new}[/bold]")
         except (LookupError, ValueError, RuntimeError) as exc:
             err_console.print(f"[red]{jid}:[/red] {exc}")
@@ -148,7 +141,7 @@ def cmd_dlq_drop(args) -> int:
     failed = 0
     for jid in args.job_ids:
         try:
-            dlq.drop(jid, by=_operator(), reason=args.reason, tenant=args.tenant)
+            dlq.drop(jid, by=actor("cli"), reason=args.reason, tenant=args.tenant)
             console.print(f"{jid} dropped")
         except (LookupError, ValueError) as exc:
             err_console.print(f"[red]{jid}:[/red] {exc}")
