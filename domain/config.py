@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     result_backend: str = Field("", description="Celery result backend; empty = same Redis as the broker, or a file backend when embedded.")
     celery_results: bool = Field(False, description="Also store each job's summary in the Celery result backend (for producers that wait on AsyncResult); off: the ledger is the only result store, which saves two Redis writes per job.")
     database_url: str = Field("", description="SQLAlchemy URL of the ledger; empty = sqlite under data_dir/ledger.db.")
+    database_password: str = Field("", repr=False, description="Password put into database_url, URL-encoded (usually FOUNDRY_DATABASE_PASSWORD_FILE).")
 
     base_model: str = Field("", description="Base causal LM: a Hugging Face id or local path; empty = the prepared embedded SmolLM2.")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'.")
@@ -66,6 +67,12 @@ class Settings(BaseSettings):
     allow_fault_injection: bool = Field(False, description="Lets noop jobs crash/exit on purpose (tests and benchmarks only).")
     log_json: bool = Field(False, description="Structured JSON logs.")
 
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        from domain.secrets import FileSecretsSource  # every FOUNDRY_X may come from the file FOUNDRY_X_FILE
+
+        return init_settings, env_settings, FileSecretsSource(settings_cls), dotenv_settings, file_secret_settings
+
     @field_validator("time_limits", mode="before")
     @classmethod
     def _parse_limits(cls, v):
@@ -80,7 +87,11 @@ class Settings(BaseSettings):
 
     @property
     def ledger_url(self) -> str:
-        return self.database_url or f"sqlite:///{(self.data_dir / 'ledger.db').resolve()}"
+        from domain.secrets import with_password
+
+        if self.database_url:
+            return with_password(self.database_url, self.database_password)
+        return f"sqlite:///{(self.data_dir / 'ledger.db').resolve()}"
 
     @property
     def broker_dir(self) -> Path:

@@ -178,9 +178,10 @@ def cmd_ledger_check(args) -> int:
 def cmd_metrics_serve(args) -> int:
     from domain.config import get_settings
     from domain.metrics import LedgerMetrics, serve
+    from domain.secrets import secret
     from worker.celery_app import QUEUES, broker_settings
 
-    user, password = os.environ.get("FOUNDRY_METRICS_USER"), os.environ.get("FOUNDRY_METRICS_PASSWORD")
+    user, password = secret("FOUNDRY_METRICS_USER"), secret("FOUNDRY_METRICS_PASSWORD")  # or their *_FILE
     if not args.no_auth_i_know and not (user and password):
         err_console.print("[red]error:[/red] set FOUNDRY_METRICS_USER and FOUNDRY_METRICS_PASSWORD (basic auth), "
                           "or pass --no-auth-i-know to serve without authentication")
