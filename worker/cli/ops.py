@@ -171,9 +171,10 @@ def cmd_metrics_serve(args) -> int:
     from domain.config import get_settings
     from domain.metrics import LedgerMetrics, serve
     from domain.kinds import QUEUES
+    from domain.secrets import secret
     from worker.celery_app import broker_settings
 
-    user, password = get_settings().metrics.user, get_settings().metrics.password
+    user, password = secret("FOUNDRY_METRICS_USER"), secret("FOUNDRY_METRICS_PASSWORD")  # or their *_FILE
     if not args.no_auth_i_know and not (user and password):
         err_console.print("[red]error:[/red] set FOUNDRY_METRICS_USER and FOUNDRY_METRICS_PASSWORD (basic auth), "
                           "or pass --no-auth-i-know to serve without authentication")

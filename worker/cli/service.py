@@ -55,6 +55,9 @@ def worker_argv(flavour: str, queues: str | None = None, concurrency: int | None
 
 
 def cmd_worker(args) -> int:
+    from domain import versions
+
+    versions.require()  # stop here, naming the library, rather than inside a job
     argv = worker_argv(args.flavour, args.queues, args.concurrency, args.name, args.loglevel)
     os.execvp(sys.executable, [sys.executable, "-m", *argv])
     return 0

@@ -1,0 +1,1 @@
+"""Alembic migrations of the ledger (installed as the package ``foundry_migrations``; see domain/ledger/migrate.py)."""
