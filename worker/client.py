@@ -27,6 +27,9 @@ from domain.ledger.models import FINAL_STATUSES, Job
 from domain.specs import JobSpec, parse_spec
 
 
+MAX_PRIORITY, DEFAULT_PRIORITY = 9, 5
+
+
 class EnqueueError(RuntimeError):
     """The broker could not take the job (it is recorded failed with this reason)."""
 
@@ -62,7 +65,19 @@ def send_job(app, kind: str, payload: dict, job_id: str, *, queue: str, priority
     job for a result that never comes (bench/queue_overhead.py counts them with Redis' commandstats).
     """
     return app.send_task(f"foundry.{kind}", args=[payload], task_id=job_id, queue=queue, routing_key=queue,
-                         priority=priority, ignore_result=not get_settings().celery_results, **options)
+                         priority=broker_priority(priority), ignore_result=not get_settings().celery_results,
+                         **options)
+
+
+def broker_priority(priority: int | None) -> int:
+    """The message priority for a job priority (0 = lowest ... 9 = highest, as specs and the ledger say).
+
+    kombu's Redis transport keeps one list per priority step and polls them from step 0 up, so a message
+    with priority 0 is taken first: it runs the scale backwards. Sending ``9 - priority`` makes a priority 9
+    job leave first. The ledger keeps the job's own priority; the stranded-job sweep resends through here.
+    The filesystem broker (embedded default) ignores priorities: its messages leave in arrival order.
+    """
+    return MAX_PRIORITY - (DEFAULT_PRIORITY if priority is None else priority)
 
 
 def enqueue(kind: str, body: dict | JobSpec, *, job_id: str | None = None, parent_job_id: str | None = None,
