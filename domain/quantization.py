@@ -9,7 +9,7 @@ float, the merged weights saved, and only then quantized. Nothing is ever merged
 
 ``load_serving_model(artifact)`` loads a ``quantized_model`` or ``distilled_model`` artifact recorded in the
 ledger (after checking its sha256) so a review worker can serve it; PEFT adapters load on top of it
-(QLoRA-style serving). A tenant chooses its artifact with ``foundry serve set TENANT ARTIFACT_ID``.
+(QLoRA-style serving). A tenant chooses its artifact with ``foundry serve set --tenant TENANT ARTIFACT_ID``.
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ then takes them one at a time, and the ledger's start times show the order it ch
 
 from __future__ import annotations
 
+from sqlalchemy import select
+
 from domain.ledger.db import session_scope
 from domain.ledger.models import Job
-from sqlalchemy import select
 from tests.integration.test_faults_kit import wait_final
 from tests.integration.workers import running_worker
 from worker.client import enqueue

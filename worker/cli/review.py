@@ -11,7 +11,7 @@ from sqlalchemy import select, text
 
 from domain.ledger.db import session_scope
 from domain.ledger.models import AdapterLineage, AdapterVersion, Review
-from worker.cli._common import console, dump, fmt_time, since
+from worker.cli._common import add_json, add_tenant, console, dump, fmt_time, since
 
 
 def register(sub) -> None:
@@ -21,10 +21,10 @@ def register(sub) -> None:
     p.add_argument("--adapter", help="an alias or adapter version id (default: the tenant's champion)")
     p.add_argument("--language")
     p.add_argument("--diff", action="store_true", help="the file is a unified diff")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest review to generate, in tokens (default 256)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
-    p.add_argument("--timeout", type=float, default=600)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the review (default 600)")
+    add_json(p, "the job's final status and result")
     p.set_defaults(func=cmd_review)
 
     p = sub.add_parser("feedback", help="accept or reject a review (the retraining data set)")
@@ -39,22 +39,25 @@ def register(sub) -> None:
     p = sub.add_parser("budget", help="per-tenant daily/monthly budgets in tokens and money")
     bsub = p.add_subparsers(dest="budget_command", required=True)
     s = bsub.add_parser("set", help="set limits ('none' clears one); unnamed limits are kept")
-    s.add_argument("tenant")
-    for flag in ("--daily-tokens", "--monthly-tokens", "--daily-cost", "--monthly-cost"):
-        s.add_argument(flag, metavar="N|none")
+    add_tenant(s, required=True)
+    for flag, unit in (("--daily-tokens", "tokens per UTC day"), ("--monthly-tokens", "tokens per UTC month"),
+                       ("--daily-cost", "money per UTC day, in the FOUNDRY_PRICES currency"),
+                       ("--monthly-cost", "money per UTC month, in the FOUNDRY_PRICES currency")):
+        s.add_argument(flag, metavar="N|none", help=unit)
+    add_json(s, "the budget after the change")
     s.set_defaults(func=cmd_budget_set)
     s = bsub.add_parser("show", help="limits and spend of the current UTC day and month")
-    s.add_argument("tenant")
-    s.add_argument("--json", action="store_true")
+    add_tenant(s, required=True)
+    add_json(s, "the budget")
     s.set_defaults(func=cmd_budget_show)
 
 
 def register_audit(sub) -> None:
     p = sub.add_parser("costs", help="tokens, seconds and money by tenant, day or adapter")
     p.add_argument("--by", choices=["tenant", "day", "adapter", "model", "kind"], default="tenant")
-    p.add_argument("--tenant")
-    p.add_argument("--since", help="e.g. 7d, 24h or an ISO date")
-    p.add_argument("--json", action="store_true")
+    add_tenant(p)
+    p.add_argument("--since", help="how far back: 7d, 24h, 30m or an ISO date (default: all time)")
+    add_json(p, "the rows")
     p.set_defaults(func=cmd_audit_costs)
 
     p = sub.add_parser("review", help="one review: which adapter wrote it, its cost, the adapter's lineage, feedback")
@@ -126,6 +129,9 @@ def cmd_budget_set(args) -> int:
     changes = {name: _limit(getattr(args, name), "tokens" in name)
                for name in ("daily_tokens", "monthly_tokens", "daily_cost", "monthly_cost")}
     status = set_budget(args.tenant, **{k: v for k, v in changes.items() if v is not ...})
+    if args.json:
+        print(dump(status))
+        return 0
     _print_budget(status)
     return 0
 
