@@ -23,7 +23,7 @@ from typing import Any, Callable
 from sqlalchemy import desc, select
 from sqlalchemy.orm import Session
 
-from domain import checkpoints, costs, health, logs
+from domain import checkpoints, costs, health, logs, tracing
 from domain.config import Settings, get_settings
 from domain.errors import InvalidJob, JobFailed, JobTimeout, TransientError
 from domain.ledger import jobstore
@@ -128,6 +128,7 @@ class JobContext:
         now = time.monotonic()
         if force or now - self._last_progress >= 1.0:
             self._last_progress = now
+            tracing.event("progress", fraction=fraction, **info)  # the handler's stages, when tracing is on
             try:
                 jobstore.record_progress(self.job_id, fraction, _jsonable(self.info))
             except Exception as exc:  # noqa: BLE001 - progress is best effort
@@ -247,7 +248,8 @@ def execute(kind: str, job_id: str, payload: Any, worker: str, settings: Setting
     settings = settings or get_settings()
     tenant = payload.get("tenant") if isinstance(payload, dict) and isinstance(payload.get("tenant"), str) else None
     try:
-        with logs.job_context(job_id=job_id, kind=kind, tenant=tenant):
+        with logs.job_context(job_id=job_id, kind=kind, tenant=tenant), \
+                tracing.span("foundry.job", kind=kind, job_id=job_id, tenant=tenant, worker=worker):
             return _execute(kind, job_id, payload, worker, settings)
     except RetryLater as exc:
         exc.countdown = _within_visibility(exc.countdown, settings)
@@ -279,9 +281,10 @@ def _execute(kind: str, job_id: str, payload: Any, worker: str, settings: Settin
         jobstore.record_rejected(job_id, kind, body, msg, field_name="tenant", code="unknown_tenant", worker=worker)
         return {"job_id": job_id, "status": "rejected", "error": msg, "field": "tenant"}
 
-    claim = jobstore.claim(job_id, kind, spec.tenant, body, worker, max_attempts=settings.max_attempts,
-                           stale_after_s=settings.stale_after_s, priority=spec.priority,
-                           idempotency_key=spec.idempotency_key)
+    with tracing.span("foundry.claim"):
+        claim = jobstore.claim(job_id, kind, spec.tenant, body, worker, max_attempts=settings.max_attempts,
+                               stale_after_s=settings.stale_after_s, priority=spec.priority,
+                               idempotency_key=spec.idempotency_key)
     if claim.busy:
         raise RetryLater(claim.reason, countdown=settings.stale_after_s)
     if not claim.run:
@@ -295,7 +298,7 @@ def _execute(kind: str, job_id: str, payload: Any, worker: str, settings: Settin
         _running[job_id] = ctx
     t0 = time.perf_counter()
     try:
-        with _HardLimit(limit + 30):
+        with _HardLimit(limit + 30), tracing.span("foundry.handler", attempt=claim.attempt):
             outcome = load_handler(kind)(spec, ctx)
     except InvalidJob as exc:
         jobstore.finish_failure(job_id, claim.attempt, str(exc), exc.code, final_status="rejected")
@@ -329,8 +332,9 @@ def _execute(kind: str, job_id: str, payload: Any, worker: str, settings: Settin
             outcome.usage.wall_seconds = time.perf_counter() - t0
         usage = costs.usage_row(outcome.usage, settings.prices())
     result = _jsonable(outcome.result)
-    stored = with_ledger(lambda: jobstore.finish_success(job_id, claim.attempt, worker, result, usage=usage,
-                                                         commit=outcome.commit), "finish", settings)
+    with tracing.span("foundry.finish"):
+        stored = with_ledger(lambda: jobstore.finish_success(job_id, claim.attempt, worker, result, usage=usage,
+                                                             commit=outcome.commit), "finish", settings)
     if stored is None:
         return {"job_id": job_id, "status": "superseded", "skipped": "another attempt owns this job"}
     checkpoints.after_success(kind, job_id)

@@ -19,6 +19,7 @@ import time
 import uuid
 from typing import Any
 
+from domain import tracing
 from domain.config import get_settings
 from domain.errors import InvalidJob
 from domain.ledger import jobstore
@@ -64,6 +65,9 @@ def send_job(app, kind: str, payload: dict, job_id: str, *, queue: str, priority
     for every message it sends, and unsubscribes when the AsyncResult is dropped: two Redis commands per
     job for a result that never comes (bench/queue_overhead.py counts them with Redis' commandstats).
     """
+    trace = tracing.headers()  # the enqueue span's traceparent, when tracing is on
+    if trace:
+        options["headers"] = {**options.get("headers", {}), **trace}
     return app.send_task(f"foundry.{kind}", args=[payload], task_id=job_id, queue=queue, routing_key=queue,
                          priority=broker_priority(priority), ignore_result=not get_settings().celery_results,
                          **options)
@@ -83,6 +87,13 @@ def broker_priority(priority: int | None) -> int:
 def enqueue(kind: str, body: dict | JobSpec, *, job_id: str | None = None, parent_job_id: str | None = None,
             created_by: str | None = None, countdown: float | None = None) -> str:
     """Validate, record and send one job. Returns its job id (the first job's, for a repeated idempotency key)."""
+    with tracing.span("foundry.enqueue", kind=kind, parent_job_id=parent_job_id):
+        return _enqueue(kind, body, job_id=job_id, parent_job_id=parent_job_id, created_by=created_by,
+                        countdown=countdown)
+
+
+def _enqueue(kind: str, body: dict | JobSpec, *, job_id: str | None, parent_job_id: str | None,
+             created_by: str | None, countdown: float | None) -> str:
     from worker.celery_app import queue_for
 
     settings = get_settings()
