@@ -178,6 +178,44 @@ def cmd_audit_costs(args) -> int:
     return 0
 
 
+LINEAGE_DEPTH = 50
+
+# The adapter, its parent, its parent's parent... in one statement (PostgreSQL and SQLite).
+_CHAIN = text("""WITH RECURSIVE chain(id, depth) AS (
+        SELECT CAST(:vid AS VARCHAR(32)), 0
+        UNION ALL
+        SELECT av.parent_id, c.depth + 1 FROM chain c JOIN adapter_versions av ON av.id = c.id
+        WHERE av.parent_id IS NOT NULL AND c.depth < :limit - 1)
+    SELECT id FROM chain ORDER BY depth""")
+
+
+def _lineage(s, version_id: str | None) -> list[dict]:
+    """The adapter version and its ancestors (at most LINEAGE_DEPTH), with their merge parents: three
+    statements whatever the depth (docs/ledger.md, bench/audit_queries.py)."""
+    if not version_id:
+        return []
+    ids: list[str] = []
+    for (vid,) in s.execute(_CHAIN, {"vid": version_id, "limit": LINEAGE_DEPTH}):
+        if vid in ids:  # a cycle: stop at the first repeat
+            break
+        ids.append(vid)
+    versions = {v.id: v for v in s.scalars(select(AdapterVersion).where(AdapterVersion.id.in_(ids)))}
+    merged: dict[str, list] = {}
+    for m in s.scalars(select(AdapterLineage).where(AdapterLineage.child_id.in_(ids))):
+        merged.setdefault(m.child_id, []).append({"parent_id": m.parent_id, "relation": m.relation, "weight": m.weight})
+    out = []
+    for vid in ids:
+        v = versions.get(vid)
+        if v is None:
+            break
+        out.append({"id": v.id, "name": v.name, "version": v.version, "status": v.status,
+                    "parent_id": v.parent_id, "base_model_id": v.base_model_id, "dataset_hash": v.dataset_hash,
+                    "dataset_size": v.dataset_size, "trained_by_job": v.created_by_job_id,
+                    "artifact_sha256": v.artifact_sha256, "created_at": v.created_at,
+                    "merged_from": merged.get(vid, [])})
+    return out
+
+
 def review_audit(review_id: str, tenant: str | None = None) -> dict:
     """Everything the ledger knows about one review. Raises LookupError if absent (or another tenant's)."""
     from domain.feedback import feedback_for_review
@@ -188,19 +226,7 @@ def review_audit(review_id: str, tenant: str | None = None) -> dict:
             raise LookupError(f"review {review_id!r} not found" + (f" for tenant {tenant!r}" if tenant else ""))
         res = s.execute(text("SELECT * FROM v_review_audit WHERE review_id = :id"), {"id": review_id})
         audit = dict(zip(res.keys(), res.one()))
-        lineage, seen, vid = [], set(), review.adapter_version_id
-        while vid and vid not in seen and len(lineage) < 50:  # the adapter, its parent, its parent's parent...
-            seen.add(vid)
-            v = s.get(AdapterVersion, vid)
-            if v is None:
-                break
-            merged = [{"parent_id": m.parent_id, "relation": m.relation, "weight": m.weight}
-                      for m in s.scalars(select(AdapterLineage).where(AdapterLineage.child_id == v.id))]
-            lineage.append({"id": v.id, "name": v.name, "version": v.version, "status": v.status,
-                            "parent_id": v.parent_id, "base_model_id": v.base_model_id, "dataset_hash": v.dataset_hash,
-                            "dataset_size": v.dataset_size, "trained_by_job": v.created_by_job_id,
-                            "artifact_sha256": v.artifact_sha256, "created_at": v.created_at, "merged_from": merged})
-            vid = v.parent_id
+        lineage = _lineage(s, review.adapter_version_id)
         body = {"summary": review.summary, "findings": review.findings, "path": review.path,
                 "language": review.language, "truncation": review.truncation, "context_chunks": review.context_chunks}
     return {"audit": audit, "review": body, "adapter_lineage": lineage,
