@@ -186,28 +186,25 @@ _CHAIN = text("""WITH RECURSIVE chain(id, depth) AS (
         UNION ALL
         SELECT av.parent_id, c.depth + 1 FROM chain c JOIN adapter_versions av ON av.id = c.id
         WHERE av.parent_id IS NOT NULL AND c.depth < :limit - 1)
-    SELECT id FROM chain ORDER BY depth""")
+    SELECT av.* FROM chain c JOIN adapter_versions av ON av.id = c.id ORDER BY c.depth""")
 
 
 def _lineage(s, version_id: str | None) -> list[dict]:
-    """The adapter version and its ancestors (at most LINEAGE_DEPTH), with their merge parents: three
+    """The adapter version and its ancestors (at most LINEAGE_DEPTH), with their merge parents: two
     statements whatever the depth (docs/ledger.md, bench/audit_queries.py)."""
     if not version_id:
         return []
-    ids: list[str] = []
-    for (vid,) in s.execute(_CHAIN, {"vid": version_id, "limit": LINEAGE_DEPTH}):
-        if vid in ids:  # a cycle: stop at the first repeat
+    versions: dict[str, AdapterVersion] = {}
+    for v in s.scalars(select(AdapterVersion).from_statement(_CHAIN), {"vid": version_id, "limit": LINEAGE_DEPTH}):
+        if v.id in versions:  # a cycle: stop at the first repeat
             break
-        ids.append(vid)
-    versions = {v.id: v for v in s.scalars(select(AdapterVersion).where(AdapterVersion.id.in_(ids)))}
+        versions[v.id] = v
+    ids = list(versions)
     merged: dict[str, list] = {}
     for m in s.scalars(select(AdapterLineage).where(AdapterLineage.child_id.in_(ids))):
         merged.setdefault(m.child_id, []).append({"parent_id": m.parent_id, "relation": m.relation, "weight": m.weight})
     out = []
-    for vid in ids:
-        v = versions.get(vid)
-        if v is None:
-            break
+    for vid, v in versions.items():
         out.append({"id": v.id, "name": v.name, "version": v.version, "status": v.status,
                     "parent_id": v.parent_id, "base_model_id": v.base_model_id, "dataset_hash": v.dataset_hash,
                     "dataset_size": v.dataset_size, "trained_by_job": v.created_by_job_id,
