@@ -186,10 +186,10 @@ def queries(picks: dict) -> dict:
 
 
 def measure(url: str, picks: dict, runs: int, seed: int = 0) -> dict:
+    import os
+
     from domain.config import reset_settings
     from domain.ledger import db
-
-    import os
 
     os.environ["FOUNDRY_DATABASE_URL"] = url
     reset_settings()

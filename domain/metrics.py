@@ -235,10 +235,9 @@ class LedgerMetrics:
             self._seen[row.id] = finished
             newest = max(newest, finished)
             self.finished.labels(row.kind, row.status).inc()
-            if row.started_at is not None:
-                if self._waited.pop(row.id, None) is None:  # started and finished between two scrapes
-                    self.wait.labels(row.kind).observe(
-                        max(0.0, (_aware(row.started_at) - _aware(row.enqueued_at)).total_seconds()))
+            if row.started_at is not None and self._waited.pop(row.id, None) is None:  # ran between two scrapes
+                self.wait.labels(row.kind).observe(
+                    max(0.0, (_aware(row.started_at) - _aware(row.enqueued_at)).total_seconds()))
             if row.status == "succeeded" and row.started_at is not None:
                 self.duration.labels(row.kind).observe(max(0.0, (finished - _aware(row.started_at)).total_seconds()))
             elif row.status in FAILED:
