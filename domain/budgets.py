@@ -85,7 +85,7 @@ def check_budget(tenant: str, estimate: Usage | None = None, prices: dict | None
         if over:
             extra = f"; this job needs up to {need}" if need else ""
             raise InvalidJob(f"tenant: {tenant!r} is over its {period} {unit} budget: used {used} of {limit}{extra} "
-                             f"(raise it with `foundry budget set {tenant} --{period}-{unit}{'s' if unit == 'token' else ''} ...`)",
+                             f"(raise it with `foundry budget set --tenant {tenant} --{period}-{unit}{'s' if unit == 'token' else ''} ...`)",
                              field="tenant", code="over_budget")
 
 

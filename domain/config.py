@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     max_resident_adapters: int = Field(8, ge=1, description="LoRA adapters kept loaded per review worker (LRU, evicted adapters are deleted).")
     allow_fault_injection: bool = Field(False, description="Lets noop jobs crash/exit on purpose (tests and benchmarks only).")
     log_json: bool = Field(False, description="Structured JSON logs.")
+    # tracing (domain/tracing.py)
+    otel_enabled: bool = Field(False, description="Send OpenTelemetry spans (enqueue, claim, handler, finish) to the OTLP/HTTP collector at OTEL_EXPORTER_OTLP_ENDPOINT.")
+    otel_service_name: str = Field("foundry", description="service.name of those spans.")
 
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     circuit: CircuitSettings = Field(default_factory=CircuitSettings)

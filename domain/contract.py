@@ -16,7 +16,7 @@ from typing import Any, Callable
 from sqlalchemy import desc, select
 from sqlalchemy.orm import Session
 
-from domain import costs, health
+from domain import costs, health, tracing
 from domain.config import Settings
 from domain.errors import JobTimeout
 from domain.ledger import jobstore
@@ -148,6 +148,7 @@ class JobContext:
         now = time.monotonic()
         if force or now - self._last_progress >= 1.0:
             self._last_progress = now
+            tracing.event("progress", fraction=fraction, **info)  # the handler's stages, when tracing is on
             try:
                 jobstore.record_progress(self.job_id, fraction, jsonable(self.info))
             except Exception as exc:  # noqa: BLE001 - progress is best effort

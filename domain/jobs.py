@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from domain import checkpoints, costs, logs
+from domain import checkpoints, costs, logs, tracing
 from domain.config import Settings, get_settings
 from domain.contract import (JobContext, Outcome, RetryLater, SoftStop, jsonable, register_running, start_heartbeat,
                              unregister_running)
@@ -119,7 +119,8 @@ def execute(kind: str, job_id: str, payload: Any, worker: str, settings: Setting
     settings = settings or get_settings()
     tenant = payload.get("tenant") if isinstance(payload, dict) and isinstance(payload.get("tenant"), str) else None
     try:
-        with logs.job_context(job_id=job_id, kind=kind, tenant=tenant):
+        with logs.job_context(job_id=job_id, kind=kind, tenant=tenant), \
+                tracing.span("foundry.job", kind=kind, job_id=job_id, tenant=tenant, worker=worker):
             return _execute(kind, job_id, payload, worker, settings)
     except RetryLater as exc:
         exc.countdown = _within_visibility(exc.countdown, settings)
@@ -176,9 +177,10 @@ def _admit(kind: str, job_id: str, payload: Any, worker: str, settings: Settings
 
 def _claim(kind: str, job_id: str, spec: JobSpec, worker: str, settings: Settings) -> Claim:
     """This delivery's attempt; a job finished, dead or owned by a live worker is skipped or handed back."""
-    claim = jobstore.claim(job_id, kind, spec.tenant, spec.model_dump(mode="json"), worker,
-                           max_attempts=settings.max_attempts, stale_after_s=settings.stale_after_s,
-                           priority=spec.priority, idempotency_key=spec.idempotency_key)
+    with tracing.span("foundry.claim"):
+        claim = jobstore.claim(job_id, kind, spec.tenant, spec.model_dump(mode="json"), worker,
+                               max_attempts=settings.max_attempts, stale_after_s=settings.stale_after_s,
+                               priority=spec.priority, idempotency_key=spec.idempotency_key)
     if claim.busy:
         raise RetryLater(claim.reason, countdown=settings.stale_after_s)
     if not claim.run:
@@ -198,7 +200,7 @@ def _run_handler(ctx: JobContext, settings: Settings) -> tuple[Outcome, float]:
     register_running(ctx)
     t0 = time.perf_counter()
     try:
-        with _HardLimit(_time_limit(ctx.kind, settings) + 30):
+        with _HardLimit(_time_limit(ctx.kind, settings) + 30), tracing.span("foundry.handler", attempt=ctx.attempt):
             outcome = load_handler(ctx.kind)(ctx.spec, ctx)
     except InvalidJob as exc:
         jobstore.finish_failure(job_id, attempt, str(exc), exc.code, final_status="rejected")
@@ -241,8 +243,9 @@ def _record_success(ctx: JobContext, outcome: Outcome, seconds: float, settings:
             outcome.usage.wall_seconds = seconds
         usage = costs.usage_row(outcome.usage, settings.prices())
     result = jsonable(outcome.result)
-    stored = with_ledger(lambda: jobstore.finish_success(ctx.job_id, ctx.attempt, ctx.worker, result, usage=usage,
-                                                         commit=outcome.commit), "finish", settings)
+    with tracing.span("foundry.finish"):
+        stored = with_ledger(lambda: jobstore.finish_success(ctx.job_id, ctx.attempt, ctx.worker, result, usage=usage,
+                                                             commit=outcome.commit), "finish", settings)
     if stored is None:
         return {"job_id": ctx.job_id, "status": "superseded", "skipped": "another attempt owns this job"}
     checkpoints.after_success(ctx.kind, ctx.job_id)

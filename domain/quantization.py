@@ -8,7 +8,7 @@ Merging is done the right way: the base is loaded in float, the adapter merged (
 float, the merged weights saved, and only then quantized. Nothing is ever merged into 4-bit weights.
 
 The artifact is loaded for serving by ``domain.artifacts.load_serving_model``; PEFT adapters load on top of it
-(QLoRA-style serving). A tenant chooses its artifact with ``foundry serve set TENANT ARTIFACT_ID``.
+(QLoRA-style serving). A tenant chooses its artifact with ``foundry serve set --tenant TENANT ARTIFACT_ID``.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import time
 import uuid
 from typing import Any
 
+from domain import tracing
 from domain.config import get_settings
 from domain.errors import InvalidJob
 from domain.ledger import jobstore
@@ -24,6 +25,9 @@ from domain.kinds import parse_spec, queue_for
 from domain.ledger.models import FINAL_STATUSES, Job
 from domain.logs import actor
 from domain.specs import JobSpec
+
+
+MAX_PRIORITY, DEFAULT_PRIORITY = 9, 5
 
 
 class EnqueueError(RuntimeError):
@@ -54,13 +58,35 @@ def send_job(app, kind: str, payload: dict, job_id: str, *, queue: str, priority
     for every message it sends, and unsubscribes when the AsyncResult is dropped: two Redis commands per
     job for a result that never comes (bench/queue_overhead.py counts them with Redis' commandstats).
     """
+    trace = tracing.headers()  # the enqueue span's traceparent, when tracing is on
+    if trace:
+        options["headers"] = {**options.get("headers", {}), **trace}
     return app.send_task(f"foundry.{kind}", args=[payload], task_id=job_id, queue=queue, routing_key=queue,
-                         priority=priority, ignore_result=not get_settings().celery_results, **options)
+                         priority=broker_priority(priority), ignore_result=not get_settings().celery_results,
+                         **options)
+
+
+def broker_priority(priority: int | None) -> int:
+    """The message priority for a job priority (0 = lowest ... 9 = highest, as specs and the ledger say).
+
+    kombu's Redis transport keeps one list per priority step and polls them from step 0 up, so a message
+    with priority 0 is taken first: it runs the scale backwards. Sending ``9 - priority`` makes a priority 9
+    job leave first. The ledger keeps the job's own priority; the stranded-job sweep resends through here.
+    The filesystem broker (embedded default) ignores priorities: its messages leave in arrival order.
+    """
+    return MAX_PRIORITY - (DEFAULT_PRIORITY if priority is None else priority)
 
 
 def enqueue(kind: str, body: dict | JobSpec, *, job_id: str | None = None, parent_job_id: str | None = None,
             created_by: str | None = None, countdown: float | None = None) -> str:
     """Validate, record and send one job. Returns its job id (the first job's, for a repeated idempotency key)."""
+    with tracing.span("foundry.enqueue", kind=kind, parent_job_id=parent_job_id):
+        return _enqueue(kind, body, job_id=job_id, parent_job_id=parent_job_id, created_by=created_by,
+                        countdown=countdown)
+
+
+def _enqueue(kind: str, body: dict | JobSpec, *, job_id: str | None, parent_job_id: str | None,
+             created_by: str | None, countdown: float | None) -> str:
     settings = get_settings()
     job_id = job_id or uuid.uuid4().hex
     raw = body.model_dump(mode="json") if isinstance(body, JobSpec) else body

@@ -12,7 +12,7 @@ import os
 from celery import Task
 from celery.exceptions import Reject
 
-from domain import jobs
+from domain import jobs, tracing
 from domain.kinds import KINDS
 from worker import signals  # noqa: F401  (worker lifecycle: health events, soft stop, memory recycling)
 from worker.celery_app import app
@@ -31,13 +31,20 @@ def worker_id(task: Task) -> str:
     return f"{task.request.hostname or 'worker'}:{os.getpid()}"
 
 
+def trace_headers(request) -> dict:
+    """The producer's trace context: custom headers are top-level request fields (``headers`` under apply)."""
+    nested = getattr(request, "headers", None) or {}
+    return {k: getattr(request, k, None) or nested.get(k) for k in ("traceparent", "tracestate")}
+
+
 def run(task: Task, kind: str, body, extra: dict) -> dict:
     if body is None and extra:
         body, extra = extra, {}
     elif extra:
         body = {**body, **extra} if isinstance(body, dict) else body
     try:
-        return jobs.execute(kind, task.request.id, body, worker_id(task))
+        with tracing.continued(trace_headers(task.request)):
+            return jobs.execute(kind, task.request.id, body, worker_id(task))
     except jobs.RetryLater as exc:
         raise task.retry(countdown=exc.countdown, max_retries=None, exc=RuntimeError(str(exc)))
     except jobs.SoftStop:

@@ -1,115 +1,89 @@
-"""A small cron matcher: ``@hourly``, ``@daily``, ``@weekly``, ``@monthly``, ``@yearly`` or five fields
-``minute hour day-of-month month day-of-week`` with ``*``, numbers, ranges ``a-b``, steps ``*/n`` / ``a-b/n``
-and lists ``a,b``. Day of week: 0-7 (0 and 7 are Sunday). As in Vixie cron, when both day fields are
-restricted a time matches if either matches. All times are UTC.
+"""Cron expressions for retraining schedules, evaluated by croniter (a kept library, not our own parser).
+
+Accepted: the aliases ``@hourly``, ``@daily`` (``@midnight``), ``@weekly``, ``@monthly``, ``@yearly``
+(``@annually``) or five fields ``minute hour day-of-month month day-of-week`` with ``*``, numbers, names
+(``JAN``-``DEC``, ``SUN``-``SAT``, e.g. ``MON-FRI``), ranges, steps (``*/15``, ``9-17/2``), lists,
+``L`` (last day of the month in day-of-month; ``L5`` = the last Friday in day-of-week) and ``5#2`` (the
+second Friday). Day of week 0-7 (0 and 7 are Sunday). As in Vixie cron, when both day fields are
+restricted a time matches if either matches.
+
+Times are UTC unless the expression starts with ``CRON_TZ=<IANA zone>`` (cronie's syntax), e.g.
+``CRON_TZ=Europe/Berlin 0 3 * * MON-FRI``: the fields are then read as wall-clock time in that zone
+(daylight-saving changes included) and every time returned is UTC.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone, tzinfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-ALIASES = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@weekly": "0 0 * * 0",
-           "@monthly": "0 0 1 * *", "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *"}
-_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
-_NAMES = ("minute", "hour", "day of month", "month", "day of week")
+from croniter import CroniterBadDateError, CroniterError, croniter
+
+TZ_PREFIX = "CRON_TZ="
+FIELDS = "minute hour day-of-month month day-of-week"
 
 
 @dataclass(frozen=True)
 class Cron:
-    expr: str
-    minutes: frozenset
-    hours: frozenset
-    days: frozenset
-    months: frozenset
-    weekdays: frozenset  # 0 = Sunday
-    any_day: bool
-    any_weekday: bool
+    expr: str       # as written (with its CRON_TZ= prefix, if any)
+    fields: str     # the cron part croniter evaluates
+    tz: tzinfo
+
+    def _iter(self, start: datetime) -> croniter:
+        return croniter(self.fields, _utc(start).astimezone(self.tz), ret_type=datetime)
 
     def matches(self, t: datetime) -> bool:
-        if t.minute not in self.minutes or t.hour not in self.hours or t.month not in self.months:
-            return False
-        dom = t.day in self.days
-        dow = (t.isoweekday() % 7) in self.weekdays
-        if self.any_day or self.any_weekday:
-            return dom and dow
-        return dom or dow
+        """Whether the minute holding ``t`` is a fire time."""
+        return croniter.match(self.fields, _utc(t).astimezone(self.tz).replace(second=0, microsecond=0))
 
-    def previous(self, now: datetime, horizon_days: int = 400) -> datetime | None:
-        """The latest matching minute at or before ``now`` (None within ``horizon_days``)."""
-        t = now.replace(second=0, microsecond=0)
-        end = t - timedelta(days=horizon_days)
-        while t >= end:
-            if t.month not in self.months or not self._day_ok(t):
-                t = t.replace(hour=0, minute=0) - timedelta(minutes=1)  # go to the end of the previous day
-                continue
-            if t.hour not in self.hours:
-                t = t.replace(minute=0) - timedelta(minutes=1)
-                continue
-            if t.minute in self.minutes:
-                return t
-            t -= timedelta(minutes=1)
-        return None
+    def previous(self, now: datetime) -> datetime | None:
+        """The latest fire time at or before ``now`` (UTC), None if there is none."""
+        start = _utc(now).replace(second=0, microsecond=0) + timedelta(minutes=1)
+        try:
+            return _utc(self._iter(start).get_prev(datetime))
+        except CroniterBadDateError:
+            return None
 
-    def next(self, after: datetime, horizon_days: int = 400) -> datetime | None:
-        """The first matching minute strictly after ``after``."""
-        t = after.replace(second=0, microsecond=0) + timedelta(minutes=1)
-        end = t + timedelta(days=horizon_days)
-        while t <= end:
-            if t.month not in self.months or not self._day_ok(t):
-                t = t.replace(hour=0, minute=0) + timedelta(days=1)
-                continue
-            if t.hour not in self.hours:
-                t = t.replace(minute=0) + timedelta(hours=1)
-                continue
-            if t.minute in self.minutes:
-                return t
-            t += timedelta(minutes=1)
-        return None
+    def next(self, after: datetime) -> datetime | None:
+        """The first fire time strictly after ``after`` (UTC), None if there is none."""
+        try:
+            return _utc(self._iter(after).get_next(datetime))
+        except CroniterBadDateError:
+            return None
 
-    def _day_ok(self, t: datetime) -> bool:
-        dom = t.day in self.days
-        dow = (t.isoweekday() % 7) in self.weekdays
-        if self.any_day or self.any_weekday:
-            return dom and dow
-        return dom or dow
+    def upcoming(self, after: datetime, n: int = 3) -> list[datetime]:
+        """The next ``n`` fire times strictly after ``after`` (UTC)."""
+        it = self._iter(after)
+        return [_utc(it.get_next(datetime)) for _ in range(n)]
 
 
-def _field(text: str, index: int) -> frozenset:
-    lo, hi = _RANGES[index]
-    values: set[int] = set()
-    for part in text.split(","):
-        base, _, step_text = part.partition("/")
-        step = int(step_text) if step_text else 1
-        if step < 1:
-            raise ValueError(f"cron {_NAMES[index]}: step must be >= 1 in {part!r}")
-        if base == "*":
-            a, b = lo, hi
-        elif "-" in base:
-            a, b = (int(x) for x in base.split("-", 1))
-        else:
-            a = int(base)
-            b = hi if step_text else a
-        if not (lo <= a <= hi and lo <= b <= hi and a <= b):
-            raise ValueError(f"cron {_NAMES[index]}: {part!r} is outside {lo}-{hi}")
-        values.update(range(a, b + 1, step))
-    if index == 4 and 7 in values:
-        values = (values - {7}) | {0}
-    return frozenset(values)
+def _utc(t: datetime) -> datetime:
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
 
 
 def parse(expr: str) -> Cron:
-    """Parse a cron expression; raises ValueError naming the bad field."""
-    text = ALIASES.get(expr.strip().lower(), expr.strip())
-    fields = text.split()
-    if len(fields) != 5:
+    """Parse a cron expression; raises ValueError saying what is wrong (and that it never fires)."""
+    text = (expr or "").strip()
+    tz: tzinfo = timezone.utc
+    if text.startswith(TZ_PREFIX):
+        zone, _, text = text[len(TZ_PREFIX):].partition(" ")
+        try:
+            tz = ZoneInfo(zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"cron expression {expr!r}: unknown time zone {zone!r} (an IANA name such as "
+                             "Europe/Berlin)") from None
+        text = text.strip()
+    if not text.startswith("@") and len(text.split()) != 5:
         raise ValueError(f"cron expression {expr!r}: expected @hourly/@daily/@weekly/@monthly/@yearly or 5 fields "
-                         f"(minute hour day-of-month month day-of-week), got {len(fields)}")
+                         f"({FIELDS}), got {len(text.split())}")
     try:
-        parsed = [_field(f, i) for i, f in enumerate(fields)]
-    except ValueError as exc:
-        if "cron" in str(exc):
-            raise ValueError(f"cron expression {expr!r}: {exc}") from None
-        raise ValueError(f"cron expression {expr!r}: not a number in {text!r}") from None
-    return Cron(expr=expr, minutes=parsed[0], hours=parsed[1], days=parsed[2], months=parsed[3], weekdays=parsed[4],
-                any_day=fields[2] == "*", any_weekday=fields[4] == "*")
+        cron = Cron(expr=expr, fields=text, tz=tz)
+        first = cron._iter(datetime(2000, 1, 1, tzinfo=timezone.utc)).get_next(datetime)
+    except CroniterBadDateError:
+        raise ValueError(f"cron expression {expr!r}: never fires (no such date)") from None
+    except (CroniterError, KeyError, IndexError) as exc:
+        raise ValueError(f"cron expression {expr!r}: {exc} ({FIELDS})") from None
+    if first is None:
+        raise ValueError(f"cron expression {expr!r}: never fires")
+    return cron

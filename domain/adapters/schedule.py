@@ -88,11 +88,12 @@ def list_schedules(tenant: str | None = None, url: str | None = None) -> list[di
 
 def describe(row: RetrainSchedule) -> dict:
     c = cronlib.parse(row.cron)
-    after = aware(row.last_run_at) or aware(row.updated_at) or utcnow()
+    after = max(aware(row.last_run_at) or aware(row.updated_at) or utcnow(), utcnow())
+    upcoming = c.upcoming(after, 3) if row.enabled else []
     return {"id": row.id, "tenant": row.tenant_id, "adapter_name": row.adapter_name, "cron": row.cron,
             "min_new_feedback": row.min_new_feedback, "enabled": row.enabled, "params": row.params,
             "last_run_at": aware(row.last_run_at), "last_job_id": row.last_job_id,
-            "next_run_at": c.next(max(after, utcnow())) if row.enabled else None}
+            "next_run_at": upcoming[0] if upcoming else None, "next_runs": upcoming}
 
 
 # ---- the beat -------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def resolve_adapter(session: Session, tenant: str, ref: str | None) -> AdapterVe
     version = session.get(AdapterVersion, alias.version_id if alias is not None else ref)
     if version is None or version.tenant_id != tenant:
         raise InvalidJob(f"adapter: unknown adapter {ref!r} for tenant {tenant!r} (give an alias such as "
-                         f"'champion' or a version id; see `foundry adapters list {tenant}`)", field="adapter")
+                         f"'champion' or a version id; see `foundry adapters list --tenant {tenant}`)", field="adapter")
     return version
 
 

@@ -229,7 +229,8 @@ class Feedback(Base):
     correction: Mapped[str | None] = mapped_column(Text)
     created_by: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    __table_args__ = (Index("ix_feedback_tenant_created", "tenant_id", "created_at"),)
+    __table_args__ = (Index("ix_feedback_tenant_created", "tenant_id", "created_at"),
+                      Index("ix_feedback_review", "review_id"))
 
 
 class UsageCost(Base):
@@ -253,6 +254,10 @@ class UsageCost(Base):
     __table_args__ = (
         Index("ix_usage_tenant_created", "tenant_id", "created_at"),
         Index("ix_usage_adapter", "adapter_version_id"),
+        # PostgreSQL: one tenant's costs per UTC day, index-only (migration 0005_ops, v_costs_daily)
+        Index("ix_usage_tenant_day", "tenant_id", text("((created_at AT TIME ZONE 'UTC')::date)"),
+              postgresql_include=["kind", "adapter_version_id", "model_id", "prompt_tokens", "completion_tokens",
+                                  "wall_seconds", "gpu_seconds", "cost", "currency"]).ddl_if(dialect="postgresql"),
     )
 
 

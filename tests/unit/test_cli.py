@@ -55,7 +55,7 @@ def test_watch_ends_with_the_final_status(ledger, capsys):
 def test_enqueue_rejects_a_bad_job_naming_the_field_and_records_it(ledger, capsys, tmp_path):
     f = tmp_path / "x.py"
     f.write_text("def f():\n    return 1\n")
-    code, out = run(capsys, "enqueue", "review", "--file", str(f), "--tenant", "acme", "--json", '{"max_new_tokens": -3}')
+    code, out = run(capsys, "enqueue", "review", "--file", str(f), "--tenant", "acme", "--body", '{"max_new_tokens": -3}')
     assert code == 2 and "max_new_tokens" in out
     code, out = run(capsys, "jobs", "--status", "rejected", "--json")
     assert json.loads(out)[0]["payload"]["code"].startswith("def f")

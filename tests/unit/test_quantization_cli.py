@@ -38,15 +38,15 @@ def test_list_and_show(quantized, capsys):
     assert main(["artifacts", "show", quantized]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["lineage"]["method"] == "int8" and "kl_divergence" in shown["report"]
-    assert main(["artifacts", "show", "nope"]) == 2
+    assert main(["artifacts", "show", "nope"]) == 1
 
 
 def test_serve_set_and_back_to_base(quantized, capsys):
-    assert main(["serve", "set", "acme", quantized]) == 0
+    assert main(["serve", "set", "--tenant", "acme", quantized]) == 0
     assert serving("acme") == quantized
-    assert main(["serve", "show", "acme"]) == 0
+    assert main(["serve", "show", "--tenant", "acme"]) == 0
     assert quantized in capsys.readouterr().out
-    assert main(["serve", "set", "acme", "--base"]) == 0
+    assert main(["serve", "set", "--tenant", "acme", "--base"]) == 0
     assert serving("acme") is None
     with session_scope() as s:
         events = [e.detail for e in s.query(HealthEvent).filter_by(event="serving_changed").order_by(HealthEvent.id)]
@@ -54,11 +54,11 @@ def test_serve_set_and_back_to_base(quantized, capsys):
 
 
 def test_serve_set_refuses_what_cannot_be_served(quantized):
-    assert main(["serve", "set", "other", quantized]) == 2  # another tenant's artifact
-    assert main(["serve", "set", "ghost", quantized]) == 2  # unknown tenant
-    assert main(["serve", "set", "acme", "nope"]) == 2
-    assert main(["serve", "set", "acme"]) == 2  # neither an id nor --base
+    assert main(["serve", "set", "--tenant", "other", quantized]) == 2  # another tenant's artifact
+    assert main(["serve", "set", "--tenant", "ghost", quantized]) == 1  # unknown tenant
+    assert main(["serve", "set", "--tenant", "acme", "nope"]) == 1
+    assert main(["serve", "set", "--tenant", "acme"]) == 2  # neither an id nor --base
     with session_scope() as s:
         s.add(Artifact(id="snap1", kind="index_snapshot", tenant_id="acme", path="x"))
-    assert main(["serve", "set", "acme", "snap1"]) == 2
+    assert main(["serve", "set", "--tenant", "acme", "snap1"]) == 2
     assert serving("acme") is None and serving("other") is None

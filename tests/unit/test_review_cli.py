@@ -51,7 +51,7 @@ def test_audit_review_shows_adapter_cost_and_lineage(sqlite_ledger, capsys):
     out = capsys.readouterr().out
     assert "reviewer v2" in out and "adapter lineage" in out and "0.000105" in out
     add_tenant(sqlite_ledger, "rival")
-    assert main(["audit", "review", rid, "--tenant", "rival"]) == 2  # not found for another tenant
+    assert main(["audit", "review", rid, "--tenant", "rival"]) == 1  # not found for another tenant
 
 
 def test_feedback_command(sqlite_ledger, tmp_path, capsys):
@@ -61,8 +61,8 @@ def test_feedback_command(sqlite_ledger, tmp_path, capsys):
     correction.write_text("Summary: x is never used.\nFindings:\n- [low] line 1: remove x\n")
     assert main(["feedback", rid, "--accept"]) == 0
     assert main(["feedback", rid, "--reject", "--correction", str(correction), "--tenant", "acme"]) == 0
-    assert main(["feedback", rid, "--accept", "--tenant", "rival"]) == 2
-    assert main(["feedback", "missing", "--accept"]) == 2
+    assert main(["feedback", rid, "--accept", "--tenant", "rival"]) == 1
+    assert main(["feedback", "missing", "--accept"]) == 1
     with session_scope() as s:
         rows = s.query(Feedback).order_by(Feedback.created_at).all()
         assert [(f.verdict, f.adapter_version_id, f.tenant_id) for f in rows] == [("accept", v2, "acme"), ("reject", v2, "acme")]
@@ -74,16 +74,16 @@ def test_feedback_command(sqlite_ledger, tmp_path, capsys):
 def test_budget_set_show_and_audit_costs(sqlite_ledger, capsys):
     add_tenant(sqlite_ledger, "acme")
     seed_review()
-    assert main(["budget", "set", "acme", "--daily-tokens", "1000", "--monthly-cost", "2.5"]) == 0
-    assert main(["budget", "show", "acme", "--json"]) == 0
+    assert main(["budget", "set", "--tenant", "acme", "--daily-tokens", "1000", "--monthly-cost", "2.5"]) == 0
+    assert main(["budget", "show", "--tenant", "acme", "--json"]) == 0
     capsys.readouterr()
-    assert main(["budget", "set", "acme", "--daily-tokens", "none"]) == 0
+    assert main(["budget", "set", "--tenant", "acme", "--daily-tokens", "none"]) == 0
     capsys.readouterr()
-    assert main(["budget", "show", "acme", "--json"]) == 0
+    assert main(["budget", "show", "--tenant", "acme", "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
     assert st["daily_token_budget"] is None and Decimal(st["monthly_cost_budget"]) == Decimal("2.5")
     assert st["tokens_today"] == 150
-    assert main(["budget", "show", "ghost"]) == 2
+    assert main(["budget", "show", "--tenant", "ghost"]) == 1
 
     for by in ("tenant", "day", "adapter"):
         assert main(["audit", "costs", "--by", by, "--json"]) == 0

@@ -10,72 +10,81 @@ from sqlalchemy import desc, select
 from domain.ledger.db import session_scope
 from domain.logs import actor
 from domain.ledger.models import AdapterLineage, AdapterVersion
-from worker.cli._common import console, dump, fmt_time
+from worker.cli._common import UsageError, add_json, add_tenant, console, dump, fmt_time, print_json
 
 
 def register(sub) -> None:
     p = sub.add_parser("adapters", help="adapter versions and aliases: list, show, promote, rollback, merge, diff")
     a = p.add_subparsers(dest="adapters_command", required=True)
     ls = a.add_parser("list", help="a tenant's adapter versions, newest first, with their aliases")
-    ls.add_argument("tenant")
+    add_tenant(ls, required=True)
     ls.add_argument("--name", help="only this adapter name")
-    ls.add_argument("--json", action="store_true")
+    add_json(ls, "the versions")
     ls.set_defaults(func=cmd_list)
     sh = a.add_parser("show", help="one version (alias or id): ledger fields, metrics, lineage")
-    sh.add_argument("tenant")
+    add_tenant(sh, required=True)
     sh.add_argument("ref", nargs="?", help="alias or version id (default: champion)")
+    add_json(sh, "the version (the output is JSON either way)")
     sh.set_defaults(func=cmd_show)
     hi = a.add_parser("history", help="alias moves: who, when, why")
-    hi.add_argument("tenant")
-    hi.add_argument("--alias")
-    hi.add_argument("--limit", type=int, default=30)
+    add_tenant(hi, required=True)
+    hi.add_argument("--alias", help="only moves of this alias (default: all aliases)")
+    hi.add_argument("--limit", type=int, default=30, help="most recent moves to show (default 30), newest first")
+    add_json(hi, "the moves")
     hi.set_defaults(func=cmd_history)
     pr = a.add_parser("promote", help="point an alias (default champion) at a version")
-    pr.add_argument("tenant")
+    add_tenant(pr, required=True)
     pr.add_argument("ref", help="alias or version id")
     pr.add_argument("--alias", default="champion")
     pr.add_argument("--reason", default="manual promotion")
     pr.set_defaults(func=cmd_promote)
     rb = a.add_parser("rollback", help="move the champion (or --alias) back to its previous version")
-    rb.add_argument("tenant")
+    add_tenant(rb, required=True)
     rb.add_argument("--alias", default="champion")
     rb.add_argument("--reason", default="manual rollback")
     rb.set_defaults(func=cmd_rollback)
     mg = a.add_parser("merge", help="combine versions with add_weighted_adapter into a new version")
-    mg.add_argument("tenant")
+    add_tenant(mg, required=True)
     mg.add_argument("refs", nargs="+", help="two or more aliases or version ids")
-    mg.add_argument("--weights", help="comma-separated, one per version (default: equal)")
+    mg.add_argument("--weights", help="comma-separated relative weights, one per version (default: equal)")
     mg.add_argument("--name", help="adapter name of the new version (default: the first one's)")
     mg.add_argument("--combination", default="cat", choices=["cat", "linear", "svd"],
                     help="cat = exact weighted sum of the updates (default); linear needs equal ranks")
     mg.add_argument("--alias", help="also point this alias at the new version (e.g. candidate)")
     mg.set_defaults(func=cmd_merge)
     df = a.add_parser("diff", help="compare two versions: ledger fields and weight updates per module")
-    df.add_argument("tenant")
-    df.add_argument("a")
-    df.add_argument("b")
-    df.add_argument("--json", action="store_true")
+    add_tenant(df, required=True)
+    df.add_argument("a", help="alias or version id (the 'from' side)")
+    df.add_argument("b", help="alias or version id (the 'to' side)")
+    add_json(df, "the comparison")
     df.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("schedule", help="retraining schedules (evaluated by the beat every minute)")
     s = p.add_subparsers(dest="schedule_command", required=True)
     st = s.add_parser("set", help="create or change a tenant's retraining schedule")
-    st.add_argument("tenant")
-    st.add_argument("--cron", required=True, help="@hourly, @daily, @weekly, @monthly or 5 cron fields (UTC)")
-    st.add_argument("--min-feedback", type=int, default=10, help="new feedback items needed to retrain")
+    add_tenant(st, required=True)
+    st.add_argument("--cron", required=True,
+                    help="@hourly, @daily, @weekly, @monthly, @yearly or 5 fields 'minute hour day-of-month month "
+                         "day-of-week' (names MON-FRI/JAN-DEC, L, steps */n, 5#2); UTC unless prefixed "
+                         "'CRON_TZ=Europe/Berlin '")
+    st.add_argument("--min-feedback", type=int, default=10,
+                    help="new feedback items (since the newest adapter version) needed to retrain (default 10)")
     st.add_argument("--adapter-name", default="reviewer")
     st.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                     help="retrain spec override, JSON value (e.g. max_steps=100, qlora=true)")
     st.add_argument("--disable", action="store_true", help="keep the schedule but stop evaluating it")
+    add_json(st, "the schedule with its next three fire times")
     st.set_defaults(func=cmd_schedule_set)
     sl = s.add_parser("list", help="schedules with their last and next run")
-    sl.add_argument("tenant", nargs="?")
+    add_tenant(sl)
+    add_json(sl, "the schedules")
     sl.set_defaults(func=cmd_schedule_list)
     sr = s.add_parser("remove", help="delete a schedule")
-    sr.add_argument("tenant")
+    add_tenant(sr, required=True)
     sr.add_argument("--adapter-name", default="reviewer")
     sr.set_defaults(func=cmd_schedule_remove)
     tk = s.add_parser("tick", help="evaluate the schedules once now (what the beat does every minute)")
+    add_json(tk, "what each due schedule did")
     tk.set_defaults(func=cmd_schedule_tick)
 
 
@@ -107,7 +116,7 @@ def cmd_list(args) -> int:
                   fmt_time(v.created_at), (v.created_by_job_id or "-")[:8])
     console.print(t)
     if not rows:
-        console.print("no adapter versions yet: the base model is served")
+        console.print("no adapter versions yet: the base model is served")  # (an empty list with --json)
     return 0
 
 
@@ -117,8 +126,7 @@ def cmd_show(args) -> int:
     with session_scope() as s:
         v = resolve_adapter(s, args.tenant, args.ref)
         if v is None:
-            console.print(f"tenant {args.tenant} has no champion: the base model is served")
-            return 1
+            raise LookupError(f"tenant {args.tenant} has no champion: the base model is served")
         lineage = [{"parent_id": r.parent_id, "relation": r.relation, "weight": r.weight}
                    for r in s.scalars(select(AdapterLineage).where(AdapterLineage.child_id == v.id))]
         aliases = sorted(a for a, vid in aliases_of(s, args.tenant).items() if vid == v.id)
@@ -132,6 +140,10 @@ def cmd_history(args) -> int:
 
     with session_scope() as s:
         rows = alias_history(s, args.tenant, args.alias, args.limit)
+    if args.json:
+        print_json([{"moved_at": h.moved_at, "alias": h.alias, "from_version_id": h.from_version_id,
+                     "to_version_id": h.to_version_id, "moved_by": h.moved_by, "reason": h.reason} for h in rows])
+        return 0
     t = Table(title=f"alias history of {args.tenant}")
     for col in ("when", "alias", "from", "to", "by", "reason"):
         t.add_column(col)
@@ -209,7 +221,7 @@ def _params(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--param {item!r}: expected KEY=VALUE")
+            raise UsageError(f"--param {item!r}: expected KEY=VALUE")
         try:
             out[key.strip()] = json.loads(value)
         except ValueError:
@@ -222,19 +234,27 @@ def cmd_schedule_set(args) -> int:
 
     row = set_schedule(args.tenant, args.cron, min_new_feedback=args.min_feedback, adapter_name=args.adapter_name,
                        params=_params(args.param), enabled=not args.disable)
+    if args.json:
+        print_json(row)
+        return 0
     console.print(f"schedule {row['id']} for {row['tenant']}/{row['adapter_name']}: {row['cron']}, "
-                  f"at least {row['min_new_feedback']} new feedback; next run {fmt_time(row['next_run_at'])} UTC"
-                  + ("" if row["enabled"] else " (disabled)"))
+                  f"at least {row['min_new_feedback']} new feedback" + ("" if row["enabled"] else " (disabled)"))
+    if row["next_runs"]:
+        console.print("next fire times (UTC): " + ", ".join(fmt_time(t) for t in row["next_runs"]))
     return 0
 
 
 def cmd_schedule_list(args) -> int:
     from domain.adapters.schedule import list_schedules
 
-    t = Table(title="retraining schedules")
+    rows = list_schedules(args.tenant)
+    if args.json:
+        print_json(rows)
+        return 0
+    t = Table(title="retraining schedules (times UTC)")
     for col in ("id", "tenant", "adapter", "cron", "min feedback", "enabled", "last run", "last job", "next run", "params"):
         t.add_column(col)
-    for r in list_schedules(args.tenant):
+    for r in rows:
         t.add_row(str(r["id"]), r["tenant"], r["adapter_name"], r["cron"], str(r["min_new_feedback"]),
                   "yes" if r["enabled"] else "no", fmt_time(r["last_run_at"]), (r["last_job_id"] or "-")[:12],
                   fmt_time(r["next_run_at"]), json.dumps(r["params"]) if r["params"] else "")
@@ -246,8 +266,7 @@ def cmd_schedule_remove(args) -> int:
     from domain.adapters.schedule import remove_schedule
 
     if not remove_schedule(args.tenant, args.adapter_name):
-        console.print(f"no schedule for {args.tenant}/{args.adapter_name}")
-        return 1
+        raise LookupError(f"no schedule for {args.tenant}/{args.adapter_name}")
     console.print(f"schedule for {args.tenant}/{args.adapter_name} removed")
     return 0
 
@@ -260,6 +279,9 @@ def cmd_schedule_tick(args) -> int:
     report: list = []
     jobs = tick(utcnow(), lambda kind, body, parent=None: enqueue(kind, body, parent_job_id=parent, created_by="cli"),
                 holder=actor("cli"), report=report)
+    if args.json:
+        print_json({"enqueued": jobs, "report": report})
+        return 0
     for r in report:
         console.print(f"{r['tenant']}/{r['adapter_name']} fire {r['fire']}: {r['action']}"
                       f"{' ' + r['job_id'] if r.get('job_id') else ''}{' (' + r['why'] + ')' if r.get('why') else ''}")

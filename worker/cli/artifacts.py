@@ -11,7 +11,7 @@ from sqlalchemy import desc, select
 from domain import health
 from domain.ledger.db import session_scope
 from domain.ledger.models import Artifact, Tenant
-from worker.cli._common import console, dump, fmt_time
+from worker.cli._common import UsageError, add_json, add_tenant, console, dump, fmt_time, print_json
 
 SERVABLE_KINDS = ("quantized_model", "distilled_model")  # = domain.artifacts.SERVABLE_KINDS (no torch import here)
 
@@ -21,23 +21,25 @@ def register(sub) -> None:
     asub = p.add_subparsers(dest="artifacts_command", required=True)
     ls = asub.add_parser("list", help="list artifacts, newest first")
     ls.add_argument("--kind", help="quantized_model, distilled_model, adapter, index_snapshot, ...")
-    ls.add_argument("--tenant")
-    ls.add_argument("--limit", type=int, default=30)
-    ls.add_argument("--json", action="store_true")
+    add_tenant(ls)
+    ls.add_argument("--limit", type=int, default=30, help="most recent artifacts to show (default 30), newest first")
+    add_json(ls, "the artifacts")
     ls.set_defaults(func=cmd_list)
     show = asub.add_parser("show", help="one artifact with its lineage and report")
     show.add_argument("artifact_id")
+    add_json(show, "the artifact (the output is JSON either way)")
     show.set_defaults(func=cmd_show)
 
     p = sub.add_parser("serve", help="choose the model a tenant's reviews are served with")
     ssub = p.add_subparsers(dest="serve_command", required=True)
-    st = ssub.add_parser("set", help="serve TENANT with a quantized/distilled ARTIFACT_ID, or --base for the base model")
-    st.add_argument("tenant")
+    st = ssub.add_parser("set", help="serve --tenant T with a quantized/distilled ARTIFACT_ID, or --base for the base model")
+    add_tenant(st, required=True)
     st.add_argument("artifact_id", nargs="?")
     st.add_argument("--base", action="store_true", help="serve the base model again")
     st.set_defaults(func=cmd_serve_set)
     sh = ssub.add_parser("show", help="what each tenant (or one) is served with")
-    sh.add_argument("tenant", nargs="?")
+    add_tenant(sh)
+    add_json(sh, "each tenant's serving choice")
     sh.set_defaults(func=cmd_serve_show)
 
 
@@ -111,7 +113,7 @@ def set_serving(tenant: str, artifact_id: str | None, by: str = "cli") -> str | 
 
 def cmd_serve_set(args) -> int:
     if bool(args.artifact_id) == bool(args.base):
-        raise ValueError("give either an ARTIFACT_ID or --base")
+        raise UsageError("give either an ARTIFACT_ID or --base")
     previous = set_serving(args.tenant, None if args.base else args.artifact_id, by=f"cli:{getpass.getuser()}")
     console.print(f"tenant {args.tenant}: {previous or 'base model'} → {args.artifact_id or 'base model'}")
     return 0
@@ -124,6 +126,10 @@ def cmd_serve_show(args) -> int:
             q = q.where(Tenant.id == args.tenant)
         rows = [(t.id, t.serving_artifact_id, s.get(Artifact, t.serving_artifact_id) if t.serving_artifact_id else None)
                 for t in s.scalars(q)]
+    if args.json:
+        print_json([{"tenant": tenant, "artifact_id": aid, "kind": a.kind if a else None, "name": a.name if a else None,
+                     "summary": headline(a) if a else None} for tenant, aid, a in rows])
+        return 0
     t = Table(title="serving")
     for col in ("tenant", "artifact", "kind", "name", "summary"):
         t.add_column(col)

@@ -7,28 +7,29 @@ from sqlalchemy import func, select, text
 
 from domain.ledger.db import session_scope
 from domain.ledger.models import HealthEvent, Job
-from worker.cli._common import console, dump, fmt_time, since
+from worker.cli._common import add_json, add_tenant, console, dump, fmt_time, print_json, since
 
 VIEWS = ("v_review_audit", "v_job_failures", "v_costs_daily", "v_adapter_lineage", "v_job_attempts")
 
 
 def register_audit(sub) -> None:
     p = sub.add_parser("jobs", help="job counts by kind and status")
-    p.add_argument("--since", default="24h")
-    p.add_argument("--tenant")
+    p.add_argument("--since", default="24h", help="how far back (enqueued since): 24h (default), 7d, 30m or an ISO time")
+    add_tenant(p)
+    add_json(p, "the counts")
     p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("failures", help="what broke: failed/dead/rejected jobs and failing health events")
-    p.add_argument("--since", default="24h", help="e.g. 12h (last night), 7d")
-    p.add_argument("--tenant")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--since", default="24h", help="how far back: 24h (default), 12h (last night), 7d or an ISO time")
+    add_tenant(p)
+    add_json(p, "the jobs and health events")
     p.set_defaults(func=cmd_failures)
 
     p = sub.add_parser("sql", help=f"rows of an audit view ({', '.join(VIEWS)})")
     p.add_argument("view", choices=VIEWS)
-    p.add_argument("--tenant")
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--json", action="store_true")
+    add_tenant(p)
+    p.add_argument("--limit", type=int, default=50, help="rows to show at most (default 50)")
+    add_json(p, "the rows")
     p.set_defaults(func=cmd_sql)
 
 
@@ -39,6 +40,9 @@ def cmd_jobs(args) -> int:
         q = q.where(Job.tenant_id == args.tenant)
     with session_scope() as s:
         rows = s.execute(q).all()
+    if args.json:
+        print_json([{"kind": k, "status": st, "jobs": n, "avg_attempts": float(avg or 0)} for k, st, n, avg in rows])
+        return 0
     t = Table(title=f"jobs since {args.since}")
     for col in ("kind", "status", "jobs", "avg attempts"):
         t.add_column(col)

@@ -38,7 +38,7 @@ def register(sub) -> None:
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {', '.join(STEPS)}")
     p.add_argument("--tenant", default="demo")
     p.add_argument("--quick", action="store_true", help="fewer tokens and training steps")
-    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--timeout", type=float, default=1800, help="seconds each step may take at most (default 1800)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("prepare-model", help="convert the packaged SmolLM2-135M-Instruct GGUF to safetensors (once)")
@@ -202,7 +202,7 @@ def _run_steps(args, steps: list[str]) -> list[str]:
 
 
 # The commands the demo's last line suggests (tests/unit/test_demo_hints.py parses each with the real parser).
-HINTS = ("foundry jobs --tenant {tenant}", "foundry audit costs --tenant {tenant}", "foundry adapters list {tenant}")
+HINTS = ("foundry jobs --tenant {tenant}", "foundry audit costs --tenant {tenant}", "foundry adapters list --tenant {tenant}")
 
 
 def _adapter_label(version_id: str | None) -> str:

@@ -28,7 +28,8 @@ def register(sub) -> None:
         q.add_argument("--tenant", default="default")
         q.add_argument("--wait", action="store_true", help="wait for the job and show its result")
         q.add_argument("--inline", action="store_true", help="run the job in this process (no worker needed)")
-        q.add_argument("--timeout", type=float, default=3600)
+        q.add_argument("--timeout", type=float, default=3600, help="with --wait: seconds to wait at most (default 3600)")
+        q.add_argument("--json", action="store_true", help="print the job id (with --wait: its final status) as JSON")
 
     a = isub.add_parser("add", help="add or update documents (files, folders, or a JSON list of documents)")
     a.add_argument("paths", nargs="*", type=Path, help="files or folders; ids are the paths as given")
@@ -54,15 +55,15 @@ def register(sub) -> None:
     s = isub.add_parser("search", help="hybrid search over the tenant's current index")
     s.add_argument("query")
     s.add_argument("--tenant", default="default")
-    s.add_argument("-k", type=int, default=5)
+    s.add_argument("-k", type=int, default=5, help="results to return (default 5), best first")
     s.add_argument("--floor", type=float, default=None, help="relevance floor (cosine); default FOUNDRY_RETRIEVAL_FLOOR")
     s.add_argument("--method", choices=["hybrid", "dense", "keyword", "rrf"], default="hybrid")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the results as one JSON document")
     s.set_defaults(func=cmd_search)
 
     st = isub.add_parser("stats", help="serving version, counts, versions on disk, writer lease, snapshot artifacts")
     st.add_argument("--tenant", default="default")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--json", action="store_true", help="print the stats as one JSON document")
     st.set_defaults(func=cmd_stats)
 
 
@@ -109,7 +110,7 @@ def _submit(args, body: dict) -> int:
         return 0 if out["status"] == "succeeded" else 1
     from worker.cli.jobs import enqueue_and_report
 
-    return enqueue_and_report("index", body, wait_for=args.wait, timeout=args.timeout)
+    return enqueue_and_report("index", body, wait_for=args.wait, timeout=args.timeout, as_json=args.json)
 
 
 def cmd_add(args) -> int:

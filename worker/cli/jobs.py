@@ -13,7 +13,7 @@ from sqlalchemy import desc, select
 
 from domain.ledger.db import session_scope
 from domain.ledger.models import FINAL_STATUSES, Job, JobAttempt
-from worker.cli._common import console, dump, fmt_time, since
+from worker.cli._common import CliError, UsageError, add_json, add_tenant, console, dump, fmt_time, print_json, since
 
 STATUS_STYLE = {"succeeded": "green", "failed": "red", "dead": "red", "rejected": "yellow", "running": "cyan", "queued": "white"}
 
@@ -21,33 +21,37 @@ STATUS_STYLE = {"succeeded": "green", "failed": "red", "dead": "red", "rejected"
 def register(sub) -> None:
     p = sub.add_parser("jobs", help="list jobs from the ledger")
     p.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "rejected", "dead"])
-    p.add_argument("--kind")
-    p.add_argument("--tenant")
-    p.add_argument("--since", help="e.g. 24h, 7d, or an ISO timestamp")
-    p.add_argument("--limit", type=int, default=30)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--kind", help="only this kind (review, retrain, quantize, distill, index, noop)")
+    add_tenant(p)
+    p.add_argument("--since", help="enqueued within: 24h, 7d, 30m or since an ISO timestamp")
+    p.add_argument("--limit", type=int, default=30, help="most recent jobs to show (default 30), newest first")
+    add_json(p, "the jobs")
     p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("job", help="show one job (status, progress, attempts, error); --watch for a live view")
-    p.add_argument("job_id")
+    p.add_argument("job_id", help="a job id, or a unique prefix of one")
     p.add_argument("--watch", action="store_true", help="live progress bar until the job finishes")
-    p.add_argument("--json", action="store_true")
+    add_json(p, "the job and its attempts")
     p.set_defaults(func=cmd_job)
 
     p = sub.add_parser("enqueue", help="enqueue a job (review, retrain, quantize, distill, index, noop)")
     p.add_argument("kind", choices=["review", "retrain", "quantize", "distill", "index", "noop"])
     p.add_argument("--file", type=Path, help="review: the code/diff file; index: a JSON file of documents")
-    p.add_argument("--json", dest="body", help="the job body as JSON (merged with the other options)")
-    p.add_argument("--tenant", default=None)
-    p.add_argument("--priority", type=int)
-    p.add_argument("--idempotency-key")
+    p.add_argument("--body", help="the job body as a JSON object (merged with the other options; see `foundry schema KIND`)")
+    p.add_argument("--body-file", type=Path, help="read the job body (a JSON object) from this file ('-': standard input)")
+    add_tenant(p, default="default")
+    p.add_argument("--priority", type=int, choices=range(10), metavar="0-9",
+                   help="0 = lowest, 9 = highest (runs first on Redis); default 5")
+    p.add_argument("--idempotency-key", help="same key + tenant + kind = the same job (a repeat returns the first)")
     p.add_argument("--adapter", help="review: alias or adapter version id")
-    p.add_argument("--wait", action="store_true", help="wait and show the result")
-    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--wait", action="store_true", help="wait for the job to finish and show its final status")
+    p.add_argument("--timeout", type=float, default=600, help="with --wait: seconds to wait at most (default 600)")
+    add_json(p, "the job id (with --wait: the final status, including job_id)")
     p.set_defaults(func=cmd_enqueue)
 
     p = sub.add_parser("schema", help="print the JSON Schema of a job kind's message body")
     p.add_argument("kind", choices=["review", "retrain", "quantize", "distill", "index", "noop"])
+    p.add_argument("--json", action="store_true", help="(the schema is JSON either way)")
     p.set_defaults(func=cmd_schema)
 
 
@@ -145,7 +149,17 @@ def _watch(job_id: str, poll: float = 0.5) -> int:
 
 
 def build_body(args) -> dict:
-    body: dict = json.loads(args.body) if args.body else {}
+    if args.body and args.body_file:
+        raise UsageError("give the body with --body or --body-file, not both")
+    raw = args.body
+    if args.body_file:
+        raw = sys.stdin.read() if str(args.body_file) == "-" else args.body_file.read_text()
+    try:
+        body = json.loads(raw) if raw else {}
+    except ValueError as exc:
+        raise UsageError(f"--body: not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise UsageError("--body: expected a JSON object")
     if args.file:
         text = args.file.read_bytes()
         if args.kind == "review":
@@ -167,25 +181,37 @@ def build_body(args) -> dict:
 
 
 def cmd_enqueue(args) -> int:
-    return enqueue_and_report(args.kind, build_body(args), wait_for=args.wait, timeout=args.timeout)
+    return enqueue_and_report(args.kind, build_body(args), wait_for=args.wait, timeout=args.timeout,
+                              as_json=args.json)
 
 
-def enqueue_and_report(kind: str, body: dict, *, wait_for: bool, timeout: float) -> int:
-    """Enqueue from the CLI: print the job id (and the final status with --wait); 2 if the job is rejected."""
+def enqueue_and_report(kind: str, body: dict, *, wait_for: bool, timeout: float, as_json: bool = False) -> int:
+    """Enqueue from the CLI. Prints the job id, or with --wait the final status (one JSON document with
+    --json: ``{"job_id": ..., "status": ...}``). Exit 0 when queued / succeeded, 1 when the job did not
+    succeed or the wait timed out, 2 when the body is invalid (recorded ``rejected``)."""
     from domain.errors import InvalidJob
-    from worker.client import enqueue, wait
+    from worker.client import EnqueueError, enqueue, wait
 
     try:
         job_id = enqueue(kind, body, created_by="cli")
     except InvalidJob as exc:
-        console.print(f"[red]rejected[/red] ({exc.field}): {exc}")
-        return 2
-    console.print(job_id)
-    if wait_for:
+        raise UsageError(f"job rejected ({exc.field}): {exc}") from None
+    except EnqueueError as exc:
+        raise CliError(str(exc)) from None
+    if not wait_for:
+        print_json({"job_id": job_id}) if as_json else console.print(job_id)
+        return 0
+    try:
         status = wait(job_id, timeout=timeout)
-        print(dump(status))
-        return 0 if status["status"] == "succeeded" else 1
-    return 0
+    except TimeoutError as exc:
+        raise CliError(f"{exc} (it keeps running; see `foundry job {job_id}`)") from None
+    if as_json:
+        print_json({"job_id": job_id, **status})
+    else:
+        console.print(f"job {job_id}: {status['status']}" + (f" ({status['error']})" if status["error"] else ""))
+        if status["result"] is not None:
+            console.print(dump(status["result"]), markup=False, highlight=False)
+    return 0 if status["status"] == "succeeded" else 1
 
 
 def cmd_schema(args) -> int:

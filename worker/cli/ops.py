@@ -9,7 +9,7 @@ import sys
 from rich.table import Table
 
 from domain.logs import actor
-from worker.cli._common import console, dump, err_console, fmt_time
+from worker.cli._common import add_json, console, dump, err_console, fmt_time
 
 
 def register(sub) -> None:
@@ -18,8 +18,8 @@ def register(sub) -> None:
     p = dsub.add_parser("list", help="dead jobs not yet retried or dropped")
     p.add_argument("--tenant")
     p.add_argument("--all", action="store_true", help="include jobs already retried or dropped")
-    p.add_argument("--limit", type=int, default=100)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, default=100, help="dead jobs to show at most (default 100)")
+    add_json(p, "the dead jobs")
     p.set_defaults(func=cmd_dlq_list)
     p = dsub.add_parser("retry", help="enqueue a new job with a dead job's body (linked by parent_job_id)")
     p.add_argument("job_ids", nargs="+")
@@ -45,13 +45,13 @@ def register(sub) -> None:
     p = _sweep_parser(lsub, "resend-stranded", cmd_resend_stranded, "list them, send nothing",
                       "send again queued jobs whose Redis message was lost in a worker crash "
                       "(beat does this every FOUNDRY_STRANDED_SWEEP_S)")
-    p.add_argument("--older-than", type=float, help="seconds a job must be quiet (default FOUNDRY_STRANDED_AFTER_S)")
+    p.add_argument("--older-than", type=float, help="seconds a queued job must be quiet (default FOUNDRY_STRANDED_AFTER_S)")
 
     metrics = sub.add_parser("metrics", help="Prometheus metrics")
     msub = metrics.add_subparsers(dest="metrics_command", metavar="ACTION", required=True)
     p = msub.add_parser("serve", help="serve /metrics behind basic auth (FOUNDRY_METRICS_USER/FOUNDRY_METRICS_PASSWORD)")
-    p.add_argument("--port", type=int, default=9808)
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=9808, help="TCP port to listen on (default 9808; 0 = any free port)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0, all interfaces)")
     p.add_argument("--no-auth-i-know", action="store_true", help="serve without authentication (loopback/dev only)")
     p.set_defaults(func=cmd_metrics_serve)
 
@@ -59,8 +59,8 @@ def register(sub) -> None:
     p.add_argument("--tenant", default="default")
     p.add_argument("--adapter", help="alias or version id (default: the champion)")
     p.add_argument("--base-model", help="default: the deployment's base model")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
+    add_json(p, "the canary's result")
     p.set_defaults(func=cmd_canary)
 
 

@@ -11,7 +11,7 @@ from sqlalchemy import select, text
 
 from domain.ledger.db import session_scope
 from domain.ledger.models import AdapterLineage, AdapterVersion, Review
-from worker.cli._common import console, dump, fmt_time, since
+from worker.cli._common import add_json, add_tenant, console, dump, fmt_time, since
 
 
 def register(sub) -> None:
@@ -21,10 +21,10 @@ def register(sub) -> None:
     p.add_argument("--adapter", help="an alias or adapter version id (default: the tenant's champion)")
     p.add_argument("--language")
     p.add_argument("--diff", action="store_true", help="the file is a unified diff")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest review to generate, in tokens (default 256)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
-    p.add_argument("--timeout", type=float, default=600)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the review (default 600)")
+    add_json(p, "the job's final status and result")
     p.set_defaults(func=cmd_review)
 
     p = sub.add_parser("feedback", help="accept or reject a review (the retraining data set)")
@@ -39,22 +39,25 @@ def register(sub) -> None:
     p = sub.add_parser("budget", help="per-tenant daily/monthly budgets in tokens and money")
     bsub = p.add_subparsers(dest="budget_command", required=True)
     s = bsub.add_parser("set", help="set limits ('none' clears one); unnamed limits are kept")
-    s.add_argument("tenant")
-    for flag in ("--daily-tokens", "--monthly-tokens", "--daily-cost", "--monthly-cost"):
-        s.add_argument(flag, metavar="N|none")
+    add_tenant(s, required=True)
+    for flag, unit in (("--daily-tokens", "tokens per UTC day"), ("--monthly-tokens", "tokens per UTC month"),
+                       ("--daily-cost", "money per UTC day, in the FOUNDRY_PRICES currency"),
+                       ("--monthly-cost", "money per UTC month, in the FOUNDRY_PRICES currency")):
+        s.add_argument(flag, metavar="N|none", help=unit)
+    add_json(s, "the budget after the change")
     s.set_defaults(func=cmd_budget_set)
     s = bsub.add_parser("show", help="limits and spend of the current UTC day and month")
-    s.add_argument("tenant")
-    s.add_argument("--json", action="store_true")
+    add_tenant(s, required=True)
+    add_json(s, "the budget")
     s.set_defaults(func=cmd_budget_show)
 
 
 def register_audit(sub) -> None:
     p = sub.add_parser("costs", help="tokens, seconds and money by tenant, day or adapter")
     p.add_argument("--by", choices=["tenant", "day", "adapter", "model", "kind"], default="tenant")
-    p.add_argument("--tenant")
-    p.add_argument("--since", help="e.g. 7d, 24h or an ISO date")
-    p.add_argument("--json", action="store_true")
+    add_tenant(p)
+    p.add_argument("--since", help="how far back: 7d, 24h, 30m or an ISO date (default: all time)")
+    add_json(p, "the rows")
     p.set_defaults(func=cmd_audit_costs)
 
     p = sub.add_parser("review", help="one review: which adapter wrote it, its cost, the adapter's lineage, feedback")
@@ -126,6 +129,9 @@ def cmd_budget_set(args) -> int:
     changes = {name: _limit(getattr(args, name), "tokens" in name)
                for name in ("daily_tokens", "monthly_tokens", "daily_cost", "monthly_cost")}
     status = set_budget(args.tenant, **{k: v for k, v in changes.items() if v is not ...})
+    if args.json:
+        print(dump(status))
+        return 0
     _print_budget(status)
     return 0
 
@@ -172,6 +178,41 @@ def cmd_audit_costs(args) -> int:
     return 0
 
 
+LINEAGE_DEPTH = 50
+
+# The adapter, its parent, its parent's parent... in one statement (PostgreSQL and SQLite).
+_CHAIN = text("""WITH RECURSIVE chain(id, depth) AS (
+        SELECT CAST(:vid AS VARCHAR(32)), 0
+        UNION ALL
+        SELECT av.parent_id, c.depth + 1 FROM chain c JOIN adapter_versions av ON av.id = c.id
+        WHERE av.parent_id IS NOT NULL AND c.depth < :limit - 1)
+    SELECT av.* FROM chain c JOIN adapter_versions av ON av.id = c.id ORDER BY c.depth""")
+
+
+def _lineage(s, version_id: str | None) -> list[dict]:
+    """The adapter version and its ancestors (at most LINEAGE_DEPTH), with their merge parents: two
+    statements whatever the depth (docs/ledger.md, bench/audit_queries.py)."""
+    if not version_id:
+        return []
+    versions: dict[str, AdapterVersion] = {}
+    for v in s.scalars(select(AdapterVersion).from_statement(_CHAIN), {"vid": version_id, "limit": LINEAGE_DEPTH}):
+        if v.id in versions:  # a cycle: stop at the first repeat
+            break
+        versions[v.id] = v
+    ids = list(versions)
+    merged: dict[str, list] = {}
+    for m in s.scalars(select(AdapterLineage).where(AdapterLineage.child_id.in_(ids))):
+        merged.setdefault(m.child_id, []).append({"parent_id": m.parent_id, "relation": m.relation, "weight": m.weight})
+    out = []
+    for vid, v in versions.items():
+        out.append({"id": v.id, "name": v.name, "version": v.version, "status": v.status,
+                    "parent_id": v.parent_id, "base_model_id": v.base_model_id, "dataset_hash": v.dataset_hash,
+                    "dataset_size": v.dataset_size, "trained_by_job": v.created_by_job_id,
+                    "artifact_sha256": v.artifact_sha256, "created_at": v.created_at,
+                    "merged_from": merged.get(vid, [])})
+    return out
+
+
 def review_audit(review_id: str, tenant: str | None = None) -> dict:
     """Everything the ledger knows about one review. Raises LookupError if absent (or another tenant's)."""
     from domain.feedback import feedback_for_review
@@ -182,19 +223,7 @@ def review_audit(review_id: str, tenant: str | None = None) -> dict:
             raise LookupError(f"review {review_id!r} not found" + (f" for tenant {tenant!r}" if tenant else ""))
         res = s.execute(text("SELECT * FROM v_review_audit WHERE review_id = :id"), {"id": review_id})
         audit = dict(zip(res.keys(), res.one()))
-        lineage, seen, vid = [], set(), review.adapter_version_id
-        while vid and vid not in seen and len(lineage) < 50:  # the adapter, its parent, its parent's parent...
-            seen.add(vid)
-            v = s.get(AdapterVersion, vid)
-            if v is None:
-                break
-            merged = [{"parent_id": m.parent_id, "relation": m.relation, "weight": m.weight}
-                      for m in s.scalars(select(AdapterLineage).where(AdapterLineage.child_id == v.id))]
-            lineage.append({"id": v.id, "name": v.name, "version": v.version, "status": v.status,
-                            "parent_id": v.parent_id, "base_model_id": v.base_model_id, "dataset_hash": v.dataset_hash,
-                            "dataset_size": v.dataset_size, "trained_by_job": v.created_by_job_id,
-                            "artifact_sha256": v.artifact_sha256, "created_at": v.created_at, "merged_from": merged})
-            vid = v.parent_id
+        lineage = _lineage(s, review.adapter_version_id)
         body = {"summary": review.summary, "findings": review.findings, "path": review.path,
                 "language": review.language, "truncation": review.truncation, "context_chunks": review.context_chunks}
     return {"audit": audit, "review": body, "adapter_lineage": lineage,

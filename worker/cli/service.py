@@ -9,7 +9,7 @@ import sys
 from rich.table import Table
 from sqlalchemy import desc, select
 
-from worker.cli._common import console, fmt_time
+from worker.cli._common import add_json, console, fmt_time, print_json
 
 
 def register(sub) -> None:
@@ -18,7 +18,7 @@ def register(sub) -> None:
                    help="gpu: review+retrain+quantize+distill (solo pool); cpu: index+control (prefork); "
                         "review: review queue only, threads pool for batching; long: retrain/quantize/distill (solo)")
     p.add_argument("--queues", help="override the queues (comma-separated)")
-    p.add_argument("--concurrency", type=int)
+    p.add_argument("--concurrency", type=int, help="jobs run at once in this worker (default: per flavour)")
     p.add_argument("--name", help="node name (default: FLAVOUR@hostname)")
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(func=cmd_worker)
@@ -28,7 +28,8 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_beat)
 
     p = sub.add_parser("health", help="check broker and database now, record it, and show recent health events")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=int, default=20, help="recent health events to show (default 20), newest first")
+    add_json(p, "the checks and events")
     p.set_defaults(func=cmd_health)
 
 
@@ -82,6 +83,16 @@ def cmd_health(args) -> int:
 
     broker, options, _ = broker_settings(get_settings())
     now = health.check_and_record(broker, options, source=f"cli@{socket.gethostname()}")
+    ok = all(r["ok"] for r in now.values())
+    if args.json:
+        events = []
+        if now["database"]["ok"]:
+            with session_scope() as s:
+                events = [{"at": e.at, "source": e.source, "component": e.component, "event": e.event,
+                           "status": e.status, "message": e.message}
+                          for e in s.scalars(select(HealthEvent).order_by(desc(HealthEvent.at)).limit(args.limit))]
+        print_json({"ok": ok, "checks": now, "events": events})
+        return 0 if ok else 1
     t = Table(title="health now")
     for col in ("component", "ok", "message"):
         t.add_column(col)
