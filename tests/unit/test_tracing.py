@@ -48,7 +48,7 @@ def test_enqueue_claim_handler_finish_form_one_trace(spans, tmp_path):
     job_id = enqueue("noop", {"tenant": "acme", "sleep_s": 0.01})
     [message] = [json.loads(p.read_text()) for p in (tmp_path / "broker" / "queue").glob("*.msg")]
     assert message["headers"]["traceparent"].startswith("00-")
-    result = tasks.noop.apply(args=[message_body(message)], task_id=job_id,
+    result = tasks.JOB_TASKS["noop"].apply(args=[message_body(message)], task_id=job_id,
                               headers={"traceparent": message["headers"]["traceparent"]}).get()
     assert result["status"] == "succeeded"
 
