@@ -41,10 +41,10 @@ bench: install
 # readable so the containers' own users (foundry, postgres) can read them once compose mounts them.
 secrets:
 	@mkdir -p secrets && chmod 700 secrets
-	@for f in postgres_password metrics_password; do \
+	@for f in postgres_password metrics_password grafana_admin_password; do \
 	  [ -s secrets/$$f ] || (umask 022; $(PYTHON) -c "import secrets; print(secrets.token_urlsafe(24))" > secrets/$$f); done
 	@[ -s secrets/flower_basic_auth ] || (umask 022; $(PYTHON) -c "import secrets; print('admin:' + secrets.token_urlsafe(24))" > secrets/flower_basic_auth)
-	@echo "secrets in ./secrets/ (Flower user: admin; metrics user: prometheus)"
+	@echo "secrets in ./secrets/ (Flower user: admin; metrics user: prometheus; Grafana user: admin)"
 
 clean:
 	rm -rf .foundry .pytest_cache

@@ -94,7 +94,7 @@ def test_each_gpu_worker_is_pinned_to_its_own_device(services):
 
 def test_secrets_come_from_files(compose, services):
     declared = compose["secrets"]
-    assert set(declared) == {"postgres_password", "flower_basic_auth", "metrics_password"}
+    assert set(declared) == {"postgres_password", "flower_basic_auth", "metrics_password", "grafana_admin_password"}
     assert all(s["file"].startswith("${FOUNDRY_SECRETS_DIR:-./secrets}/") for s in declared.values())
     assert services["postgres"]["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
     for name in ("migrate", "models", *FOUNDRY_SERVICES):
@@ -105,6 +105,9 @@ def test_secrets_come_from_files(compose, services):
     assert services["flower"]["environment"]["FLOWER_BASIC_AUTH_FILE"] == "/run/secrets/flower_basic_auth"
     assert "metrics_password" in services["metrics"]["secrets"]
     assert services["metrics"]["environment"]["FOUNDRY_METRICS_PASSWORD_FILE"] == "/run/secrets/metrics_password"
+    assert "metrics_password" in services["prometheus"]["secrets"]
+    assert "grafana_admin_password" in services["grafana"]["secrets"]
+    assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD__FILE"] == "/run/secrets/grafana_admin_password"
 
 
 def test_the_database_url_carries_no_password(services):

@@ -144,9 +144,11 @@ def test_compose_provisions_prometheus_and_grafana_on_loopback_with_auth(service
     assert pm["/etc/prometheus/alerts.yml"] == DEPLOY / "prometheus" / "alerts.yml"
     command = " ".join(prom["command"])
     assert "/etc/prometheus/prometheus.yml.in" in command and "__METRICS_USER__" in command
-    assert prom["environment"]["FOUNDRY_METRICS_PASSWORD"].startswith("${FOUNDRY_METRICS_PASSWORD:?")
+    assert "FOUNDRY_METRICS_PASSWORD" not in prom["environment"] and "metrics_password" in prom["secrets"]
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml.in").read_text())["scrape_configs"][0]
+    assert scrape["basic_auth"]["password_file"] == "/run/secrets/metrics_password"
     env = graf["environment"]
-    assert env["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+    assert env["GF_SECURITY_ADMIN_PASSWORD__FILE"] == "/run/secrets/grafana_admin_password"
     assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false" and env["GF_USERS_ALLOW_SIGN_UP"] == "false"
     gm = _mounts(graf)
     assert gm["/etc/grafana/provisioning"] == DEPLOY / "grafana" / "provisioning"
