@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     allow_fault_injection: bool = Field(False, description="Lets noop jobs crash/exit on purpose (tests and benchmarks only).")
     log_json: bool = Field(False, description="Structured JSON logs.")
 
+    # ---- device (domain/device.py, domain/distributed.py) ----
+    compute_dtype: str = Field("auto", description="Model dtype: 'auto' (fp32 on CPU; bf16 on CUDA where supported, else fp16), 'bf16', 'fp16' or 'fp32'.")
+    attn_implementation: str = Field("sdpa", description="Attention kernel: 'sdpa', 'eager' or 'flash_attention_2' (needs the flash-attn package and CUDA).")
+    train_procs: int = Field(1, ge=1, description="Processes one retrain/distill job trains with (torch.distributed DDP: gloo on CPU, nccl on CUDA); a job's `procs` overrides it.")
+
     @field_validator("time_limits", mode="before")
     @classmethod
     def _parse_limits(cls, v):

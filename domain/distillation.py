@@ -39,6 +39,7 @@ from domain import checkpoints, costs, heldout
 from domain.errors import InvalidJob, JobFailed
 from domain.jobs import JobContext, Outcome
 from domain.ledger.models import new_id
+from domain.device import oom_code, train_autocast
 from domain.models import ModelLoadError, load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
 from domain.paths import data_root, resolve_in_data_root
 from domain.quantization import REPORT_FILE, add_artifact, data_file, eval_blocks, publish_dir, tree_digest, tree_size
@@ -374,10 +375,11 @@ def _is_oom(exc: BaseException) -> bool:
 def train_step(student, teacher, ids: torch.Tensor, optimizer, scheduler, temperature: float, alpha: float,
                first_loss: float | None) -> DistillLoss:
     t_logits = None
-    if alpha > 0:  # alpha == 0 is plain cross-entropy training: the teacher is not needed
-        with torch.no_grad():
-            t_logits = teacher(input_ids=ids, use_cache=False).logits[:, :-1]
-    s_logits = student(input_ids=ids, use_cache=False).logits
+    with train_autocast(student):
+        if alpha > 0:  # alpha == 0 is plain cross-entropy training: the teacher is not needed
+            with torch.no_grad():
+                t_logits = teacher(input_ids=ids, use_cache=False).logits[:, :-1]
+        s_logits = student(input_ids=ids, use_cache=False).logits
     mask = torch.ones_like(ids[:, 1:])
     out = distillation_loss(s_logits[:, :-1], t_logits, ids[:, 1:], mask, temperature, alpha)
     value = out.loss.item()
@@ -439,7 +441,7 @@ def handle_distill(spec: DistillSpec, ctx: JobContext) -> Outcome:
 
     tick, tick_tokens = time.perf_counter(), 0
     for step in range(start, steps):
-        ids = batch_for_step(blocks, step, spec.batch_size, spec.seed).to(device)
+        ids = batch_for_step(blocks, step, spec.batch_size, spec.seed).to(device, non_blocking=True)
         try:
             out = train_step(student, teacher, ids, optimizer, scheduler, spec.temperature, spec.alpha, first_loss)
         except (RuntimeError, MemoryError) as exc:
@@ -447,7 +449,7 @@ def handle_distill(spec: DistillSpec, ctx: JobContext) -> Outcome:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 raise JobFailed(f"out of memory at batch_size={spec.batch_size}, seq_len={spec.seq_len}: lower them "
-                                f"({exc})", code="out_of_memory") from exc
+                                f"({exc})", code=oom_code(exc)) from exc
             raise
         first_loss = first_loss if first_loss is not None else out.loss.item()
         trained_tokens += int(ids.numel())

@@ -27,6 +27,8 @@ import torch
 from sqlalchemy import func, select
 
 from domain import costs, heldout
+from domain.config import get_settings
+from domain.device import compute_dtype
 from domain.errors import InvalidJob, JobFailed
 from domain.jobs import JobContext, Outcome, _jsonable
 from domain.ledger.models import AdapterVersion, Artifact, new_id
@@ -338,7 +340,7 @@ def load_serving_model(artifact: Artifact, device: str = "auto") -> LoadedModel:
     config = json.loads((path / "config.json").read_text())
     if "quantization_config" not in config:
         return load_causal_lm(str(path), device=str(dev))
-    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    dtype = compute_dtype(dev, get_settings().compute_dtype)
     device_map = "cpu" if dev.type == "cpu" else {"": dev.index or 0}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device_map)

@@ -22,6 +22,8 @@ from datetime import datetime
 import torch
 
 from domain import checkpoints, costs
+from domain.config import get_settings
+from domain.device import compute_dtype
 from domain.adapters import data as fbdata
 from domain.adapters import gate, store, training
 from domain.ledger.db import session_scope
@@ -51,7 +53,7 @@ def base_model(ref: str, device: str, qlora: bool):
                 from transformers import BitsAndBytesConfig
 
                 quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                           bnb_4bit_compute_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+                                           bnb_4bit_compute_dtype=compute_dtype(dev, get_settings().compute_dtype))
             _base[key] = load_causal_lm(ref, device=str(dev), quantization_config=quant)
         return _base[key]
 

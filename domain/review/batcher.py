@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from domain.device import oom_code
 from domain.errors import TransientError
 
 if TYPE_CHECKING:
@@ -191,7 +192,7 @@ class Batcher:
             if rt.device.type == "cuda":
                 torch.cuda.empty_cache()
             if len(rows) == 1:
-                _settle(rows[0][0].future, exc=TransientError(f"out of memory generating a review: {exc}", code="oom"))
+                _settle(rows[0][0].future, exc=TransientError(f"out of memory generating a review: {exc}", code=oom_code(exc)))
                 return
             half = len(rows) // 2
             self._generate(rows[:half])
