@@ -14,7 +14,7 @@ library's train split (``domain.heldout``) or the job's ``data_path``; the batch
 ``checkpoint_every`` steps, and when the worker asks to stop, the student, optimizer, scheduler, RNG state and
 step are saved and recorded with ``ctx.record_checkpoint``; a redelivered job resumes from the latest one.
 
-Failure codes: ``out_of_memory``, ``tokenizer_mismatch`` (teacher and student vocabularies differ),
+Failure codes: ``cuda_oom`` (``out_of_memory`` on the CPU), ``tokenizer_mismatch`` (teacher and student vocabularies differ),
 ``diverging_loss`` (NaN/inf, or a loss above ``DIVERGENCE_FACTOR`` × the first step's).
 """
 

@@ -21,7 +21,7 @@ from datetime import datetime
 
 import torch
 
-from domain import checkpoints, costs
+from domain import checkpoints, costs, distributed
 from domain.config import get_settings
 from domain.device import compute_dtype
 from domain.adapters import data as fbdata
@@ -151,8 +151,9 @@ def handle_retrain(spec: RetrainSpec, ctx):
                     "until": dataset.feedback_until.isoformat() if dataset.feedback_until else None,
                     "dataset_hash": dataset.dataset_hash}
             hooks = _JobHooks(ctx, model, optimizer, scheduler, cfg, meta, losses)
-            result = training.train(model, train_batches, cfg, optimizer, scheduler, start_step=start, losses=losses,
-                                    hooks=hooks.as_hooks())
+            procs, launch = distributed.launch_for(spec, ctx, base_ref, parent_dir, resume)
+            result = distributed.run(model, train_batches, cfg, optimizer, scheduler, procs=procs, launch=launch,
+                                     start_step=start, losses=losses, hooks=hooks.as_hooks())
             ctx.progress(0.95, stage="eval", step=result.steps, loss=result.final_loss, force=True)
             decision = gate.run_gate(model, eval_batches, champion_dir, champion.id if champion else None,
                                      spec.promotion_margin)
@@ -170,7 +171,7 @@ def handle_retrain(spec: RetrainSpec, ctx):
                "train_examples": len(train_ex), "eval_examples": len(eval_ex),
                "eval_on_train": len(dataset.examples) < 2, "dataset_skipped": dataset.skipped,
                "prompt_truncated": sum(e.prompt_truncated for e in train_tok + eval_tok)}
-    hyper = {**cfg.hyperparams(), "train_tokens_per_epoch": train_tokens}
+    hyper = {**cfg.hyperparams(), "train_tokens_per_epoch": train_tokens, "procs": procs}
 
     def commit(session) -> dict:
         version = store.register_version(
