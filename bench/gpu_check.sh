@@ -42,7 +42,11 @@ step() {
 }
 
 echo "== GPU check at $(date -u +%FT%TZ) on $(hostname)"
-if ls .whl/*.whl >/dev/null 2>&1; then
+PYVER=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+if [ "$PYVER" != 3.12 ]; then
+  export PYTHONPATH=$ROOT
+  echo "this python is $PYVER; the carried wheels are for the GPU machine's 3.12: using the installed packages"
+elif ls .whl/*.whl >/dev/null 2>&1; then
   rm -rf /tmp/site
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
