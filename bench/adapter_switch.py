@@ -84,6 +84,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--cold-child", metavar="ADAPTER_DIR", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="8 new tokens, 8 swaps, 1 warm run")
+    from bench import _shapes
+
+    _shapes.add_option(ap)
     args = ap.parse_args()
     if args.quick:
         args.max_new_tokens, args.swaps, args.warm_runs = 8, 8, 1
@@ -101,7 +104,8 @@ def main() -> None:
     from domain.review.runtime import Runtime, model_id_for
     from tests.fixtures.review import make_adapter
 
-    ref = base_ref(args.model)
+    ref, mode = _shapes.model_for(args, lambda: base_ref(args.model))
+    print(f"mode: {mode}", flush=True)
     path, code = stdlib_functions(1)[0]
     with tempfile.TemporaryDirectory() as tmp:
         maker = load_causal_lm(ref, device="cpu").model
@@ -165,19 +169,19 @@ def main() -> None:
     set_ms = statistics.median(set_times) * 1000
     load_ms = statistics.median(load_times) * 1000
     ratio = cold / warm
-    result = {"benchmark": "adapter_switch", "model": model_id_for(ref), "device": args.device, "lora_rank": 16,
+    result = {"benchmark": "adapter_switch", "mode": mode, "model": model_id_for(ref), "device": args.device, "lora_rank": 16,
               "target_modules": list(TARGETS), "max_new_tokens": args.max_new_tokens,
               "cold_first_review_s": cold, "cold_parts_s": cold_run, "warm_review_s": warm, "warm_runs_s": warm_runs,
               "adapter_loads_during_warm": loads_during_warm, "base_loads_during_warm": 0,
               "hotswap_ms_median": swap_ms, "hotswap_ms": [s * 1000 for s in swaps],
               "set_adapter_ms_median": set_ms, "load_adapter_ms_median": load_ms,
               "hotswap_target_ms": 10, "ratio": ratio}
-    out = ROOT / "bench" / "results" / "adapter_switch.json"
+    out = ROOT / "bench" / "results" / _shapes.result_name("adapter_switch", args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"hot-swap of a rank-16 adapter: {swap_ms:.1f} ms median ({len(swaps)} swaps; target ≤ 10 ms); "
           f"set_adapter {set_ms:.1f} ms; load_adapter into a new slot {load_ms:.0f} ms")
-    print(f"cold first review {cold:.2f} s vs warm review {warm:.2f} s")
+    print(f"cold first review {cold:.2f} s vs warm review {warm:.2f} s ({mode})")
     print(f"ratio={ratio:.3f}")
 
 

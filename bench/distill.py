@@ -41,7 +41,7 @@ from bench.quantize import default_model, throwaway_ledger  # noqa: E402
 def run_job(teacher: str, alpha: float, a: argparse.Namespace, kept_layers: list[int] | None = None) -> dict:
     from domain import jobs
     from domain.ledger.db import session_scope
-    from domain.ledger.models import Artifact
+    from domain.ledger.models import Artifact, Job
 
     body = {"tenant": "bench", "teacher": teacher, "student_layers": a.student_layers, "alpha": alpha,
             "temperature": a.temperature, "token_budget": a.steps * a.batch_size * a.seq_len, "batch_size": a.batch_size,
@@ -55,8 +55,10 @@ def run_job(teacher: str, alpha: float, a: argparse.Namespace, kept_layers: list
         raise SystemExit(f"alpha={alpha} job {out['status']}: {out.get('error')}")
     with session_scope() as s:
         lineage = s.get(Artifact, out["result"]["artifact_id"]).lineage
+        train_tps = float(s.get(Job, out["job_id"]).progress_info.get("tokens_per_s") or 0.0)
     return {**out["result"]["report"], "job_seconds": time.perf_counter() - t0,
-            "kept_layers": lineage["kept_layers"], "layer_selection": lineage["layer_selection"]}
+            "kept_layers": lineage["kept_layers"], "layer_selection": lineage["layer_selection"],
+            "train_tokens_per_s": train_tps, "steps_per_s": train_tps / (a.batch_size * a.seq_len)}
 
 
 def main() -> None:
@@ -75,14 +77,22 @@ def main() -> None:
     ap.add_argument("--kept-layers", help="comma-separated teacher layers for both students (skips the selection), "
                                           "e.g. the ones a shorter run chose, to compare budgets on one student")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill.json"))
+    ap.add_argument("--out", help="result JSON (default bench/results/distill.json, or distill-random.json)")
+    ap.set_defaults(out=None)
+    from bench import _shapes
+
+    _shapes.add_option(ap)
     a = ap.parse_args()
+    a.out = a.out or str(ROOT / "bench" / "results" / _shapes.result_name("distill", a))
     q = a.quick
-    a.steps = a.steps or (6 if q else 2700)
+    a.steps = a.steps or (6 if q else 200 if a.random_weights else 2700)  # random weights: speed only, short
     a.batch_size = a.batch_size or (2 if q else 1)
     a.seq_len = a.seq_len or (64 if q else 128)
     a.eval_tokens = a.eval_tokens or (128 if q else 2048)
-    teacher = a.model or default_model()
+    teacher, mode = _shapes.model_for(a, lambda: a.model or default_model())
+    if a.random_weights and a.layer_selection == "greedy" and a.kept_layers is None:
+        a.layer_selection = "even"  # selection is about quality; evenly spaced layers cost no selection time
+    print(f"mode: {mode}", flush=True)
     if a.student_layers is None:
         from transformers import AutoConfig
 
@@ -100,15 +110,20 @@ def main() -> None:
           f"{kd['speedup']:.2f}x tokens/s | KL {kd['kl_divergence']:.3f} | top-1 {kd['top1_agreement']:.3f} | "
           f"{kd['job_seconds']:.0f} s", flush=True)
 
+    print(f"training steps/s: CE only {ce['steps_per_s']:.2f}, distilled (teacher forward too) {kd['steps_per_s']:.2f} "
+          f"({a.batch_size} x {a.seq_len} tokens a step); student {kd['speedup']:.2f}x the teacher's tokens/s", flush=True)
     ratio = ce["perplexity_student"] / kd["perplexity_student"]
+    definition = "CE-only student held-out perplexity / distilled student held-out perplexity"
+    if a.random_weights:  # perplexities of random weights mean nothing: the headline is the student's speed-up
+        ratio, definition = kd["speedup"], "distilled student tokens/s / teacher tokens/s (random weights: speed only)"
     targets = {"distilled_below_ce_only": kd["perplexity_student"] < ce["perplexity_student"],
                "distilled_within_1.5x_teacher": kd["perplexity_student"] <= 1.5 * kd["perplexity_teacher"]}
     print("targets:", ", ".join(f"{k}={'met' if v else 'MISSED'}" for k, v in targets.items()))
-    result = {"benchmark": "distill", "teacher": teacher, "quick": q, "machine": platform.platform(),
+    result = {"benchmark": "distill", "mode": mode, "device": os.environ.get("FOUNDRY_DEVICE", "cpu"),
+              "teacher": teacher, "quick": q, "machine": platform.platform(),
               "cpu_count": os.cpu_count(), "settings": {k: v for k, v in vars(a).items() if k not in ("out", "model")},
               "tokens_per_student": a.steps * a.batch_size * a.seq_len, "baseline_ce_only": ce, "distilled": kd,
-              "targets": targets, "ratio": ratio,
-              "ratio_definition": "CE-only student held-out perplexity / distilled student held-out perplexity"}
+              "targets": targets if not a.random_weights else {}, "ratio": ratio, "ratio_definition": definition}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {a.out}")

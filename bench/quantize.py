@@ -84,9 +84,15 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default 2048; quick 256)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per method; medians are reported")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quantize.json"))
+    ap.add_argument("--out", help="result JSON (default bench/results/quantize.json, or quantize-random.json)")
+    from bench import _shapes
+
+    _shapes.add_option(ap)
     args = ap.parse_args()
-    model = args.model or default_model()
+    args.out = args.out or str(ROOT / "bench" / "results" / _shapes.result_name("quantize", args))
+    model, mode = _shapes.model_for(args, lambda: args.model or default_model())
+    print(f"mode: {mode}" + (" (memory figures only: perplexity, KL and top-1 of random weights mean nothing)"
+                             if args.random_weights else ""), flush=True)
     methods = (args.methods or ("nf4" if args.quick else "nf4,fp4,int8")).split(",")
     eval_tokens = args.eval_tokens or (256 if args.quick else 2048)
     throwaway_ledger()
@@ -109,7 +115,7 @@ def main() -> None:
         targets["int8_perplexity_within_3pct"] = abs(rows["int8"]["perplexity_delta_pct"]) <= 3.0
     print("targets:", ", ".join(f"{k}={'met' if v else 'MISSED'}" for k, v in targets.items()))
     ratio = 1 / rows["nf4"]["memory_ratio_to_fp32"] if "nf4" in rows else float("nan")
-    result = {"benchmark": "quantize", "model": model, "eval_tokens": eval_tokens, "repeats": args.repeats,
+    result = {"benchmark": "quantize", "mode": mode, "device": os.environ.get("FOUNDRY_DEVICE", "cpu"), "model": model, "eval_tokens": eval_tokens, "repeats": args.repeats,
               "quick": args.quick, "machine": platform.platform(), "cpu_count": os.cpu_count(),
               "methods": rows, "targets": targets, "ratio": ratio,
               "ratio_definition": "fp32 memory footprint / NF4 memory footprint"}

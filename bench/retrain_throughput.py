@@ -42,6 +42,7 @@ import torch  # noqa: E402
 
 from domain.adapters import training as T  # noqa: E402
 from domain.adapters.data import IGNORE, FeedbackExample, tokenize  # noqa: E402
+from bench import _shapes  # noqa: E402
 from tests.fixtures.adapters import stdlib_review_pairs  # noqa: E402
 
 
@@ -50,6 +51,9 @@ def load_model(args):
     from tests.fixtures.tiny_models import save_tiny_model
 
     embedded = ROOT / ".foundry" / "models" / "smollm2-135m-instruct"
+    if args.random_weights:  # SmolLM2-135M's shapes, random weights, GPT-2's BPE (bench/_shapes.py)
+        ref, mode = _shapes.model_for(args, None)
+        return load_causal_lm(ref, device=args.device), mode
     if args.quick:  # a tiny random Llama; with SmolLM2's tokenizer when it is prepared (realistic lengths)
         dest = Path(tempfile.mkdtemp(prefix="foundry-bench-tiny-")) / "tiny"
         if (embedded / "tokenizer.json").exists():
@@ -156,6 +160,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="repeat the three runs; medians are reported")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU only)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    _shapes.add_option(ap)
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
@@ -199,14 +204,15 @@ def main() -> None:
         run = runs[key][0]
         skipped = " (run unpadded: not computed)" if run["unpadded_forward"] else ""
         print(f"{label}               {med[key]:,.0f} tokens/s, padding {run['padding_fraction']:.0%}{skipped}  {r}")
-    out = {"model": model_name, "device": args.device, "threads": torch.get_num_threads(), "samples": len(examples),
+    out = {"model": model_name, "mode": _shapes.MODE_RANDOM if args.random_weights else _shapes.MODE_REAL,
+           "device": args.device, "threads": torch.get_num_threads(), "samples": len(examples),
            "lengths": {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths)},
            "steps": steps, "batch_size": args.batch_size, "max_seq_len": args.max_seq_len, "repeats": args.repeats,
            "median_tokens_per_s": med, "ratio_unpacked": ratio_unpacked, "ratio": ratio, "runs": runs,
            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    name = "retrain_throughput-quick.json" if args.quick else "retrain_throughput.json"
+    name = _shapes.result_name("retrain_throughput-quick" if args.quick else "retrain_throughput", args)
     (results / name).write_text(json.dumps(out, indent=1, default=str))
     print(f"ratio={ratio:.4f}")
 

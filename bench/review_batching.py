@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench import _shapes  # noqa: E402
 from domain.config import get_settings  # noqa: E402
 from domain.models import load_causal_lm, prepare_embedded_model  # noqa: E402
 from domain.review.batcher import AdapterHandle, Batcher, GenerationRequest  # noqa: E402
@@ -133,6 +134,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--quick", action="store_true", help="8 requests, 16 new tokens, 1 round")
+    _shapes.add_option(ap)
     args = ap.parse_args()
     if args.quick:
         args.requests, args.max_new_tokens, args.rounds = 8, 16, 1
@@ -141,7 +143,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    ref = base_ref(args.model)
+    ref, mode = _shapes.model_for(args, lambda: base_ref(args.model))
+    print(f"mode: {mode}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         rt, handles = setup(ref, args.device, args.batch_size, args.wait_ms, args.adapters, Path(tmp))
         reqs = []
@@ -169,18 +172,18 @@ def main() -> None:
         rt.batcher.stop()
 
     ratio = statistics.median(r["ratio"] for r in rounds)
-    result = {"benchmark": "review_batching", "model": model_id_for(ref), "device": args.device,
+    result = {"benchmark": "review_batching", "mode": mode, "model": model_id_for(ref), "device": args.device,
               "requests": len(reqs), "adapters": args.adapters, "lora_rank": 16, "batch_size": args.batch_size,
               "wait_ms": args.wait_ms, "max_new_tokens": args.max_new_tokens, "torch_threads": torch.get_num_threads(),
               "prompt_tokens_mean": statistics.mean(len(ids) for ids, _ in reqs), "rounds": rounds,
               "naive_rps_median": statistics.median(r["naive_rps"] for r in rounds),
               "batched_rps_median": statistics.median(r["batched_rps"] for r in rounds), "ratio": ratio}
-    out = ROOT / "bench" / "results" / "review_batching.json"
+    out = ROOT / "bench" / "results" / _shapes.result_name("review_batching", args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"naive: {result['naive_rps_median']:.2f} requests/s; Foundry batched: {result['batched_rps_median']:.2f} "
           f"requests/s ({len(reqs)} requests, {args.adapters} adapters, batch {args.batch_size}, "
-          f"{args.max_new_tokens} new tokens, median of {len(rounds)})")
+          f"{args.max_new_tokens} new tokens, median of {len(rounds)}; {mode})")
     print(f"ratio={ratio:.3f}")
 
 

@@ -17,9 +17,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from sqlalchemy import func, select
 
+from domain.config import get_settings
+from domain.device import compute_dtype
 from domain.errors import InvalidJob
 from domain.contract import jsonable
 from domain.ledger.models import Artifact
@@ -111,7 +112,7 @@ def load_model_folder(path: Path, device: str = "auto", *, label: str = "model")
     config = json.loads((path / "config.json").read_text())
     if "quantization_config" not in config:
         return load_causal_lm(str(path), device=str(dev))
-    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    dtype = compute_dtype(dev, get_settings().compute_dtype)
     device_map = "cpu" if dev.type == "cpu" else {"": dev.index or 0}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device_map)

@@ -17,7 +17,7 @@ recorded with ``ctx.record_checkpoint``; a redelivered job resumes from the late
 
 ``handle_distill`` reads as its stages: ``_setup`` / ``_train`` / evaluate / ``_publish`` / commit.
 
-Failure codes: ``out_of_memory``, ``tokenizer_mismatch`` (teacher and student vocabularies differ),
+Failure codes: ``cuda_oom`` (``out_of_memory`` on the CPU), ``tokenizer_mismatch`` (teacher and student vocabularies differ),
 ``diverging_loss`` (NaN/inf, or a loss above ``DIVERGENCE_FACTOR`` × the first step's).
 """
 
@@ -40,6 +40,7 @@ from domain import checkpoints, costs, heldout
 from domain.errors import InvalidJob, JobFailed, is_out_of_memory
 from domain.contract import JobContext, Outcome
 from domain.ledger.models import new_id
+from domain.device import oom_code, train_autocast
 from domain.models import ModelLoadError, load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
 from domain.artifacts import REPORT_FILE, add_artifact, data_file, tree_size
 from domain.paths import data_root, publish_dir, sha256_tree
@@ -298,10 +299,11 @@ def training_blocks(spec: DistillSpec, tokenizer, steps: int) -> torch.Tensor:
 def train_step(student, teacher, ids: torch.Tensor, optimizer, scheduler, temperature: float, alpha: float,
                first_loss: float | None) -> DistillLoss:
     t_logits = None
-    if alpha > 0:  # alpha == 0 is plain cross-entropy training: the teacher is not needed
-        with torch.no_grad():
-            t_logits = teacher(input_ids=ids, use_cache=False).logits[:, :-1]
-    s_logits = student(input_ids=ids, use_cache=False).logits
+    with train_autocast(student):
+        if alpha > 0:  # alpha == 0 is plain cross-entropy training: the teacher is not needed
+            with torch.no_grad():
+                t_logits = teacher(input_ids=ids, use_cache=False).logits[:, :-1]
+        s_logits = student(input_ids=ids, use_cache=False).logits
     mask = torch.ones_like(ids[:, 1:])
     out = distillation_loss(s_logits[:, :-1], t_logits, ids[:, 1:], mask, temperature, alpha)
     value = out.loss.item()
@@ -444,7 +446,7 @@ def _train(spec: DistillSpec, ctx: JobContext, run: _Run) -> _Trained:
 
     tick, tick_tokens = time.perf_counter(), 0
     for step in range(trained.start, run.steps):
-        ids = batch_for_step(run.blocks, step, spec.batch_size, spec.seed).to(run.device)
+        ids = batch_for_step(run.blocks, step, spec.batch_size, spec.seed).to(run.device, non_blocking=True)
         try:
             out = train_step(run.student, run.teacher, ids, run.optimizer, run.scheduler, spec.temperature, spec.alpha,
                              trained.first_loss)
@@ -453,7 +455,7 @@ def _train(spec: DistillSpec, ctx: JobContext, run: _Run) -> _Trained:
                 if run.device.type == "cuda":
                     torch.cuda.empty_cache()
                 raise JobFailed(f"out of memory at batch_size={spec.batch_size}, seq_len={spec.seq_len}: lower them "
-                                f"({exc})", code="out_of_memory") from exc
+                                f"({exc})", code=oom_code(exc)) from exc
             raise
         trained.first_loss = trained.first_loss if trained.first_loss is not None else out.loss.item()
         trained.tokens += int(ids.numel())

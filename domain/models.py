@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+from domain.config import get_settings
+from domain.device import attn_implementation, compute_dtype
+
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -81,9 +84,10 @@ def _load_causal_lm(ref: str, device: str, dtype: torch.dtype | None, quantizati
     dev = resolve_device(device)
     path = Path(ref)
     gguf = _gguf_in(path)
+    settings = get_settings()
     if dtype is None:
-        dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
-    kwargs: dict = {"dtype": dtype}
+        dtype = compute_dtype(dev, settings.compute_dtype)
+    kwargs: dict = {"dtype": dtype, "attn_implementation": attn_implementation(settings.attn_implementation, dev)}
     if gguf:
         kwargs["gguf_file"] = gguf
     if quantization_config is not None:

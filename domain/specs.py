@@ -68,6 +68,7 @@ class RetrainSpec(JobSpec):
     promotion_margin: float = Field(0.01, ge=0, description="Relative eval-loss improvement needed to promote.")
     checkpoint_every: int = Field(50, ge=1)
     seed: int = 0
+    procs: int | None = Field(None, ge=1, le=64, description="Training processes (torch.distributed); default FOUNDRY_TRAIN_PROCS.")
 
 
 QUANT_METHODS = ("nf4", "fp4", "int8")

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import torch
-
-from domain import checkpoints, costs
+from domain import checkpoints, costs, distributed
+from domain.config import get_settings
+from domain.device import compute_dtype
 from domain.adapters import data as fbdata
 from domain.adapters import gate, store, training
 from domain.ledger.db import session_scope
@@ -54,7 +54,7 @@ def base_model(ref: str, device: str, qlora: bool):
                 from transformers import BitsAndBytesConfig
 
                 quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                           bnb_4bit_compute_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+                                           bnb_4bit_compute_dtype=compute_dtype(dev, get_settings().compute_dtype))
             _base[key] = load_causal_lm(ref, device=str(dev), quantization_config=quant)
         return _base[key]
 
@@ -121,7 +121,7 @@ def handle_retrain(spec: RetrainSpec, ctx):
         data = _Data.encode(job.dataset, loaded.tokenizer, job.cfg, spec.eval_fraction)
         model = training.setup_model(loaded.model, job.cfg, job.parent_dir)
         try:
-            result, start = _train(ctx, model, job, data.train_batches)
+            result, start, procs = _train(ctx, model, job, data.train_batches)
             ctx.progress(0.95, stage="eval", step=result.steps, loss=result.final_loss, force=True)
             decision = gate.run_gate(model, data.eval_batches, job.champion_dir,
                                      job.champion.id if job.champion else None, spec.promotion_margin)
@@ -131,7 +131,8 @@ def handle_retrain(spec: RetrainSpec, ctx):
             training.cleanup(model)
 
     metrics = _metrics(job, data, result, start, decision)
-    hyper = {**job.cfg.hyperparams(), "train_tokens_per_epoch": sum(len(e.input_ids) for e in data.train_tok)}
+    hyper = {**job.cfg.hyperparams(), "train_tokens_per_epoch": sum(len(e.input_ids) for e in data.train_tok),
+             "procs": procs}
     wall = time.perf_counter() - t0
     usage = costs.Usage(prompt_tokens=result.tokens, completion_tokens=0, wall_seconds=wall,
                         gpu_seconds=wall if loaded.device.type == "cuda" else 0.0,
@@ -215,17 +216,19 @@ class _Data:
         return cls(train_ex, eval_ex, train_tok, eval_tok, batches(train_tok), batches(eval_tok))
 
 
-def _train(ctx, model, job: _Setup, batches: list[training.Batch]) -> tuple[training.TrainResult, int]:
-    """Train from the start or from the job's checkpoint; returns the result and the step it started at."""
+def _train(ctx, model, job: _Setup, batches: list[training.Batch]) -> tuple[training.TrainResult, int, int]:
+    """Train from the start or from the job's checkpoint, on one process or ``procs`` (domain/distributed.py);
+    returns the result, the step it started at and the number of processes."""
     optimizer, scheduler = training.make_optimizer(model, job.cfg)
     start, losses = 0, []
     if job.resume:
         start, losses = training.resume(job.resume, model, optimizer, scheduler)
         ctx.health("adapter", "resume", "ok", f"retrain resumed from step {start}", step=start)
     hooks = _JobHooks(ctx, model, optimizer, scheduler, job.cfg, job.meta, losses)
-    result = training.train(model, batches, job.cfg, optimizer, scheduler, start_step=start, losses=losses,
-                            hooks=hooks.as_hooks())
-    return result, start
+    procs, launch = distributed.launch_for(ctx.spec, ctx, job.base_ref, job.parent_dir, job.resume)
+    result = distributed.run(model, batches, job.cfg, optimizer, scheduler, procs=procs, launch=launch,
+                             start_step=start, losses=losses, hooks=hooks.as_hooks())
+    return result, start, procs
 
 
 def _metrics(job: _Setup, data: _Data, result: training.TrainResult, start: int, decision) -> dict:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from domain import checkpoints
 from domain.adapters import varlen
 from domain.adapters.data import IGNORE, TokenizedExample
+from domain.device import train_autocast
 
 
 @dataclass
@@ -86,7 +87,7 @@ class Batch:
     segments: list[list[int]] | None = None  # the sample lengths of each row (packed: several; unpacked: one)
 
     def to(self, device) -> "Batch":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.labels), move(self.position_ids), move(self.attention_mask),
                      self.tokens, self.samples, self.segments)
 
@@ -309,7 +310,8 @@ def train(model, batches: list[Batch], cfg: TrainConfig, optimizer, scheduler, *
     t0 = time.perf_counter()
     for step in range(start_step, cfg.max_steps):
         batch = batch_for_step(batches, step, cfg.seed)
-        loss_sum, n, _ = completion_loss(model, batch, count_correct=False)
+        with train_autocast(model):
+            loss_sum, n, _ = completion_loss(model, batch, count_correct=False)
         loss = loss_sum / max(1, n)
         loss.backward()
         if cfg.grad_clip:

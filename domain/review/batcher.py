@@ -26,6 +26,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from domain.device import oom_code
 from domain.errors import TransientError, is_out_of_memory
 
 log = logging.getLogger(__name__)
@@ -210,7 +211,7 @@ class Batcher:
             if rt.device.type == "cuda":
                 torch.cuda.empty_cache()
             if len(rows) == 1:
-                _settle(rows[0][0].future, exc=TransientError(f"out of memory generating a review: {exc}", code="oom"))
+                _settle(rows[0][0].future, exc=TransientError(f"out of memory generating a review: {exc}", code=oom_code(exc)))
                 return
             half = len(rows) // 2
             self._generate(rows[:half])

@@ -305,7 +305,7 @@ def test_out_of_memory_fails_with_its_code(tenant, teacher_dir, monkeypatch):
 
     monkeypatch.setattr(distillation, "train_step", oom)
     out = run({"tenant": tenant, "teacher": str(teacher_dir), "max_steps": 3, **SMALL})
-    assert out["status"] == "failed" and out["code"] == "out_of_memory" and "batch_size=2" in out["error"]
+    assert out["status"] == "failed" and out["code"] == "cuda_oom" and "batch_size=2" in out["error"]
 
 
 def test_student_with_another_tokenizer_fails_with_tokenizer_mismatch(tenant, teacher_dir, tmp_path):

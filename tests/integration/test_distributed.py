@@ -1,0 +1,152 @@
+"""Data-parallel retraining on torch.distributed with the gloo backend and 2 processes on the CPU.
+
+- Two processes follow the one-process run with the same global batch: the same loss at every step and the
+  same final adapter weights (float tolerance), also when they resume from a one-process checkpoint.
+- A retrain job with ``procs: 2`` on a real worker: SIGKILL of its rank-1 process fails the attempt
+  cleanly (``rank_lost``, retried) and the redelivery resumes from the checkpoint and succeeds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from sqlalchemy import func, select
+
+from domain import distributed
+from domain.adapters import training as T
+from domain.adapters.data import FeedbackExample, tokenize
+from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
+from domain.ledger.db import session_scope
+from domain.ledger.models import AdapterVersion, Checkpoint, Job, JobAttempt
+from domain.models import load_causal_lm
+from tests.fixtures.tiny_models import save_tiny_model
+from tests.conftest import add_tenant
+from tests.integration.workers import apply_env, running_worker, worker_env
+
+pytestmark = pytest.mark.integration
+
+CFG = dict(max_steps=12, batch_size=2, max_seq_len=384, lora_r=4, lora_dropout=0.0, learning_rate=5e-3,
+           target_modules=["q_proj", "v_proj"], checkpoint_every=6)
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the helper ranks too
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("dist-base") / "tiny")
+
+
+def _train(base_dir: Path, procs: int, workdir: Path, resume: Path | None = None, save_at: Path | None = None):
+    from peft import get_peft_model_state_dict
+
+    loaded = load_causal_lm(str(base_dir), device="cpu")
+    tok = loaded.tokenizer
+    exs = [tokenize(tok, FeedbackExample(code, path, None, False, review, "accepted", None), CFG["max_seq_len"])
+           for path, code, review in stdlib_review_pairs(10, max_code_lines=8)]
+    cfg = T.TrainConfig(**CFG)
+    batches = T.make_batches(exs, cfg.batch_size, cfg.max_seq_len, cfg.packing, tok.pad_token_id)
+    assert all(b.input_ids.shape[0] == 2 for b in batches)  # every global batch splits over both ranks
+    model = T.setup_model(loaded.model, cfg)
+    optimizer, scheduler = T.make_optimizer(model, cfg)
+    start, losses = 0, []
+    if resume is not None:
+        start, losses, _ = T.load_checkpoint(resume, model, optimizer, scheduler)
+    hooks = T.Hooks()
+    if save_at is not None:
+        seen: list[float] = list(losses)
+        hooks = T.Hooks(progress=lambda step, loss, tps: seen.append(loss),
+                        checkpoint=lambda step, reason: T.save_checkpoint(save_at, model, optimizer, scheduler, step,
+                                                                          seen, {}))
+    launch = distributed.Launch(base_ref=str(base_dir), device="cpu", qlora=False, workdir=str(workdir),
+                                resume_dir=str(resume) if resume else None)
+    result = distributed.run(model, batches, cfg, optimizer, scheduler, procs=procs, launch=launch, start_step=start,
+                             losses=losses, hooks=hooks)
+    weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    T.cleanup(model)
+    return result, weights
+
+
+def _same_weights(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys() and a
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_two_gloo_processes_equal_one_process(base_dir, tmp_path):
+    one, w_one = _train(base_dir, 1, tmp_path / "w1", save_at=tmp_path / "step-6")
+    two, w_two = _train(base_dir, 2, tmp_path / "w2")
+    assert len(one.losses) == len(two.losses) == CFG["max_steps"]
+    assert one.losses[-1] < one.losses[0]  # it trains
+    assert two.losses == pytest.approx(one.losses, rel=1e-5, abs=1e-6)
+    assert _same_weights(w_one, w_two) < 1e-5
+    assert not (tmp_path / "w2").exists()  # the launch folder is removed after the job
+
+    # resume with another number of processes: the one-process checkpoint at step 6, continued on two
+    resumed, w_resumed = _train(base_dir, 2, tmp_path / "w3", resume=tmp_path / "step-6")
+    assert resumed.steps == CFG["max_steps"] and len(resumed.losses) == CFG["max_steps"]
+    assert resumed.losses == pytest.approx(one.losses, rel=1e-5, abs=1e-6)
+    assert _same_weights(w_one, w_resumed) < 1e-5
+
+
+@pytest.fixture
+def env(redis_url, pg_ledger, tmp_path, monkeypatch, base_dir):
+    # production broker timing: the redelivery below is the job's own retry, not a visibility-timeout restore
+    e = worker_env(redis_url, pg_ledger, tmp_path, FOUNDRY_BASE_MODEL=base_dir, FOUNDRY_DEVICE="cpu",
+                   OMP_NUM_THREADS=1, FOUNDRY_VISIBILITY_TIMEOUT_S=0, FOUNDRY_RESTORE_INTERVAL_S=10)
+    apply_env(monkeypatch, e)
+    add_tenant(pg_ledger, "acme")
+    seed_feedback("acme", stdlib_review_pairs(10, max_code_lines=8))
+    return e
+
+
+def _wait_for(what: str, fn, timeout: float, worker):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"no {what} after {timeout}s:\n{worker.output()[-4000:]}")
+
+
+def test_sigkill_of_one_rank_fails_the_attempt_and_the_retry_resumes(env, tmp_path):
+    from worker.client import enqueue, wait
+
+    body = {"tenant": "acme", **{k: v for k, v in CFG.items()}, "max_steps": 400, "checkpoint_every": 10,
+            "promotion_margin": 0.0, "procs": 2}
+    job_id = enqueue("retrain", body)
+    pid_file = tmp_path / "dist" / job_id / "rank-1.pid"
+    with running_worker(env, queues=["retrain"]) as worker:
+        def checkpointed():
+            with session_scope() as s:
+                return s.scalar(select(func.max(Checkpoint.step)).where(Checkpoint.job_id == job_id))
+
+        _wait_for("rank-1 process", pid_file.exists, 300, worker)
+        step = _wait_for("checkpoint", checkpointed, 300, worker)
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        try:
+            done = wait(job_id, timeout=600)
+        except TimeoutError:
+            with session_scope() as s:
+                j = s.get(Job, job_id)
+                raise AssertionError(f"{j.status} {j.progress_info} {j.error}\n{worker.output()[-4000:]}") from None
+    assert done["status"] == "succeeded", done
+    r = done["result"]
+    assert r["steps"] == 400 and r["resumed_from_step"] >= step > 0
+    with session_scope() as s:
+        attempts = list(s.scalars(select(JobAttempt).where(JobAttempt.job_id == job_id).order_by(JobAttempt.attempt)))
+        assert [a.outcome for a in attempts] == ["retry", "succeeded"]
+        assert "rank 1 exited with -9" in attempts[0].error and "last checkpoint" in attempts[0].error
+        [version] = s.scalars(select(AdapterVersion).where(AdapterVersion.tenant_id == "acme"))
+        assert version.hyperparams["procs"] == 2 and version.created_by_job_id == job_id
