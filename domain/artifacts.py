@@ -20,12 +20,24 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from domain.config import get_settings
+from domain.contract import jsonable
 from domain.device import compute_dtype
 from domain.errors import InvalidJob
-from domain.contract import jsonable
 from domain.ledger.models import Artifact
-from domain.models import LoadedModel, ModelLoadError, load_causal_lm, load_tokenizer, resolve_device
-from domain.paths import UnsafePath, data_root, publish_dir, resolve_in_data_root, sha256_tree
+from domain.models import (
+    LoadedModel,
+    ModelLoadError,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+)
+from domain.paths import (
+    UnsafePath,
+    data_root,
+    publish_dir,
+    resolve_in_data_root,
+    sha256_tree,
+)
 
 SERVABLE_KINDS = ("quantized_model", "distilled_model")
 REPORT_FILE = "foundry-artifact.json"

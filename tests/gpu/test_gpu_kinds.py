@@ -14,15 +14,15 @@ import torch
 from sqlalchemy import select
 
 from domain import device, jobs, quantization
-from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
 from domain.config import reset_settings
 from domain.ledger.db import session_scope
 from domain.ledger.models import Artifact, UsageCost, new_id
 from domain.models import load_causal_lm
-from tests.fixtures.tiny_models import save_tiny_model
 from domain.review.runtime import AdapterHandle, Runtime
-from tests.fixtures.review import make_adapter, save_lively_tiny_model
 from tests.conftest import add_tenant
+from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
+from tests.fixtures.review import make_adapter, save_lively_tiny_model
+from tests.fixtures.tiny_models import save_tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -20,12 +20,12 @@ from sqlalchemy import func, select
 from domain import distributed
 from domain.adapters import training as T
 from domain.adapters.data import FeedbackExample, tokenize
-from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
 from domain.ledger.db import session_scope
 from domain.ledger.models import AdapterVersion, Checkpoint, Job, JobAttempt
 from domain.models import load_causal_lm
-from tests.fixtures.tiny_models import save_tiny_model
 from tests.conftest import add_tenant
+from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
+from tests.fixtures.tiny_models import save_tiny_model
 from tests.integration.workers import apply_env, running_worker, worker_env
 
 pytestmark = pytest.mark.integration
