@@ -90,6 +90,11 @@ def from_model(parsed: dict) -> dict:
                         confidence=0.6 if parsed.get("line") else 0.3)
 
 
+def rule_key(finding: dict) -> str:
+    """What feedback and suppressions count a finding under: its rule id, or ``model:<category>``."""
+    return finding.get("rule_id") or f"model:{finding.get('category') or 'bug'}"
+
+
 def _near(a: int | None, b: int | None) -> bool:
     return a is not None and b is not None and abs(a - b) <= 1
 
@@ -100,7 +105,7 @@ def merge(analyzer: list[dict], model: list[dict], suppressed: frozenset[str] = 
     severity, then confidence, then line."""
     merged: list[dict] = []
     for f in analyzer:
-        if f.get("rule_id") in suppressed:
+        if rule_key(f) in suppressed:
             continue
         twin = next((m for m in merged if m["line"] == f["line"] and m["category"] == f["category"]), None)
         if twin is None:
@@ -108,7 +113,7 @@ def merge(analyzer: list[dict], model: list[dict], suppressed: frozenset[str] = 
         elif SEVERITY_RANK[f["severity"]] > SEVERITY_RANK[twin["severity"]]:
             twin.update(severity=f["severity"])
     for f in model:
-        if f.get("category") in suppressed:
+        if rule_key(f) in suppressed:
             continue
         twin = next((m for m in merged if _near(m["line"], f["line"]) and m["category"] == f["category"]), None)
         if twin is not None:
