@@ -63,9 +63,9 @@ _USER = r"(?:request\.(?:args|form|values|json|GET|POST|query_params|params|cook
 
 LINE_RULES = [  # (rule id, category, severity, pattern, message)
     ("FR-CORS1", "cors", "high",
-     r"(?:Access-Control-Allow-Origin['\"]?\s*[,:=\]]\s*['\"]\*|allow_origins\s*=\s*\[\s*['\"]\*|origins\s*=\s*['\"]\*|CORS_ORIGIN_ALLOW_ALL\s*=\s*True|CORS_ALLOW_ALL_ORIGINS\s*=\s*True)",
+     r"(?:Access-Control-Allow-Origin['\"]?\]?\s*[,:=]\s*['\"]\*|allow_origins\s*=\s*\[\s*['\"]\*|origins\s*=\s*['\"]\*|CORS_ORIGIN_ALLOW_ALL\s*=\s*True|CORS_ALLOW_ALL_ORIGINS\s*=\s*True)",
      "CORS allows every origin ('*'); list the trusted origins instead"),
-    ("FR-CORS2", "cors", "high", r"Access-Control-Allow-Origin['\"]?\s*[,:=\]]\s*\w*\.?(?:headers|META)",
+    ("FR-CORS2", "cors", "high", r"Access-Control-Allow-Origin['\"]?\]?\s*[,:=]\s*(?:\w+\.)*(?:headers|META)",
      "CORS reflects the request's Origin header: any site can read authenticated responses"),
     ("FR-SSRF1", "ssrf", "high", r"(?:requests|httpx|urllib\.request|session)\.(?:get|post|put|request|urlopen)\(\s*" + _USER,
      "request to a URL taken from user input (SSRF); allow-list hosts before fetching"),
