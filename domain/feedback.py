@@ -109,16 +109,14 @@ def record_finding_feedback(review_id: str, number: int, verdict: str, correctio
     ``suppressed`` is True when this rejection made the tenant's net rejections of the rule reach the threshold."""
     from domain.review.findings import rule_key
 
+    with session_scope(url) as s:  # a bad finding number is refused before anything is stored
+        review = s.get(Review, review_id)
+        if review is not None and (tenant is None or review.tenant_id == tenant):
+            rule = rule_key(_finding_of(review, int(number)))
     fid = record_feedback(review_id, verdict, correction, tenant=tenant, created_by=created_by, url=url)
     with session_scope(url) as s:
         row = s.get(Feedback, fid)
-        review = s.get(Review, row.review_id)
-        try:
-            finding = _finding_of(review, int(number))
-        except ValueError:
-            s.delete(row)
-            raise
-        row.finding_index, row.rule_id = int(number), rule_key(finding)
+        row.finding_index, row.rule_id = int(number), rule
         s.flush()
         suppressed = _maybe_suppress(s, row.tenant_id, row.rule_id, suppress_after() if threshold is None else threshold)
         return {"id": fid, "rule_id": row.rule_id, "suppressed": suppressed}
