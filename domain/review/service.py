@@ -29,6 +29,7 @@ from domain.ledger.db import session_scope
 from domain.ledger.models import AdapterVersion, Artifact, Review, Tenant, new_id
 from domain.models import ModelLoadError
 from domain.review.batcher import GenerationRequest
+from domain.review.decoding import DecodeControl, review_stop
 from domain.review.grounded import analysis_note, analysis_stage, merge_review, output_budget
 from domain.review.parse import parse_review
 from domain.review.prompt import fit_prompt, guess_language, shared_prefix_len
@@ -127,7 +128,8 @@ def handle_review(spec: ReviewSpec, ctx: JobContext) -> Outcome:
     budgets.check_budget(spec.tenant, worst_case, settings.prices())
 
     handle = _adapter_handle(version, ctx) if version is not None else None
-    gen = _generate(rt, GenerationRequest(fitted.input_ids, max_new, handle, prefix_len), ctx)
+    control = DecodeControl(stop=review_stop(rt.decode))  # ends with the findings list, no repeated lines
+    gen = _generate(rt, GenerationRequest(fitted.input_ids, max_new, handle, prefix_len, control=control), ctx)
     parsed = parse_review(gen.text, n_lines=len(spec.code.splitlines()))
     parsed.findings = merge_review(parsed.findings, analysis, spec.code, path=spec.path, language=language,
                                    is_diff=spec.is_diff, raw_text=gen.text, suppressed=suppressed_rules(spec.tenant))
