@@ -36,7 +36,8 @@ from domain.review.findings import make_finding
 BIN = Path(sys.executable).parent
 RUFF_SELECT = "F,E7,E9,B,SIM115,PLE,BLE001"  # security is bandit's
 RUFF_IGNORE = "F401,E701,E702,E731,E741,B905"
-BANDIT_SKIP = "B101,B403,B404,B603"  # assert, "consider the implications of importing", list-form subprocess
+BANDIT_SKIP = "B101,B403,B404,B603,B607"  # assert, "consider the implications of importing", list-form subprocess,
+# a program found on PATH
 
 
 @dataclass

@@ -79,7 +79,7 @@ LINE_RULES = [  # (rule id, category, severity, pattern, message)
     ("FR-SESS1", "session_fixation", "high",
      r"session\[['\"](?:session_?id|sid)['\"]\]\s*=\s*" + _USER,
      "session id taken from the request (session fixation); issue a new session id at login"),
-    ("FR-AUTH1", "broken_auth", "high", r"(?:password|passwd|token)\w*\s*==\s*\w|\w\s*==\s*\w*(?:password|passwd)\b",
+    ("FR-AUTH1", "broken_auth", "high", r"(?:password|passwd|token)\w*['\"]?\]?\s*==\s*\w|\w\s*==\s*\w*(?:password|passwd)\b",
      "secret compared with '=='; compare hashes with hmac.compare_digest (timing attack, plaintext passwords)"),
     ("FR-AUTH2", "broken_auth", "high", r"verify_signature['\"]?\s*[:=]\s*False|algorithms\s*=\s*\[\s*['\"]none['\"]",
      "token signature not verified (broken authentication)"),
