@@ -14,8 +14,8 @@ picks decoded alone.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -58,9 +58,9 @@ def should_stop(history: list[int], control: DecodeControl | None) -> bool:
 
 
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+\S")
-_FINDINGS = re.compile(r"^\s*(?:\*\*|#+\s*)?(?:findings|issues)\b", re.I)
-_END = re.compile(r"end of (?:review|findings)", re.I)
-_NONE = re.compile(r"^\s*(?:\*\*|#+\s*)?findings(?:\*\*)?\s*:?\s*(?:none|no (?:issues|findings))", re.I)
+_FINDINGS = re.compile(r"^\s*(?:\*\*|#+\s*)?(?:findings|issues)\b", re.IGNORECASE)
+_END = re.compile(r"end of (?:review|findings)", re.IGNORECASE)
+_NONE = re.compile(r"^\s*(?:\*\*|#+\s*)?findings(?:\*\*)?\s*:?\s*(?:none|no (?:issues|findings))", re.IGNORECASE)
 
 
 def review_finished(text: str) -> bool:

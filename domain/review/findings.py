@@ -43,7 +43,7 @@ _CATEGORY_WORDS = [
     ("resource_leak", r"not closed|never closed|resource leak|context manager|with open"),
     ("off_by_one", r"off.by.one|index ?error|out of range|range\(len"),
 ]
-_CATEGORY_RE = [(c, re.compile(p, re.I)) for c, p in _CATEGORY_WORDS]
+_CATEGORY_RE = [(c, re.compile(p, re.IGNORECASE)) for c, p in _CATEGORY_WORDS]
 
 _SECRET_PATTERNS = [
     re.compile(r"AKIA[0-9A-Z]{16}"),  # AWS access key id
@@ -52,7 +52,7 @@ _SECRET_PATTERNS = [
     re.compile(r"\b[A-Fa-f0-9]{32,}\b"), re.compile(r"\b[A-Za-z0-9+/]{40,}={0,2}"),
 ]
 _QUOTED_AFTER_SECRET_WORD = re.compile(
-    r"((?:password|passwd|pwd|secret|token|api_?key|credential)[^'\"\n]{0,40}?['\"])([^'\"\n]{2,})(['\"])", re.I)
+    r"((?:password|passwd|pwd|secret|token|api_?key|credential)[^'\"\n]{0,40}?['\"])([^'\"\n]{2,})(['\"])", re.IGNORECASE)
 
 
 def mask_secrets(text: str) -> str:

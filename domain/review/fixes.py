@@ -16,7 +16,7 @@ from __future__ import annotations
 import ast
 import difflib
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from unidiff import PatchSet
 from unidiff.errors import UnidiffParseError

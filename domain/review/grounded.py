@@ -18,7 +18,7 @@ from domain.review.findings import from_model, merge
 
 log = logging.getLogger(__name__)
 
-_DIFF_BLOCK = re.compile(r"```(?:diff|patch)\n(.*?)```", re.S)
+_DIFF_BLOCK = re.compile(r"```(?:diff|patch)\n(.*?)```", re.DOTALL)
 
 
 def analysis_stage(code: str, path: str | None, language: str | None, is_diff: bool) -> analyzers.Analysis:
