@@ -28,8 +28,7 @@ SYSTEM_PROMPT = (
     "Summary: <one or two sentences about the code>\n"
     "Findings:\n"
     "- [high|medium|low] line <N>: <the problem and how to fix it>\n"
-    "Refer to the line numbers shown at the left of the code. Write 'Findings: none' if there is nothing to fix."
-)
+    "Refer to the line numbers shown at the left of the code. Write 'Findings: none' if there is nothing to fix.")
 
 TRUNCATION_RULE = ("drop context chunks (lowest score first), then the middle lines of the code "
                    "(keep equal head and tail)")
@@ -66,8 +65,28 @@ def number_lines(lines: Sequence[str], omit: tuple[int, int] | None = None) -> s
     return "\n".join(out)
 
 
+def analyzer_block(findings: Sequence[dict], note: str | None = None, limit: int = 20,
+                   total: int | None = None) -> list[str]:
+    """Prompt lines listing the analyzer stage's findings (most severe first), or saying why there are none.
+    ``total``: how many there were, when ``findings`` is only the part that fits in the prompt."""
+    total = len(findings) if total is None else total
+    if note:
+        return [f"Static analysis: {note}.", ""]
+    if not findings:
+        return ([f"Static analyzers reported {total} findings (not listed: the prompt is full)."] if total else
+                ["Static analyzers found nothing on this code."]) + [""]
+    lines = ["Static analyzers found these; explain the real ones first, most severe first, then add what they missed:"]
+    for f in list(findings)[:limit]:
+        lines.append(f"- [{f['severity']}] line {f['line']}: {f['category']}: {f['message']} ({f['rule_id']})")
+    if total > min(limit, len(findings)):
+        lines.append(f"- ... and {total - min(limit, len(findings))} more of lower severity")
+    return lines + [""]
+
+
 def build_messages(code: str, path: str | None, language: str | None, is_diff: bool,
-                   context_chunks: Sequence[Any] = (), *, omit: tuple[int, int] | None = None) -> list[dict]:
+                   context_chunks: Sequence[Any] = (), *, omit: tuple[int, int] | None = None,
+                   analysis: Sequence[dict] | None = None, analysis_note: str | None = None,
+                   analysis_total: int | None = None) -> list[dict]:
     """Chat messages asking for a review of ``code``. ``context_chunks`` are retrieved chunks (objects or
     dicts with ``text`` and optionally ``path``/``source``); an empty sequence is a valid case."""
     language = language or guess_language(path, is_diff)
@@ -78,6 +97,8 @@ def build_messages(code: str, path: str | None, language: str | None, is_diff: b
             where = _get(chunk, "path") or _get(chunk, "source") or "context"
             parts.append(f"[{n}] {where}\n{str(_get(chunk, 'text', '')).strip()}")
         parts.append("")
+    if analysis is not None or analysis_note:
+        parts.extend(analyzer_block(analysis or (), analysis_note, total=analysis_total))
     what = "unified diff" if is_diff else "code"
     title = f"Review this {language + ' ' if language and language != 'diff' else ''}{what}"
     parts.append(f"{title}{f' from `{path}`' if path else ''}:")
@@ -96,6 +117,10 @@ def render(tokenizer, messages: list[dict]) -> str:
 
 def encode(tokenizer, messages: list[dict]) -> list[int]:
     return list(tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"])
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def shared_prefix_len(tokenizer, input_ids: list[int]) -> int:
@@ -119,14 +144,37 @@ class FittedPrompt:
 
 
 def fit_prompt(tokenizer, code: str, path: str | None, language: str | None, is_diff: bool,
-               context_chunks: Sequence[Any], *, context_window: int, max_new_tokens: int) -> FittedPrompt:
+               context_chunks: Sequence[Any], *, context_window: int, max_new_tokens: int,
+               analysis: Sequence[dict] | None = None, analysis_note: str | None = None) -> FittedPrompt:
+    """``_fit`` with the analyzer findings listed in the prompt (most severe first): 20, or fewer when the
+    prompt without any code would not fit with 20."""
+    listed = list(analysis or ())
+    budget = context_window - max_new_tokens
+    limits = [n for n in (20, 8, 3, 1) if n <= len(listed)
+              and len(encode_text(tokenizer, "\n".join(analyzer_block(listed[:n])))) <= budget // 8] + [0]
+    for limit in limits:
+        try:
+            return _fit(tokenizer, code, path, language, is_diff, context_chunks, context_window=context_window,
+                        max_new_tokens=max_new_tokens, analysis=None if analysis is None else listed[:limit],
+                        analysis_note=analysis_note, analysis_total=len(listed))
+        except InvalidJob:
+            if analysis is None or limit == 0:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _fit(tokenizer, code: str, path: str | None, language: str | None, is_diff: bool,
+         context_chunks: Sequence[Any], *, context_window: int, max_new_tokens: int,
+         analysis: Sequence[dict] | None = None, analysis_note: str | None = None,
+         analysis_total: int | None = None) -> FittedPrompt:
     """Build the prompt and, if it is longer than ``context_window - max_new_tokens``, cut it by the rule
     in this module's docstring. Raises InvalidJob if even the empty-code prompt cannot fit."""
     budget = context_window - max_new_tokens
     chunks = sorted(context_chunks, key=lambda c: -float(_get(c, "score", 0.0) or 0.0))
 
     def attempt(kept_chunks, omit=None) -> tuple[list[dict], list[int]]:
-        msgs = build_messages(code, path, language, is_diff, kept_chunks, omit=omit)
+        msgs = build_messages(code, path, language, is_diff, kept_chunks, omit=omit, analysis=analysis,
+                              analysis_note=analysis_note, analysis_total=analysis_total)
         return msgs, encode(tokenizer, msgs)
 
     messages, ids = attempt(chunks)

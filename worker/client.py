@@ -158,9 +158,10 @@ def wait(job_id: str, timeout: float = 600.0, poll: float = 0.2) -> dict:
 
 
 def feedback(review_id: str, verdict: str, correction: str | None = None, *, tenant: str | None = None,
-             created_by: str | None = None) -> str:
-    """Record a user's verdict on a review (accept/reject, optional corrected review). Returns the feedback id."""
-    from domain.feedback import record_feedback
+             created_by: str | None = None, finding: int | None = None) -> str:
+    """Record a user's verdict on a review (accept/reject, optional corrected review), or on its N-th finding
+    with ``finding=N`` (1-based). Returns the feedback id."""
+    from domain.feedback import feedback as record
 
-    return record_feedback(review_id, verdict, correction=correction, tenant=tenant,
-                           created_by=created_by or actor("client"))
+    return record(review_id, verdict, correction, tenant=tenant, created_by=created_by or actor("client"),
+                  finding=finding)

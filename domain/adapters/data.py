@@ -2,6 +2,9 @@
 
 - An **accepted** review teaches the review the model wrote (``reviews.raw_text``).
 - A **rejected** review with a correction teaches the correction; one without a correction teaches nothing.
+- Feedback on one finding (``finding_index``): an accepted finding teaches that finding in the review format
+  (or its correction); a rejected one without a correction teaches nothing (and counts towards the rule's
+  suppression, domain.feedback).
 - The prompt is the review prompt the service uses (``domain.prompting.build_messages``, without
   retrieved context, which is not stored with the review), rendered with the model's chat template.
 - Examples are deduplicated by the sha256 of (messages, completion) and sorted by it, so the same feedback
@@ -113,7 +116,7 @@ def collect(session: Session, tenant: str, since: datetime | None = None, until:
         accepted = fb.verdict == "accept"
         ex = FeedbackExample(code=review.code, path=review.path, language=review.language,
                              is_diff=looks_like_diff(review.code, review.language),
-                             completion=(review.raw_text if accepted else fb.correction).strip(),
+                             completion=_target(fb, review).strip(),
                              source="accepted" if accepted else "correction", feedback_at=at)
         if not ex.completion:
             skipped["rejected_without_correction"] += 1
@@ -124,6 +127,23 @@ def collect(session: Session, tenant: str, since: datetime | None = None, until:
     examples = [seen[h] for h in sorted(seen)]
     digest = hashlib.sha256("\n".join(sorted(seen)).encode()).hexdigest()
     return Dataset(examples=examples, dataset_hash=digest, feedback_rows=rows, feedback_until=newest, skipped=skipped)
+
+
+def _target(fb: Feedback, review: Review) -> str:
+    """What this feedback teaches: the correction if there is one; else, for an accepted review its raw answer,
+    for an accepted finding (``finding_index``) that finding written in the review format."""
+    if (fb.correction or "").strip():
+        return fb.correction
+    if fb.verdict != "accept":
+        return ""
+    if fb.finding_index is None:
+        return review.raw_text
+    findings = review.findings or []
+    if not 1 <= fb.finding_index <= len(findings):
+        return ""
+    f = findings[fb.finding_index - 1]
+    where = f"line {f['line']}: " if f.get("line") else ""
+    return f"Summary: {review.summary or ''}\nFindings:\n- [{f.get('severity') or 'medium'}] {where}{f.get('message', '')}"
 
 
 # ---- tokenization -------------------------------------------------------------------------------

@@ -212,6 +212,7 @@ class Review(Base):
     raw_text: Mapped[str] = mapped_column(Text)
     context_chunks: Mapped[list] = mapped_column(default=list)  # retrieval chunk ids + scores used
     index_version: Mapped[int | None] = mapped_column(Integer)
+    analysis: Mapped[dict | None] = mapped_column(JSON, default=dict)  # analyzer stage: supported, skipped, stages
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     __table_args__ = (
         Index("ix_reviews_tenant_created", "tenant_id", "created_at"),
@@ -229,8 +230,23 @@ class Feedback(Base):
     correction: Mapped[str | None] = mapped_column(Text)
     created_by: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finding_index: Mapped[int | None] = mapped_column(Integer)  # None: the verdict is on the whole review
+    rule_id: Mapped[str | None] = mapped_column(String(200))  # the finding's rule (or "model:<category>")
     __table_args__ = (Index("ix_feedback_tenant_created", "tenant_id", "created_at"),
-                      Index("ix_feedback_review", "review_id"))
+                      Index("ix_feedback_review", "review_id"),
+                      Index("ix_feedback_tenant_rule", "tenant_id", "rule_id"))
+
+
+class RuleSuppression(Base):
+    """A rule a tenant keeps rejecting: its findings are left out of that tenant's reviews until cleared."""
+
+    __tablename__ = "rule_suppressions"
+    tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    rule_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    rejections: Mapped[int] = mapped_column(Integer, default=0)  # rejections counted when it was suppressed
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    cleared_at: Mapped[datetime | None] = mapped_column()  # rejections before this no longer count
 
 
 class UsageCost(Base):

@@ -61,6 +61,7 @@ class GenerationRequest:
     max_new_tokens: int
     adapter: AdapterHandle | None = None  # None: the bare base model
     prefix_len: int = 0  # leading tokens shared by all reviews (system prompt): their KV cache is reused
+    control: Any = None  # domain.review.decoding.DecodeControl: repetition control and stop rule, or None
     future: Future = field(default_factory=Future)
     submitted_at: float = field(default_factory=time.monotonic)
 
@@ -202,7 +203,8 @@ class Batcher:
         t0 = time.perf_counter()
         try:
             outputs = rt.generate([r.input_ids for r, _ in rows], [s for _, s in rows],
-                                  [r.max_new_tokens for r, _ in rows], [r.prefix_len for r, _ in rows])
+                                  [r.max_new_tokens for r, _ in rows], [r.prefix_len for r, _ in rows],
+                                  [r.control for r, _ in rows])
             if rt.device.type == "cuda":
                 torch.cuda.synchronize(rt.device)
         except Exception as exc:  # noqa: BLE001

@@ -35,6 +35,7 @@ from domain.config import Settings, get_settings
 from domain.artifacts import load_serving_model
 from domain.models import LoadedModel, load_causal_lm
 from domain.review.batcher import AdapterHandle, Batcher
+from domain.review.decoding import cut_at_stop, next_token, next_tokens, should_stop
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ class Runtime:
 
     # ---- generation (batcher thread only) -------------------------------------------------------
     def generate(self, prompts: list[list[int]], slots: list[str | None], max_new_tokens: list[int],
-                 prefix_lens: list[int] | None = None) -> list[list[int]]:
+                 prefix_lens: list[int] | None = None, controls: list | None = None) -> list[list[int]]:
         """Greedy generation for all rows at once, one adapter slot (or None: the base) per row. Returns
         each row's new tokens, cut at its own ``max_new_tokens`` and after its first end token.
         ``prefix_lens[i]``: the first tokens of row i that all reviews share (the system prompt): their
@@ -196,11 +197,13 @@ class Runtime:
 
         Each prompt is prefilled alone (no padding: on a CPU the prefill is compute-bound and padded
         positions would cost as much as real ones); the rows' key/value caches are then left-padded into
-        one batch and decoded together, one token per step for all rows, dropping finished rows."""
+        one batch and decoded together, one token per step for all rows, dropping finished rows.
+        ``controls[i]``: row i's repetition control and stop rule (domain.review.decoding), or None."""
+        controls = controls or [None] * len(prompts)
         with torch.inference_mode():
-            rows = self._prefill_then_decode(prompts, slots, max_new_tokens, prefix_lens or [0] * len(prompts))
+            rows = self._prefill_then_decode(prompts, slots, max_new_tokens, prefix_lens or [0] * len(prompts), controls)
             if rows is None:  # a cache layout this path does not merge: HF generate, left-padded
-                rows = self._generate_padded(prompts, slots, max_new_tokens)
+                rows = self._generate_padded(prompts, slots, max_new_tokens, controls)
                 self.stats["padded_batches"] += 1
         self.stats["batches"] += 1
         self.stats["rows"] += len(prompts)
@@ -229,10 +232,10 @@ class Runtime:
         for key in [k for k in self._prefix_cache if k[0] == slot]:
             del self._prefix_cache[key]
 
-    def _prefill_then_decode(self, prompts, slots, max_new_tokens, prefix_lens) -> list[list[int]] | None:
+    def _prefill_then_decode(self, prompts, slots, max_new_tokens, prefix_lens, controls) -> list[list[int]] | None:
         names = [s or BASE for s in slots]
         t_prefill = time.perf_counter()
-        prefilled = self._prefill(prompts, names, prefix_lens)
+        prefilled = self._prefill(prompts, names, prefix_lens, controls)
         if prefilled is None:
             return None
         caches, outs = prefilled
@@ -240,13 +243,13 @@ class Runtime:
         lens = [len(p) for p in prompts]
         cache, mask = self._one_batch_cache(caches, lens, room=max(1, max(max_new_tokens)))
         del caches
-        steps = self._decode(cache, mask, outs, names, lens, max_new_tokens)
+        steps = self._decode(cache, mask, outs, names, lens, max_new_tokens, controls)
         self.timings["prefill_s"] += t_decode - t_prefill
         self.timings["decode_s"] += time.perf_counter() - t_decode
         self.timings["decode_steps"] += steps
         return outs
 
-    def _prefill(self, prompts, names, prefix_lens):
+    def _prefill(self, prompts, names, prefix_lens, controls):
         """Each prompt alone (its shared prefix from the prefix cache): (key/value caches, first tokens),
         or None for a cache layout the batched decoder does not merge."""
         from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -262,7 +265,7 @@ class Runtime:
             if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
                 return None
             caches.append(cache)
-            outs.append([int(out.logits[0, -1].argmax())])
+            outs.append([next_token(out.logits[0, -1], [], controls[len(outs)])])
         return caches, outs
 
     def _one_batch_cache(self, caches, lens: list[int], room: int):
@@ -283,15 +286,16 @@ class Runtime:
         return cache, mask
 
     def _decode(self, cache, mask, outs: list[list[int]], names: list[str], lens: list[int],
-                max_new_tokens: list[int]) -> int:
-        """Greedy decoding of all unfinished rows together, one token per step, dropping finished rows;
-        appends to ``outs`` and returns the number of steps."""
+                max_new_tokens: list[int], controls: list) -> int:
+        """Greedy decoding of all unfinished rows together, one token per step, dropping finished rows (each
+        row's repetition control and stop rule in ``controls``); appends to ``outs`` and returns the number of steps."""
         from peft import PeftModel
 
         from domain.review.mixed_lora import MixedLoRA
 
         def done(i: int) -> bool:
-            return outs[i][-1] in self.eos_ids or len(outs[i]) >= max_new_tokens[i]
+            return (outs[i][-1] in self.eos_ids or len(outs[i]) >= max_new_tokens[i]
+                    or should_stop(outs[i], controls[i]))
 
         active = [i for i in range(len(outs)) if not done(i)]
         if len(active) < len(outs):
@@ -313,7 +317,8 @@ class Runtime:
                 out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
                                  use_cache=True, logits_to_keep=1, **adapters)
                 cache = out.past_key_values
-                for i, tok in zip(active, out.logits[:, -1].argmax(-1).tolist()):
+                picked = next_tokens(out.logits[:, -1], [outs[i] for i in active], [controls[i] for i in active])
+                for i, tok in zip(active, picked):
                     outs[i].append(int(tok))
                 still = [j for j, i in enumerate(active) if not done(i)]
                 if len(still) < len(active):
@@ -325,7 +330,7 @@ class Runtime:
                         rows.select(keep)
         return step
 
-    def _generate_padded(self, prompts, slots, max_new_tokens) -> list[list[int]]:
+    def _generate_padded(self, prompts, slots, max_new_tokens, controls=None) -> list[list[int]]:
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -335,6 +340,10 @@ class Runtime:
         kwargs = {"max_new_tokens": max(max_new_tokens), "do_sample": False, "num_beams": 1,
                   "pad_token_id": self.pad_id, "eos_token_id": sorted(self.eos_ids)}
         kwargs.update(self._adapter_kwargs([s or BASE for s in slots]))
+        controls = controls or [None] * len(prompts)
+        ngram = {c.no_repeat_ngram if c else 0 for c in controls}
+        if len(ngram) == 1 and next(iter(ngram)):  # HF bans n-grams over the prompt too: only when all rows agree
+            kwargs["no_repeat_ngram_size"] = next(iter(ngram))
         out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
         rows = []
         for i, limit in enumerate(max_new_tokens):
@@ -343,7 +352,7 @@ class Runtime:
                 if tok in self.eos_ids:
                     new = new[:j + 1]
                     break
-            rows.append(new)
+            rows.append(cut_at_stop(new, controls[i]))
         return rows
 
     def decode(self, token_ids: list[int]) -> str:

@@ -24,10 +24,13 @@ from domain.adapters.store import check_base_model, resolve_adapter, verified_ad
 from domain.costs import Usage
 from domain.errors import InvalidJob, JobFailed, JobTimeout
 from domain.contract import JobContext, Outcome
+from domain.feedback import suppressed_rules
 from domain.ledger.db import session_scope
 from domain.ledger.models import AdapterVersion, Artifact, Review, Tenant, new_id
 from domain.models import ModelLoadError
 from domain.review.batcher import AdapterHandle, GenerationRequest
+from domain.review.decoding import DecodeControl, review_stop
+from domain.review.grounded import analysis_note, analysis_stage, merge_review, output_budget
 from domain.review.parse import parse_review
 from domain.prompting import fit_prompt, guess_language, shared_prefix_len
 from domain.review.runtime import Runtime, get_runtime
@@ -110,16 +113,25 @@ def handle_review(spec: ReviewSpec, ctx: JobContext) -> Outcome:
 
     chunks, index_version, retrieval_error = retrieve(spec, ctx)
     language = spec.language or guess_language(spec.path, spec.is_diff)
+    analysis = analysis_stage(spec.code, spec.path, language, spec.is_diff)
+    note = analysis_note(analysis, language)
+    max_new = output_budget(spec.code, analysis, spec.max_new_tokens, rt.context_window)
     with rt.tokenizer_lock:
         fitted = fit_prompt(rt.tokenizer, spec.code, spec.path, language, spec.is_diff, chunks,
-                            context_window=rt.context_window, max_new_tokens=spec.max_new_tokens)
+                            context_window=rt.context_window, max_new_tokens=max_new,
+                            analysis=analysis.findings, analysis_note=note)
         prefix_len = shared_prefix_len(rt.tokenizer, fitted.input_ids)
-    worst_case = Usage(prompt_tokens=len(fitted.input_ids), completion_tokens=spec.max_new_tokens, model_id=rt.model_id)
+    worst_case = Usage(prompt_tokens=len(fitted.input_ids), completion_tokens=max_new, model_id=rt.model_id)
     budgets.check_budget(spec.tenant, worst_case, settings.prices())
 
     handle = _adapter_handle(version, ctx) if version is not None else None
-    gen = _generate(rt, GenerationRequest(fitted.input_ids, spec.max_new_tokens, handle, prefix_len), ctx)
+    control = DecodeControl(stop=review_stop(rt.decode))  # ends with the findings list, no repeated lines
+    gen = _generate(rt, GenerationRequest(fitted.input_ids, max_new, handle, prefix_len, control=control), ctx)
     parsed = parse_review(gen.text, n_lines=len(spec.code.splitlines()))
+    parsed.findings = merge_review(parsed.findings, analysis, spec.code, path=spec.path, language=language,
+                                   is_diff=spec.is_diff, raw_text=gen.text, suppressed=suppressed_rules(spec.tenant))
+    if note:
+        parsed.summary = f"{parsed.summary} [{note}]".strip()
 
     review_id = new_id()
     adapter_id = version.id if version is not None else None
@@ -128,7 +140,8 @@ def handle_review(spec: ReviewSpec, ctx: JobContext) -> Outcome:
                   model_id=rt.model_id, serving_artifact_id=rt.serving_artifact_id, language=language,
                   path=spec.path, code=spec.code, code_sha256=hashlib.sha256(spec.code.encode()).hexdigest(),
                   prompt_truncated=fitted.truncated, truncation=fitted.truncation, summary=parsed.summary,
-                  findings=parsed.findings, raw_text=gen.text, context_chunks=used_chunks, index_version=index_version)
+                  findings=parsed.findings, raw_text=gen.text, context_chunks=used_chunks, index_version=index_version,
+                  analysis=analysis.record())
 
     def commit(session: Session) -> dict:
         session.add(Review(**review))
@@ -141,7 +154,7 @@ def handle_review(spec: ReviewSpec, ctx: JobContext) -> Outcome:
               "adapter_version_id": adapter_id, "adapter": f"{version.name} v{version.version}" if version else None,
               "model_id": rt.model_id, "prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
               "prompt_truncated": fitted.truncated, "context_chunks": [c["id"] for c in used_chunks],
-              "index_version": index_version, "batch_size": gen.batch_size}
+              "index_version": index_version, "batch_size": gen.batch_size, "analysis": analysis.record()}
     if retrieval_error:
         result["retrieval_error"] = retrieval_error
     return Outcome(result=result, usage=usage, commit=commit)

@@ -222,3 +222,30 @@ def test_get_runtime_keeps_the_base_model_resident(lively, monkeypatch, tmp_path
     finally:
         runtime.reset_runtimes()
         reset_settings()
+
+
+def test_repetition_control_and_stop_rule_keep_batched_rows_equal_to_solo_rows(lively):
+    from domain.review.decoding import DecodeControl, banned_tokens
+
+    base, adapters = lively
+    rt = new_runtime(base, max_adapters=4)
+    names = ["v1", None, "v2", None]
+    prompts = [encode(rt, PROMPTS[i % len(PROMPTS)]) for i in range(len(names))]
+    slots = [rt.ensure_adapter(handle(adapters, n), set(filter(None, names))) if n else None for n in names]
+    limits = [24] * len(names)
+    plain = rt.generate(prompts, slots, limits)
+    stop_at = plain[2][5]  # row 2 stops at the first time it writes this token
+    controls = [DecodeControl(no_repeat_ngram=2), None, DecodeControl(no_repeat_ngram=2, stop=lambda h: h[-1] == stop_at),
+                DecodeControl(no_repeat_ngram=3)]
+
+    batched = rt.generate(prompts, slots, limits, controls=controls)
+    solo = [rt.generate([p], [s], [m], controls=[c])[0] for p, s, m, c in zip(prompts, slots, limits, controls)]
+    assert batched == solo
+    assert batched[1] == plain[1]  # a row without a control is plain greedy, whatever its neighbours do
+    for row, n in ((batched[0], 2), (batched[3], 3)):
+        grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
+        assert len(grams) == len(set(grams)), "an n-gram repeated despite the ban"
+    assert batched[2][-1] == stop_at and stop_at not in batched[2][:-1] and len(batched[2]) <= 6
+    assert any(len(set(tuple(p[i:i + 2]) for i in range(len(p) - 1))) < len(p) - 1 for p in plain), \
+        "the uncontrolled model must repeat some bigram, or the ban proves nothing"
+    assert banned_tokens([1, 2, 3, 1, 2], 3) == {3} and banned_tokens([1, 2], 3) == set()

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from rich.panel import Panel
+from rich.text import Text
 from rich.table import Table
 
 from worker.cli._common import console
@@ -256,8 +257,8 @@ def _reviews(args, tokens: int, failures: list[str], only: int | None = None) ->
             continue
         res = st["result"] or {}
         review_ids.append(res.get("review_id"))
-        console.print(Panel(textwrap.shorten(res.get("summary") or res.get("raw_text") or "", 400),
-                            title=f"{name} (served with {_review_adapter(res.get('review_id'))})", expand=False))
+        body = textwrap.shorten(res.get("summary") or res.get("raw_text") or "", 400) + _findings_text(res)
+        console.print(Panel(Text(body), title=f"{name} (served with {_review_adapter(res.get('review_id'))})", expand=False))
     return [r for r in review_ids if r]
 
 
@@ -270,6 +271,16 @@ def _review_adapter(review_id: str | None) -> str:
         review = s.get(Review, review_id) if review_id else None
         version_id = review.adapter_version_id if review else None
     return _adapter_label(version_id)
+
+
+def _findings_text(res: dict, limit: int = 6) -> str:
+    """The grounded review's located findings: where, what, who found it, and whether a fix was verified."""
+    lines = []
+    for n, f in enumerate((res.get("findings") or [])[:limit], start=1):
+        fix = " [fix verified]" if f.get("fix") else ""
+        lines.append(f"\n{n}. line {f.get('line') or '?'} [{f.get('severity')}] {f.get('category')} "
+                     f"({f.get('source')} {f.get('rule_id') or ''}){fix}: {textwrap.shorten(f.get('message', ''), 90)}")
+    return "".join(lines)
 
 
 def _feedback(args, review_ids: list[str]) -> None:

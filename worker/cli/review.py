@@ -34,6 +34,7 @@ def register(sub) -> None:
     verdict.add_argument("--reject", dest="verdict", action="store_const", const="reject")
     p.add_argument("--correction", help="a file holding the corrected review ('-' reads standard input)")
     p.add_argument("--tenant", help="only accept a review of this tenant")
+    p.add_argument("--finding", type=int, metavar="N", help="judge the review's N-th finding (1-based), not the whole review")
     p.set_defaults(func=cmd_feedback)
 
     p = sub.add_parser("budget", help="per-tenant daily/monthly budgets in tokens and money")
@@ -99,10 +100,13 @@ def cmd_review(args) -> int:
     console.print(f"[bold]review {r['review_id']}[/bold] (job {job_id}, {r.get('adapter') or 'base model'}, "
                   f"{r['prompt_tokens']}+{r['completion_tokens']} tokens{', prompt truncated' if r['prompt_truncated'] else ''})")
     console.print(f"[bold]Summary:[/bold] {r['summary'] or '-'}")
-    for f in r["findings"]:
+    for n, f in enumerate(r["findings"], start=1):
         where = f"line {f['line']}" + (f"-{f['end_line']}" if f.get("end_line") else "") if f["line"] else "general"
-        console.print(f"  - [{f['severity'] or '?'}] {where}: {f['message']}")
-    console.print(f"accept or reject it: foundry feedback {r['review_id']} --accept | --reject [--correction FILE]")
+        origin = f" {f.get('category')} ({f.get('source')} {f.get('rule_id') or ''})".rstrip() if f.get("source") else ""
+        console.print(f"  {n}. [{f['severity'] or '?'}] {where}:{origin} {f['message']}", markup=False)
+        if f.get("fix"):
+            console.print(f"     verified fix:\n{f['fix']}", markup=False)
+    console.print(f"accept or reject it: foundry feedback {r['review_id']} [--finding N] --accept | --reject [--correction FILE]")
     return 0
 
 
@@ -110,8 +114,22 @@ def cmd_feedback(args) -> int:
     from worker.client import feedback
 
     correction = _read(args.correction) if args.correction else None
+    if args.finding is not None:
+        return _finding_feedback(args, correction)
     fid = feedback(args.review_id, args.verdict, correction, tenant=args.tenant)
     console.print(f"feedback {fid}: {args.verdict} on review {args.review_id}")
+    return 0
+
+
+def _finding_feedback(args, correction: str | None) -> int:
+    from domain.feedback import record_finding_feedback
+    from worker.client import _producer
+
+    out = record_finding_feedback(args.review_id, args.finding, args.verdict, correction, tenant=args.tenant,
+                                  created_by=_producer())
+    console.print(f"feedback {out['id']}: {args.verdict} on finding {args.finding} ({out['rule_id']}) of review {args.review_id}")
+    if out["suppressed"]:
+        console.print(f"rule {out['rule_id']} is now suppressed for this tenant (foundry suppressions clear to undo)")
     return 0
 
 

@@ -1,0 +1,85 @@
+"""Merging analyzer and model findings, and verified fixes (real ruff/bandit re-runs)."""
+
+from __future__ import annotations
+
+import ast
+
+from domain.review import analyzers, fixes
+from domain.review.findings import from_model, make_finding, mask_secrets, merge
+from domain.review.grounded import merge_review
+
+
+def test_merge_keeps_one_finding_per_line_and_category_with_sources():
+    rule = make_finding(rule_id="B307", line=4, message="eval", source="bandit", category="code_injection",
+                        severity="medium", confidence=0.9)
+    dup_rule = make_finding(rule_id="S307", line=4, message="eval again", source="ruff", category="code_injection",
+                            severity="high", confidence=0.9)
+    model_same = from_model({"line": 4, "severity": "high", "message": "eval() runs arbitrary code from the user"})
+    model_new = from_model({"line": 9, "severity": "low", "message": "loop runs one past the end, off-by-one"})
+    model_repeat = dict(model_new)
+    merged = merge([rule, dup_rule], [model_same, model_new, model_repeat])
+    assert [(f["line"], f["category"], f["source"]) for f in merged] == [
+        (4, "code_injection", "bandit"), (9, "off_by_one", "model")]
+    assert merged[0]["severity"] == "high" and merged[0]["explanation"].startswith("eval()")
+
+
+def test_suppressed_rules_are_left_out():
+    rule = make_finding(rule_id="B105", line=2, message="password", source="bandit", category="hardcoded_secret",
+                        severity="low")
+    model = from_model({"line": 7, "message": "SQL built with string formatting"})
+    assert merge([rule], [model], suppressed=frozenset({"B105", "model:sql_injection"})) == []
+
+
+def test_mask_secrets():
+    text = mask_secrets("token = 'ghp_abcdefghijklmnop1234' and AKIAABCDEFGHIJKLMNOP")
+    assert "abcdefghijklmnop1234" not in text and "ABCDEFGHIJKLMNOP" not in text
+
+
+CODE = '''import yaml
+
+
+def handler(request, cache={}):
+    try:
+        value = eval(request.text)
+    except:
+        value = None
+    return yaml.load(request.body), value, cache
+'''
+
+
+def test_rule_fixes_are_verified_by_applying_parsing_and_rerunning_the_analyzer():
+    analysis = analyzers.analyze(CODE, "h.py", "python")
+    merged = merge_review([], analysis, CODE, path="h.py", language="python", is_diff=False)
+    fixed = {f["rule_id"]: f for f in merged if "fix" in f}
+    assert {"B307", "E722", "B006", "B506"} <= set(fixed)
+    for f in fixed.values():
+        patched = fixes.apply_diff(CODE, f["fix"])
+        ast.parse(patched)
+        again = analyzers.analyze_file(patched, "python").findings
+        assert not any(g["rule_id"] == f["rule_id"] for g in again), f["rule_id"]
+    assert "ast.literal_eval(request.text)" in fixes.apply_diff(CODE, fixed["B307"]["fix"])
+
+
+def test_a_fix_that_does_not_apply_or_parse_or_remove_the_finding_is_refused():
+    finding = {"rule_id": "E722", "line": 7, "source": "ruff", "category": "bare_except"}
+
+    def rerun(code, f):
+        return analyzers.analyze_file(code, "python").findings
+
+    stale = fixes.make_diff(CODE.replace("except:", "except :"), CODE.replace("except:", "except Exception:"), "h.py")
+    assert fixes.verify(CODE, stale, finding, "python", rerun)[1].startswith("does not apply")
+    broken = fixes.make_diff(CODE, CODE.replace("except:", "except Exception"), "h.py")
+    assert fixes.verify(CODE, broken, finding, "python", rerun) == (False, "the patched file does not parse")
+    useless = fixes.make_diff(CODE, CODE.replace("value = None", "value = 0"), "h.py")
+    assert fixes.verify(CODE, useless, finding, "python", rerun)[1].startswith("the analyzer still reports")
+    good = fixes.make_diff(CODE, CODE.replace("except:", "except ValueError:"), "h.py")
+    assert fixes.verify(CODE, good, finding, "python", rerun)[0] is True
+
+
+def test_a_model_proposed_diff_is_attached_only_when_verified():
+    analysis = analyzers.analyze(CODE, "h.py", "python")
+    good = fixes.make_diff(CODE, CODE.replace("except:", "except ValueError:"), "h.py")
+    raw = f"Summary: x\n```diff\n{good}```\n"
+    merged = merge_review([], analysis, CODE, path="h.py", language="python", is_diff=False, raw_text=raw)
+    bare = next(f for f in merged if f["rule_id"] == "E722")
+    assert bare["fix"] == good  # the model's verified diff is tried first

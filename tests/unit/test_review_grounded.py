@@ -1,0 +1,69 @@
+"""A grounded review job end to end (SQLite ledger, tiny model, real ruff/bandit): analyzer findings in the
+prompt and in the stored review with their source and a verified fix, the analyzer stage recorded, an
+unsupported language reviewed model-only and saying so, and a tenant's suppressed rule left out."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from sqlalchemy import select
+
+from domain import jobs
+from domain.config import reset_settings
+from domain.ledger.db import session_scope
+from domain.ledger.models import Review, RuleSuppression
+from domain.review import runtime
+from domain.review.testing import save_lively_tiny_model
+from tests.conftest import add_tenant
+
+CODE = "import yaml\n\n\ndef load(text):\n    data = yaml.load(text)\n    return eval(data)\n"
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return save_lively_tiny_model(tmp_path_factory.mktemp("review-grounded") / "base")
+
+
+@pytest.fixture
+def ledger(sqlite_ledger, base_dir, monkeypatch):
+    monkeypatch.setenv("FOUNDRY_BASE_MODEL", str(base_dir))
+    monkeypatch.setenv("FOUNDRY_DEVICE", "cpu")
+    reset_settings()
+    add_tenant(sqlite_ledger, "acme")
+    yield sqlite_ledger
+    runtime.reset_runtimes()
+
+
+def review(body: dict) -> tuple[dict, Review]:
+    out = jobs.execute("review", uuid.uuid4().hex, {"tenant": "acme", "max_new_tokens": 24, **body}, "test:1")
+    assert out["status"] == "succeeded", out
+    with session_scope() as s:
+        row = s.scalar(select(Review).where(Review.id == out["result"]["review_id"]))
+        s.expunge(row)
+    return out["result"], row
+
+
+def test_analyzer_findings_are_stored_with_source_and_verified_fixes(ledger):
+    res, row = review({"code": CODE, "path": "load.py"})
+    by_rule = {f["rule_id"]: f for f in row.findings if f["source"] != "model"}
+    assert by_rule["B506"]["line"] == 5 and by_rule["B506"]["category"] == "insecure_deserialization"
+    assert by_rule["B307"]["line"] == 6 and by_rule["B307"]["source"] == "bandit"
+    assert "safe_load" in by_rule["B506"]["fix"] and "ast.literal_eval" in by_rule["B307"]["fix"]
+    stages = {s["name"]: s["status"] for s in row.analysis["stages"]}
+    assert stages["ruff"] == stages["bandit"] == "ok" and row.analysis["supported"] is True
+    assert res["analysis"] == row.analysis and res["findings"] == row.findings
+
+
+def test_an_unsupported_language_is_reviewed_model_only_and_says_so(ledger):
+    res, row = review({"code": "fn main() { let x = 1; }\n", "path": "main.rs"})
+    assert row.analysis["supported"] is False
+    assert "model-only review" in row.summary and all(f["source"] == "model" for f in row.findings)
+
+
+def test_a_suppressed_rule_is_left_out_of_the_tenants_reviews(ledger):
+    with session_scope() as s:
+        s.add(RuleSuppression(tenant_id="acme", rule_id="B307", rejections=3, active=True))
+    _, row = review({"code": CODE, "path": "load.py"})
+    rules = {f["rule_id"] for f in row.findings}
+    assert "B307" not in rules and "B506" in rules
