@@ -38,7 +38,7 @@ from domain.review.decoding import DecodeControl, review_stop  # noqa: E402
 from domain.review.findings import from_model, merge  # noqa: E402
 from domain.review.grounded import analysis_note, analysis_stage, merge_review, output_budget  # noqa: E402
 from domain.review.parse import parse_review  # noqa: E402
-from domain.review.prompt import fit_prompt, shared_prefix_len  # noqa: E402
+from domain.prompting import fit_prompt, shared_prefix_len  # noqa: E402
 from domain.review.runtime import Runtime, model_id_for  # noqa: E402
 
 PATH = "module.py"

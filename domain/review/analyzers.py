@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from domain.prompting import guess_language
 from domain.review import rules
 from domain.review.findings import make_finding
 
@@ -257,6 +258,4 @@ def analyze(code: str, path: str | None, language: str | None, is_diff: bool = F
 
 
 def _language_of(path: str) -> str | None:
-    from domain.review.prompt import guess_language
-
     return guess_language(path)

@@ -1,7 +1,7 @@
 """A grounded review: the analyzer stage before generation, and the merge after it.
 
     analysis = analysis_stage(code, path, language, is_diff)      # ruff/bandit/... findings, never raises
-    prompt carries analysis.findings (domain.review.prompt.analyzer_block)
+    prompt carries analysis.findings (domain.prompting.analyzer_block)
     max_new_tokens = output_budget(code, analysis, requested)      # sized to the input
     findings, summary = merge_review(parsed, analysis, ...)        # analyzers + model, de-duplicated,
                                                                    # suppressed rules left out, verified fixes

@@ -14,7 +14,7 @@ from domain.config import reset_settings
 from domain.ledger.db import session_scope
 from domain.ledger.models import Review, RuleSuppression
 from domain.review import runtime
-from domain.review.testing import save_lively_tiny_model
+from tests.fixtures.review import save_lively_tiny_model
 from tests.conftest import add_tenant
 
 CODE = "import yaml\n\n\ndef load(text):\n    data = yaml.load(text)\n    return eval(data)\n"

@@ -73,7 +73,7 @@ def message_body(message: dict) -> dict:
 
 
 def test_progress_reports_are_events_of_the_handler_span(spans):
-    from domain.jobs import JobContext
+    from domain.contract import JobContext
 
     with tracing.span("foundry.handler"):
         ctx = JobContext(job_id=uuid.uuid4().hex, kind="noop", spec=jobs.parse_spec("noop", {"tenant": "acme"}),
