@@ -1,0 +1,168 @@
+"""Workers on several hosts: two workers as two hosts (own data folder, own node name) that share only
+Redis and PostgreSQL (and, further down, the artifact store).
+
+The broker's visibility timeout is the production one here (derived from FOUNDRY_LONGEST_JOB_S: about
+7.5 hours), not the 4 s of the other worker tests: a 4 s timeout would hand a dead worker's message back by
+itself and hide whether Foundry does. Heartbeat, stale-after and sweep periods are short but real: the
+claim under test is "a dead worker's job runs again within FOUNDRY_STALE_AFTER_S + one sweep".
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+
+import pytest
+import redis
+from sqlalchemy import func, select, update
+
+from domain.ledger.db import session_scope
+from domain.ledger.models import HealthEvent, Job, JobAttempt, UsageCost, utcnow
+from tests.conftest import add_tenant
+from tests.integration.test_faults_kit import wait_final
+from tests.integration.workers import apply_env, running_beat, running_worker, start_worker, worker_env
+from worker import maintenance
+from worker.client import enqueue
+
+pytestmark = pytest.mark.integration
+
+STALE_S, SWEEP_S = 6, 3
+
+
+PRODUCTION_TIMING = {"heartbeat": 10, "stale": 60, "sweep": 60}  # domain/config.py defaults
+
+
+def host_env(redis_url: str, pg_url: str, root, host: str, *, heartbeat=1, stale=STALE_S, sweep=SWEEP_S,
+             **extra) -> dict:
+    """One host's worker environment: its own data folder, the shared Redis and PostgreSQL, the production
+    visibility timeout and kombu's own restore interval."""
+    return worker_env(redis_url, pg_url, root / host, FOUNDRY_VISIBILITY_TIMEOUT_S="0", FOUNDRY_RESTORE_INTERVAL_S="10",
+                      FOUNDRY_HEARTBEAT_S=str(heartbeat), FOUNDRY_STALE_AFTER_S=str(stale),
+                      FOUNDRY_STRANDED_SWEEP_S=str(sweep), FOUNDRY_BEAT_TICK_S="3600", **extra)
+
+
+def two_hosts(redis_url, pg_url, tmp_path, monkeypatch, **timing) -> tuple[dict, dict]:
+    a, b = (host_env(redis_url, pg_url, tmp_path, h, **timing) for h in ("host-a", "host-b"))
+    apply_env(monkeypatch, a)
+    from domain.config import get_settings
+
+    assert get_settings().visibility_timeout > 6 * 3600  # the production value, not a test's 4 s
+    add_tenant(pg_url, "acme")
+    return a, b
+
+
+@pytest.fixture
+def hosts(redis_url, pg_ledger, tmp_path, monkeypatch):
+    return two_hosts(redis_url, pg_ledger, tmp_path, monkeypatch)
+
+
+def wait_for(what: str, check, timeout: float, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"not within {timeout:.0f} s: {what}")
+
+
+def job_row(job_id: str) -> Job:
+    with session_scope() as s:
+        return s.get(Job, job_id)
+
+
+def unacked_message(r: redis.Redis, job_id: str) -> tuple[bytes, list] | None:
+    for tag, raw in r.hgetall("unacked").items():
+        entry = json.loads(raw)
+        if entry[0]["headers"]["id"] == job_id:
+            return tag, entry
+    return None
+
+
+def broker_holds(r: redis.Redis, job_id: str) -> bool:
+    lists = [k for k in r.keys("control*") if r.type(k) == b"list"]
+    queued = any(json.loads(m)["headers"]["id"] == job_id for k in lists for m in r.lrange(k, 0, -1))
+    return queued or unacked_message(r, job_id) is not None
+
+
+def test_a_dead_hosts_job_runs_again_on_another_host_within_stale_after_plus_one_sweep(hosts, tmp_path):
+    dead_host_job_comes_back(*hosts, tmp_path, stale=STALE_S, sweep=SWEEP_S)
+
+
+@pytest.mark.slow
+def test_with_every_production_default_a_dead_hosts_job_runs_again_within_3_minutes(redis_url, pg_ledger, tmp_path,
+                                                                                     monkeypatch):
+    a_env, b_env = two_hosts(redis_url, pg_ledger, tmp_path, monkeypatch, **PRODUCTION_TIMING)
+    back_after = dead_host_job_comes_back(a_env, b_env, tmp_path, stale=60, sweep=60, sleep_s=30)
+    assert back_after < 180
+
+
+def dead_host_job_comes_back(a_env: dict, b_env: dict, tmp_path, *, stale: float, sweep: float,
+                             sleep_s: float = 12) -> float:
+    """SIGKILL host A mid-job, start host B (and beat): the job runs again on B, finishes once, and the
+    original message, pushed back late, is skipped. Returns the seconds from the kill to B's attempt."""
+    r = redis.Redis.from_url(a_env["FOUNDRY_BROKER_URL"])
+    job_id = enqueue("noop", {"tenant": "acme", "sleep_s": sleep_s, "cost_tokens": 5})
+    a = start_worker(a_env, queues=["control"], name="a@host-a")
+    try:
+        wait_for("the job runs on host A", lambda: (job_row(job_id).worker or "").startswith("a@host-a"), 60)
+        original = unacked_message(r, job_id)
+        assert original is not None  # held by A, unacknowledged, as kombu does for acks_late
+    finally:
+        a.kill()  # SIGKILL of the whole worker: no ack, no reject, the message stays in the unacked hash
+    killed = time.monotonic()
+
+    with running_worker(b_env, queues=["control"], name="b@host-b"), running_beat(b_env, tmp_path / "host-b"):
+        b_ready = time.monotonic() - killed
+        wait_for("the job runs again on host B", lambda: (job_row(job_id).worker or "").startswith("b@host-b"),
+                 stale + 2 * sweep + b_ready + 30)
+        back_after = time.monotonic() - killed
+        wait_final([job_id], timeout=sleep_s + 60)
+
+        # the original message, had it stayed in the unacked hash, would come back after the visibility
+        # timeout: push it back as kombu's restore would, and the claim skips the finished job
+        assert unacked_message(r, job_id) is None  # restored by the sweep: it will not come back by itself
+        r.rpush("control", json.dumps(original[1][0]))
+        wait_for("the late copy is consumed", lambda: not broker_holds(r, job_id), 30)
+
+    print(f"job running again {back_after:.1f} s after the SIGKILL (stale after {stale} s, sweep {sweep} s, "
+          f"host B ready after {b_ready:.1f} s)")
+    job = job_row(job_id)
+    assert (job.status, job.attempts) == ("succeeded", 2) and job.worker.startswith("b@host-b")
+    with session_scope() as s:
+        trail = s.execute(select(JobAttempt.attempt, JobAttempt.outcome, JobAttempt.worker)
+                          .where(JobAttempt.job_id == job_id).order_by(JobAttempt.attempt)).all()
+        assert [(n, o) for n, o, _ in trail] == [(1, "lost"), (2, "succeeded")]
+        assert trail[0].worker.startswith("a@host-a") and trail[1].worker.startswith("b@host-b")
+        assert s.scalar(select(func.count()).select_from(UsageCost).where(UsageCost.job_id == job_id)) == 1
+        event = s.scalars(select(HealthEvent).where(HealthEvent.event == "lost_job_handed_back")).one()
+        assert event.detail["job_ids"] == [job_id] and event.detail["how"] == {job_id: "restored"}
+    return back_after
+
+
+def test_a_live_slow_job_is_never_taken_from_its_worker(hosts, tmp_path):
+    """A job running for several stale-after periods keeps its heartbeat fresh and stays with its worker; a
+    job whose heartbeat is stale but which a live worker lists as active is not taken either."""
+    a_env, b_env = hosts
+    slow = enqueue("noop", {"tenant": "acme", "sleep_s": 4 * STALE_S, "cost_tokens": 1})
+    with running_worker(a_env, queues=["control"], name="a@host-a"):
+        wait_for("the slow job runs on A", lambda: job_row(slow).status == "running", 60)
+        with running_worker(b_env, queues=["control"], pool="threads", concurrency=2, name="b@host-b"), \
+                running_beat(b_env, tmp_path / "host-b"):
+            listed = enqueue("noop", {"tenant": "acme", "sleep_s": 20})  # runs on B (A is busy), which answers inspect
+            wait_for("the second job runs on B", lambda: (job_row(listed).worker or "").startswith("b@host-b"), 60)
+            with session_scope() as s:  # as if B's heartbeats had not been written for minutes
+                s.execute(update(Job).where(Job.id == listed).values(heartbeat_at=utcnow() - timedelta(minutes=5)))
+                s.add(Job(id="ghost", kind="noop", tenant_id="acme", payload={"tenant": "acme"}, status="running",
+                          queue="control", attempts=1, worker="gone@host-z:1",
+                          heartbeat_at=utcnow() - timedelta(minutes=5)))
+            judged = maintenance.hand_back_lost_running(stale_after_s=60, dry_run=True)["handed_back"]
+            assert judged == ["ghost"]  # stale too, but listed by B as active: not B's job
+            wait_final([slow, listed], timeout=90)
+    with session_scope() as s:
+        for jid in (slow, listed):
+            assert (s.get(Job, jid).status, s.get(Job, jid).attempts) == ("succeeded", 1)
+        assert s.scalar(select(func.count()).select_from(JobAttempt)
+                        .where(JobAttempt.job_id.in_([slow, listed]), JobAttempt.outcome == "lost")) == 0
+    assert job_row(slow).worker.startswith("a@host-a")
