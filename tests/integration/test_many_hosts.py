@@ -21,7 +21,13 @@ from domain.ledger.db import session_scope
 from domain.ledger.models import HealthEvent, Job, JobAttempt, UsageCost, utcnow
 from tests.conftest import add_tenant
 from tests.integration.test_faults_kit import wait_final
-from tests.integration.workers import apply_env, running_beat, running_worker, start_worker, worker_env
+from tests.integration.workers import (
+    apply_env,
+    running_beat,
+    running_worker,
+    start_worker,
+    worker_env,
+)
 from worker import maintenance
 from worker.client import enqueue
 
