@@ -169,8 +169,11 @@ class S3Server:
     def start(self) -> None:
         if self.external or self._server is not None:
             return
+        import logging
+
         from moto.server import ThreadedMotoServer
 
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port)
         self._server.start()
         self.port = self._server.get_host_and_port()[1]

@@ -147,3 +147,39 @@ def test_several_processes_fetching_one_object_share_one_verified_copy(store_env
     assert storage.describe_tree(Path(paths[0])).sha256 == m.sha256
     assert list((tmp_path / "cache" / "objects").iterdir()) == [Path(paths[0])]
     assert not list((tmp_path / "cache" / "tmp").iterdir())
+
+
+def test_an_adapter_saved_on_host_a_loads_on_host_b_through_its_cache(s3_store, sqlite_ledger, tmp_path, monkeypatch):
+    from domain.adapters import store as adapter_store
+    from domain.adapters.testing import make_version
+    from domain.errors import JobFailed
+    from domain.ledger.models import AdapterVersion
+    from domain.models import save_tiny_model
+
+    base = save_tiny_model(tmp_path / "tiny-base", layers=1, hidden=32)
+    version_id = make_version("acme", base)  # saved under host A's data folder and put in the store
+    with session_scope() as s:
+        version = s.get(AdapterVersion, version_id)
+        s.expunge(version)
+    monkeypatch.setenv("FOUNDRY_DATA_DIR", str(tmp_path / "host-b"))  # same ledger, another host's folder
+    reset_settings()
+    storage._caches.clear()
+    folder = adapter_store.verified_adapter_path(version)
+    assert folder == tmp_path / "host-b" / "cache" / "objects" / version.artifact_sha256
+    assert (folder / adapter_store.WEIGHTS_FILE).is_file()
+
+    store = storage.get_store()
+    outside = AdapterVersion(**{c: getattr(version, c) for c in ("id", "tenant_id", "name", "version", "hyperparams")},
+                             artifact_path="adapters/other/reviewer/x", artifact_sha256="1" * 64)
+    with pytest.raises(JobFailed, match="outside tenant") as err:
+        adapter_store.verified_adapter_path(outside)
+    assert err.value.code == "key_refused"
+    store.fs.pipe_file(store.path(f"{version.artifact_path}/{adapter_store.WEIGHTS_FILE}"), b"tampered")
+    # host B's cached copy stays valid and keeps serving; a fresh host is refused the corrupt object
+    monkeypatch.setenv("FOUNDRY_DATA_DIR", str(tmp_path / "host-c"))
+    reset_settings()
+    storage._caches.clear()
+    with pytest.raises(JobFailed) as err:
+        adapter_store.verified_adapter_path(version)
+    assert err.value.code == "object_corrupt"
+    assert (folder / adapter_store.WEIGHTS_FILE).is_file()

@@ -172,3 +172,60 @@ def test_a_live_slow_job_is_never_taken_from_its_worker(hosts, tmp_path):
         assert s.scalar(select(func.count()).select_from(JobAttempt)
                         .where(JobAttempt.job_id.in_([slow, listed]), JobAttempt.outcome == "lost")) == 0
     assert job_row(slow).worker.startswith("a@host-a")
+
+
+# ---- hosts sharing the artifact store -----------------------------------------------------------------
+
+TRAIN = {"max_seq_len": 256, "batch_size": 2, "lora_r": 4, "target_modules": ["q_proj", "v_proj"],
+         "learning_rate": 5e-3, "promotion_margin": 0.0, "max_steps": 8}
+
+
+@pytest.fixture
+def store_hosts(redis_url, pg_ledger, tmp_path, monkeypatch, s3_store):
+    """Hosts A and B with their own data and cache folders, sharing Redis, PostgreSQL and an S3 store;
+    the tiny base model lies on each host (the base is part of a host's image, not of the store)."""
+    from domain.adapters.testing import seed_feedback, stdlib_review_pairs
+    from domain.models import save_tiny_model
+
+    store = {k: v for k, v in s3_store.items() if k.startswith(("FOUNDRY_", "AWS_"))}
+    envs = []
+    for host in ("host-a", "host-b"):
+        base = save_tiny_model(tmp_path / host / "models" / "tiny-base")
+        envs.append(host_env(redis_url, pg_ledger, tmp_path, host, FOUNDRY_BASE_MODEL=base, FOUNDRY_DEVICE="cpu",
+                             OMP_NUM_THREADS="1", FOUNDRY_CACHE_DIR=str(tmp_path / host / "cache"), **store))
+    apply_env(monkeypatch, envs[0])
+    add_tenant(pg_ledger, "acme")
+    seed_feedback("acme", stdlib_review_pairs(8, max_code_lines=8))
+    return envs
+
+
+@pytest.mark.slow  # a real retrain and a review in worker processes: about 2.5 minutes on 2 busy cores
+def test_a_retrain_on_host_a_serves_reviews_on_host_b(store_hosts, tmp_path):
+    from domain.adapters import store as adapter_store
+    from domain.ledger.models import AdapterAlias, AdapterVersion
+    from worker.client import wait
+
+    a_env, b_env = store_hosts
+    with running_worker(a_env, queues=["retrain"], name="a@host-a"):
+        trained = wait(enqueue("retrain", {"tenant": "acme", **TRAIN}), timeout=300)
+    assert trained["status"] == "succeeded", trained
+    version_id = trained["result"]["version_id"]
+    with session_scope() as s:
+        if not trained["result"]["promoted"]:  # the gate's verdict does not matter here: promote it by hand
+            adapter_store.move_alias(s, "acme", "champion", version_id, "test", "serve it on host B")
+        version = s.get(AdapterVersion, version_id)
+        assert s.get(AdapterAlias, ("acme", "champion")).version_id == version_id
+        key, sha = version.artifact_path, version.artifact_sha256
+    assert (tmp_path / "host-a" / key).is_dir() and not (tmp_path / "host-b" / key).exists()
+
+    with running_worker(b_env, queues=["review"], pool="threads", concurrency=2, name="b@host-b"):
+        review_id = enqueue("review", {"tenant": "acme", "code": "def add(a, b):\n    return a - b\n",
+                                       "max_new_tokens": 8, "use_retrieval": False})
+        reviewed = wait(review_id, timeout=180)
+    assert reviewed["status"] == "succeeded", reviewed
+    assert reviewed["result"]["adapter_version_id"] == version_id
+    cached = tmp_path / "host-b" / "cache" / "objects" / sha
+    assert (cached / adapter_store.WEIGHTS_FILE).is_file()  # fetched into B's cache, verified by the ledger's sha
+    assert not (tmp_path / "host-b" / key).exists()  # B never wrote it under its data folder
+    with session_scope() as s:
+        assert s.get(Job, review_id).worker.startswith("b@host-b")
