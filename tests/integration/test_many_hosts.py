@@ -229,3 +229,62 @@ def test_a_retrain_on_host_a_serves_reviews_on_host_b(store_hosts, tmp_path):
     assert not (tmp_path / "host-b" / key).exists()  # B never wrote it under its data folder
     with session_scope() as s:
         assert s.get(Job, review_id).worker.startswith("b@host-b")
+
+
+def _docs(prefix: str, n: int) -> list[dict]:
+    return [{"id": f"{prefix}{i}", "text": f"def {prefix}_handler_{i}(event):\n    return event['{prefix}{i}']\n",
+             "language": "python"} for i in range(n)]
+
+
+@pytest.fixture
+def index_hosts(redis_url, pg_ledger, tmp_path, monkeypatch, s3_store):
+    """Host A runs an index worker; this test process is host B (its own data and cache folders)."""
+    store = {k: v for k, v in s3_store.items() if k.startswith(("FOUNDRY_", "AWS_"))}
+    common = dict(FOUNDRY_EMBEDDING_MODEL="hashing:64", OMP_NUM_THREADS="1", **store)
+    a = host_env(redis_url, pg_ledger, tmp_path, "host-a", FOUNDRY_CACHE_DIR=str(tmp_path / "host-a" / "cache"), **common)
+    b = host_env(redis_url, pg_ledger, tmp_path, "host-b", FOUNDRY_CACHE_DIR=str(tmp_path / "host-b" / "cache"), **common)
+    apply_env(monkeypatch, b)
+    from domain import storage
+    from domain.retrieval import reader
+    from domain.retrieval.settings import reset_retrieval_settings
+
+    reset_retrieval_settings()
+    storage._stores.clear()
+    storage._caches.clear()
+    reader.forget()
+    add_tenant(pg_ledger, "acme")
+    yield a, b
+    reader.forget()
+
+
+def test_an_index_built_on_host_a_is_searched_on_host_b_and_new_versions_reach_it(index_hosts, tmp_path):
+    from domain import storage
+    from domain.retrieval import reader, snapshots
+    from worker.client import wait
+
+    a_env, _ = index_hosts
+    with running_worker(a_env, queues=["index"], name="a@host-a"):
+        first = wait(enqueue("index", {"tenant": "acme", "action": "add", "documents": _docs("alpha", 12)}), timeout=120)
+        assert first["status"] == "succeeded", first
+        v1 = reader.current_snapshot("acme")  # host B: fetched from the store into its cache
+        assert v1 is not None and v1.version == 1 and (tmp_path / "host-b" / "cache") in v1.folder.parents
+        assert not (tmp_path / "host-b" / "index").exists()
+        assert reader.search(v1, "alpha_handler_3 event", k=1)[0].chunk["document_id"] == "alpha3"
+
+        second = wait(enqueue("index", {"tenant": "acme", "action": "add", "documents": _docs("beta", 5)}), timeout=120)
+        assert second["status"] == "succeeded", second
+        time.sleep(snapshots.POINTER_POLL_S + 0.1)
+        v2 = reader.current_snapshot("acme")  # the same reader, no restart: the new version
+        assert v2.version == 2 and reader.search(v2, "beta_handler_4 event", k=1)[0].chunk["document_id"] == "beta4"
+
+        # a corrupt object in the store: host B keeps serving v2, with a health event naming the version
+        store = storage.get_store()
+        third = wait(enqueue("index", {"tenant": "acme", "action": "add", "documents": _docs("gamma", 3)}), timeout=120)
+        assert third["status"] == "succeeded", third
+        store.fs.pipe_file(store.path("index/acme/v3/chunks.jsonl"), b'{"tampered": true}\n')
+        time.sleep(snapshots.POINTER_POLL_S + 0.1)
+        assert reader.current_snapshot("acme").version == 2
+    with session_scope() as s:
+        events = s.scalars(select(HealthEvent).where(HealthEvent.component.in_(["index", "store"]))).all()
+        assert {"corrupt", "object_corrupt"} <= {e.event for e in events}
+        assert any(e.detail.get("version") == 3 and e.detail.get("serving_version") == 2 for e in events)
