@@ -288,3 +288,45 @@ def test_an_index_built_on_host_a_is_searched_on_host_b_and_new_versions_reach_i
         events = s.scalars(select(HealthEvent).where(HealthEvent.component.in_(["index", "store"]))).all()
         assert {"corrupt", "object_corrupt"} <= {e.event for e in events}
         assert any(e.detail.get("version") == 3 and e.detail.get("serving_version") == 2 for e in events)
+
+
+@pytest.mark.slow  # about 100 s: each attempt waits out the store's retries
+def test_a_job_whose_store_stops_is_retried_and_succeeds_only_with_its_object(index_hosts, s3_store):
+    """The store goes away while host A builds an index: the upload is retried with backoff, the attempt ends
+    as a transient failure (health event), nothing is recorded as succeeded; the store comes back and the
+    next attempt succeeds with its object stored and verified."""
+    from domain import storage
+    from domain.ledger.models import Artifact
+    from worker.client import wait
+
+    server = s3_store["server"]
+    if server.external:
+        pytest.skip("a real S3 endpoint (FOUNDRY_TEST_S3_URL) cannot be stopped by the test")
+    a_env, _ = index_hosts
+    with running_worker(a_env, queues=["index"], name="a@host-a"):
+        server.stop()
+        try:
+            job_id = enqueue("index", {"tenant": "acme", "action": "add", "documents": _docs("delta", 6)})
+            wait_for("an attempt fails on the unreachable store", lambda: _attempt_outcomes(job_id), 120, every=0.5)
+            with session_scope() as s:
+                job = s.get(Job, job_id)
+                assert job.status in ("queued", "running") and job.error_code == "store_unavailable", job.error
+                assert s.scalar(select(func.count()).select_from(Artifact)
+                                .where(Artifact.created_by_job_id == job_id)) == 0
+        finally:
+            server.start()
+        done = wait(job_id, timeout=180)
+    assert done["status"] == "succeeded", done
+    with session_scope() as s:
+        artifact = s.scalars(select(Artifact).where(Artifact.created_by_job_id == job_id)).one()
+        unreachable = s.scalars(select(HealthEvent).where(HealthEvent.component == "store",
+                                                          HealthEvent.event == "unreachable")).all()
+    assert unreachable and s3_store["AWS_SECRET_ACCESS_KEY"] not in str([e.message for e in unreachable])
+    manifest = storage.get_store().manifest(artifact.path)
+    assert manifest.accepts(artifact.sha256)  # the ledger's sha256 names the stored object
+
+
+def _attempt_outcomes(job_id: str) -> list:
+    with session_scope() as s:
+        return s.scalars(select(JobAttempt.outcome).where(JobAttempt.job_id == job_id,
+                                                          JobAttempt.outcome.is_not(None))).all()
