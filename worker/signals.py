@@ -236,6 +236,20 @@ def _broker(sender) -> tuple[str, dict]:
     return app.conf.broker_url or "", dict(app.conf.broker_transport_options or {})
 
 
+def _prefetch_loop(interval: float) -> None:
+    """Review workers: keep every tenant's champion in this host's cache (domain.adapters.store)."""
+    from domain.adapters.store import prefetch_champions
+
+    while True:
+        try:
+            fetched = prefetch_champions()
+            if fetched:
+                log.info("prefetched champion adapter(s) %s into this host's cache", ", ".join(fetched))
+        except Exception as exc:  # noqa: BLE001 - prefetching is an optimisation, never fatal
+            log.warning("champion prefetch failed: %s", exc)
+        time.sleep(interval)
+
+
 def _consumed_queues(sender) -> list[str]:
     app = getattr(sender, "app", None)
     try:
@@ -302,6 +316,9 @@ def _ready(sender=None, **_):
     if _state["checker"] is None:
         app = getattr(sender, "app", None)
         gate = Gate(app, node, _consumed_queues(sender)) if app is not None else None
+        if "review" in _consumed_queues(sender) and get_settings().champion_prefetch_s > 0:
+            threading.Thread(target=_prefetch_loop, args=(get_settings().champion_prefetch_s,), daemon=True,
+                             name="foundry-prefetch").start()
         t = threading.Thread(target=_periodic_checks, args=(node, broker_url, options, gate, HealthSettings()),
                              daemon=True, name="foundry-health")
         t.start()

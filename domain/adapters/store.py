@@ -184,6 +184,38 @@ def _fetched(version: AdapterVersion) -> Path:
         raise JobFailed(f"adapter version {version.id}: {exc}", code="key_refused") from exc
 
 
+def prefetch_champions() -> list[str]:
+    """Fetch into this host's cache every tenant's champion that is neither under the data folder nor
+    cached yet. Review workers call it every ``FOUNDRY_CHAMPION_PREFETCH_S`` (worker/signals.py), so a newly
+    promoted champion's first review on a host pays no fetch. Returns the version ids fetched."""
+    from domain import storage
+    from domain.ledger.db import session_scope
+    from domain.paths import data_root
+
+    store = storage.get_store()
+    if store.local and Path(store.root).resolve() == data_root():
+        return []  # the default store is the data folder: nothing to fetch
+    with session_scope() as s:
+        versions = list(s.scalars(select(AdapterVersion).join(
+            AdapterAlias, AdapterAlias.version_id == AdapterVersion.id).where(AdapterAlias.alias == CHAMPION)))
+        s.expunge_all()
+    fetched = []
+    cache = storage.get_cache()
+    for v in versions:
+        if not v.artifact_path or not v.artifact_sha256 or cache.entry(v.artifact_sha256).is_dir():
+            continue
+        try:
+            if (resolve_in_data_root(v.artifact_path) / WEIGHTS_FILE).is_file():
+                continue
+            verified_adapter_path(v)
+            fetched.append(v.id)
+        except (JobFailed, UnsafePath, RuntimeError) as exc:  # reported by the fetch; the review will say it too
+            import logging
+
+            logging.getLogger(__name__).warning("champion %s of %s not prefetched: %s", v.id, v.tenant_id, exc)
+    return fetched
+
+
 def _matches(path: Path, expected: str, folder: Path | None = None) -> bool:
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns, expected)

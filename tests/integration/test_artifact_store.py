@@ -183,3 +183,23 @@ def test_an_adapter_saved_on_host_a_loads_on_host_b_through_its_cache(s3_store, 
         adapter_store.verified_adapter_path(version)
     assert err.value.code == "object_corrupt"
     assert (folder / adapter_store.WEIGHTS_FILE).is_file()
+
+
+def test_a_promoted_champion_is_prefetched_into_a_host_that_never_had_it(s3_store, sqlite_ledger, tmp_path,
+                                                                          monkeypatch):
+    from domain.adapters import store as adapter_store
+    from domain.adapters.testing import make_version
+    from domain.ledger.models import AdapterVersion
+    from domain.models import save_tiny_model
+
+    base = save_tiny_model(tmp_path / "tiny-base", layers=1, hidden=32)
+    champion = make_version("acme", base, alias="champion")
+    make_version("acme", base, seed=1)  # a candidate: not prefetched
+    monkeypatch.setenv("FOUNDRY_DATA_DIR", str(tmp_path / "host-b"))
+    reset_settings()
+    storage._caches.clear()
+    assert adapter_store.prefetch_champions() == [champion]
+    assert adapter_store.prefetch_champions() == []  # cached now
+    with session_scope() as s:
+        sha = s.get(AdapterVersion, champion).artifact_sha256
+    assert list((tmp_path / "host-b" / "cache" / "objects").iterdir()) == [tmp_path / "host-b" / "cache" / "objects" / sha]
