@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     artifact_region: str = Field("", description="S3 region; empty = the AWS default chain.")
     cache_dir: Path | None = Field(None, description="This host's cache of store objects; empty = data_dir/cache.")
     cache_max_gb: float = Field(20.0, description="Size bound of that cache (least recently used objects are evicted).")
+    cpu_adapters: int = Field(32, ge=0, description="Adapters whose weights a review worker keeps in CPU memory between swaps (0 = none).")
     champion_prefetch_s: float = Field(15.0, description="How often a review worker fetches newly promoted champions into its host's cache (0 = never).")
 
     allow_fault_injection: bool = Field(False, description="Lets noop jobs crash/exit on purpose (tests and benchmarks only).")
