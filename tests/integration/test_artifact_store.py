@@ -203,3 +203,33 @@ def test_a_promoted_champion_is_prefetched_into_a_host_that_never_had_it(s3_stor
     with session_scope() as s:
         sha = s.get(AdapterVersion, champion).artifact_sha256
     assert list((tmp_path / "host-b" / "cache" / "objects").iterdir()) == [tmp_path / "host-b" / "cache" / "objects" / sha]
+
+
+def test_existing_artifacts_are_pushed_into_a_new_store_once(s3_store, sqlite_ledger, tmp_path, capsys):
+    from domain.adapters.store import WEIGHTS_FILE
+    from domain.ledger.models import AdapterVersion, Tenant
+    from domain.store_backfill import push_existing
+    from worker.cli import main
+
+    folder = make_folder(tmp_path / "adapters" / "acme" / "reviewer", "v1")
+    with session_scope() as s:
+        s.add(Tenant(id="acme", display_name="acme"))
+        s.flush()
+        for key, vid in (("adapters/acme/reviewer/v1", "a1"), ("adapters/acme/reviewer/gone", "a2"),
+                         ("adapters/other/reviewer/v1", "a3")):
+            s.add(AdapterVersion(id=vid, tenant_id="acme", name="reviewer", version=int(vid[1]), base_model_id="b",
+                                 base_model_hash="h", artifact_path=key, artifact_sha256="0" * 64))
+    assert push_existing(dry_run=True).pushed == ["adapters/acme/reviewer/v1"]
+    assert not storage.get_store().exists(f"adapters/acme/reviewer/v1/{storage.MANIFEST}")
+    report = push_existing()
+    assert report.pushed == ["adapters/acme/reviewer/v1"] and report.not_here == ["adapters/acme/reviewer/gone"]
+    assert report.refused == ["adapters/other/reviewer/v1"]  # outside its tenant's prefix
+    manifest = storage.get_store().manifest("adapters/acme/reviewer/v1")
+    assert manifest.files[WEIGHTS_FILE]["sha256"] == storage.describe_tree(folder).files[WEIGHTS_FILE]["sha256"]
+    capsys.readouterr()
+    assert main(["artifacts", "push", "--dry-run"]) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert out["present"] == ["adapters/acme/reviewer/v1"] and out["pushed"] == [] and out["dry_run"] is True
+    assert push_existing().present == ["adapters/acme/reviewer/v1"]
