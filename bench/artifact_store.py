@@ -74,9 +74,8 @@ def main() -> None:
     rounds = 3 if args.quick else args.rounds
 
     import boto3
-    from safetensors.torch import load_file
-
     import torch
+    from safetensors.torch import load_file
 
     from domain import storage
     from domain.adapters.tiers import CpuTier

@@ -173,7 +173,7 @@ class ArtifactStore:
         for attempt in range(1, self.retries + 1):
             try:
                 return fn(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - sorted into transient or not just below
+            except Exception as exc:
                 if not _transient(exc):
                     raise
                 if attempt == self.retries:

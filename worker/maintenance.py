@@ -127,7 +127,7 @@ def live_job_ids(app, timeout: float = 1.0) -> set[str] | None:
     protected by its fresh heartbeat instead."""
     try:
         replies = app.control.inspect(timeout=timeout).active() or {}
-    except Exception as exc:  # noqa: BLE001 - no answer means no decision this round
+    except Exception as exc:
         log.warning("inspect active failed: %s", exc)
         return None
     return {str(t.get("id")) for tasks in replies.values() for t in (tasks or []) if isinstance(t, dict)}
