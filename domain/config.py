@@ -146,6 +146,15 @@ class Settings(BaseSettings):
     review_batch_size: int = Field(8, description="Review jobs a worker drains into one generation batch.")
     review_batch_wait_ms: float = Field(20.0, description="How long the review batcher waits to fill a batch.")
     max_resident_adapters: int = Field(8, ge=1, description="LoRA adapters kept loaded per review worker (LRU, evicted adapters are deleted).")
+    # ---- artifact store and node-local cache (domain/storage.py) ----
+    artifact_url: str = Field("", description="Where artifacts live: file:///folder or s3://bucket/prefix (any S3-compatible store); empty = the data folder. Credentials: the standard AWS variables, never logged.")
+    artifact_endpoint_url: str = Field("", description="S3 endpoint (MinIO, R2...); empty = AWS's own (or AWS_ENDPOINT_URL).")
+    artifact_region: str = Field("", description="S3 region; empty = the AWS default chain.")
+    cache_dir: Path | None = Field(None, description="This host's cache of store objects; empty = data_dir/cache.")
+    cache_max_gb: float = Field(20.0, description="Size bound of that cache (least recently used objects are evicted).")
+    cpu_adapters: int = Field(32, ge=0, description="Adapters whose weights a review worker keeps in CPU memory between swaps (0 = none).")
+    champion_prefetch_s: float = Field(15.0, description="How often a review worker fetches newly promoted champions into its host's cache (0 = never).")
+
     allow_fault_injection: bool = Field(False, description="Lets noop jobs crash/exit on purpose (tests and benchmarks only).")
     log_json: bool = Field(False, description="Structured JSON logs.")
     # tracing (domain/tracing.py)

@@ -12,6 +12,19 @@ the transport). The caller reads the broker twice a moment apart and passes the 
 read, so a message in the middle of its two-step hand-over is not taken for lost. Sending a job twice is
 harmless anyway: the ledger's claim runs it once (a second delivery of a running or finished job is
 skipped), which is what makes this sweep safe.
+
+Running jobs whose worker died (``stale_running`` / ``hand_back``): a worker SIGKILLed mid-job (a host
+lost, an OOM kill of the whole container) leaves its job ``running`` and its message in kombu's
+unacknowledged hash until the visibility timeout, which is above the longest job (hours). A job is judged
+lost when its heartbeat (written every ``FOUNDRY_HEARTBEAT_S`` by a thread of the process running it) is
+older than ``FOUNDRY_STALE_AFTER_S`` *and* no worker that answers a Celery ``inspect active`` lists it
+(checked on the worker side). ``hand_back`` then closes the open attempt as ``lost`` and puts the job back
+to ``queued`` in one conditional update (only if the heartbeat is still stale and the attempt is the one
+judged), and the worker side restores its message (or sends it again) under the same job id. The next
+claim runs it as a new attempt, which resumes from the job's last checkpoint; a job lost
+``max_attempts`` times is dead-lettered by that claim. A live job keeps a fresh heartbeat and is never
+taken; if a live worker's heartbeats could not be written for that long (its own ledger connection
+broken), its late result is refused by ``finish_success``, which requires the attempt to still own the job.
 """
 
 from __future__ import annotations
@@ -19,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from domain import health
 from domain.ledger.db import session_scope
@@ -71,3 +84,61 @@ def record_resent(jobs: list[StrandedJob], source: str, url: str | None = None) 
     health.record("broker", "stranded_requeued", "degraded",
                   f"{len(ids)} queued job(s) had no broker message (lost in a worker crash); sent again",
                   source=source, detail={"job_ids": ids[:100], "count": len(ids)}, url=url)
+
+
+# ---- running jobs whose worker is gone -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LostRunning:
+    id: str
+    kind: str
+    queue: str | None
+    payload: dict
+    priority: int
+    worker: str | None
+    attempt: int
+    heartbeat_at: datetime | None
+
+
+def stale_running(stale_after_s: float, *, now: datetime | None = None, limit: int = 1000,
+                  url: str | None = None) -> list[LostRunning]:
+    """Running jobs whose heartbeat (or start, if none was written) is older than ``stale_after_s``."""
+    cutoff = (now or utcnow()) - timedelta(seconds=stale_after_s)
+    beat = func.coalesce(Job.heartbeat_at, Job.started_at, Job.enqueued_at)
+    with session_scope(url) as s:
+        rows = s.execute(
+            select(Job.id, Job.kind, Job.queue, Job.payload, Job.priority, Job.worker, Job.attempts, Job.heartbeat_at)
+            .where(Job.status == "running", beat < cutoff).order_by(beat).limit(limit)).all()
+    return [LostRunning(r.id, r.kind, r.queue, dict(r.payload or {}), int(r.priority or 5), r.worker,
+                        int(r.attempts or 0), r.heartbeat_at) for r in rows]
+
+
+def hand_back(job: LostRunning, stale_after_s: float, *, now: datetime | None = None, url: str | None = None) -> bool:
+    """Put a lost running job back to ``queued`` (its open attempt closed as ``lost``). False if it moved on
+    meanwhile: a heartbeat arrived, it finished, or another attempt took it."""
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=stale_after_s)
+    beat = func.coalesce(Job.heartbeat_at, Job.started_at, Job.enqueued_at)
+    error = f"worker {job.worker} lost (no heartbeat for {stale_after_s:.0f} s); handed back to the queue"
+    with session_scope(url) as s:
+        moved = s.execute(update(Job).where(Job.id == job.id, Job.status == "running", Job.attempts == job.attempt,
+                                            beat < cutoff)
+                          .values(status="queued", error=error, error_code="worker_lost")
+                          .execution_options(synchronize_session=False)).rowcount
+        if not moved:
+            return False
+        s.execute(update(JobAttempt).where(JobAttempt.job_id == job.id, JobAttempt.outcome.is_(None))
+                  .values(outcome="lost", finished_at=now, error=error).execution_options(synchronize_session=False))
+    return True
+
+
+def record_handed_back(jobs: list[LostRunning], how: dict[str, str], source: str, url: str | None = None) -> None:
+    """One health event per sweep that handed anything back; ``how`` says restored/re-sent per job."""
+    if not jobs:
+        return
+    ids = [j.id for j in jobs]
+    workers = sorted({j.worker or "?" for j in jobs})
+    health.record("worker", "lost_job_handed_back", "degraded",
+                  f"{len(ids)} running job(s) of vanished worker(s) {', '.join(workers[:5])} handed back to the queue",
+                  source=source, detail={"job_ids": ids[:100], "count": len(ids), "workers": workers[:20],
+                                         "how": {k: how[k] for k in ids[:100] if k in how}}, url=url)

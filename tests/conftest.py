@@ -157,3 +157,71 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     model.save_pretrained(d, safe_serialization=True)
     tiny_tokenizer.save_pretrained(d)
     return d
+
+
+# ---- an S3-compatible store on loopback (the artifact store's tests) --------------------------------
+# moto's server mode by default; a real MinIO (or any S3) when FOUNDRY_TEST_S3_URL names its endpoint
+# (http://host:9000), with credentials in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+
+class S3Server:
+    """A loopback S3 endpoint the tests can stop and start again on the same port (moto keeps its data)."""
+
+    def __init__(self) -> None:
+        self.external = os.environ.get("FOUNDRY_TEST_S3_URL", "")
+        self.port = 0
+        self._server = None
+        self.start()
+
+    @property
+    def endpoint(self) -> str:
+        return self.external or f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        if self.external or self._server is not None:
+            return
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port)
+        self._server.start()
+        self.port = self._server.get_host_and_port()[1]
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_store(s3_server, monkeypatch) -> dict:
+    """A fresh bucket on the loopback S3 endpoint; returns the FOUNDRY_* settings that point at it."""
+    import boto3
+
+    if not s3_server.external:  # moto takes any credentials; a real MinIO needs the user's own
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "foundry-test")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "foundry-test-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    bucket = f"foundry-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    env = {"FOUNDRY_ARTIFACT_URL": f"s3://{bucket}/store", "FOUNDRY_ARTIFACT_ENDPOINT_URL": s3_server.endpoint,
+           "FOUNDRY_ARTIFACT_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
+           "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"], "AWS_DEFAULT_REGION": "us-east-1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    reset_settings()
+    from domain import storage
+
+    storage._stores.clear()
+    storage._caches.clear()
+    yield {**env, "bucket": bucket, "server": s3_server}
+    storage._stores.clear()
+    storage._caches.clear()

@@ -3,8 +3,9 @@ memory recycling.
 
 The health thread checks, every ``FOUNDRY_HEALTH_INTERVAL_S``: ledger and broker reachability, the
 heartbeat of the jobs running here, memory headroom (RSS against ``FOUNDRY_WORKER_MAX_MEMORY_MB`` or the
-cgroup limit, system memory available, free GPU memory when CUDA is in use) and an operator drain file
-(``<data_dir>/drain/<node>`` or ``<data_dir>/drain/all``). A worker failing any check (other than the
+cgroup limit, system memory available, free GPU memory when CUDA is in use) and an operator drain
+(``foundry workers drain NODE|host:HOST|all``, kept in the ledger so every host sees it, see domain/drain.py;
+a file ``<data_dir>/drain/<node>`` or ``<data_dir>/drain/all`` still works on its own host). A worker failing any check (other than the
 broker, which it cannot consume from anyway) stops consuming its queues (a ``cancel_consumer`` control
 command to itself) and resumes (``add_consumer``) when the checks pass again; both moves are health events.
 """
@@ -107,11 +108,20 @@ def evaluate(*, db_ok: bool, db_msg: str, memory: dict, stale_jobs: list[str], h
     if memory.get("gpu_free_mb") is not None and memory["gpu_free_mb"] < settings.min_gpu_free_mb:
         r.failures.append(f"gpu: {memory['gpu_free_mb']:.0f} MB free < {settings.min_gpu_free_mb:.0f} MB")
     if drained:
-        r.failures.append(f"drained: {drained} exists (remove it to resume)")
+        r.failures.append(f"drained: {drained} (`foundry workers undrain`, or remove the file, to resume)")
     return r
 
 
 def _drain_file(node: str) -> str | None:
+    """A drain recorded in the ledger (``foundry workers drain``, seen by every host), or a host-local file."""
+    from domain import drain
+
+    try:
+        found = drain.drained(node)
+    except Exception:  # noqa: BLE001 - the ledger check reports an unreachable database
+        found = None
+    if found is not None:
+        return f"drain {found.target!r} by {found.by} in the ledger"
     root = get_settings().data_dir / "drain"
     for name in (node, "all"):
         if (root / name).exists():
@@ -212,6 +222,20 @@ def _broker(sender) -> tuple[str, dict]:
     return app.conf.broker_url or "", dict(app.conf.broker_transport_options or {})
 
 
+def _prefetch_loop(interval: float) -> None:
+    """Review workers: keep every tenant's champion in this host's cache (domain.adapters.store)."""
+    from domain.adapters.store import prefetch_champions
+
+    while True:
+        try:
+            fetched = prefetch_champions()
+            if fetched:
+                log.info("prefetched champion adapter(s) %s into this host's cache", ", ".join(fetched))
+        except Exception as exc:  # noqa: BLE001 - prefetching is an optimisation, never fatal
+            log.warning("champion prefetch failed: %s", exc)
+        time.sleep(interval)
+
+
 def _consumed_queues(sender) -> list[str]:
     app = getattr(sender, "app", None)
     try:
@@ -275,6 +299,9 @@ def _ready(sender=None, **_):
     if _state["checker"] is None:
         app = getattr(sender, "app", None)
         gate = Gate(app, node, _consumed_queues(sender)) if app is not None else None
+        if "review" in _consumed_queues(sender) and get_settings().champion_prefetch_s > 0:
+            threading.Thread(target=_prefetch_loop, args=(get_settings().champion_prefetch_s,), daemon=True,
+                             name="foundry-prefetch").start()
         t = threading.Thread(target=_periodic_checks, args=(node, broker_url, options, gate, get_settings().health),
                              daemon=True, name="foundry-health")
         t.start()

@@ -77,8 +77,10 @@ def schedule_tick(self):
 
 @app.task(name="foundry.resend_stranded", bind=True, acks_late=False, ignore_result=True)
 def resend_stranded(self):
-    """Beat's sweep: queued jobs whose broker message was lost in a worker crash are sent again."""
+    """Beat's sweep: queued jobs whose broker message was lost in a worker crash are sent again, and running
+    jobs of a vanished worker (stale heartbeat, listed by no live worker) are handed back."""
     from domain.config import get_settings
     from worker import maintenance
 
-    return maintenance.resend_stranded(older_than_s=get_settings().stranded_after_s, source=worker_id(self))
+    report = maintenance.resend_stranded(older_than_s=get_settings().stranded_after_s, source=worker_id(self))
+    return {**report, **maintenance.hand_back_lost_running(source=worker_id(self))}

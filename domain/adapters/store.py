@@ -1,8 +1,11 @@
-"""Adapter versions and aliases in the ledger, and their files under the data root.
+"""Adapter versions and aliases in the ledger, and their files under the data root and in the store.
 
 - A version is one trained (or merged) LoRA adapter: ``adapters/<tenant>/<name>/<folder>/`` holding
   ``adapter_config.json`` + ``adapter_model.safetensors``. The ledger records the sha256 of the weights
   file (``artifact_sha256``) and of the config (``hyperparams["adapter_config_sha256"]``).
+- Files go to the artifact store (domain/storage.py) as they are saved; a host that does not have a
+  version's folder under its data root fetches it from the store into its node-local cache, verified
+  (``verified_adapter_path``). The default store is the data folder itself: nothing is copied.
 - An alias (``champion``, ``candidate`` or any custom name) points at one version of the tenant; every
   move is written to ``alias_history`` (who, when, why). ``champion`` is what reviews are served with.
 - ``rollback`` moves an alias back to the version it pointed at before the current one (rollbacks
@@ -105,7 +108,18 @@ def save_adapter_files(peft_model, rel_dir: str, adapter_name: str = "default") 
     if not (tmp / WEIGHTS_FILE).exists():
         raise JobFailed(f"adapter save produced no {WEIGHTS_FILE} in {tmp}", code="adapter_save_failed")
     publish_dir(tmp, dest)
+    publish_adapter(rel_dir)
     return describe_files(rel_dir)
+
+
+def publish_adapter(rel_dir: str) -> None:
+    """Put a saved adapter folder in the artifact store (verified; a no-op for the default store, which is
+    the data folder). Raises StoreUnavailable (transient: the job is retried) before anything is recorded."""
+    from domain import storage
+
+    parts = Path(rel_dir).parts
+    storage.publish_tree(resolve_in_data_root(rel_dir), rel_dir, primary=WEIGHTS_FILE,
+                         tenant=parts[1] if len(parts) > 2 and parts[0] == "adapters" else None)
 
 
 def describe_files(rel_dir: str) -> SavedAdapter:
@@ -129,6 +143,8 @@ def verified_adapter_path(version: AdapterVersion) -> Path:
         folder = resolve_in_data_root(version.artifact_path)
     except UnsafePath as exc:
         raise JobFailed(f"adapter version {version.id}: {exc}", code="adapter_hash_mismatch") from exc
+    if not (folder / WEIGHTS_FILE).is_file():  # not written on this host: from the store, via this host's cache
+        folder = _fetched(version)
     weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
     missing = [p.name for p in (weights, config) if not p.is_file()]
     if missing:
@@ -147,6 +163,52 @@ def verified_adapter_path(version: AdapterVersion) -> Path:
                       detail={"version_id": version.id, "path": version.artifact_path, "files": problems})
         raise JobFailed(msg, code="adapter_hash_mismatch")
     return folder
+
+
+def _fetched(version: AdapterVersion) -> Path:
+    """The version's folder in this host's cache, fetched from the artifact store and verified (the key
+    must lie under the version's tenant: ``adapters/<tenant>/...``)."""
+    from domain import storage
+
+    if not version.artifact_sha256:
+        raise JobFailed(f"adapter version {version.id}: no sha256 recorded, cannot fetch it from the store",
+                        code="adapter_missing")
+    try:
+        return storage.fetch_tree(version.artifact_path, version.artifact_sha256, tenant=version.tenant_id)
+    except storage.KeyRefused as exc:
+        raise JobFailed(f"adapter version {version.id}: {exc}", code="key_refused") from exc
+
+
+def prefetch_champions() -> list[str]:
+    """Fetch into this host's cache every tenant's champion that is neither under the data folder nor
+    cached yet. Review workers call it every ``FOUNDRY_CHAMPION_PREFETCH_S`` (worker/signals.py), so a newly
+    promoted champion's first review on a host pays no fetch. Returns the version ids fetched."""
+    from domain import storage
+    from domain.ledger.db import session_scope
+    from domain.paths import data_root
+
+    store = storage.get_store()
+    if store.local and Path(store.root).resolve() == data_root():
+        return []  # the default store is the data folder: nothing to fetch
+    with session_scope() as s:
+        versions = list(s.scalars(select(AdapterVersion).join(
+            AdapterAlias, AdapterAlias.version_id == AdapterVersion.id).where(AdapterAlias.alias == CHAMPION)))
+        s.expunge_all()
+    fetched = []
+    cache = storage.get_cache()
+    for v in versions:
+        if not v.artifact_path or not v.artifact_sha256 or cache.entry(v.artifact_sha256).is_dir():
+            continue
+        try:
+            if (resolve_in_data_root(v.artifact_path) / WEIGHTS_FILE).is_file():
+                continue
+            verified_adapter_path(v)
+            fetched.append(v.id)
+        except (JobFailed, UnsafePath, RuntimeError) as exc:  # reported by the fetch; the review will say it too
+            import logging
+
+            logging.getLogger(__name__).warning("champion %s of %s not prefetched: %s", v.id, v.tenant_id, exc)
+    return fetched
 
 
 def _matches(path: Path, expected: str, folder: Path | None = None) -> bool:

@@ -1,7 +1,9 @@
 """Reading the index: the current snapshot of a tenant, cached per process, and hybrid search over it.
 
-Each call stats the tenant's CURRENT file (one ``os.stat``); only when it changed is the new version loaded
-and verified, so readers pick up a new snapshot without a restart. A version that fails verification is
+Each call stats the tenant's CURRENT file (one ``os.stat``), or, with a remote artifact store, reads the
+store's pointer at most every couple of seconds (domain/retrieval/snapshots.py); only when it changed is
+the new version loaded (fetched into this host's cache) and verified, so readers on every host pick up a
+new snapshot without a restart. A version that fails verification is
 reported once as a health event and the previously loaded (or newest intact older) version keeps serving.
 """
 
@@ -35,8 +37,17 @@ _reported: set[tuple[str, int]] = set()
 
 
 def current_snapshot(tenant: str) -> Snapshot | None:
-    """The tenant's serving snapshot (None if it has no index)."""
-    sig = current_signature(tenant)
+    """The tenant's serving snapshot (None if it has no index). If the artifact store cannot be reached,
+    the snapshot already loaded keeps serving."""
+    from domain.storage import StoreUnavailable
+
+    try:
+        sig = current_signature(tenant)
+    except StoreUnavailable:
+        entry = _cache.get(tenant)
+        if entry is None:
+            raise
+        return entry.snapshot
     if sig is None:
         _cache.pop(tenant, None)
         return None
@@ -63,8 +74,14 @@ def _load_current(tenant: str, previous: Snapshot | None) -> Snapshot | None:
         return None
     if previous is not None and previous.version == version:
         return previous
+    from domain.storage import StoreUnavailable
+
     try:
         return load_snapshot(tenant, version)
+    except StoreUnavailable:
+        if previous is None:
+            raise
+        return previous  # the store is away: keep serving what is loaded
     except CorruptSnapshot as exc:
         fallback = previous
         if fallback is None:  # a fresh process: serve the newest intact older version on disk

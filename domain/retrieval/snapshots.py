@@ -9,6 +9,13 @@
         .build-<job id>/         a snapshot being written; renamed to v<N> only when complete
 
 A crash mid-build leaves a ``.build-*`` folder and CURRENT untouched: readers keep the previous version.
+
+With an artifact store other than the data folder (``FOUNDRY_ARTIFACT_URL=s3://...``, domain/storage.py),
+each finished snapshot is also put in the store (``index/<tenant>/v<N>``, verified), and the pointer too:
+``index/<tenant>/CURRENT`` holds the version and the sha256 of its manifest.json, replaced in one PUT after
+the snapshot is stored. Readers on any host read that pointer (at most every ``POINTER_POLL_S`` seconds)
+and fetch a version they do not have into their node-local cache, verified; so a new version reaches
+every host without a restart. If the store cannot be reached, readers keep the version they serve.
 Loading checks every file against the manifest's hashes; a mismatch raises ``CorruptSnapshot``.
 
 One writer per tenant: a row in the ledger's ``leases`` table (``index:<tenant>``), taken with a
@@ -38,6 +45,8 @@ from domain.retrieval.dense import DenseIndex
 from domain.retrieval.keyword import KeywordIndex
 
 MANIFEST = "manifest.json"
+POINTER_POLL_S = 2.0  # how often a reader asks the store whether CURRENT moved
+_pointers: dict[str, tuple[float, dict | None]] = {}  # tenant -> (monotonic time read, pointer)
 
 
 class CorruptSnapshot(RuntimeError):
@@ -79,7 +88,45 @@ def relative_path(tenant: str, version: int) -> str:
 
 # ---- the CURRENT pointer ---------------------------------------------------------------------
 
+def _remote_store():
+    """The artifact store when it is not this host's data folder, else None."""
+    from domain import storage
+
+    store = storage.get_store()
+    if store.local and Path(store.root).resolve() == data_root():
+        return None
+    return store
+
+
+def store_pointer(tenant: str, *, fresh: bool = False) -> dict | None:
+    """The store's CURRENT pointer ({"version", "sha256"}), re-read at most every POINTER_POLL_S seconds;
+    None without a remote store or when it holds no pointer. Raises StoreUnavailable."""
+    from domain import storage
+
+    store = _remote_store()
+    if store is None:
+        return None
+    now = time.monotonic()
+    seen = _pointers.get(tenant)
+    if seen is not None and not fresh and now - seen[0] < POINTER_POLL_S:
+        return seen[1]
+    try:
+        pointer = json.loads(store.get_bytes(f"index/{tenant}/CURRENT"))
+    except storage.ObjectMissing:
+        pointer = None
+    except ValueError as exc:
+        raise CorruptSnapshot(f"the store's index/{tenant}/CURRENT is unreadable: {exc}") from exc
+    _pointers[tenant] = (now, pointer)
+    return pointer
+
+
 def read_current(tenant: str) -> int | None:
+    pointer = store_pointer(tenant)
+    if pointer is not None:
+        try:
+            return int(pointer["version"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptSnapshot(f"the store's index/{tenant}/CURRENT is unreadable: {exc}") from exc
     try:
         return int(json.loads((tenant_dir(tenant) / "CURRENT").read_text())["version"])
     except FileNotFoundError:
@@ -89,7 +136,11 @@ def read_current(tenant: str) -> int | None:
 
 
 def current_signature(tenant: str) -> tuple | None:
-    """A cheap fingerprint of the CURRENT file (changes when it is replaced), or None if there is none."""
+    """A cheap fingerprint of the CURRENT pointer (changes when it is replaced), or None if there is none:
+    the store's pointer (version, sha256) with a remote store, else the local file's stat."""
+    pointer = store_pointer(tenant)
+    if pointer is not None:
+        return ("store", pointer.get("version"), pointer.get("sha256"))
     try:
         st = os.stat(tenant_dir(tenant) / "CURRENT")
     except FileNotFoundError:
@@ -107,6 +158,11 @@ def switch_current(tenant: str, version: int) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, folder / "CURRENT")
     _fsync_dir(folder)
+    store = _remote_store()
+    if store is not None:  # the snapshot is in the store already (write_snapshot): now point every host at it
+        sha = sha256_file(version_dir(tenant, version) / MANIFEST)
+        store.put_bytes(f"index/{tenant}/CURRENT", json.dumps({"version": version, "sha256": sha}).encode())
+        _pointers.pop(tenant, None)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -160,6 +216,10 @@ def write_snapshot(tenant: str, version: int, build_name: str, *, lines: list[st
     final = version_dir(tenant, version)
     publish_dir(tmp, final)  # replaces a copy left by an attempt whose ledger commit failed (never pointed to)
     _fsync_dir(root)
+    if _remote_store() is not None:  # verified upload before the ledger records it (StoreUnavailable: retried)
+        from domain import storage
+
+        storage.publish_tree(final, relative_path(tenant, version), primary=MANIFEST, tenant=tenant)
     size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
     return final, sha256_file(final / MANIFEST), size
 
@@ -179,8 +239,26 @@ def verify(folder: Path) -> dict:
     return manifest
 
 
+def _fetched(tenant: str, version: int) -> Path | None:
+    """A version not on this host, from the store into the node-local cache (verified), or None."""
+    from domain import storage
+
+    store = _remote_store()
+    if store is None:
+        return None
+    key = relative_path(tenant, version)
+    pointer = store_pointer(tenant) or {}
+    try:
+        sha = pointer["sha256"] if pointer.get("version") == version else store.manifest(key).sha256
+        return storage.fetch_tree(key, sha, tenant=tenant)
+    except (storage.ObjectMissing, storage.ObjectCorrupt) as exc:
+        raise CorruptSnapshot(f"index/{tenant}/v{version} in the store: {exc}") from exc
+
+
 def load_snapshot(tenant: str, version: int, *, check: bool = True) -> Snapshot:
     folder = version_dir(tenant, version)
+    if not folder.is_dir():
+        folder = _fetched(tenant, version) or folder
     if not folder.is_dir():
         raise CorruptSnapshot(f"index/{tenant}/v{version} does not exist")
     manifest = verify(folder) if check else json.loads((folder / MANIFEST).read_text())

@@ -151,9 +151,9 @@ class Runtime:
     def _hotswap(self, path: Path, slot: str, config) -> None:
         """Copy a new adapter's weights into an existing slot with the same LoRA config (same modules,
         rank, alpha: the scaling stays right). All keys and shapes are checked before anything is copied."""
-        from safetensors.torch import load_file
+        from domain.adapters.tiers import cpu_tier
 
-        weights = load_file(str(path / WEIGHTS), device=str(self.device))
+        weights = cpu_tier().weights(path / WEIGHTS)  # the CPU-memory tier; copy_ below moves them to the device
         params = self._slot_params(slot)
         if weights.keys() != params.keys():
             raise KeyError(f"the new adapter targets other modules than slot {slot}")

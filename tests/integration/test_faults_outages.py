@@ -5,6 +5,7 @@ a loopback redis-server with an append-only file, and a separate initdb/pg_ctl c
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 
@@ -117,25 +118,25 @@ def test_postgres_stopped_mid_run_loses_nothing(own_postgres, redis_url, tmp_pat
 
 
 def test_worker_failing_its_checks_stops_taking_jobs_until_it_recovers(redis_url, pg_ledger, tmp_path, monkeypatch):
-    """An operator drain file fails the worker's health check: it cancels its consumers (jobs wait in
-    the queue), then resumes when the file goes; both moves are health events."""
+    """An operator's drain (in the ledger, as `foundry workers drain` writes it) fails the worker's health
+    check: it cancels its consumers (jobs wait in the queue), then resumes when the drain ends; both moves
+    are health events."""
+    from domain import drain
     from worker.client import enqueue
 
     env = worker_env(redis_url, pg_ledger, tmp_path, FOUNDRY_HEALTH_INTERVAL_S="0.5")
     apply_env(monkeypatch, env)
     add_tenant(pg_ledger, "acme")
-    drain = tmp_path / "drain"
     with running_worker(env, queues=["control"]) as w:
         assert enqueue("noop", {"tenant": "acme"}) and wait_final([enqueue("noop", {"tenant": "acme"})], timeout=30)
-        drain.mkdir()
-        (drain / "all").touch()
+        drain.drain("host:" + socket.gethostname(), by="test")
         _wait_event("stop_consuming", 20)
         time.sleep(1)
         held = enqueue("noop", {"tenant": "acme", "cost_tokens": 1})
         time.sleep(3)
         with session_scope() as s:
             assert s.get(Job, held).status == "queued", w.output()[-2000:]
-        (drain / "all").unlink()
+        assert drain.undrain("host:" + socket.gethostname())
         _wait_event("resume_consuming", 20)
         wait_final([held], timeout=30)
     t = tally([held])

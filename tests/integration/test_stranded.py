@@ -57,7 +57,7 @@ def test_a_lost_message_is_found_and_sent_again_once(env, capsys):
 
     capsys.readouterr()
     assert main(["ledger", "resend-stranded", "--older-than", "0", "--dry-run", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"supported": True, "resent": [], "dry_run": True}
+    assert json.loads(capsys.readouterr().out) == {"supported": True, "resent": [], "dry_run": True, "handed_back": []}
 
 
 def test_a_message_held_too_long_by_a_vanished_worker_counts_as_lost(env):

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import subprocess
@@ -160,3 +161,23 @@ def running_worker(env: dict, queues=("control",), pool: str = "solo", concurren
         w.stop()
         if os.environ.get("FOUNDRY_TEST_SHOW_WORKER_LOG"):
             print(w.output()[-6000:])
+
+
+@contextmanager
+def running_beat(env: dict, log_dir: Path, name: str = "beat"):
+    """A real `celery beat` process (its schedule file under log_dir); stopped at the end."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / f"{name}.log", "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery_app", "beat", "-l", "INFO",
+                                 "-s", str(log_dir / f"{name}-schedule")], cwd=ROOT,
+                                env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+    try:
+        yield proc
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)

@@ -181,3 +181,29 @@ def test_the_image_is_a_regular_install_with_the_worker_extra():
     text = (ROOT / "Dockerfile").read_text()
     assert 'pip install ".[worker,flower]"' in text and "pip install -e" not in text
     assert "WORKDIR /home/foundry" in text  # runs outside the source folder: the installed migrations are used
+
+
+# ---- the artifact store (MinIO) and each worker's own cache ----
+
+def test_minio_persists_is_healthchecked_and_its_bucket_is_created_once(services, compose):
+    minio, init = services["minio"], services["minio-init"]
+    assert minio["image"].startswith("minio/minio:") and "latest" not in minio["image"]
+    assert any(v.endswith(":/data") and v.split(":")[0] in compose["volumes"] for v in minio["volumes"])
+    assert minio["healthcheck"]["test"][:3] == ["CMD", "mc", "ready"]
+    assert init["depends_on"]["minio"]["condition"] == "service_healthy" and init["restart"] == "no"
+    assert "mc mb --ignore-existing store/foundry" in " ".join(init["command"])
+    assert "${MINIO_ROOT_PASSWORD:?" in (ROOT / "docker-compose.yml").read_text()  # required, never a default
+
+
+def test_every_worker_uses_the_store_and_has_its_own_cache_volume(services, compose):
+    caches = set()
+    for name in ("worker-review", "worker-gpu", "worker-cpu", "beat"):
+        env = services[name]["environment"]
+        assert env["FOUNDRY_ARTIFACT_URL"].startswith("${FOUNDRY_ARTIFACT_URL:-s3://foundry/"), name
+        assert env["FOUNDRY_ARTIFACT_ENDPOINT_URL"].endswith("http://minio:9000}") and env["FOUNDRY_CACHE_DIR"] == "/cache"
+        assert services[name]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+    for name in ("worker-review", "worker-gpu", "worker-cpu"):
+        [cache] = [v.split(":")[0] for v in services[name]["volumes"] if v.split(":")[1].startswith("/cache")]
+        assert cache in compose["volumes"]
+        caches.add(cache)
+    assert len(caches) == 3  # never shared between workers

@@ -122,3 +122,61 @@ def test_acknowledging_on_a_channel_closed_by_a_lost_connection_does_not_kill_th
     live._delivered["tag-3"] = object()
     live.ack("tag-3")
     assert ("execute",) in calls and live._dirty == {"tag-3"}
+
+
+# ---- running jobs whose worker is gone (domain/stranded.py: stale_running, hand_back) ----
+
+def add_running(job_id: str, beat_s_ago: float | None, attempts: int = 1, worker: str = "a@host-a:41") -> None:
+    now = utcnow()
+    with session_scope() as s:
+        s.add(Job(id=job_id, kind="noop", tenant_id="acme", payload={"tenant": "acme", "sleep_s": 1}, status="running",
+                  queue="control", priority=5, attempts=attempts, worker=worker,
+                  enqueued_at=now - timedelta(minutes=30), started_at=now - timedelta(minutes=20),
+                  heartbeat_at=None if beat_s_ago is None else now - timedelta(seconds=beat_s_ago)))
+        s.flush()
+        for n in range(1, attempts + 1):
+            s.add(JobAttempt(job_id=job_id, attempt=n, worker=worker, started_at=now - timedelta(minutes=20),
+                             outcome=None if n == attempts else "lost"))
+
+
+def test_a_running_job_with_a_stale_heartbeat_is_handed_back_once(sqlite_ledger):
+    add_running("dead", beat_s_ago=300)
+    add_running("alive", beat_s_ago=2)
+    add_running("never-beat", beat_s_ago=None)  # started 20 min ago, no heartbeat ever written
+    add_job("queued", "queued", 30)
+
+    found = {j.id: j for j in stranded.stale_running(60)}
+    assert sorted(found) == ["dead", "never-beat"]
+    dead = found["dead"]
+    assert (dead.kind, dead.queue, dead.worker, dead.attempt) == ("noop", "control", "a@host-a:41", 1)
+
+    assert stranded.hand_back(dead, 60) is True
+    assert stranded.hand_back(dead, 60) is False  # already handed back: nothing happens twice
+    with session_scope() as s:
+        job = s.get(Job, "dead")
+        assert (job.status, job.error_code, job.attempts) == ("queued", "worker_lost", 1)
+        assert "a@host-a:41" in job.error
+        rows = s.query(JobAttempt).filter_by(job_id="dead").all()
+        assert [(a.attempt, a.outcome) for a in rows] == [(1, "lost")] and rows[0].finished_at is not None
+    assert [j.id for j in stranded.stale_running(60)] == ["never-beat"]
+
+
+def test_a_job_whose_heartbeat_came_back_or_that_moved_on_is_not_handed_back(sqlite_ledger):
+    add_running("revived", beat_s_ago=300)
+    add_running("retaken", beat_s_ago=300)
+    judged = {j.id: j for j in stranded.stale_running(60)}
+    with session_scope() as s:
+        s.get(Job, "revived").heartbeat_at = utcnow()  # its worker was only slow to write
+        s.get(Job, "retaken").attempts = 2  # another delivery claimed it meanwhile
+    assert stranded.hand_back(judged["revived"], 60) is False
+    assert stranded.hand_back(judged["retaken"], 60) is False
+    with session_scope() as s:
+        assert {s.get(Job, j).status for j in ("revived", "retaken")} == {"running"}
+
+
+def test_the_restored_message_goes_back_to_its_own_priority_list():
+    entry = [{"headers": {"id": "j1"}, "properties": {"priority": 3, "delivery_info": {}}}, "foundry", "retrain"]
+    key, message = maintenance._restore_key(entry, "control", {"sep": ":", "priority_steps": list(range(10))})
+    assert key == "retrain:3" and message["headers"]["redelivered"] is True
+    entry = [{"headers": {"id": "j2"}, "properties": {}}, "foundry", "unknown-queue"]
+    assert maintenance._restore_key(entry, "control", {"sep": ":", "priority_steps": list(range(10))})[0] == "control"

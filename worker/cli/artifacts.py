@@ -30,6 +30,11 @@ def register(sub) -> None:
     add_json(show, "the artifact (the output is JSON either way)")
     show.set_defaults(func=cmd_show)
 
+    push = asub.add_parser("push", help="put this host's adapters and index snapshots into FOUNDRY_ARTIFACT_URL "
+                                        "(after moving to a new store; the ledger's paths are its keys)")
+    push.add_argument("--dry-run", action="store_true")
+    push.set_defaults(func=cmd_push)
+
     p = sub.add_parser("serve", help="choose the model a tenant's reviews are served with")
     ssub = p.add_subparsers(dest="serve_command", required=True)
     st = ssub.add_parser("set", help="serve --tenant T with a quantized/distilled ARTIFACT_ID, or --base for the base model")
@@ -136,4 +141,13 @@ def cmd_serve_show(args) -> int:
     for tenant, aid, a in rows:
         t.add_row(tenant, aid or "base model", a.kind if a else "-", (a.name or "-") if a else "-", headline(a) if a else "")
     console.print(t)
+    return 0
+
+
+def cmd_push(args) -> int:
+    from dataclasses import asdict
+
+    from domain.store_backfill import push_existing
+
+    print(dump({**asdict(push_existing(dry_run=args.dry_run)), "dry_run": args.dry_run}))
     return 0

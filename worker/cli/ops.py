@@ -44,8 +44,8 @@ def register(sub) -> None:
     p.add_argument("--retention-days", type=float, help="override FOUNDRY_CHECKPOINT_RETENTION_DAYS")
     p = _sweep_parser(lsub, "resend-stranded", cmd_resend_stranded, "list them, send nothing",
                       "send again queued jobs whose Redis message was lost in a worker crash "
-                      "(beat does this every FOUNDRY_STRANDED_SWEEP_S)")
-    p.add_argument("--older-than", type=float, help="seconds a queued job must be quiet (default FOUNDRY_STRANDED_AFTER_S)")
+                      "and hand back running jobs of vanished workers (beat does this every FOUNDRY_STRANDED_SWEEP_S)")
+    p.add_argument("--older-than", type=float, help="seconds a job must be quiet (default FOUNDRY_STRANDED_AFTER_S)")
 
     metrics = sub.add_parser("metrics", help="Prometheus metrics")
     msub = metrics.add_subparsers(dest="metrics_command", metavar="ACTION", required=True)
@@ -92,6 +92,7 @@ def cmd_resend_stranded(args) -> int:
 
     older = get_settings().stranded_after_s if args.older_than is None else args.older_than
     report = maintenance.resend_stranded(older_than_s=older, dry_run=args.dry_run, source=actor("cli"))
+    report["handed_back"] = maintenance.hand_back_lost_running(dry_run=args.dry_run, source=actor("cli"))["handed_back"]
     if args.json:
         print(dump(report))
     elif not report["supported"]:
@@ -100,6 +101,9 @@ def cmd_resend_stranded(args) -> int:
         verb = "would send again" if args.dry_run else "sent again"
         console.print(f"{verb} {len(report['resent'])} stranded job(s)" + (": " + ", ".join(report["resent"][:20])
                                                                              if report["resent"] else ""))
+        verb = "would hand back" if args.dry_run else "handed back"
+        console.print(f"{verb} {len(report['handed_back'])} running job(s) of vanished workers"
+                      + (": " + ", ".join(report["handed_back"][:20]) if report["handed_back"] else ""))
     return 0
 
 

@@ -27,6 +27,17 @@ def register(sub) -> None:
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(func=cmd_beat)
 
+    p = sub.add_parser("workers", help="drain or undrain worker nodes (kept in the ledger: every host sees it)")
+    wsub = p.add_subparsers(dest="workers_command", metavar="ACTION", required=True)
+    d = wsub.add_parser("drain", help="a drained worker finishes its jobs and takes no new ones")
+    d.add_argument("target", help="a node name (review@host-a), host:<hostname>, or all")
+    d.add_argument("--for", dest="for_s", type=float, help="seconds until the drain ends by itself (default: never)")
+    d.set_defaults(func=cmd_drain)
+    d = wsub.add_parser("undrain", help="end a drain")
+    d.add_argument("target")
+    d.set_defaults(func=cmd_undrain)
+    wsub.add_parser("drains", help="list the drains in force").set_defaults(func=cmd_drains)
+
     p = sub.add_parser("health", help="check broker and database now, record it, and show recent health events")
     p.add_argument("--limit", type=int, default=20, help="recent health events to show (default 20), newest first")
     add_json(p, "the checks and events")
@@ -109,3 +120,31 @@ def cmd_health(args) -> int:
             h.add_row(fmt_time(e.at), e.source, e.component, e.event, e.status, (e.message or "")[:100])
         console.print(h)
     return 0 if all(r["ok"] for r in now.values()) else 1
+
+
+def cmd_drain(args) -> int:
+    from domain import drain
+    from worker.cli._common import err_console
+
+    try:
+        d = drain.drain(args.target, by=f"cli:{socket.gethostname()}", for_s=args.for_s)
+    except ValueError as exc:
+        err_console.print(str(exc))
+        return 2
+    console.print(f"drained {d.target}" + (f" until {fmt_time(d.until)}" if d.until else ""))
+    return 0
+
+
+def cmd_undrain(args) -> int:
+    from domain import drain
+
+    console.print(("undrained " if drain.undrain(args.target) else "no drain named ") + args.target)
+    return 0
+
+
+def cmd_drains(args) -> int:
+    from domain import drain
+
+    for d in drain.active():
+        console.print(f"{d.target}\tby {d.by}\t" + (f"until {fmt_time(d.until)}" if d.until else "until undrained"))
+    return 0
