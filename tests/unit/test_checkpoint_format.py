@@ -13,16 +13,17 @@ import torch
 from sqlalchemy import select
 
 from domain import checkpoints, jobs
-from domain.adapters.testing import seed_feedback, stdlib_review_pairs
 from domain.config import get_settings, reset_settings
-from domain.distillation import reduce_layers
 from domain.contract import JobContext
+from domain.distillation import reduce_layers
+from domain.kinds import parse_spec
 from domain.ledger.db import session_scope
 from domain.ledger.models import Checkpoint, HealthEvent
-from domain.models import load_causal_lm, save_tiny_model
+from domain.models import load_causal_lm
 from domain.paths import resolve_in_data_root, sha256_tree
-from domain.specs import parse_spec
 from tests.conftest import add_tenant
+from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
+from tests.fixtures.tiny_models import save_tiny_model
 
 RETRAIN = {"tenant": "acme", "max_steps": 12, "learning_rate": 5e-3, "max_seq_len": 384, "batch_size": 2, "lora_r": 4,
            "target_modules": ["q_proj", "v_proj"], "checkpoint_every": 5, "promotion_margin": 0.0}
