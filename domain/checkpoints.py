@@ -44,7 +44,7 @@ from domain.config import get_settings
 from domain.kinds import CHECKPOINTING_KINDS
 from domain.ledger.db import session_scope
 from domain.ledger.models import Checkpoint, Job, utcnow
-from domain.paths import UnsafePath, resolve_in_data_root, sha256_tree
+from domain.paths import UnsafePath, fresh_dir, publish_dir, resolve_in_data_root, sha256_tree
 
 if TYPE_CHECKING:
     import torch
@@ -216,10 +216,7 @@ def write(folder: str | os.PathLike, weights: dict, *, step: int, optimizer, sch
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = fresh_dir(folder.with_name(f".{folder.name}.tmp"))
     kept, tied = _untied(weights)
     save_file(kept, str(tmp / WEIGHTS), metadata={"format": "pt"})
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
@@ -227,9 +224,7 @@ def write(folder: str | os.PathLike, weights: dict, *, step: int, optimizer, sch
     manifest = {"format": FORMAT, "step": step, "weights": WEIGHTS, "state": STATE, "tied": tied,
                 "config": config, "extra": extra}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    publish_dir(tmp, folder)
     size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     return Written(folder=folder, step=step, sha256=sha256_tree(folder), size_bytes=size)
 

@@ -24,10 +24,8 @@ Failure codes: ``cuda_oom`` (``out_of_memory`` on the CPU), ``tokenizer_mismatch
 from __future__ import annotations
 
 import copy
-import json
 import math
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -42,8 +40,8 @@ from domain.contract import JobContext, Outcome
 from domain.ledger.models import new_id
 from domain.device import oom_code, train_autocast
 from domain.models import ModelLoadError, load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
-from domain.artifacts import REPORT_FILE, add_artifact, data_file, tree_size
-from domain.paths import data_root, publish_dir, sha256_tree
+from domain.artifacts import Published, add_artifact, data_file, publish_model
+from domain.paths import data_root, fresh_dir
 from domain.quantization import eval_blocks
 from domain.specs import DistillSpec
 
@@ -334,7 +332,8 @@ def handle_distill(spec: DistillSpec, ctx: JobContext) -> Outcome:
     report = _report(spec, run, trained, cmp)
     lineage = {"teacher": run.teacher_ref, "teacher_hash": model_fingerprint(run.teacher_ref), **run.made,
                "seed": spec.seed}
-    rel, digest, size = _publish(ctx, run, report, lineage)
+    published = _publish(ctx, run, report, lineage)
+    rel, digest, size = published.path, published.sha256, published.size_bytes
     name = f"{Path(run.teacher_ref).name}-{run.student.config.num_hidden_layers}L-distilled"
     artifact_id = new_id()
 
@@ -491,15 +490,9 @@ def _report(spec: DistillSpec, run: _Run, trained: _Trained, cmp) -> dict:
     }
 
 
-def _publish(ctx: JobContext, run: _Run, report: dict, lineage: dict) -> tuple[str, str, int]:
-    """The student, its tokenizer and the report as one folder under ``artifacts/distilled/<job id>``;
-    returns (path relative to the data root, sha256, bytes)."""
-    staging = ctx.settings.artifacts_dir.resolve() / "distilled" / f".{ctx.job_id}.tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
+def _publish(ctx: JobContext, run: _Run, report: dict, lineage: dict) -> Published:
+    """The student, its tokenizer and the report as one folder under ``artifacts/distilled/<job id>``."""
+    staging = fresh_dir(ctx.settings.artifacts_dir.resolve() / "distilled" / f".{ctx.job_id}.tmp")
     run.student.save_pretrained(staging, safe_serialization=True)
     run.tokenizer.save_pretrained(staging)
-    (staging / REPORT_FILE).write_text(json.dumps({"kind": "distilled_model", "report": report, "lineage": lineage}, indent=2))
-    dest = staging.parent / ctx.job_id
-    publish_dir(staging, dest)
-    return str(dest.relative_to(data_root())), sha256_tree(dest), tree_size(dest)
+    return publish_model(staging, staging.parent / ctx.job_id, "distilled_model", report, lineage)

@@ -2,7 +2,7 @@
 environment, migrate a SQLite ledger with it, and enqueue a job that a worker of the full install runs.
 
 The base dependencies come from a wheelhouse kept in the temporary folder (filled from the package index the
-first time, about 10 s), so later runs install offline; the whole test takes about 40 s here.
+first time, about 10 s), so later runs install offline; the whole test took 45-48 s here (load average 5).
 """
 
 from __future__ import annotations
