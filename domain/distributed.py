@@ -316,12 +316,10 @@ def rank_main(job_file: str, rank: int) -> None:
     (workdir / f"rank-{rank}.pid").write_text(str(os.getpid()))
     _init(job, rank)
     try:
-        from domain.adapters.retrain import base_model
-
         device = rank_device(launch.device, rank)
         if device.startswith("cuda"):
             torch.cuda.set_device(device)
-        loaded = base_model(launch.base_ref, device, cfg.qlora)
+        loaded = training.base_model(launch.base_ref, device, cfg.qlora)
         model = training.setup_model(loaded.model, cfg, launch.init_adapter_dir)
         optimizer, scheduler = training.make_optimizer(model, cfg)
         start, losses = 0, []

@@ -28,7 +28,7 @@ def merge_versions(session: Session, tenant: str, refs: list[str], weights: list
     root and registered in ``session``; optionally point ``alias`` at it."""
     from peft import PeftModel
 
-    from domain.adapters.retrain import base_model
+    from domain.adapters.training import base_model
     from domain.config import get_settings
 
     if len(refs) < 2:

@@ -24,8 +24,6 @@ from datetime import datetime
 from pathlib import Path
 
 from domain import checkpoints, costs, distributed
-from domain.config import get_settings
-from domain.device import compute_dtype
 from domain.adapters import data as fbdata
 from domain.adapters import gate, store, training
 from domain.ledger.db import session_scope
@@ -33,31 +31,6 @@ from domain.ledger.models import AdapterVersion, new_id
 from domain.specs import RetrainSpec
 
 log = logging.getLogger(__name__)
-
-# ---- the resident base model (one per process; LoRA layers are removed after every job) ------------
-
-_base_lock = threading.Lock()
-_base: dict[tuple, object] = {}
-
-
-def base_model(ref: str, device: str, qlora: bool):
-    """The base model for training, loaded once per process (4-bit NF4 when ``qlora``)."""
-    from domain.models import load_causal_lm, resolve_device
-
-    dev = resolve_device(device)
-    key = (ref, str(dev), qlora)
-    with _base_lock:
-        if key not in _base:
-            _base.clear()  # one resident training base at a time
-            quant = None
-            if qlora:
-                from transformers import BitsAndBytesConfig
-
-                quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                           bnb_4bit_compute_dtype=compute_dtype(dev, get_settings().compute_dtype))
-            _base[key] = load_causal_lm(ref, device=str(dev), quantization_config=quant)
-        return _base[key]
-
 
 _train_lock = threading.Lock()
 
@@ -117,7 +90,7 @@ def handle_retrain(spec: RetrainSpec, ctx):
 
     ctx.progress(0.0, stage="load", force=True)
     with _training_slot(ctx):  # one training per process: PEFT wraps the resident base in place
-        loaded = base_model(job.base_ref, ctx.settings.device, job.cfg.qlora)
+        loaded = training.base_model(job.base_ref, ctx.settings.device, job.cfg.qlora)
         data = _Data.encode(job.dataset, loaded.tokenizer, job.cfg, spec.eval_fraction)
         model = training.setup_model(loaded.model, job.cfg, job.parent_dir)
         try:

@@ -25,6 +25,7 @@ optimizer/scheduler/RNG states, the step and the losses so far; ``resume`` puts 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +37,8 @@ import torch.nn.functional as F
 from domain import checkpoints
 from domain.adapters import varlen
 from domain.adapters.data import IGNORE, TokenizedExample
-from domain.device import train_autocast
+from domain.config import get_settings
+from domain.device import compute_dtype, train_autocast
 
 
 @dataclass
@@ -263,6 +265,31 @@ def resume(ckpt: checkpoints.Loaded, model, optimizer, scheduler) -> tuple[int, 
     set_peft_model_state_dict(model, ckpt.weights, adapter_name="default")
     checkpoints.restore(ckpt, optimizer, scheduler)
     return ckpt.step, [float(x) for x in ckpt.extra.get("losses", [])]
+
+
+# ---- the resident base model (one per process; LoRA layers are removed after every job) ------------
+
+_base_lock = threading.Lock()
+_base: dict[tuple, object] = {}
+
+
+def base_model(ref: str, device: str, qlora: bool):
+    """The base model for training, loaded once per process (4-bit NF4 when ``qlora``)."""
+    from domain.models import load_causal_lm, resolve_device
+
+    dev = resolve_device(device)
+    key = (ref, str(dev), qlora)
+    with _base_lock:
+        if key not in _base:
+            _base.clear()  # one resident training base at a time
+            quant = None
+            if qlora:
+                from transformers import BitsAndBytesConfig
+
+                quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                           bnb_4bit_compute_dtype=compute_dtype(dev, get_settings().compute_dtype))
+            _base[key] = load_causal_lm(ref, device=str(dev), quantization_config=quant)
+        return _base[key]
 
 
 # ---- the loop -----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 from sqlalchemy import select
 
 from domain import jobs
-from domain.adapters import store
+from domain.adapters import store, training
 from tests.fixtures.adapters import make_version, seed_feedback, stdlib_review_pairs
 from domain.config import reset_settings
 from domain.ledger.db import session_scope
@@ -230,12 +230,10 @@ def test_soft_stop_then_redelivery_resumes_to_the_same_adapter(ledger, monkeypat
 
 
 def test_qlora_trains_on_a_4bit_base(ledger):
-    from domain.adapters import retrain
-
     seed_feedback("acme", stdlib_review_pairs(6, max_code_lines=8))
     out = run({"qlora": True, "max_steps": 4})
     assert out["status"] == "succeeded", out
-    [loaded] = retrain._base.values()
+    [loaded] = training._base.values()
     kinds = {type(m).__name__ for m in loaded.model.modules()}
     assert "Linear4bit" in kinds  # NF4 weights through bitsandbytes
     assert not any("lora" in n for n, _ in loaded.model.named_parameters())  # unloaded after the job
