@@ -26,6 +26,11 @@ VERDICTS = {"accept": "accept", "accepted": "accept", "reject": "reject", "rejec
 MAX_CORRECTION_CHARS = 100_000
 
 
+def rule_key(finding: dict) -> str:
+    """What feedback and suppressions count a finding under: its rule id, or ``model:<category>``."""
+    return finding.get("rule_id") or f"model:{finding.get('category') or 'bug'}"
+
+
 def record_feedback(review_id: str, verdict: str, correction: str | None = None, *, tenant: str | None = None,
                     created_by: str | None = None, url: str | None = None) -> str:
     """Store one verdict on a review; returns the feedback id.
@@ -107,7 +112,6 @@ def record_finding_feedback(review_id: str, number: int, verdict: str, correctio
                             threshold: int | None = None) -> dict:
     """A verdict on finding ``number`` (1-based, as the review lists them). Returns {id, rule_id, suppressed}:
     ``suppressed`` is True when this rejection made the tenant's net rejections of the rule reach the threshold."""
-    from domain.review.findings import rule_key
 
     with session_scope(url) as s:  # a bad finding number is refused before anything is stored
         review = s.get(Review, review_id)

@@ -25,7 +25,8 @@ from sqlalchemy.orm import Session
 
 from domain.errors import InvalidJob
 from domain.ledger.models import Feedback, Review, aware
-from domain.prompting import build_messages as review_messages, encode, fit_prompt
+from domain.prompting import build_messages as review_messages
+from domain.prompting import encode, fit_prompt
 
 IGNORE = -100  # label of a token that carries no loss (prompt, padding)
 

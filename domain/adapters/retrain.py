@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from domain import checkpoints, costs, distributed
+from domain import checkpoints, costs
 from domain.adapters import data as fbdata
-from domain.adapters import gate, store, training
+from domain.adapters import distributed, gate, store, training
 from domain.ledger.db import session_scope
 from domain.ledger.models import AdapterVersion, new_id
 from domain.specs import RetrainSpec
@@ -190,7 +190,7 @@ class _Data:
 
 
 def _train(ctx, model, job: _Setup, batches: list[training.Batch]) -> tuple[training.TrainResult, int, int]:
-    """Train from the start or from the job's checkpoint, on one process or ``procs`` (domain/distributed.py);
+    """Train from the start or from the job's checkpoint, on one process or ``procs`` (domain/adapters/distributed.py);
     returns the result, the step it started at and the number of processes."""
     optimizer, scheduler = training.make_optimizer(model, job.cfg)
     start, losses = 0, []

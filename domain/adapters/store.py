@@ -29,8 +29,23 @@ from sqlalchemy.orm import Session
 
 from domain import health
 from domain.errors import InvalidJob, JobFailed
-from domain.ledger.models import AdapterAlias, AdapterLineage, AdapterVersion, AliasHistory, Artifact, Tenant, utcnow
-from domain.paths import UnsafePath, fresh_dir, publish_dir, resolve_in_data_root, sha256_file, sha256_tree
+from domain.ledger.models import (
+    AdapterAlias,
+    AdapterLineage,
+    AdapterVersion,
+    AliasHistory,
+    Artifact,
+    Tenant,
+    utcnow,
+)
+from domain.paths import (
+    UnsafePath,
+    fresh_dir,
+    publish_dir,
+    resolve_in_data_root,
+    sha256_file,
+    sha256_tree,
+)
 
 CHAMPION = "champion"
 CANDIDATE = "candidate"

@@ -1,6 +1,6 @@
 """The CPU-memory tier of adapters: recently used adapter weights kept in host memory, bounded by count.
 
-Serving engines keep adapters in tiers: resident GPU slots (domain/review/runtime.py) → CPU memory (here)
+Serving engines keep adapters in tiers: resident GPU slots (the review runtime's) → CPU memory (here)
 → local disk (the data folder or this host's cache, domain/storage.py) → the artifact store. A review
 worker swapping an adapter into a slot reads its weights from here when they are in memory, so switching
 back and forth between a few tenants' adapters reads no file. ``FOUNDRY_CPU_ADAPTERS`` bounds the count

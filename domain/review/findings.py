@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import re
 
+from domain.feedback import rule_key
+
 CATEGORIES = (
     "sql_injection", "command_injection", "code_injection", "xss", "ssrf", "broken_auth", "session_fixation",
     "sensitive_data_exposure", "hardcoded_secret", "security_misconfiguration", "cors", "path_traversal",
@@ -88,11 +90,6 @@ def from_model(parsed: dict) -> dict:
     return make_finding(line=parsed.get("line"), end_line=parsed.get("end_line"), message=message, source="model",
                         category=category, severity=parsed.get("severity") or "medium",
                         confidence=0.6 if parsed.get("line") else 0.3)
-
-
-def rule_key(finding: dict) -> str:
-    """What feedback and suppressions count a finding under: its rule id, or ``model:<category>``."""
-    return finding.get("rule_id") or f"model:{finding.get('category') or 'bug'}"
 
 
 def _near(a: int | None, b: int | None) -> bool:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from sqlalchemy import func, select
 
-from domain import distributed
+from domain.adapters import distributed
 from domain.adapters import training as T
 from domain.adapters.data import FeedbackExample, tokenize
 from domain.ledger.db import session_scope

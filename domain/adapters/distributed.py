@@ -1,7 +1,7 @@
 """Data-parallel LoRA retraining over torch.distributed (gloo on the CPU, nccl on CUDA).
 
     the job's process (rank 0: ledger, checkpoints, artifacts)      helper processes (ranks 1..N-1)
-      batches → <data>/dist/<job>/batches.pt, job.json   ──spawn──▶  python -m domain.distributed job.json RANK
+      batches → <data>/dist/<job>/batches.pt, job.json   ──spawn──▶  python -m domain.adapters.distributed job.json RANK
       init_process_group(rank 0)  ◀────────── tcp rendezvous ───────  init_process_group(rank k)
       every step: the global batch (the one a single process would take), rows split rank::N;
       loss_k = (sum of rank k's token losses) / (completion tokens of the whole batch); backward;
@@ -245,7 +245,7 @@ def process_group(launch: Launch, procs: int, batches: list[training.Batch], cfg
     helpers = []
     for rank in range(1, procs):
         with open(workdir / f"rank-{rank}.log", "wb") as out:
-            helpers.append(subprocess.Popen([sys.executable, "-m", "domain.distributed", str(workdir / "job.json"),
+            helpers.append(subprocess.Popen([sys.executable, "-m", "domain.adapters.distributed", str(workdir / "job.json"),
                                              str(rank)], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=_root()))
     group, finished = _Group(helpers, workdir), False
     try:
@@ -296,7 +296,7 @@ def load_batches(path: Path) -> list[training.Batch]:
     return [training.Batch(**d) for d in torch.load(path, weights_only=True)]
 
 
-# ---- ranks 1..N-1: python -m domain.distributed job.json RANK ----------------------------------
+# ---- ranks 1..N-1: python -m domain.adapters.distributed job.json RANK ----------------------------------
 
 def _exit_with_parent(parent: int) -> None:
     def watch():
