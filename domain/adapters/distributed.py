@@ -287,13 +287,14 @@ def _log_tail(path: Path, n: int = 600) -> str:
 
 
 def save_batches(batches: list[training.Batch], path: Path) -> None:
-    torch.save([{"input_ids": b.input_ids, "labels": b.labels, "position_ids": b.position_ids,
-                 "attention_mask": b.attention_mask, "tokens": b.tokens, "samples": b.samples, "segments": b.segments}
-                for b in batches], path)
+    """The job's token batches for the helper ranks (data, not weights: those never go through torch.save)."""
+    torch.save({"batches": [{"input_ids": b.input_ids, "labels": b.labels, "position_ids": b.position_ids,
+                             "attention_mask": b.attention_mask, "tokens": b.tokens, "samples": b.samples,
+                             "segments": b.segments} for b in batches]}, path)
 
 
 def load_batches(path: Path) -> list[training.Batch]:
-    return [training.Batch(**d) for d in torch.load(path, weights_only=True)]
+    return [training.Batch(**d) for d in torch.load(path, weights_only=True)["batches"]]
 
 
 # ---- ranks 1..N-1: python -m domain.adapters.distributed job.json RANK ----------------------------------

@@ -1,12 +1,12 @@
 """reviews: the analyzer stage's record; feedback per finding (finding index, rule); rule suppressions
 
-Revision ID: 0005_reviews
+Revision ID: 0006_reviews
 Revises: 0004
 """
 from alembic import op
 import sqlalchemy as sa
 
-revision = "0005_reviews"
+revision = "0006_reviews"
 down_revision = "0005_ops"
 branch_labels = None
 depends_on = None

@@ -26,7 +26,7 @@ def quickstart_blocks() -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def long_context_tiny_model(tmp_path_factory):
-    from domain.models import tiny_model, tiny_tokenizer
+    from tests.fixtures.tiny_models import tiny_model, tiny_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-8k")
     tokenizer = tiny_tokenizer()

@@ -151,10 +151,10 @@ def test_several_processes_fetching_one_object_share_one_verified_copy(store_env
 
 def test_an_adapter_saved_on_host_a_loads_on_host_b_through_its_cache(s3_store, sqlite_ledger, tmp_path, monkeypatch):
     from domain.adapters import store as adapter_store
-    from domain.adapters.testing import make_version
     from domain.errors import JobFailed
     from domain.ledger.models import AdapterVersion
-    from domain.models import save_tiny_model
+    from tests.fixtures.adapters import make_version
+    from tests.fixtures.tiny_models import save_tiny_model
 
     base = save_tiny_model(tmp_path / "tiny-base", layers=1, hidden=32)
     version_id = make_version("acme", base)  # saved under host A's data folder and put in the store
@@ -188,9 +188,9 @@ def test_an_adapter_saved_on_host_a_loads_on_host_b_through_its_cache(s3_store, 
 def test_a_promoted_champion_is_prefetched_into_a_host_that_never_had_it(s3_store, sqlite_ledger, tmp_path,
                                                                           monkeypatch):
     from domain.adapters import store as adapter_store
-    from domain.adapters.testing import make_version
     from domain.ledger.models import AdapterVersion
-    from domain.models import save_tiny_model
+    from tests.fixtures.adapters import make_version
+    from tests.fixtures.tiny_models import save_tiny_model
 
     base = save_tiny_model(tmp_path / "tiny-base", layers=1, hidden=32)
     champion = make_version("acme", base, alias="champion")

@@ -17,6 +17,7 @@ import pytest
 import torch
 from sqlalchemy import func, select
 
+from domain import checkpoints
 from domain.adapters import distributed
 from domain.adapters import training as T
 from domain.adapters.data import FeedbackExample, tokenize
@@ -62,13 +63,14 @@ def _train(base_dir: Path, procs: int, workdir: Path, resume: Path | None = None
     optimizer, scheduler = T.make_optimizer(model, cfg)
     start, losses = 0, []
     if resume is not None:
-        start, losses, _ = T.load_checkpoint(resume, model, optimizer, scheduler)
+        start, losses = T.resume(checkpoints.read(resume), model, optimizer, scheduler)
     hooks = T.Hooks()
     if save_at is not None:
         seen: list[float] = list(losses)
         hooks = T.Hooks(progress=lambda step, loss, tps: seen.append(loss),
-                        checkpoint=lambda step, reason: T.save_checkpoint(save_at, model, optimizer, scheduler, step,
-                                                                          seen, {}))
+                        checkpoint=lambda step, reason: checkpoints.write(
+                            save_at, T.adapter_weights(model), step=step, optimizer=optimizer, scheduler=scheduler,
+                            config=cfg.hyperparams(), extra={"losses": list(seen)}))
     launch = distributed.Launch(base_ref=str(base_dir), device="cpu", qlora=False, workdir=str(workdir),
                                 resume_dir=str(resume) if resume else None)
     result = distributed.run(model, batches, cfg, optimizer, scheduler, procs=procs, launch=launch, start_step=start,

@@ -11,14 +11,15 @@ import uuid
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from domain import consistency, jobs
 from domain.config import reset_settings
+from domain.kinds import SPECS
 from domain.ledger.db import session_scope
 from domain.ledger.models import HealthEvent, Job, JobAttempt, Review, UsageCost
-from domain.kinds import SPECS
 from tests.conftest import add_tenant
 from tests.integration.test_faults_kit import fault_summary, record, tally, wait_final  # noqa: F401
 from tests.integration.workers import running_worker
@@ -167,9 +168,9 @@ def test_corrupted_adapter_files_are_refused_and_detected(pg_ledger, tmp_path, m
     """The champion's weights are overwritten on disk: reviews fail with a clear code (no review, no
     cost), a health event names the version, and the consistency checker reports the file."""
     from domain.adapters.store import WEIGHTS_FILE
-    from tests.fixtures.adapters import make_version
-    from domain.paths import resolve_in_data_root
     from domain.ledger.models import AdapterVersion
+    from domain.paths import resolve_in_data_root
+    from tests.fixtures.adapters import make_version
 
     monkeypatch.setenv("FOUNDRY_BASE_MODEL", str(tiny_model_dir))
     monkeypatch.setenv("FOUNDRY_DEVICE", "cpu")

@@ -14,14 +14,14 @@ import pytest
 from sqlalchemy import func, select, update
 
 from domain import consistency
-from worker import maintenance
-from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
 from domain.ledger.db import session_scope
 from domain.ledger.models import AdapterVersion, Artifact, Job, JobAttempt, Review
-from tests.fixtures.tiny_models import save_tiny_model
 from tests.conftest import add_tenant
+from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
+from tests.fixtures.tiny_models import save_tiny_model
 from tests.integration.test_faults_kit import fault_summary, record, tally, wait_final  # noqa: F401
 from tests.integration.workers import apply_env, start_worker, worker_env
+from worker import maintenance
 
 pytestmark = pytest.mark.integration
 
@@ -168,8 +168,8 @@ def test_sigkill_mid_job_for_every_kind(env):
 
 
 def _flood(env, n: int, workers: int, kills: int, timeout: float) -> None:
-    from worker.client import celery_app
     from domain.ledger import jobstore
+    from worker.client import celery_app
 
     # Enqueue like worker.client.enqueue does (ledger row, then message), in bulk.
     app = celery_app()

@@ -17,7 +17,12 @@ from domain.ledger.db import dispose_all, session_scope
 from domain.ledger.models import HealthEvent, Job
 from tests.conftest import add_tenant
 from tests.integration.test_faults_kit import (  # noqa: F401
-    ThrowawayPostgres, ThrowawayRedis, fault_summary, record, tally, wait_final,
+    ThrowawayPostgres,
+    ThrowawayRedis,
+    fault_summary,
+    record,
+    tally,
+    wait_final,
 )
 from tests.integration.workers import apply_env, running_worker, worker_env
 from worker import maintenance

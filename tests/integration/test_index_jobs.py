@@ -9,14 +9,19 @@ import time
 import pytest
 from sqlalchemy import select
 
+from domain.config import reset_settings
 from domain.ledger.db import session_scope
 from domain.ledger.models import Artifact, Job, JobAttempt
 from domain.retrieval import reader
 from domain.retrieval.service import retrieve_context
-from domain.config import reset_settings
 from domain.retrieval.snapshots import read_current
 from tests.conftest import add_tenant
-from tests.integration.workers import apply_env, running_worker, start_worker, worker_env
+from tests.integration.workers import (
+    apply_env,
+    running_worker,
+    start_worker,
+    worker_env,
+)
 
 pytestmark = pytest.mark.integration
 

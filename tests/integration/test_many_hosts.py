@@ -184,8 +184,8 @@ TRAIN = {"max_seq_len": 256, "batch_size": 2, "lora_r": 4, "target_modules": ["q
 def store_hosts(redis_url, pg_ledger, tmp_path, monkeypatch, s3_store):
     """Hosts A and B with their own data and cache folders, sharing Redis, PostgreSQL and an S3 store;
     the tiny base model lies on each host (the base is part of a host's image, not of the store)."""
-    from domain.adapters.testing import seed_feedback, stdlib_review_pairs
-    from domain.models import save_tiny_model
+    from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
+    from tests.fixtures.tiny_models import save_tiny_model
 
     store = {k: v for k, v in s3_store.items() if k.startswith(("FOUNDRY_", "AWS_"))}
     envs = []
@@ -245,10 +245,10 @@ def index_hosts(redis_url, pg_ledger, tmp_path, monkeypatch, s3_store):
     b = host_env(redis_url, pg_ledger, tmp_path, "host-b", FOUNDRY_CACHE_DIR=str(tmp_path / "host-b" / "cache"), **common)
     apply_env(monkeypatch, b)
     from domain import storage
+    from domain.config import reset_settings
     from domain.retrieval import reader
-    from domain.retrieval.settings import reset_retrieval_settings
 
-    reset_retrieval_settings()
+    reset_settings()
     storage._stores.clear()
     storage._caches.clear()
     reader.forget()

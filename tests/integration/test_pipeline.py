@@ -162,12 +162,11 @@ def test_idempotent_enqueue_and_duplicate_message(env):
 def test_results_live_in_the_ledger_unless_celery_results_is_on(env, monkeypatch):
     """By default no copy of a job's outcome goes to Celery's result backend (the ledger holds it); with
     FOUNDRY_CELERY_RESULTS=1 a producer can also wait on AsyncResult."""
+    import redis
     from celery.result import AsyncResult
 
     from tests.integration.workers import apply_env
     from worker.client import celery_app, enqueue, wait
-
-    import redis
 
     server = redis.Redis.from_url(env["FOUNDRY_BROKER_URL"])
 

@@ -14,14 +14,27 @@ import pytest
 from sqlalchemy import func, select, update
 
 from domain.adapters import schedule
-from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
 from domain.ledger.db import session_scope
 from domain.ledger.models import (
-    AdapterAlias, AdapterVersion, Checkpoint, Job, JobAttempt, RetrainSchedule, UsageCost, utcnow,
+    AdapterAlias,
+    AdapterVersion,
+    Checkpoint,
+    Job,
+    JobAttempt,
+    RetrainSchedule,
+    UsageCost,
+    utcnow,
 )
-from tests.fixtures.tiny_models import save_tiny_model
 from tests.conftest import add_tenant
-from tests.integration.workers import ROOT, apply_env, running_worker, start_worker, worker_env
+from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
+from tests.fixtures.tiny_models import save_tiny_model
+from tests.integration.workers import (
+    ROOT,
+    apply_env,
+    running_worker,
+    start_worker,
+    worker_env,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ from sqlalchemy import func, select
 
 from domain.ledger.db import session_scope
 from domain.ledger.models import Feedback, Review, UsageCost
-from tests.fixtures.review import make_adapter, register_adapter, save_lively_tiny_model
 from tests.conftest import add_tenant
+from tests.fixtures.review import make_adapter, register_adapter, save_lively_tiny_model
 from tests.integration.workers import apply_env, running_worker, worker_env
 
 pytestmark = pytest.mark.integration

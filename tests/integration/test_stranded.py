@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 import redis
+from sqlalchemy import func, select
 
 from domain.ledger.db import session_scope
 from domain.ledger.models import HealthEvent, Job, UsageCost
-from sqlalchemy import func, select
 from tests.integration.test_faults_kit import wait_final
 from tests.integration.workers import running_worker
 from worker import maintenance

@@ -139,8 +139,8 @@ def start_worker(env: dict, queues=("control",), pool: str = "solo", concurrency
 
 def _pinged(env: dict, name: str) -> bool:
     """Ask the worker over the broker whether it is up (when its log level hides the 'ready.' line)."""
-    from worker.celery_app import make_celery
     from domain.config import Settings
+    from worker.celery_app import make_celery
 
     app = make_celery(Settings(broker_url=env["FOUNDRY_BROKER_URL"], result_backend=env.get("FOUNDRY_RESULT_BACKEND", ""),
                                data_dir=env.get("FOUNDRY_DATA_DIR", ".foundry")))

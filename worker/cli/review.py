@@ -123,10 +123,10 @@ def cmd_feedback(args) -> int:
 
 def _finding_feedback(args, correction: str | None) -> int:
     from domain.feedback import record_finding_feedback
-    from worker.client import _producer
+    from domain.logs import actor
 
     out = record_finding_feedback(args.review_id, args.finding, args.verdict, correction, tenant=args.tenant,
-                                  created_by=_producer())
+                                  created_by=actor("cli"))
     console.print(f"feedback {out['id']}: {args.verdict} on finding {args.finding} ({out['rule_id']}) of review {args.review_id}")
     if out["suppressed"]:
         console.print(f"rule {out['rule_id']} is now suppressed for this tenant (foundry suppressions clear to undo)")
