@@ -81,13 +81,11 @@ def test_a_real_cuda_out_of_memory_error_is_classified():
 
 
 def test_oom_as_failure_turns_only_out_of_memory_into_a_failure():
-    with pytest.raises(JobFailed) as err:
-        with device.oom_as_failure("distill", "lower seq_len"):
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+    with pytest.raises(JobFailed) as err, device.oom_as_failure("distill", "lower seq_len"):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
     assert err.value.code == "cuda_oom" and isinstance(err.value.__cause__, torch.OutOfMemoryError)
-    with pytest.raises(RuntimeError, match="shape"):
-        with device.oom_as_failure("distill"):
-            raise RuntimeError("shape mismatch")
+    with pytest.raises(RuntimeError, match="shape"), device.oom_as_failure("distill"):
+        raise RuntimeError("shape mismatch")
 
 
 def test_autocast_is_a_no_op_on_the_cpu():
