@@ -54,7 +54,7 @@ _SECRET_PATTERNS = [
     re.compile(r"\b[A-Fa-f0-9]{32,}\b"), re.compile(r"\b[A-Za-z0-9+/]{40,}={0,2}"),
 ]
 _QUOTED_AFTER_SECRET_WORD = re.compile(
-    r"((?:password|passwd|pwd|secret|token|api_?key|credential)[^'\"\n]{0,40}?['\"])([^'\"\n]{2,})(['\"])", re.IGNORECASE)
+    r"((?:password|passwd|pwd|secret|token|api_?key|credential)[^'\"\n]{0,40}?['\"])([^'\"\s]{4,})(['\"])", re.IGNORECASE)
 
 
 def mask_secrets(text: str) -> str:

@@ -83,3 +83,9 @@ def test_a_model_proposed_diff_is_attached_only_when_verified():
     merged = merge_review([], analysis, CODE, path="h.py", language="python", is_diff=False, raw_text=raw)
     bare = next(f for f in merged if f["rule_id"] == "E722")
     assert bare["fix"] == good  # the model's verified diff is tried first
+
+
+def test_masking_leaves_rule_messages_alone():
+    msg = "secret compared with '=='; compare hashes with hmac.compare_digest"
+    assert mask_secrets(msg) == msg
+    assert "hunter2secret" not in mask_secrets("Possible hardcoded password: 'hunter2secret'")
