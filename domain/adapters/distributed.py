@@ -276,7 +276,11 @@ def _free_port() -> int:
 
 
 def _root() -> str:
-    return str(Path(__file__).resolve().parents[1])
+    """The folder that holds the ``domain`` package (never ``domain/`` itself: its secrets.py would shadow the
+    standard library's)."""
+    import domain
+
+    return str(Path(domain.__file__).resolve().parents[1])
 
 
 def _log_tail(path: Path, n: int = 600) -> str:
