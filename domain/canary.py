@@ -1,7 +1,7 @@
 """Model and adapter load sanity: a short greedy canary generation.
 
 ``run_canary`` loads the base model (or takes a loaded one), puts an adapter on top when given (after
-checking its files against the ledger's sha256 with ``domain.adapters.store.verified_adapter_path``),
+checking its files against the ledger's sha256 with ``domain.adapter_lookup.verified_adapter_path``),
 generates a few tokens greedily and checks that every step's logits are finite and that something
 other than special tokens came out. ``canary_for_tenant`` runs it on a tenant's champion and reports
 the outcome to the circuit breaker, which rolls a failing champion back.
@@ -67,7 +67,7 @@ def run_canary(base_model: str, adapter_version=None, *, loaded=None, device: st
         if adapter_version is not None:
             from peft import PeftModel
 
-            from domain.adapters.store import verified_adapter_path
+            from domain.adapter_lookup import verified_adapter_path
 
             folder = verified_adapter_path(adapter_version)
             model = PeftModel.from_pretrained(model, str(folder), adapter_name="canary", is_trainable=False)
@@ -87,7 +87,7 @@ def canary_for_tenant(tenant: str, adapter_ref: str | None = None, *, base_model
     """Run the canary on the tenant's champion (or ``adapter_ref``), record a health event, and tell the
     circuit breaker (a failing champion is rolled back)."""
     from domain import circuit, health
-    from domain.adapters.store import resolve_adapter
+    from domain.adapter_lookup import resolve_adapter
     from domain.config import get_settings
     from domain.ledger.db import session_scope
 

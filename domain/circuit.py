@@ -19,7 +19,7 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import desc, select
 
-from domain import health
+from domain import adapter_lookup, health
 from domain.adapters import store
 from domain.config import CircuitSettings, get_settings
 from domain.contract import JobContext
@@ -103,6 +103,6 @@ def on_review_failure(ctx: JobContext, error: str) -> None:
     version_id = ctx.info.get("adapter_version_id")
     if version_id is None:
         with session_scope() as s:
-            version = store.resolve_adapter(s, ctx.tenant, getattr(ctx.spec, "adapter", None))
+            version = adapter_lookup.resolve_adapter(s, ctx.tenant, getattr(ctx.spec, "adapter", None))
             version_id = version.id if version is not None else None
     observe_review(ctx.tenant, version_id, ok=False, error=error, source=ctx.worker)

@@ -129,7 +129,7 @@ def eval_blocks(tokenizer, eval_data_path: str | None, max_tokens: int, seq_len:
 
 def find_adapter(tenant: str, ref: str) -> AdapterVersion:
     """The tenant's adapter version for an alias or version id (InvalidJob(field="adapter") if unknown)."""
-    from domain.adapters.store import resolve_adapter
+    from domain.adapter_lookup import resolve_adapter
 
     with session_scope() as s:
         version = resolve_adapter(s, tenant, ref)
@@ -139,7 +139,7 @@ def find_adapter(tenant: str, ref: str) -> AdapterVersion:
 
 def adapter_folder(version: AdapterVersion, source_ref: str) -> Path:
     """The adapter's folder after checking its files' sha256 and that it was trained on ``source_ref``."""
-    from domain.adapters.store import check_base_model, verified_adapter_path
+    from domain.adapter_lookup import check_base_model, verified_adapter_path
 
     check_base_model(version, source_ref)
     return verified_adapter_path(version)

@@ -224,7 +224,7 @@ def _broker(sender) -> tuple[str, dict]:
 
 def _prefetch_loop(interval: float) -> None:
     """Review workers: keep every tenant's champion in this host's cache (domain.adapters.store)."""
-    from domain.adapters.store import prefetch_champions
+    from domain.adapter_lookup import prefetch_champions
 
     while True:
         try:

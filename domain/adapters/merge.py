@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from sqlalchemy.orm import Session
 
+from domain import adapter_lookup
 from domain.adapters import store
 from domain.errors import InvalidJob
 from domain.ledger.models import AdapterVersion, new_id
@@ -38,7 +39,7 @@ def merge_versions(session: Session, tenant: str, refs: list[str], weights: list
         raise InvalidJob(f"{len(refs)} adapters but {len(weights)} weights", field="weights")
     versions = []
     for ref in refs:
-        v = store.resolve_adapter(session, tenant, ref)
+        v = adapter_lookup.resolve_adapter(session, tenant, ref)
         if v is None:
             raise InvalidJob(f"adapter {ref!r} of tenant {tenant!r} not found", field="adapters")
         versions.append(v)
@@ -48,8 +49,8 @@ def merge_versions(session: Session, tenant: str, refs: list[str], weights: list
         raise InvalidJob("the versions were trained on different base models and cannot be merged", field="adapters")
     base_ref = base_model_ref or versions[0].base_model_id
     for v in versions:
-        store.check_base_model(v, base_ref)
-    dirs = [store.verified_adapter_path(v) for v in versions]
+        adapter_lookup.check_base_model(v, base_ref)
+    dirs = [adapter_lookup.verified_adapter_path(v) for v in versions]
 
     loaded = base_model(base_ref, get_settings().device, qlora=False)
     names = [f"m{i}" for i in range(len(versions))]
@@ -97,7 +98,7 @@ def lora_deltas(folder: Path) -> dict[str, torch.Tensor]:
 
 def diff_versions(session: Session, tenant: str, ref_a: str, ref_b: str) -> dict:
     """Fields that differ between two versions and, per LoRA module, how their weight updates compare."""
-    a, b = store.resolve_adapter(session, tenant, ref_a), store.resolve_adapter(session, tenant, ref_b)
+    a, b = adapter_lookup.resolve_adapter(session, tenant, ref_a), adapter_lookup.resolve_adapter(session, tenant, ref_b)
     if a is None or b is None:
         raise InvalidJob("no champion to compare", field="adapter")
     sa, sb = store.version_summary(a), store.version_summary(b)
@@ -105,7 +106,7 @@ def diff_versions(session: Session, tenant: str, ref_a: str, ref_b: str) -> dict
               if k not in ("id", "created_at", "metrics", "hyperparams") and sa[k] != sb[k]}
     hyper = {k: {"a": a.hyperparams.get(k), "b": b.hyperparams.get(k)}
              for k in sorted(set(a.hyperparams) | set(b.hyperparams)) if a.hyperparams.get(k) != b.hyperparams.get(k)}
-    da, db = lora_deltas(store.verified_adapter_path(a)), lora_deltas(store.verified_adapter_path(b))
+    da, db = lora_deltas(adapter_lookup.verified_adapter_path(a)), lora_deltas(adapter_lookup.verified_adapter_path(b))
     modules = {}
     for key in sorted(set(da) | set(db)):
         x, y = da.get(key), db.get(key)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from domain import checkpoints, costs
+from domain import adapter_lookup, checkpoints, costs
 from domain.adapters import data as fbdata
 from domain.adapters import distributed, gate, store, training
 from domain.ledger.db import session_scope
@@ -59,7 +59,7 @@ def _parse_ts(text: str | None) -> datetime | None:
 def _plan(spec: RetrainSpec, resume: dict | None) -> dict:
     """Read the ledger: parent (champion), watermarks and the data set for this job."""
     with session_scope() as s:
-        champion = store.resolve_adapter(s, spec.tenant, None)
+        champion = adapter_lookup.resolve_adapter(s, spec.tenant, None)
         if resume:
             parent = s.get(AdapterVersion, resume["parent_id"]) if resume.get("parent_id") else None
             since, until = _parse_ts(resume.get("since")), _parse_ts(resume.get("until"))
@@ -162,9 +162,9 @@ def _setup(spec: RetrainSpec, ctx, plan: dict, resume: checkpoints.Loaded | None
     champion, parent = plan["champion"], plan["parent"]
     champion_dir = None
     if champion is not None:
-        store.check_base_model(champion, base_ref)
-        champion_dir = store.verified_adapter_path(champion)
-    parent_dir = store.verified_adapter_path(parent) if parent is not None else None
+        adapter_lookup.check_base_model(champion, base_ref)
+        champion_dir = adapter_lookup.verified_adapter_path(champion)
+    parent_dir = adapter_lookup.verified_adapter_path(parent) if parent is not None else None
     return _Setup(base_ref=base_ref, base_hash=base_hash, cfg=training.TrainConfig.from_spec(spec), champion=champion,
                   parent=parent, champion_dir=champion_dir, parent_dir=parent_dir, since=plan["since"],
                   dataset=dataset, resume=resume)
@@ -229,7 +229,7 @@ def _committer(spec: RetrainSpec, ctx, job: _Setup, files, version_id: str, deci
             extra_parents=[(parent.id, "retrain", None)] if parent else [])
         who = f"job:{ctx.job_id}"
         store.move_alias(session, spec.tenant, store.CANDIDATE, version.id, who, decision.reason)
-        now_champion = store.resolve_adapter(session, spec.tenant, None)
+        now_champion = adapter_lookup.resolve_adapter(session, spec.tenant, None)
         moved = (now_champion.id if now_champion else None) != (champion.id if champion else None)
         if decision.promote and not moved:
             store.move_alias(session, spec.tenant, store.CHAMPION, version.id, who, decision.reason)

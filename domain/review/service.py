@@ -1,7 +1,7 @@
 """The ``review`` job handler: code in, a structured review out, its cost counted once.
 
     check input → tenant (budgets, serving model) → adapter (requested or champion, or the base model;
-    domain.adapters.store resolves it, checks its base model and its files' sha256)
+    domain.adapter_lookup resolves it, checks its base model and its files' sha256)
     → resident runtime → retrieved context (if an index exists) → prompt fitted to the context window
     → budget check with the job's worst case → one row of a shared generation batch → parse
     → Outcome(result, usage, commit=add the Review row)
@@ -20,7 +20,7 @@ import time
 from sqlalchemy.orm import Session
 
 from domain import budgets
-from domain.adapters.store import check_base_model, resolve_adapter, verified_adapter_path
+from domain.adapter_lookup import check_base_model, resolve_adapter, verified_adapter_path
 from domain.costs import Usage
 from domain.errors import InvalidJob, JobFailed, JobTimeout
 from domain.contract import JobContext, Outcome

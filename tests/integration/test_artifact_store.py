@@ -150,6 +150,7 @@ def test_several_processes_fetching_one_object_share_one_verified_copy(store_env
 
 
 def test_an_adapter_saved_on_host_a_loads_on_host_b_through_its_cache(s3_store, sqlite_ledger, tmp_path, monkeypatch):
+    from domain import adapter_lookup
     from domain.adapters import store as adapter_store
     from domain.errors import JobFailed
     from domain.ledger.models import AdapterVersion
@@ -164,7 +165,7 @@ def test_an_adapter_saved_on_host_a_loads_on_host_b_through_its_cache(s3_store, 
     monkeypatch.setenv("FOUNDRY_DATA_DIR", str(tmp_path / "host-b"))  # same ledger, another host's folder
     reset_settings()
     storage._caches.clear()
-    folder = adapter_store.verified_adapter_path(version)
+    folder = adapter_lookup.verified_adapter_path(version)
     assert folder == tmp_path / "host-b" / "cache" / "objects" / version.artifact_sha256
     assert (folder / adapter_store.WEIGHTS_FILE).is_file()
 
@@ -172,7 +173,7 @@ def test_an_adapter_saved_on_host_a_loads_on_host_b_through_its_cache(s3_store, 
     outside = AdapterVersion(**{c: getattr(version, c) for c in ("id", "tenant_id", "name", "version", "hyperparams")},
                              artifact_path="adapters/other/reviewer/x", artifact_sha256="1" * 64)
     with pytest.raises(JobFailed, match="outside tenant") as err:
-        adapter_store.verified_adapter_path(outside)
+        adapter_lookup.verified_adapter_path(outside)
     assert err.value.code == "key_refused"
     store.fs.pipe_file(store.path(f"{version.artifact_path}/{adapter_store.WEIGHTS_FILE}"), b"tampered")
     # host B's cached copy stays valid and keeps serving; a fresh host is refused the corrupt object
@@ -180,14 +181,14 @@ def test_an_adapter_saved_on_host_a_loads_on_host_b_through_its_cache(s3_store, 
     reset_settings()
     storage._caches.clear()
     with pytest.raises(JobFailed) as err:
-        adapter_store.verified_adapter_path(version)
+        adapter_lookup.verified_adapter_path(version)
     assert err.value.code == "object_corrupt"
     assert (folder / adapter_store.WEIGHTS_FILE).is_file()
 
 
 def test_a_promoted_champion_is_prefetched_into_a_host_that_never_had_it(s3_store, sqlite_ledger, tmp_path,
                                                                           monkeypatch):
-    from domain.adapters import store as adapter_store
+    from domain import adapter_lookup
     from domain.ledger.models import AdapterVersion
     from tests.fixtures.adapters import make_version
     from tests.fixtures.tiny_models import save_tiny_model
@@ -198,8 +199,8 @@ def test_a_promoted_champion_is_prefetched_into_a_host_that_never_had_it(s3_stor
     monkeypatch.setenv("FOUNDRY_DATA_DIR", str(tmp_path / "host-b"))
     reset_settings()
     storage._caches.clear()
-    assert adapter_store.prefetch_champions() == [champion]
-    assert adapter_store.prefetch_champions() == []  # cached now
+    assert adapter_lookup.prefetch_champions() == [champion]
+    assert adapter_lookup.prefetch_champions() == []  # cached now
     with session_scope() as s:
         sha = s.get(AdapterVersion, champion).artifact_sha256
     assert list((tmp_path / "host-b" / "cache" / "objects").iterdir()) == [tmp_path / "host-b" / "cache" / "objects" / sha]

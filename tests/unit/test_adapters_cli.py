@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from domain import adapter_lookup
 from domain.adapters import store
 from tests.fixtures.adapters import make_version
 from domain.config import reset_settings
@@ -41,7 +42,7 @@ def test_list_show_promote_history_rollback(versions, capsys):
     assert main(["adapters", "rollback", "--tenant", "acme", "--reason", "users complain"]) == 0
     assert f"{v2} → {v1}" in capsys.readouterr().out
     with session_scope() as s:
-        assert store.resolve_adapter(s, "acme", None).id == v1
+        assert adapter_lookup.resolve_adapter(s, "acme", None).id == v1
         ev = s.query(HealthEvent).filter_by(event="rollback").one()
         assert ev.tenant_id == "acme" and ev.detail == {"from": v2, "to": v1, "alias": "champion"}
     assert main(["adapters", "history", "--tenant", "acme"]) == 0

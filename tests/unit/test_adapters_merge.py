@@ -6,6 +6,7 @@ import pytest
 import torch
 from sqlalchemy import select
 
+from domain import adapter_lookup
 from domain.adapters import merge, store
 from tests.fixtures.adapters import make_version
 from domain.config import reset_settings
@@ -27,7 +28,7 @@ def two_versions(sqlite_ledger, tiny_model_dir, monkeypatch):
 
 def _deltas(version_id):
     with session_scope() as s:
-        return merge.lora_deltas(store.verified_adapter_path(s.get(AdapterVersion, version_id)))
+        return merge.lora_deltas(adapter_lookup.verified_adapter_path(s.get(AdapterVersion, version_id)))
 
 
 def test_cat_merge_is_the_weighted_sum_with_lineage_to_both(two_versions):
@@ -46,9 +47,9 @@ def test_cat_merge_is_the_weighted_sum_with_lineage_to_both(two_versions):
         lineage = {(r.parent_id, r.relation, r.weight)
                    for r in s.scalars(select(AdapterLineage).where(AdapterLineage.child_id == mid))}
         assert lineage == {(a, "merge", 0.7), (b, "merge", 0.3)}
-        assert store.aliases_of(s, "acme")["merged"] == mid
-        assert store.resolve_adapter(s, "acme", None).id == a  # the champion did not move
-        store.verified_adapter_path(row)
+        assert adapter_lookup.aliases_of(s, "acme")["merged"] == mid
+        assert adapter_lookup.resolve_adapter(s, "acme", None).id == a  # the champion did not move
+        adapter_lookup.verified_adapter_path(row)
 
 
 def test_merge_refuses_bad_requests(two_versions):

@@ -7,6 +7,7 @@ import torch
 from sqlalchemy import select
 
 from domain import jobs
+from domain import adapter_lookup
 from domain.adapters import store, training
 from tests.fixtures.adapters import make_version, seed_feedback, stdlib_review_pairs
 from domain.config import reset_settings
@@ -69,9 +70,9 @@ def test_first_retrain_makes_a_version_judged_against_the_base(ledger):
     assert v.base_model_hash and v.hyperparams["lora_r"] == 4 and v.created_by_job_id == out["job_id"]
     assert v.metrics["train_loss_final"] < v.metrics["train_loss_first"]
     assert v.metrics["gate"]["reason"] == r["reason"]
-    store.verified_adapter_path(v)  # files match the recorded sha256
+    adapter_lookup.verified_adapter_path(v)  # files match the recorded sha256
     with session_scope() as s:
-        aliases = store.aliases_of(s, "acme")
+        aliases = adapter_lookup.aliases_of(s, "acme")
         assert aliases["candidate"] == v.id
         if r["promoted"]:
             assert aliases["champion"] == v.id and v.status == "promoted"
@@ -104,7 +105,7 @@ def test_gate_keeps_champion_and_next_retrain_continues_from_it(ledger):
     assert r["reference"] == f"champion:{v1}" and "margin" in r["reason"] and r["parent_id"] == v1
     v2 = r["version_id"]
     with session_scope() as s:
-        assert store.aliases_of(s, "acme") == {"champion": v1, "candidate": v2}
+        assert adapter_lookup.aliases_of(s, "acme") == {"champion": v1, "candidate": v2}
         row = s.get(AdapterVersion, v2)
         assert row.status == "rejected" and row.parent_id == v1 and row.version == 2
         assert row.metrics["gate"]["promote"] is False and row.metrics["reference_eval"]["loss"] > 0
@@ -117,7 +118,7 @@ def test_gate_keeps_champion_and_next_retrain_continues_from_it(ledger):
 def test_corrupt_champion_is_refused(ledger, tiny_model_dir):
     vid = make_version("acme", str(tiny_model_dir), seed=1, alias="champion")
     with session_scope() as s:
-        folder = store.verified_adapter_path(s.get(AdapterVersion, vid))
+        folder = adapter_lookup.verified_adapter_path(s.get(AdapterVersion, vid))
     (folder / store.WEIGHTS_FILE).write_bytes(b"not the trained weights")
     seed_feedback("acme", stdlib_review_pairs(3))
     out = run({})
@@ -239,7 +240,7 @@ def test_qlora_trains_on_a_4bit_base(ledger):
     assert not any("lora" in n for n, _ in loaded.model.named_parameters())  # unloaded after the job
     [v] = versions()
     assert v.hyperparams["qlora"] is True
-    store.verified_adapter_path(v)
+    adapter_lookup.verified_adapter_path(v)
 
 
 def test_champion_moved_during_training_is_not_overwritten(ledger, tiny_model_dir, monkeypatch):
@@ -261,7 +262,7 @@ def test_champion_moved_during_training_is_not_overwritten(ledger, tiny_model_di
     with session_scope() as s:
         job = s.get(Job, out["job_id"])
         assert job.result["promoted"] is False and "champion changed" in job.result["reason"]
-        assert store.resolve_adapter(s, "acme", None).id == other
+        assert adapter_lookup.resolve_adapter(s, "acme", None).id == other
         assert s.get(AdapterVersion, out["result"]["version_id"]).status == "rejected"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
+from domain import adapter_lookup
 from domain.adapters import store
 from tests.fixtures.adapters import make_version
 from domain.errors import InvalidJob, JobFailed
@@ -22,21 +23,21 @@ def base(sqlite_ledger, tiny_model_dir):
 
 def test_resolve_champion_alias_id_and_refuses_other_tenants(base):
     with session_scope() as s:
-        assert store.resolve_adapter(s, "acme", None) is None  # no champion: the base model is served
+        assert adapter_lookup.resolve_adapter(s, "acme", None) is None  # no champion: the base model is served
     v1 = make_version("acme", base, seed=1, alias="champion")
     v2 = make_version("acme", base, seed=2, alias="canary")
     foreign = make_version("other", base, seed=3, alias="champion")
     with session_scope() as s:
-        assert store.resolve_adapter(s, "acme", None).id == v1
-        assert store.resolve_adapter(s, "acme", "champion").id == v1
-        assert store.resolve_adapter(s, "acme", "canary").id == v2
-        assert store.resolve_adapter(s, "acme", v2).id == v2
-        assert store.resolve_adapter(s, "other", None).id == foreign
+        assert adapter_lookup.resolve_adapter(s, "acme", None).id == v1
+        assert adapter_lookup.resolve_adapter(s, "acme", "champion").id == v1
+        assert adapter_lookup.resolve_adapter(s, "acme", "canary").id == v2
+        assert adapter_lookup.resolve_adapter(s, "acme", v2).id == v2
+        assert adapter_lookup.resolve_adapter(s, "other", None).id == foreign
         with pytest.raises(InvalidJob) as err:
-            store.resolve_adapter(s, "acme", foreign)  # another tenant's version id
+            adapter_lookup.resolve_adapter(s, "acme", foreign)  # another tenant's version id
         assert err.value.field == "adapter"
         with pytest.raises(InvalidJob):
-            store.resolve_adapter(s, "acme", "nightly")
+            adapter_lookup.resolve_adapter(s, "acme", "nightly")
 
 
 def test_register_records_artifact_versions_and_hashes(base):
@@ -48,7 +49,7 @@ def test_register_records_artifact_versions_and_hashes(base):
         art = s.get(Artifact, va.artifact_id)
         assert art.kind == "adapter" and art.path == va.artifact_path and art.sha256 == va.artifact_sha256
         assert not va.artifact_path.startswith("/")  # relative to the data root
-        folder = store.verified_adapter_path(va)
+        folder = adapter_lookup.verified_adapter_path(va)
         assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
         assert va.hyperparams["adapter_config_sha256"]
 
@@ -57,12 +58,12 @@ def test_hash_mismatch_is_refused_and_recorded(base):
     vid = make_version("acme", base, seed=1, alias="champion")
     with session_scope() as s:
         v = s.get(AdapterVersion, vid)
-        weights = store.verified_adapter_path(v) / store.WEIGHTS_FILE
+        weights = adapter_lookup.verified_adapter_path(v) / store.WEIGHTS_FILE
         data = bytearray(weights.read_bytes())
         data[-1] ^= 0xFF
         weights.write_bytes(bytes(data))
         with pytest.raises(JobFailed) as err:
-            store.verified_adapter_path(v)
+            adapter_lookup.verified_adapter_path(v)
         assert err.value.code == "adapter_hash_mismatch"
     with session_scope() as s:
         ev = s.scalars(select(HealthEvent).where(HealthEvent.event == "hash_mismatch")).one()
@@ -74,14 +75,14 @@ def test_changed_config_is_refused_and_missing_files_reported(base):
     vid = make_version("acme", base, seed=1)
     with session_scope() as s:
         v = s.get(AdapterVersion, vid)
-        folder = store.verified_adapter_path(v)
+        folder = adapter_lookup.verified_adapter_path(v)
         (folder / store.CONFIG_FILE).write_text((folder / store.CONFIG_FILE).read_text().replace('"r": 4', '"r": 8'))
         with pytest.raises(JobFailed) as err:
-            store.verified_adapter_path(v)
+            adapter_lookup.verified_adapter_path(v)
         assert err.value.code == "adapter_hash_mismatch"
         (folder / store.WEIGHTS_FILE).unlink()
         with pytest.raises(JobFailed) as err:
-            store.verified_adapter_path(v)
+            adapter_lookup.verified_adapter_path(v)
         assert err.value.code == "adapter_missing"
 
 
@@ -92,9 +93,9 @@ def test_base_model_mismatch_is_refused_with_a_clear_error(base, tmp_path):
     other = save_tiny_model(tmp_path / "other-base", seed=7)
     with session_scope() as s:
         v = s.get(AdapterVersion, vid)
-        store.check_base_model(v, base)  # same base: fine
+        adapter_lookup.check_base_model(v, base)  # same base: fine
         with pytest.raises(JobFailed) as err:
-            store.check_base_model(v, str(other))
+            adapter_lookup.check_base_model(v, str(other))
     assert err.value.code == "base_model_mismatch"
     assert "trained on" in str(err.value) and str(other) in str(err.value)
 
@@ -114,10 +115,10 @@ def test_alias_moves_are_recorded_and_rollback_walks_back(base):
         assert s.get(AdapterVersion, v2).status == "promoted"
     with session_scope() as s:  # a second rollback goes further back, not back to v3
         assert store.rollback(s, "acme", "cli:me", None).to_version_id == v1
-        assert store.resolve_adapter(s, "acme", None).id == v1
+        assert adapter_lookup.resolve_adapter(s, "acme", None).id == v1
     with session_scope() as s:  # before v1 there was no adapter: the base model is served again
         assert store.rollback(s, "acme", "cli:me", "bad").to_version_id is None
-        assert store.resolve_adapter(s, "acme", None) is None
+        assert adapter_lookup.resolve_adapter(s, "acme", None) is None
         assert s.get(AdapterAlias, ("acme", "champion")) is None
     with session_scope() as s:
         with pytest.raises(LookupError):

@@ -59,7 +59,7 @@ def test_every_kind_has_a_task_routed_to_its_queue():
         assert routes[f"foundry.{kind}"] == {"queue": entry.queue, "routing_key": entry.queue}
 
 
-def test_a_review_worker_never_imports_training_code():
+def test_a_review_worker_never_imports_training_code_nor_the_adapter_store():
     code = ("import sys\nimport worker.tasks\nfrom domain import jobs\njobs.load_handler('review')\n"
             "print(' '.join(sorted(sys.modules)))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -69,6 +69,9 @@ def test_a_review_worker_never_imports_training_code():
     assert "domain.review.service" in loaded
     assert not loaded & {"domain.adapters.training", "domain.adapters.retrain", "domain.adapters.data",
                          "domain.distillation", "trl"}
+    # nor the training side's adapter writer, nor quantization: serving reads adapters through adapter_lookup
+    assert not loaded & {"domain.adapters.store", "domain.quantization"}, loaded & {"domain.adapters.store",
+                                                                                     "domain.quantization"}
 
 
 @pytest.fixture

@@ -118,6 +118,7 @@ def test_paths_are_confined_to_the_data_root(sqlite_ledger, tmp_path):
 # ---- tenants ----------------------------------------------------------------------------------------
 
 def test_tenant_isolation_in_adapter_lookups_and_moves(sqlite_ledger):
+    from domain import adapter_lookup
     from domain.adapters import store
     from domain.errors import InvalidJob
     from domain.ledger.db import session_scope
@@ -130,10 +131,10 @@ def test_tenant_isolation_in_adapter_lookups_and_moves(sqlite_ledger):
         theirs = fake_adapter("globex", "reviewer", "v1", s).id
     with session_scope() as s:
         with pytest.raises(InvalidJob, match="unknown adapter"):
-            store.resolve_adapter(s, "acme", theirs)
+            adapter_lookup.resolve_adapter(s, "acme", theirs)
         with pytest.raises(InvalidJob):
             store.move_alias(s, "acme", "champion", theirs, "test")
-        assert store.resolve_adapter(s, "acme", None) is None
+        assert adapter_lookup.resolve_adapter(s, "acme", None) is None
 
 
 def test_tenant_isolation_in_dead_letter_operations(sqlite_ledger):

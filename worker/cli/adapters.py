@@ -91,7 +91,8 @@ def register(sub) -> None:
 # ---- adapters -----------------------------------------------------------------------------------------
 
 def cmd_list(args) -> int:
-    from domain.adapters.store import aliases_of, version_summary
+    from domain.adapter_lookup import aliases_of
+    from domain.adapters.store import version_summary
 
     with session_scope() as s:
         q = select(AdapterVersion).where(AdapterVersion.tenant_id == args.tenant)
@@ -121,7 +122,8 @@ def cmd_list(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from domain.adapters.store import aliases_of, resolve_adapter, version_summary
+    from domain.adapter_lookup import aliases_of, resolve_adapter
+    from domain.adapters.store import version_summary
 
     with session_scope() as s:
         v = resolve_adapter(s, args.tenant, args.ref)
@@ -155,7 +157,8 @@ def cmd_history(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    from domain.adapters.store import move_alias, resolve_adapter
+    from domain.adapter_lookup import resolve_adapter
+    from domain.adapters.store import move_alias
 
     with session_scope() as s:
         v = resolve_adapter(s, args.tenant, args.ref)

@@ -220,7 +220,7 @@ def _adapter_label(version_id: str | None) -> str:
 
 def _gate_decision(tenant: str, result: dict) -> str:
     """Print what the eval gate decided, as the ledger recorded it; return the champion's label."""
-    from domain.adapters.store import resolve_adapter
+    from domain.adapter_lookup import resolve_adapter
     from domain.ledger.db import session_scope
 
     with session_scope() as s:
