@@ -147,17 +147,15 @@ def broadcast_trainable(params: list[torch.nn.Parameter]) -> None:
 def train(model, batches: list[training.Batch], cfg: training.TrainConfig, optimizer, scheduler, *, rank: int,
           world: int, start_step: int = 0, losses: list[float] | None = None,
           hooks: training.Hooks | None = None) -> training.TrainResult:
-    """``training.train`` across ``world`` processes: same steps, same global batches, same updates."""
+    """``training.train`` across ``world`` processes: same steps, same global batches, same updates. Each
+    rank runs its shard of the global batch; the gradients (and the loss) are summed over ranks and divided
+    by the whole batch's completion tokens, so the update is the one-process update."""
     if not batches:
         raise ValueError("no training batches")
-    hooks = hooks or training.Hooks()
-    result = training.TrainResult(steps=start_step, losses=list(losses or []))
     params = [p for p in model.parameters() if p.requires_grad]
     broadcast_trainable(params)
-    model.train()
-    t0 = time.perf_counter()
-    for step in range(start_step, cfg.max_steps):
-        batch = training.batch_for_step(batches, step, cfg.seed)
+
+    def step_loss(batch: training.Batch) -> float:
         total = max(1, int((batch.labels[:, 1:] != IGNORE).sum()))  # the whole batch's completion tokens
         part = shard(batch, rank, world)
         local = torch.zeros((), device=params[0].device)
@@ -166,27 +164,10 @@ def train(model, batches: list[training.Batch], cfg: training.TrainConfig, optim
                 loss_sum, _, _ = training.completion_loss(model, part, count_correct=False)
             (loss_sum / total).backward()
             local = loss_sum.detach()
-        loss = float(_reduce(params, local)) / total
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        return float(_reduce(params, local)) / total
 
-        done = step + 1
-        result.steps = done
-        result.losses.append(loss)
-        result.tokens += batch.tokens
-        result.seconds = time.perf_counter() - t0
-        hooks.progress(done, loss, result.tokens_per_s)
-        if hooks.stopping():
-            hooks.checkpoint(done, "soft_stop")
-            hooks.check()
-        if done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
-            hooks.checkpoint(done, "interval")
-        hooks.check()
-    result.seconds = time.perf_counter() - t0
-    return result
+    return training.train(model, batches, cfg, optimizer, scheduler, start_step=start_step, losses=losses,
+                          hooks=hooks, step_loss=step_loss)
 
 
 # ---- rank 0: the job's process ------------------------------------------------------------------

@@ -325,22 +325,32 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def local_step(model, batch: Batch) -> float:
+    """Forward and backward of one batch in this process alone; the batch's mean completion-token loss."""
+    with train_autocast(model):
+        loss_sum, n, _ = completion_loss(model, batch, count_correct=False)
+    loss = loss_sum / max(1, n)
+    loss.backward()
+    return float(loss.detach())
+
+
 def train(model, batches: list[Batch], cfg: TrainConfig, optimizer, scheduler, *, start_step: int = 0,
-          losses: list[float] | None = None, hooks: Hooks | None = None) -> TrainResult:
-    """Run steps ``start_step .. cfg.max_steps - 1``."""
+          losses: list[float] | None = None, hooks: Hooks | None = None,
+          step_loss: Callable[[Batch], float] | None = None) -> TrainResult:
+    """Run steps ``start_step .. cfg.max_steps - 1``. ``step_loss(batch)`` runs one batch's forward and
+    backward and returns its loss (default ``local_step``; domain/adapters/distributed.py gives its sharded
+    one); the update, the accounting, the checkpoints and the soft stop are this loop's, for every caller."""
     if not batches:
         raise ValueError("no training batches")
     hooks = hooks or Hooks()
+    step_loss = step_loss or (lambda batch: local_step(model, batch))
     result = TrainResult(steps=start_step, losses=list(losses or []))
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     t0 = time.perf_counter()
     for step in range(start_step, cfg.max_steps):
         batch = batch_for_step(batches, step, cfg.seed)
-        with train_autocast(model):
-            loss_sum, n, _ = completion_loss(model, batch, count_correct=False)
-        loss = loss_sum / max(1, n)
-        loss.backward()
+        loss = step_loss(batch)
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
@@ -349,10 +359,10 @@ def train(model, batches: list[Batch], cfg: TrainConfig, optimizer, scheduler, *
 
         done = step + 1
         result.steps = done
-        result.losses.append(float(loss.detach()))
+        result.losses.append(loss)
         result.tokens += batch.tokens
         result.seconds = time.perf_counter() - t0
-        hooks.progress(done, result.losses[-1], result.tokens_per_s)
+        hooks.progress(done, loss, result.tokens_per_s)
         if hooks.stopping():
             hooks.checkpoint(done, "soft_stop")
             hooks.check()  # raises: the job is requeued and resumes from this checkpoint
