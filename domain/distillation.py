@@ -42,7 +42,6 @@ from domain.device import oom_code, train_autocast
 from domain.models import ModelLoadError, load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
 from domain.artifacts import Published, add_artifact, data_file, publish_model
 from domain.paths import data_root, fresh_dir
-from domain.quantization import eval_blocks
 from domain.specs import DistillSpec
 
 DIVERGENCE_FACTOR = 10.0
@@ -410,7 +409,7 @@ def _setup(spec: DistillSpec, ctx: JobContext) -> _Run:
     teacher, tok = loaded.model, loaded.tokenizer
     steps = total_steps(spec)
     blocks = training_blocks(spec, tok, steps)
-    evals, eval_source = eval_blocks(tok, spec.eval_data_path, spec.eval_max_tokens, min(256, spec.seq_len))
+    evals, eval_source = heldout.eval_blocks(tok, spec.eval_data_path, spec.eval_max_tokens, min(256, spec.seq_len))
     torch.manual_seed(spec.seed)
 
     def selecting(done: int, todo: int) -> None:

@@ -25,6 +25,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from domain.artifacts import data_file
+from domain.errors import InvalidJob
+
 SPLITS = ("train", "heldout")
 
 
@@ -78,6 +81,19 @@ def token_blocks(tokenizer, text: str, seq_len: int, max_tokens: int | None = No
         ids = ids[:max_tokens]
     n = len(ids) // seq_len
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def eval_blocks(tokenizer, eval_data_path: str | None, max_tokens: int, seq_len: int) -> tuple[torch.Tensor, str]:
+    """Held-out token blocks for a report: the user's text, or the standard library's held-out split."""
+    if eval_data_path:
+        text, source = text_from_path(data_file(eval_data_path, "eval_data_path"), max_tokens * 8), eval_data_path
+    else:
+        text, source = stdlib_text("heldout", max_tokens * 8), "stdlib:heldout"
+    blocks = token_blocks(tokenizer, text, seq_len, max_tokens)
+    if blocks.shape[0] == 0:
+        raise InvalidJob(f"eval_data_path: the held-out set {source!r} is empty (no complete block of {seq_len} tokens)",
+                         field="eval_data_path", code="empty_dataset")
+    return blocks, source
 
 
 def _batches(blocks: torch.Tensor, batch_size: int):

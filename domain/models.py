@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 from domain.config import get_settings
 from domain.device import attn_implementation, compute_dtype
+from domain.paths import fresh_dir, publish_dir
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -134,15 +134,11 @@ def prepare_embedded_model(dest: Path, force: bool = False) -> Path:
     model = type(loaded)(config)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    tmp = dest.with_name(dest.name + ".tmp")
+    tmp = fresh_dir(dest.with_name(dest.name + ".tmp"))
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     (tmp / "foundry-source.json").write_text(json.dumps({"source": str(gguf), "model_id": EMBEDDED_MODEL_ID}))
-    if dest.exists():
-        import shutil
-
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    publish_dir(tmp, dest)
     return dest
 
 

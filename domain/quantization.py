@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from domain import costs, heldout
-from domain.artifacts import Published, add_artifact, data_file, publish_model, tree_size
+from domain.artifacts import Published, add_artifact, publish_model, tree_size
 from domain.errors import InvalidJob, JobFailed
 from domain.contract import JobContext, Outcome
 from domain.ledger.models import AdapterVersion, new_id
@@ -112,19 +112,6 @@ def weights_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def eval_blocks(tokenizer, eval_data_path: str | None, max_tokens: int, seq_len: int) -> tuple[torch.Tensor, str]:
-    """Held-out token blocks for a report: the user's text, or the standard library's held-out split."""
-    if eval_data_path:
-        text, source = heldout.text_from_path(data_file(eval_data_path, "eval_data_path"), max_tokens * 8), eval_data_path
-    else:
-        text, source = heldout.stdlib_text("heldout", max_tokens * 8), "stdlib:heldout"
-    blocks = heldout.token_blocks(tokenizer, text, seq_len, max_tokens)
-    if blocks.shape[0] == 0:
-        raise InvalidJob(f"eval_data_path: the held-out set {source!r} is empty (no complete block of {seq_len} tokens)",
-                         field="eval_data_path", code="empty_dataset")
-    return blocks, source
-
-
 # ---- adapters --------------------------------------------------------------------------------
 
 def find_adapter(tenant: str, ref: str) -> AdapterVersion:
@@ -171,7 +158,7 @@ def handle_quantize(spec: QuantizeSpec, ctx: JobContext) -> Outcome:
     ctx.progress(0.0, stage="load")
     source = _load_source(spec, ctx.settings, device)
     seq_len = min(EVAL_SEQ_LEN, source.loaded.context_window)
-    blocks, eval_source = eval_blocks(source.loaded.tokenizer, spec.eval_data_path, spec.eval_max_tokens, seq_len)
+    blocks, eval_source = heldout.eval_blocks(source.loaded.tokenizer, spec.eval_data_path, spec.eval_max_tokens, seq_len)
     staging = fresh_dir(ctx.settings.artifacts_dir.resolve() / "quantized" / f".{ctx.job_id}.tmp")
     reference, quantize_from = _float_reference(source, staging, ctx)
 
