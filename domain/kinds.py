@@ -29,6 +29,7 @@ class JobKind:
     checkpoints: bool = False  # its checkpoints are removed once it succeeds (domain/checkpoints.py)
     gpu: bool = False  # runs on the GPU workers; else on the CPU ones
     ml: bool = False  # a worker of its queue imports the ML libraries before its first job
+    solo: bool = False  # long: run one at a time by the "long" worker flavour (solo pool)
     on_failure: str | None = None  # "module:function"(ctx, error) after the job failed
 
 
@@ -36,10 +37,11 @@ KINDS: dict[str, JobKind] = {k.name: k for k in (
     JobKind("review", ReviewSpec, "domain.review.service:handle_review", "review", 600, gpu=True, ml=True,
             on_failure="domain.circuit:on_review_failure"),
     JobKind("retrain", RetrainSpec, "domain.adapters.retrain:handle_retrain", "retrain", 4 * 3600, checkpoints=True,
-            gpu=True, ml=True),
-    JobKind("quantize", QuantizeSpec, "domain.quantization:handle_quantize", "quantize", 2 * 3600, gpu=True, ml=True),
+            gpu=True, ml=True, solo=True),
+    JobKind("quantize", QuantizeSpec, "domain.quantization:handle_quantize", "quantize", 2 * 3600, gpu=True, ml=True,
+            solo=True),
     JobKind("distill", DistillSpec, "domain.distillation:handle_distill", "distill", 4 * 3600, checkpoints=True,
-            gpu=True, ml=True),
+            gpu=True, ml=True, solo=True),
     JobKind("index", IndexSpec, "domain.retrieval.service:handle_index", "index", 3600, ml=True),
     JobKind("noop", NoopSpec, "domain.noop:handle_noop", CONTROL_QUEUE, 300),
 )}
@@ -50,6 +52,7 @@ HANDLERS: dict[str, str] = {k.name: k.handler for k in KINDS.values()}  # tests 
 QUEUES: tuple[str, ...] = tuple(dict.fromkeys([*(k.queue for k in KINDS.values()), CONTROL_QUEUE]))
 GPU_QUEUES: tuple[str, ...] = tuple(dict.fromkeys(k.queue for k in KINDS.values() if k.gpu))
 CPU_QUEUES: tuple[str, ...] = tuple(q for q in QUEUES if q not in GPU_QUEUES)
+LONG_QUEUES: tuple[str, ...] = tuple(dict.fromkeys(k.queue for k in KINDS.values() if k.solo))
 ML_QUEUES: frozenset[str] = frozenset(k.queue for k in KINDS.values() if k.ml)
 CHECKPOINTING_KINDS: frozenset[str] = frozenset(k.name for k in KINDS.values() if k.checkpoints)
 

@@ -42,10 +42,25 @@ def test_the_lists_about_kinds_are_derived_from_the_registry():
     assert kinds.QUEUES == ("review", "retrain", "quantize", "distill", "index", "control")
     assert kinds.GPU_QUEUES == ("review", "retrain", "quantize", "distill")  # what docker-compose's gpu worker takes
     assert kinds.CPU_QUEUES == ("index", "control")
+    assert kinds.LONG_QUEUES == ("retrain", "quantize", "distill")  # docker-compose's worker-gpu ("long" flavour)
     assert kinds.CHECKPOINTING_KINDS == {"retrain", "distill"}
     assert kinds.ML_QUEUES == {"review", "retrain", "quantize", "distill", "index"}
     assert Settings().time_limits == {k.name: k.time_limit_s for k in kinds.KINDS.values()}
     assert kinds.queue_for("noop") == "control" and kinds.queue_for("schedule_tick") == "control"
+
+
+def test_every_worker_flavour_takes_the_queues_the_registry_gives_it():
+    from worker.cli.service import worker_argv
+
+    def queues(flavour):
+        argv = worker_argv(flavour)
+        return tuple(argv[argv.index("-Q") + 1].split(","))
+
+    assert queues("gpu") == kinds.GPU_QUEUES and queues("cpu") == kinds.CPU_QUEUES
+    assert queues("long") == kinds.LONG_QUEUES and queues("all") == kinds.QUEUES
+    assert queues("review") == (kinds.KINDS["review"].queue,)
+    # every kind's queue is taken by some flavour that compose runs (review, long, cpu)
+    assert set(kinds.QUEUES) <= set(queues("review") + queues("long") + queues("cpu"))
 
 
 def test_every_kind_has_a_task_routed_to_its_queue():

@@ -47,12 +47,12 @@ def register(sub) -> None:
 def worker_argv(flavour: str, queues: str | None = None, concurrency: int | None = None, name: str | None = None,
                 loglevel: str = "INFO") -> list[str]:
     from domain.config import get_settings
-    from domain.kinds import CPU_QUEUES, GPU_QUEUES, QUEUES
+    from domain.kinds import CPU_QUEUES, GPU_QUEUES, KINDS, LONG_QUEUES, QUEUES
 
-    table = {
+    table = {  # every queue list comes from the registry of job kinds
         "gpu": (GPU_QUEUES, "solo", 1),
-        "long": (("retrain", "quantize", "distill"), "solo", 1),
-        "review": (("review",), "threads", get_settings().review_batch_size),
+        "long": (LONG_QUEUES, "solo", 1),
+        "review": ((KINDS["review"].queue,), "threads", get_settings().review_batch_size),
         "cpu": (CPU_QUEUES, "prefork", 2),
         "all": (QUEUES, "threads", max(2, get_settings().review_batch_size)),
     }
