@@ -141,6 +141,8 @@ class Settings(BaseSettings):
     stranded_after_s: float = Field(120.0, description="A queued job quiet this long whose message the Redis broker no longer holds (lost in a worker crash) is sent again by beat's sweep.")
     stranded_sweep_s: float = Field(60.0, description="How often beat runs that sweep (0 = never).")
     beat_tick_s: float = Field(60.0, description="How often beat asks a worker to evaluate the retrain schedules.")
+    costs_rollup_s: float = Field(3600.0, description="How often beat rolls closed UTC days of usage into "
+                                  "usage_daily, in seconds (PostgreSQL; 0 = never: cost queries read every usage row).")
     price_table: str = Field("", description="JSON object or path to a JSON file with prices; empty = built-in table.")
     max_review_bytes: int = Field(200_000, description="Largest code/diff a review accepts.")
     review_batch_size: int = Field(8, description="Review jobs a worker drains into one generation batch.")

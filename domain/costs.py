@@ -80,3 +80,52 @@ def cost_report(by: str = "tenant", tenant: str | None = None, since=None, url: 
             r[k] = float(r[k] or 0.0)
         r["tokens"] = r["prompt_tokens"] + r["completion_tokens"]
     return rows
+
+
+# ---- the daily roll-up (PostgreSQL) ------------------------------------------------------------------
+
+ROLLUP = "costs_daily"
+ROLLUP_GRACE_S = 3600.0  # a day is closed this long after its UTC midnight (commits and worker clocks lag)
+
+
+def _midnight(day):
+    from datetime import datetime, timezone
+
+    return datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+
+
+def roll_up_costs(now=None, *, grace_s: float = ROLLUP_GRACE_S, url: str | None = None) -> dict:
+    """Sum every closed UTC day of ``usage_costs`` not rolled up yet into ``usage_daily`` and move the mark,
+    in one transaction that holds the mark's row lock (two sweeps at once cannot count a day twice).
+    ``v_costs_daily`` then reads those days from the roll-up (migration 0007). A no-op on SQLite, whose view
+    reads the usage rows (the embedded ledger is small). Returns ``{"from", "through", "rows"}``; the days
+    are ``None`` when nothing was closed since the last run."""
+    from datetime import datetime, timedelta, timezone
+
+    from sqlalchemy import text
+
+    from domain.ledger.db import session_scope
+
+    now = now or datetime.now(timezone.utc)
+    last_closed = (now - timedelta(seconds=grace_s)).astimezone(timezone.utc).date() - timedelta(days=1)
+    with session_scope(url) as s:
+        if s.get_bind().dialect.name != "postgresql":
+            return {"from": None, "through": None, "rows": 0, "skipped": "sqlite"}
+        s.execute(text("INSERT INTO rollups (name, through, updated_at) VALUES (:n, NULL, now()) "
+                       "ON CONFLICT (name) DO NOTHING"), {"n": ROLLUP})
+        through = s.execute(text("SELECT through FROM rollups WHERE name = :n FOR UPDATE"), {"n": ROLLUP}).scalar()
+        start = through + timedelta(days=1) if through else s.execute(text(
+            "SELECT MIN((created_at AT TIME ZONE 'UTC')::date) FROM usage_costs")).scalar()
+        if start is None or start > last_closed:
+            return {"from": None, "through": None, "rows": 0}
+        rows = s.execute(text(
+            "INSERT INTO usage_daily (tenant_id, day, kind, adapter_version_id, model_id, jobs, prompt_tokens, "
+            "completion_tokens, wall_seconds, gpu_seconds, cost, currency) "
+            "SELECT tenant_id, (created_at AT TIME ZONE 'UTC')::date, kind, adapter_version_id, model_id, COUNT(*), "
+            "SUM(prompt_tokens), SUM(completion_tokens), SUM(wall_seconds), SUM(gpu_seconds), SUM(cost), MIN(currency) "
+            "FROM usage_costs WHERE created_at >= :start AND created_at < :end "  # ix_usage_created (BRIN)
+            "GROUP BY tenant_id, (created_at AT TIME ZONE 'UTC')::date, kind, adapter_version_id, model_id"),
+            {"start": _midnight(start), "end": _midnight(last_closed + timedelta(days=1))}).rowcount
+        s.execute(text("UPDATE rollups SET through = :end, updated_at = now() WHERE name = :n"),
+                  {"end": last_closed, "n": ROLLUP})
+    return {"from": str(start), "through": str(last_closed), "rows": rows}

@@ -98,7 +98,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_default_queue=CONTROL_QUEUE,
         task_default_exchange="foundry",
         task_routes={f"foundry.{k.name}": {"queue": k.queue, "routing_key": k.queue} for k in KINDS.values()}
-        | {"foundry.schedule_tick": control, "foundry.resend_stranded": control},
+        | {"foundry.schedule_tick": control, "foundry.resend_stranded": control,
+           "foundry.roll_up_costs": control},
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -129,7 +130,10 @@ def make_celery(settings: Settings | None = None) -> Celery:
                                   "options": {"expires": max(1.0, settings.beat_tick_s * 0.9)}},
         } | ({"stranded-jobs": {"task": "foundry.resend_stranded", "schedule": settings.stranded_sweep_s,
                                 "options": {"expires": max(1.0, settings.stranded_sweep_s * 0.9)}}}
-             if settings.stranded_sweep_s > 0 and not settings.embedded else {}),
+             if settings.stranded_sweep_s > 0 and not settings.embedded else {})
+          | ({"costs-rollup": {"task": "foundry.roll_up_costs", "schedule": settings.costs_rollup_s,
+                               "options": {"expires": max(1.0, settings.costs_rollup_s * 0.9)}}}
+             if settings.costs_rollup_s > 0 and not settings.embedded else {}),
     )
     return app
 

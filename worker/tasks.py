@@ -75,6 +75,14 @@ def schedule_tick(self):
     return schedule.tick(now=utcnow(), enqueue=_enqueue, holder=worker_id(self))
 
 
+@app.task(name="foundry.roll_up_costs", acks_late=False, ignore_result=True)
+def roll_up_costs():
+    """Beat's hourly sweep: closed UTC days of usage summed into usage_daily (v_costs_daily reads them)."""
+    from domain.costs import roll_up_costs as roll_up
+
+    return roll_up()
+
+
 @app.task(name="foundry.resend_stranded", bind=True, acks_late=False, ignore_result=True)
 def resend_stranded(self):
     """Beat's sweep: queued jobs whose broker message was lost in a worker crash are sent again, and running

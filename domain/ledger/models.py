@@ -8,11 +8,11 @@ are created by the migrations (see docs/ledger.md).
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from decimal import Decimal
 
 from sqlalchemy import (
-    JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, Numeric, String, Text,
+    JSON, BigInteger, Boolean, Date, DateTime, Float, ForeignKey, Index, Integer, Numeric, String, Text,
     UniqueConstraint, text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -270,11 +270,42 @@ class UsageCost(Base):
     __table_args__ = (
         Index("ix_usage_tenant_created", "tenant_id", "created_at"),
         Index("ix_usage_adapter", "adapter_version_id"),
+        # the daily roll-up's range read by time (PostgreSQL: BRIN, a few pages, next to nothing per insert)
+        Index("ix_usage_created", "created_at", postgresql_using="brin"),
         # PostgreSQL: one tenant's costs per UTC day, index-only (migration 0005_ops, v_costs_daily)
         Index("ix_usage_tenant_day", "tenant_id", text("((created_at AT TIME ZONE 'UTC')::date)"),
               postgresql_include=["kind", "adapter_version_id", "model_id", "prompt_tokens", "completion_tokens",
                                   "wall_seconds", "gpu_seconds", "cost", "currency"]).ddl_if(dialect="postgresql"),
     )
+
+
+class UsageDaily(Base):
+    """Closed UTC days of ``usage_costs``, summed per tenant, kind, adapter and model (PostgreSQL; filled by
+    ``domain.costs.roll_up_costs`` from beat). ``v_costs_daily`` reads these for the days up to the
+    ``rollups`` mark and the usage rows themselves after it."""
+    __tablename__ = "usage_daily"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    day: Mapped[date] = mapped_column(Date)
+    kind: Mapped[str] = mapped_column(String(16))
+    adapter_version_id: Mapped[str | None] = mapped_column(String(32))
+    model_id: Mapped[str | None] = mapped_column(Text)
+    jobs: Mapped[int] = mapped_column(BigInteger)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger)
+    wall_seconds: Mapped[float] = mapped_column(Float)
+    gpu_seconds: Mapped[float] = mapped_column(Float)
+    cost: Mapped[Decimal] = mapped_column(Numeric(20, 6))
+    currency: Mapped[str | None] = mapped_column(String(8))
+    __table_args__ = (Index("ix_usage_daily_tenant_day", "tenant_id", "day"),)
+
+
+class Rollup(Base):
+    """How far a roll-up has got: every UTC day up to and including ``through`` is in its table."""
+    __tablename__ = "rollups"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    through: Mapped[date | None] = mapped_column(Date)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Checkpoint(Base):
