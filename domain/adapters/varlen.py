@@ -1,8 +1,9 @@
-"""Variable-length ("unpadded") attention for packed training batches, without flash-attn.
+"""Variable-length ("unpadded") attention for packed training batches.
 
-A packed batch is flattened to one row of real tokens (no tail padding) and attention runs once per sample
-(``scaled_dot_product_attention`` with ``is_causal=True`` on that sample's slice), the way flash-attn's
-``varlen`` kernels work on a GPU. Compared with a block-diagonal mask over padded rows this does no work on
+A packed batch is flattened to one row of real tokens (no tail padding) and attention runs once per sample.
+On CUDA with flash-attn installed, in fp16/bf16, that is one call of flash-attn's varlen kernel
+(``flash_attn_varlen_func`` over the samples' cumulative lengths); elsewhere a loop of
+``scaled_dot_product_attention`` with ``is_causal=True`` on each sample's slice, the same computation. Compared with a block-diagonal mask over padded rows this does no work on
 padding, builds no ``rows × L × L`` mask, and computes only the diagonal blocks of attention.
 
 It plugs into transformers as an attention implementation (``foundry_varlen``), switched on for the packed
@@ -38,6 +39,24 @@ def segments(lengths: list[int] | None):
         _state.lengths = previous
 
 
+def flash_varlen():
+    """flash-attn's ``flash_attn_varlen_func`` if flash-attn is installed, else None."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def _flash(fn, query, key, value, lengths: list[int], dropout: float, scaling: float | None):
+    """One varlen kernel call: (1, heads, T, d) in, (1, T, heads, d) out; grouped key/value heads as they are."""
+    cu = torch.tensor([0, *lengths], device=query.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    longest = max(lengths)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, d)
+    out = fn(q, k, v, cu, cu, longest, longest, dropout_p=dropout, softmax_scale=scaling, causal=True)
+    return out.unsqueeze(0), None
+
+
 def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                **kwargs):
     lengths = _lengths()
@@ -48,6 +67,9 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
                                       **kwargs)
     if query.shape[0] != 1 or sum(lengths) != query.shape[2]:
         raise ValueError(f"varlen attention: segments {sum(lengths)} tokens, input {tuple(query.shape)}")
+    fn = flash_varlen() if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) else None
+    if fn is not None:
+        return _flash(fn, query, key, value, lengths, dropout if module.training else 0.0, scaling)
     groups = getattr(module, "num_key_value_groups", 1)
     gqa = {}
     if groups > 1:

@@ -164,3 +164,21 @@ def test_two_process_retrain_on_two_gpus(on_cuda, tmp_path, monkeypatch):
     two = jobs.execute("retrain", new_id(), {**body, "tenant": "twin", "procs": 2}, "gpu-test")
     assert one["status"] == two["status"] == "succeeded", (one, two)
     assert two["result"]["train_loss_final"] == pytest.approx(one["result"]["train_loss_final"], rel=1e-3)
+
+
+def test_packed_attention_uses_flash_attn_varlen_on_cuda_and_matches_the_loop():
+    from types import SimpleNamespace
+
+    from domain.adapters import varlen
+
+    if varlen.flash_varlen() is None:
+        pytest.skip("flash-attn is not installed")
+    torch.manual_seed(0)
+    lengths = [37, 64, 5]
+    q = torch.randn(1, 8, sum(lengths), 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, sum(lengths), 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    module = SimpleNamespace(num_key_value_groups=4, training=False)
+    with varlen.segments(lengths):
+        flash, _ = varlen._attention(module, q, k, v, None, scaling=0.125)
+        loop, _ = varlen._attention(module, q.float(), k.float(), v.float(), None, scaling=0.125)  # fp32: the loop
+    assert torch.allclose(flash.float(), loop, atol=2e-2)
