@@ -92,25 +92,29 @@ def served_base_ref(settings, artifact: Artifact | None) -> str:
     return str(resolve_in_data_root(artifact.path))
 
 
+def serving(spec: ReviewSpec, settings) -> tuple[Runtime, AdapterVersion | None]:
+    """The resident runtime for what this tenant is served (base model or serving artifact) and the adapter
+    version the review asks for (its champion by default; None: the bare base), checked to fit that base."""
+    with session_scope() as s:
+        tenant = s.get(Tenant, spec.tenant)
+        artifact = s.get(Artifact, tenant.serving_artifact_id) if tenant and tenant.serving_artifact_id else None
+        version = resolve_adapter(s, spec.tenant, spec.adapter)  # unknown → InvalidJob(field="adapter")
+    try:
+        rt = get_runtime(settings, artifact)
+    except ModelLoadError as exc:
+        raise JobFailed(f"review model cannot be loaded: {exc}", code="model_load") from exc
+    if version is not None:
+        check_base_model(version, served_base_ref(settings, artifact))
+    return rt, version
+
+
 def handle_review(spec: ReviewSpec, ctx: JobContext) -> Outcome:
     t0 = time.perf_counter()
     settings = ctx.settings
     check_input(spec, settings.max_review_bytes)
     budgets.check_budget(spec.tenant, prices=settings.prices())  # already over: no model work at all
 
-    with session_scope() as s:
-        tenant = s.get(Tenant, spec.tenant)
-        artifact = s.get(Artifact, tenant.serving_artifact_id) if tenant and tenant.serving_artifact_id else None
-        version = resolve_adapter(s, spec.tenant, spec.adapter)  # unknown → InvalidJob(field="adapter")
-
-    try:
-        rt = get_runtime(settings, artifact)
-    except ModelLoadError as exc:
-        raise JobFailed(f"review model cannot be loaded: {exc}", code="model_load") from exc
-    base_ref = served_base_ref(settings, artifact)
-    if version is not None:
-        check_base_model(version, base_ref)
-
+    rt, version = serving(spec, settings)
     chunks, index_version, retrieval_error = retrieve(spec, ctx)
     language = spec.language or guess_language(spec.path, spec.is_diff)
     analysis = analysis_stage(spec.code, spec.path, language, spec.is_diff)

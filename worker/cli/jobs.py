@@ -11,8 +11,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy import desc, select
 
+from domain.kinds import KINDS
 from domain.ledger.db import session_scope
-from domain.ledger.models import FINAL_STATUSES, Job, JobAttempt
+from domain.ledger.models import FINAL_STATUSES, JOB_STATUSES, Job, JobAttempt
 from worker.cli._common import CliError, UsageError, add_json, add_tenant, console, dump, fmt_time, print_json, since
 
 STATUS_STYLE = {"succeeded": "green", "failed": "red", "dead": "red", "rejected": "yellow", "running": "cyan", "queued": "white"}
@@ -20,7 +21,7 @@ STATUS_STYLE = {"succeeded": "green", "failed": "red", "dead": "red", "rejected"
 
 def register(sub) -> None:
     p = sub.add_parser("jobs", help="list jobs from the ledger")
-    p.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "rejected", "dead"])
+    p.add_argument("--status", choices=list(JOB_STATUSES))
     p.add_argument("--kind", help="only this kind (review, retrain, quantize, distill, index, noop)")
     add_tenant(p)
     p.add_argument("--since", help="enqueued within: 24h, 7d, 30m or since an ISO timestamp")
@@ -34,8 +35,8 @@ def register(sub) -> None:
     add_json(p, "the job and its attempts")
     p.set_defaults(func=cmd_job)
 
-    p = sub.add_parser("enqueue", help="enqueue a job (review, retrain, quantize, distill, index, noop)")
-    p.add_argument("kind", choices=["review", "retrain", "quantize", "distill", "index", "noop"])
+    p = sub.add_parser("enqueue", help=f"enqueue a job ({', '.join(KINDS)})")
+    p.add_argument("kind", choices=list(KINDS))
     p.add_argument("--file", type=Path, help="review: the code/diff file; index: a JSON file of documents")
     p.add_argument("--body", help="the job body as a JSON object (merged with the other options; see `foundry schema KIND`)")
     p.add_argument("--body-file", type=Path, help="read the job body (a JSON object) from this file ('-': standard input)")
@@ -50,7 +51,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_enqueue)
 
     p = sub.add_parser("schema", help="print the JSON Schema of a job kind's message body")
-    p.add_argument("kind", choices=["review", "retrain", "quantize", "distill", "index", "noop"])
+    p.add_argument("kind", choices=list(KINDS))
     p.add_argument("--json", action="store_true", help="(the schema is JSON either way)")
     p.set_defaults(func=cmd_schema)
 
