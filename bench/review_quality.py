@@ -118,7 +118,7 @@ def main() -> None:
 
     tmp = tempfile.TemporaryDirectory()
     if args.quick:
-        from domain.review.testing import save_lively_tiny_model
+        from tests.fixtures.review import save_lively_tiny_model
 
         ref = str(save_lively_tiny_model(Path(tmp.name) / "tiny"))
         cases = {s: load(s)[:2] for s in ("tune", "held")}
@@ -130,7 +130,7 @@ def main() -> None:
         if not args.model and not (Path(ref) / "model.safetensors").exists():
             prepare_embedded_model(Path(ref))
         cases = {s: load(s) for s in ("tune", "held")}
-    rt = Runtime(load_causal_lm(ref, device="cpu"), "bench", model_id_for(ref), batch_size=args.batch)
+    rt = Runtime(load_causal_lm(ref, device="cpu"), "bench", model_id_for(ref))
     print(f"model {rt.model_id}; {sum(map(len, cases.values()))} defect files + as many clean twins; "
           f"max_new_tokens {args.max_new_tokens}")
 
