@@ -3,11 +3,14 @@ loading a servable one back.
 
 - ``sha256_tree(folder)``: the sha256 recorded for a folder (names and contents of its files, dot-files skipped).
 - ``publish_model(folder, dest, kind, report, lineage)``: write the report file, move the finished folder into
-  place (``paths.publish_dir``) and return what the ledger records of it (``Published``: path, sha256, size).
+  place (``paths.publish_dir``), put it in the artifact store (verified; no copy when the store is the data
+  folder) and return what the ledger records of it (``Published``: path = store key, sha256, size).
 - ``data_file(rel, field)``: a data file a job names, under the data root.
 - ``add_artifact(session, ...)``: the ``artifacts`` row of a ready model (inside the job's commit).
 - ``load_serving_model(artifact)``: a ``quantized_model`` or ``distilled_model`` artifact loaded for serving:
-  ``servable_folder`` (kind, status, path and sha256 checked) then ``load_model_folder``.
+  ``servable_folder`` (kind, status, path and sha256 checked; on a host that did not make it, fetched from the
+  store into this host's node cache, verified against the manifest and the recorded sha256) then
+  ``load_model_folder``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
+from domain import storage
 from domain.config import get_settings
 from domain.contract import jsonable
 from domain.device import compute_dtype
@@ -62,7 +66,9 @@ def publish_model(folder: Path, dest: Path, kind: str, report: dict, lineage: di
     """Write the report file into a finished model folder, move the folder to ``dest`` and describe it."""
     (folder / REPORT_FILE).write_text(json.dumps({"kind": kind, "report": report, "lineage": lineage}, indent=2))
     publish_dir(folder, dest)
-    return Published(path=str(dest.relative_to(data_root())), sha256=sha256_tree(dest), size_bytes=tree_size(dest))
+    key = dest.relative_to(data_root()).as_posix()
+    manifest = storage.publish_tree(dest, key)  # StoreUnavailable (transient) before anything is recorded
+    return Published(path=key, sha256=manifest.sha256, size_bytes=manifest.size_bytes)
 
 
 def data_file(rel: str, field: str) -> Path:
@@ -109,10 +115,23 @@ def servable_folder(artifact: Artifact) -> Path:
         path = resolve_in_data_root(artifact.path)
     except UnsafePath as exc:
         raise ModelLoadError(f"artifact {artifact.id}: {exc}") from exc
-    if not (path / "config.json").exists():
-        raise ModelLoadError(f"artifact {artifact.id}: no model at {artifact.path} under the data root")
+    if not (path / "config.json").exists():  # made on another host: from the store, through this host's cache
+        return _fetched(artifact)
     if artifact.sha256 and sha256_tree(path) != artifact.sha256:
         raise ModelLoadError(f"artifact {artifact.id}: sha256 mismatch, the files at {artifact.path} changed since it was recorded")
+    return path
+
+
+def _fetched(artifact: Artifact) -> Path:
+    if not artifact.sha256:
+        raise ModelLoadError(f"artifact {artifact.id}: no model at {artifact.path} here and no sha256 recorded "
+                             f"to fetch it from the store")
+    try:
+        path = storage.fetch_tree(artifact.path, artifact.sha256)
+    except (storage.StoreUnavailable, storage.ObjectMissing, storage.ObjectCorrupt, storage.KeyRefused) as exc:
+        raise ModelLoadError(f"artifact {artifact.id}: {exc}") from exc
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"artifact {artifact.id}: no model at {artifact.path} under the data root or in the store")
     return path
 
 

@@ -118,7 +118,8 @@ def _sha256_file(path: Path) -> str:
 def describe_tree(folder: Path, primary: str | None = None) -> Manifest:
     """The manifest of a local folder (the tree hash is ``domain.paths.sha256_tree``'s)."""
     files, tree = {}, hashlib.sha256()
-    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != MANIFEST):
+    # dot-files skipped, as by paths.sha256_tree: caches a library writes next to weights are not the object
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith(".")):
         name, digest = f.relative_to(folder).as_posix(), _sha256_file(f)
         files[name] = {"sha256": digest, "size": f.stat().st_size}
         tree.update(name.encode())

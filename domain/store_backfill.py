@@ -2,7 +2,7 @@
 
 The ledger records artifact paths relative to the data folder; those paths are the store's keys, so the
 ledger needs no rewrite when ``FOUNDRY_ARTIFACT_URL`` changes. What a new store lacks is the bytes:
-``push_existing`` puts every adapter version and index snapshot the ledger knows, from this host's data
+``push_existing`` puts every adapter version, index snapshot and quantized or distilled model the ledger knows, from this host's data
 folder, into the configured store (verified, as every put is), skipping those already there and those
 whose files are not on this host. ``foundry artifacts push`` runs it; run it on the host that made them.
 """
@@ -29,8 +29,9 @@ class BackfillReport:
 
 
 def push_existing(*, dry_run: bool = False) -> BackfillReport:
-    """Put every adapter folder and index snapshot of this data folder into the store."""
-    from domain.adapters.store import WEIGHTS_FILE
+    """Put every adapter folder, index snapshot and served model of this data folder into the store."""
+    from domain.adapter_lookup import WEIGHTS_FILE
+    from domain.artifacts import SERVABLE_KINDS
     from domain.retrieval.snapshots import MANIFEST as INDEX_MANIFEST
 
     with session_scope() as s:
@@ -38,6 +39,8 @@ def push_existing(*, dry_run: bool = False) -> BackfillReport:
                 if v.artifact_path]
         rows += [(a.path, a.tenant_id, INDEX_MANIFEST) for a in s.scalars(
             select(Artifact).where(Artifact.kind == "index_snapshot")) if a.path]
+        rows += [(a.path, None, None) for a in s.scalars(  # quantized/distilled models: keys artifacts/<kind>/<job>
+            select(Artifact).where(Artifact.kind.in_(SERVABLE_KINDS))) if a.path]
     report, store = BackfillReport(), storage.get_store()
     for key, tenant, primary in dict.fromkeys(rows):
         try:

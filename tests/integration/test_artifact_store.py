@@ -234,3 +234,46 @@ def test_existing_artifacts_are_pushed_into_a_new_store_once(s3_store, sqlite_le
     out = json.loads(capsys.readouterr().out)
     assert out["present"] == ["adapters/acme/reviewer/v1"] and out["pushed"] == [] and out["dry_run"] is True
     assert push_existing().present == ["adapters/acme/reviewer/v1"]
+
+
+def test_a_served_model_made_on_host_a_loads_on_host_b_and_a_corrupt_one_is_refused(s3_store, sqlite_ledger, tmp_path,
+                                                                                       monkeypatch):
+    """A quantized/distilled model folder is put in the store as it is published; another host's
+    ``servable_folder`` fetches it into its cache, verified; a changed object is refused there (the model is
+    not served), while a host that holds a good copy keeps it."""
+    from domain import artifacts
+    from domain.ledger.models import Artifact, Tenant
+    from domain.models import ModelLoadError
+    from domain.paths import data_root
+    from tests.fixtures.tiny_models import save_tiny_model
+
+    with session_scope() as s:
+        s.add(Tenant(id="acme", display_name="acme"))
+    staging = save_tiny_model(data_root() / "artifacts" / "distilled" / "job1.staging", layers=1, hidden=32)
+    published = artifacts.publish_model(staging, staging.parent / "job1", "distilled_model", {"ok": 1}, {})
+    assert published.path == "artifacts/distilled/job1"
+    assert storage.get_store().manifest(published.path).sha256 == published.sha256
+    with session_scope() as s:
+        artifacts.add_artifact(s, "art1", kind="distilled_model", tenant="acme", name="student", path=published.path,
+                               sha256=published.sha256, size_bytes=published.size_bytes, lineage={}, report={},
+                               job_id=None)
+
+    def host(name: str) -> Artifact:
+        monkeypatch.setenv("FOUNDRY_DATA_DIR", str(tmp_path / name))
+        reset_settings()
+        storage._caches.clear()
+        with session_scope() as s:
+            row = s.get(Artifact, "art1")
+            s.expunge(row)
+        return row
+
+    art = host("host-b")
+    folder = artifacts.servable_folder(art)
+    assert folder == tmp_path / "host-b" / "cache" / "objects" / published.sha256
+    assert artifacts.load_serving_model(art, device="cpu").model is not None
+    store = storage.get_store()
+    store.fs.pipe_file(store.path(f"{published.path}/config.json"), b"{}")
+    art = host("host-c")
+    with pytest.raises(ModelLoadError, match="sha256"):
+        artifacts.servable_folder(art)
+    assert (folder / "config.json").is_file()  # host B's verified copy is untouched
