@@ -374,6 +374,15 @@ def get_cache(settings=None) -> NodeCache:
     return _caches[key]
 
 
+def holds_data_folder(store: ArtifactStore | None = None) -> bool:
+    """Whether the store is this host's data folder itself (the embedded default): its objects are the
+    files under the data root, so nothing is uploaded, fetched or deleted twice."""
+    from domain.paths import data_root
+
+    store = store or get_store()
+    return store.local and Path(store.root).resolve() == data_root()
+
+
 def publish_tree(folder: Path, key: str, *, primary: str | None = None, tenant: str | None = None) -> Manifest:
     """Store a finished local folder under ``key`` (a no-op upload when the store is the data folder)."""
     return get_store().put_tree(folder, check_key(key, tenant), primary=primary)
@@ -386,9 +395,7 @@ def fetch_tree(key: str, sha256: str, *, tenant: str | None = None, local: Path 
     record a ``store`` health event before raising."""
     key = check_key(key, tenant)
     store = get_store()
-    from domain.paths import data_root
-
-    here = store.local_path(key) if store.local and Path(store.root).resolve() == data_root() else None
+    here = store.local_path(key) if holds_data_folder(store) else None
     for candidate in (local, here):  # the default store: the data folder is the object itself
         if candidate is not None and candidate.is_dir() and any(candidate.iterdir()):
             return candidate
