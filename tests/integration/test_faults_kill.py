@@ -25,13 +25,13 @@ from domain.ledger.models import AdapterVersion, Artifact, Job, JobAttempt, Revi
 from tests.conftest import add_tenant
 from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
 from tests.fixtures.tiny_models import save_tiny_model
-from tests.integration.test_faults_kit import fault_summary, record, tally, wait_final  # noqa: F401
+from tests.integration.test_faults_kit import fault_summary, lost_sweep, record, tally, wait_final  # noqa: F401
 from tests.integration.workers import apply_env, start_worker, worker_env
-from worker import maintenance
 
 pytestmark = pytest.mark.integration
 
 ALL_QUEUES = ["review", "retrain", "quantize", "distill", "index", "control"]
+STALE_S, SWEEP_S = 5, 3  # FOUNDRY_STALE_AFTER_S, and how often the test runs beat's sweeps
 
 
 @pytest.fixture
@@ -47,19 +47,6 @@ def env(redis_url, pg_ledger, tmp_path, monkeypatch):
 
     add_tenant(pg_ledger, "acme")
     return e
-
-
-STALE_S, SWEEP_S = 5, 3
-
-
-def lost_sweep(handed_back: list[str], resent: list[str]):
-    """What beat's ``foundry.resend_stranded`` runs, for ``wait_final`` to call every ``SWEEP_S``: running jobs
-    of dead workers handed back, queued jobs whose message no live worker holds sent again."""
-    def sweep() -> None:
-        resent.extend(maintenance.resend_stranded(older_than_s=20, source="test")["resent"])
-        handed_back.extend(maintenance.hand_back_lost_running(source="test")["handed_back"])
-
-    return sweep
 
 
 def seed_training_feedback(n: int = 8) -> None:

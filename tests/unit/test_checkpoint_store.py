@@ -77,7 +77,7 @@ def test_stored_before_recorded_then_read_on_another_host_and_pruned_from_the_st
     assert not (tmp_path / "host-b" / key).exists()
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.weights[name], tensor)
-    resumed, opt_b, sched_b = _trained(seed=1)
+    _, opt_b, sched_b = _trained(seed=1)
     checkpoints.restore(loaded, opt_b, sched_b)
     assert sched_b.state_dict()["last_epoch"] == sched.state_dict()["last_epoch"]
 
