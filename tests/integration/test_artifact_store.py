@@ -233,3 +233,18 @@ def test_existing_artifacts_are_pushed_into_a_new_store_once(s3_store, sqlite_le
     out = json.loads(capsys.readouterr().out)
     assert out["present"] == ["adapters/acme/reviewer/v1"] and out["pushed"] == [] and out["dry_run"] is True
     assert push_existing().present == ["adapters/acme/reviewer/v1"]
+
+
+def test_store_credentials_can_come_from_secret_files(s3_store, sqlite_ledger, tmp_path, monkeypatch):
+    """compose mounts the MinIO user and password as secret files; AWS_*_FILE names them (a real MinIO behind
+    FOUNDRY_TEST_S3_URL checks them; moto takes any, so the test also checks what the client was given)."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        (tmp_path / name).write_text(os.environ[name] + "\n")
+        monkeypatch.setenv(f"{name}_FILE", str(tmp_path / name))
+        monkeypatch.delenv(name)
+    storage._stores.clear()
+    store = storage.get_store()
+    assert (store.fs.key, store.fs.secret) == (s3_store["AWS_ACCESS_KEY_ID"], s3_store["AWS_SECRET_ACCESS_KEY"])
+    store.put_bytes("probe/acme/x.txt", b"hello")
+    assert store.get_bytes("probe/acme/x.txt") == b"hello"
+    assert s3_store["AWS_SECRET_ACCESS_KEY"] not in repr(store)
