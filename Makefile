@@ -42,10 +42,11 @@ bench: install
 # readable so the containers' own users (foundry, postgres) can read them once compose mounts them.
 secrets:
 	@mkdir -p secrets && chmod 700 secrets
-	@for f in postgres_password metrics_password grafana_admin_password; do \
+	@for f in postgres_password metrics_password grafana_admin_password minio_root_password; do \
 	  [ -s secrets/$$f ] || (umask 022; $(PYTHON) -c "import secrets; print(secrets.token_urlsafe(24))" > secrets/$$f); done
+	@[ -s secrets/minio_root_user ] || (umask 022; echo foundry-store > secrets/minio_root_user)
 	@[ -s secrets/flower_basic_auth ] || (umask 022; $(PYTHON) -c "import secrets; print('admin:' + secrets.token_urlsafe(24))" > secrets/flower_basic_auth)
-	@echo "secrets in ./secrets/ (Flower user: admin; metrics user: prometheus; Grafana user: admin)"
+	@echo "secrets in ./secrets/ (Flower user: admin; metrics user: prometheus; Grafana user: admin; MinIO user: foundry-store)"
 
 clean:
 	rm -rf .foundry .pytest_cache

@@ -8,10 +8,24 @@ The format: one folder per checkpoint, ``checkpoints/<kind>/<job id>/step-NNNNNN
     trainer_state.pt    optimizer, scheduler and RNG states (``torch.load(weights_only=True)``)
 
 ``write`` lays one out (temp folder, then rename) and returns it with its sha256 (``paths.sha256_tree``);
-``save`` is the one place a job's checkpoint is written, recorded (``ctx.record_checkpoint``) and pruned;
-``latest`` hands a redelivered job its last checkpoint if the files still match the recorded sha256, read
-by ``read``; ``restore`` puts optimizer, scheduler and RNG states back. Torch is imported only by the
+``save`` is the one place a job's checkpoint is written, stored, recorded (``ctx.record_checkpoint``) and
+pruned; ``latest`` hands a redelivered job its last checkpoint if the files still match the recorded sha256,
+read by ``read``; ``restore`` puts optimizer, scheduler and RNG states back. Torch is imported only by the
 functions that need it, so the ledger side (jobs, beat) stays light.
+
+Through the artifact store (``domain.storage``, ``FOUNDRY_ARTIFACT_URL``), so a job resumes on any host:
+- The recorded path is the checkpoint's store key. With the default store (the data folder itself) the
+  written folder already is the stored object: nothing is copied, and the checkpoint is recorded at once.
+- With any other store (``s3://...``), ``save`` writes the folder on local disk on the training thread
+  (a consistent snapshot; milliseconds for LoRA weights), then hands it to one background thread that
+  uploads it (``storage.publish_tree``: each file to a temporary key, read back and checked, then its final
+  key, the manifest last), and only then records it in the ledger and prunes older ones. Training goes on
+  meanwhile; at most one upload per job is in flight: the next ``save`` waits for the previous one, and so
+  does the job's end (``domain.jobs`` calls ``wait_for_upload`` when the handler returns or raises, before
+  the result is committed or the job requeued). An upload that fails is not recorded (a ``checkpoint``
+  ``upload_failed`` health event): a job that dies resumes from its previous recorded checkpoint.
+- ``latest`` reads the folder this host wrote when it still matches the recorded sha256, else fetches the
+  object into this host's node cache (``storage.fetch_tree``, verified by sha256) and reads it there.
 
 Retention:
 - While a job runs, only its newest ``checkpoint_keep`` checkpoints stay on disk; older ones are pruned
@@ -22,7 +36,7 @@ Retention:
   into (losses, optimizer state) before they go; ``prune_finished`` removes them after that. Beat's tick
   runs it; ``foundry ledger prune-checkpoints`` runs it by hand.
 
-A pruned checkpoint keeps its ledger row with ``pruned_at`` set, so the ledger still tells which
+Pruning removes the local folder and the store's objects. A pruned checkpoint keeps its ledger row with ``pruned_at`` set, so the ledger still tells which
 checkpoints a job wrote; a resuming job only looks at rows that are not pruned.
 """
 
@@ -33,6 +47,7 @@ import logging
 import os
 import random
 import shutil
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -40,6 +55,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import and_, or_, select
 
+from domain import storage
 from domain.config import get_settings
 from domain.kinds import CHECKPOINTING_KINDS
 from domain.ledger.db import session_scope
@@ -65,10 +81,12 @@ class PruneReport:
 
 
 def _remove(path: str) -> bool:
-    """Delete one checkpoint folder under the data root (and the job's folder once it is empty); False for a
-    path outside the data root, which is left alone."""
+    """Delete one checkpoint: its folder under the data root (and the job's folder once it is empty) and its
+    objects in the artifact store (when the store is not the data folder itself); False for a path outside
+    the data root, which is left alone. Raises ``storage.StoreUnavailable`` when the store cannot be reached."""
     try:
         folder = resolve_in_data_root(path)
+        key = storage.check_key(path)
     except UnsafePath:
         log.warning("checkpoint path %s points outside the data root; left alone", path)
         return False
@@ -81,11 +99,14 @@ def _remove(path: str) -> bool:
             folder.parent.rmdir()
     except OSError:
         pass
+    if not storage.holds_data_folder():
+        storage.get_store().delete(key)
     return True
 
 
 def prune_job(job_id: str, keep: int = 0, url: str | None = None, report: PruneReport | None = None) -> PruneReport:
-    """Remove the files of all but the newest ``keep`` unpruned checkpoints of one job and mark their rows."""
+    """Remove the files and store objects of all but the newest ``keep`` unpruned checkpoints of one job and
+    mark their rows. A store that cannot be reached leaves the rest unmarked, for the next sweep."""
     report = report or PruneReport()
     now = utcnow()
     with session_scope(url) as s:
@@ -94,8 +115,12 @@ def prune_job(job_id: str, keep: int = 0, url: str | None = None, report: PruneR
         kept_paths = {r.path for r in rows[:keep]}
         for row in rows[keep:]:
             # a re-recorded step may share a folder with a kept row; sizes as recorded (the dry run reports the same)
-            if row.path not in kept_paths and _remove(row.path):
-                report.bytes_freed += row.size_bytes or 0
+            try:
+                if row.path not in kept_paths and _remove(row.path):
+                    report.bytes_freed += row.size_bytes or 0
+            except storage.StoreUnavailable as exc:
+                log.warning("job %s: checkpoint %s not pruned yet: %s", job_id, row.path, exc)
+                break
             row.pruned_at = now
             report.checkpoints += 1
         if rows[keep:]:
@@ -258,28 +283,91 @@ def restore(ckpt: Loaded, optimizer, scheduler) -> None:
 
 def save(ctx, step: int, weights: dict, *, optimizer, scheduler, config: dict, extra: dict, metrics: dict,
          reason: str) -> Written:
-    """The one place a job checkpoints: write the folder, record it (path, sha256, size, ``metrics``) with
-    ``ctx.record_checkpoint``, then prune all but the newest ``checkpoint_keep``."""
+    """The one place a job checkpoints: wait for the job's previous upload, write the folder, then store it
+    (``storage.publish_tree``: temporary key, verified, final key), record it (path = store key, sha256, size,
+    ``metrics``) with ``ctx.record_checkpoint`` and prune all but the newest ``checkpoint_keep``. With the
+    default store (the data folder) there is nothing to upload: recorded at once. With any other store the
+    upload, record and prune run in a background thread while training goes on (see the module docstring)."""
+    wait_for_upload(ctx.job_id)
     rel = folder_for(ctx.kind, ctx.job_id, step)
     written = write(resolve_in_data_root(rel), weights, step=step, optimizer=optimizer, scheduler=scheduler,
                     config=config, extra=extra)
-    ctx.record_checkpoint(step, rel, written.sha256, size_bytes=written.size_bytes, metrics=metrics, reason=reason)
-    prune_job(ctx.job_id, keep=ctx.settings.checkpoint_keep)
+    if storage.holds_data_folder():
+        _record(ctx, rel, written, metrics, reason)
+        return written
+    thread = threading.Thread(target=_store_and_record, args=(ctx, rel, written, metrics, reason), daemon=True,
+                              name=f"checkpoint-upload-{ctx.job_id[:12]}")
+    with _uploads_lock:
+        _uploads[ctx.job_id] = thread
+    thread.start()
     return written
+
+
+_uploads: dict[str, threading.Thread] = {}  # job id -> its checkpoint upload in flight
+_uploads_lock = threading.Lock()
+
+
+def wait_for_upload(job_id: str) -> None:
+    """Block until this job's checkpoint upload in flight, if any, is stored and recorded, or has failed (then
+    it is not recorded: a health event says so and the job would resume from its previous checkpoint). The
+    next ``save`` calls it, and so does ``domain.jobs`` when the handler returns or raises, before the job
+    is settled or committed."""
+    with _uploads_lock:
+        thread = _uploads.pop(job_id, None)
+    if thread is not None:
+        thread.join()
+
+
+def _record(ctx, rel: str, written: Written, metrics: dict, reason: str) -> None:
+    ctx.record_checkpoint(written.step, rel, written.sha256, size_bytes=written.size_bytes, metrics=metrics,
+                          reason=reason)
+    prune_job(ctx.job_id, keep=ctx.settings.checkpoint_keep)
+
+
+def _store_and_record(ctx, rel: str, written: Written, metrics: dict, reason: str) -> None:
+    """The upload thread: store the folder (verified), and only then record it. A failure leaves no row."""
+    try:
+        stored = storage.publish_tree(written.folder, rel)
+        if stored.sha256 != written.sha256:
+            raise storage.ObjectCorrupt(f"checkpoint {rel}: stored tree sha256 {stored.sha256[:12]}... is not the "
+                                        f"written {written.sha256[:12]}...")
+    except Exception as exc:  # noqa: BLE001 - a checkpoint that is not stored is not recorded; training goes on
+        log.warning("job %s: checkpoint of step %d not stored: %s", ctx.job_id, written.step, exc)
+        ctx.health("checkpoint", "upload_failed", "degraded",
+                   f"checkpoint {rel} not stored ({type(exc).__name__}: {exc}); not recorded"[:500], step=written.step)
+        shutil.rmtree(written.folder, ignore_errors=True)
+        return
+    try:
+        _record(ctx, rel, written, metrics, reason)
+    except Exception as exc:  # noqa: BLE001 - the thread has no caller to raise to; the ledger is the record
+        log.warning("job %s: stored checkpoint of step %d not recorded: %s", ctx.job_id, written.step, exc)
+
+
+def _local_copy(row) -> Path | None:
+    """A folder on this host holding a recorded checkpoint: the one this host wrote, else (a store other than
+    the data folder) a copy fetched from the store into the node cache, verified; None if neither matches."""
+    folder = resolve_in_data_root(row.path)
+    if folder.is_dir() and sha256_tree(folder) == row.sha256:
+        return folder
+    if storage.holds_data_folder():
+        return None
+    fetched = storage.fetch_tree(row.path, row.sha256)
+    return fetched if sha256_tree(fetched) == row.sha256 else None
 
 
 def latest(ctx) -> Loaded | None:
     """This job's latest recorded checkpoint, read, if its files still match the recorded sha256 (hashed once
-    per delivery); None if there is none, or it is missing, changed or unreadable (a health event says so:
-    training starts over)."""
+    per delivery): the folder this host wrote, or one fetched from the artifact store (another host wrote
+    it). None if there is none, or it is missing, changed or unreadable (a health event says so: training
+    starts over). A store that cannot be reached raises ``storage.StoreUnavailable`` (retried later)."""
     row = ctx.latest_checkpoint()
     if row is None:
         return None
     try:
-        folder = resolve_in_data_root(row.path)
-        if folder.is_dir() and sha256_tree(folder) == row.sha256:
+        folder = _local_copy(row)
+        if folder is not None:
             return read(folder)
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, storage.ObjectMissing, storage.ObjectCorrupt):
         pass
     ctx.health("checkpoint", "corrupt", "degraded",
                f"checkpoint {row.path} is missing, changed or unreadable; training starts over", step=row.step)

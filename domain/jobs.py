@@ -201,7 +201,10 @@ def _run_handler(ctx: JobContext, settings: Settings) -> tuple[Outcome, float]:
     t0 = time.perf_counter()
     try:
         with _HardLimit(_time_limit(ctx.kind, settings) + 30), tracing.span("foundry.handler", attempt=ctx.attempt):
-            outcome = load_handler(ctx.kind)(ctx.spec, ctx)
+            try:
+                outcome = load_handler(ctx.kind)(ctx.spec, ctx)
+            finally:  # a checkpoint still uploading is stored and recorded (or not) before the job settles
+                checkpoints.wait_for_upload(job_id)
     except InvalidJob as exc:
         jobstore.finish_failure(job_id, attempt, str(exc), exc.code, final_status="rejected")
         raise _Settled({"job_id": job_id, "status": "rejected", "error": str(exc), "field": exc.field}) from None

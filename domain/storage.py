@@ -5,7 +5,8 @@ folder itself, so the embedded default keeps its files where they always were an
 ``s3://bucket/prefix`` on any S3-compatible store (MinIO, AWS S3, R2), reached through fsspec + s3fs.
 Endpoint and region come from ``FOUNDRY_ARTIFACT_ENDPOINT_URL`` / ``FOUNDRY_ARTIFACT_REGION``, credentials
 from the standard AWS variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, profiles, instance
-roles), never from Foundry's settings and never logged.
+roles) or from files named by ``AWS_ACCESS_KEY_ID_FILE`` / ``AWS_SECRET_ACCESS_KEY_FILE`` (compose secrets,
+``domain.secrets``), never from Foundry's settings and never logged.
 
 Keys are the paths the ledger already records (``adapters/<tenant>/<name>/<folder>``...), relative to the
 store's root: the default store's keys are today's paths under the data folder, so nothing moves. A
@@ -139,6 +140,16 @@ def _transient(exc: BaseException) -> bool:
         isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError))
 
 
+def _file_credentials() -> dict:
+    """s3fs ``key``/``secret`` from ``AWS_ACCESS_KEY_ID_FILE`` / ``AWS_SECRET_ACCESS_KEY_FILE`` when the
+    variables themselves are not set; else nothing (botocore finds the standard ones itself)."""
+    from domain.secrets import secret
+
+    if os.environ.get("AWS_ACCESS_KEY_ID") or not os.environ.get("AWS_ACCESS_KEY_ID_FILE"):
+        return {}
+    return {"key": secret("AWS_ACCESS_KEY_ID"), "secret": secret("AWS_SECRET_ACCESS_KEY")}
+
+
 class ArtifactStore:
     """One store by URL: put/get verified objects under relative keys."""
 
@@ -151,7 +162,7 @@ class ArtifactStore:
             client = {k: v for k, v in (("endpoint_url", endpoint_url), ("region_name", region)) if v}
             options = {"client_kwargs": client, "skip_instance_cache": True, "use_listings_cache": False,
                        "config_kwargs": {"connect_timeout": 3, "read_timeout": 30,
-                                         "retries": {"max_attempts": 2, "mode": "standard"}}}
+                                         "retries": {"max_attempts": 2, "mode": "standard"}}, **_file_credentials()}
         self.url = url.rstrip("/")
         self.fs, root = fsspec.core.url_to_fs(self.url, **options)
         self.root = root.rstrip("/")
@@ -375,6 +386,15 @@ def get_cache(settings=None) -> NodeCache:
     return _caches[key]
 
 
+def holds_data_folder(store: ArtifactStore | None = None) -> bool:
+    """Whether the store is this host's data folder itself (the embedded default): its objects are the
+    files under the data root, so nothing is uploaded, fetched or deleted twice."""
+    from domain.paths import data_root
+
+    store = store or get_store()
+    return store.local and Path(store.root).resolve() == data_root()
+
+
 def publish_tree(folder: Path, key: str, *, primary: str | None = None, tenant: str | None = None) -> Manifest:
     """Store a finished local folder under ``key`` (a no-op upload when the store is the data folder)."""
     return get_store().put_tree(folder, check_key(key, tenant), primary=primary)
@@ -387,9 +407,7 @@ def fetch_tree(key: str, sha256: str, *, tenant: str | None = None, local: Path 
     record a ``store`` health event before raising."""
     key = check_key(key, tenant)
     store = get_store()
-    from domain.paths import data_root
-
-    here = store.local_path(key) if store.local and Path(store.root).resolve() == data_root() else None
+    here = store.local_path(key) if holds_data_folder(store) else None
     for candidate in (local, here):  # the default store: the data folder is the object itself
         if candidate is not None and candidate.is_dir() and any(candidate.iterdir()):
             return candidate

@@ -277,3 +277,18 @@ def test_a_served_model_made_on_host_a_loads_on_host_b_and_a_corrupt_one_is_refu
     with pytest.raises(ModelLoadError, match="sha256"):
         artifacts.servable_folder(art)
     assert (folder / "config.json").is_file()  # host B's verified copy is untouched
+
+
+def test_store_credentials_can_come_from_secret_files(s3_store, sqlite_ledger, tmp_path, monkeypatch):
+    """compose mounts the MinIO user and password as secret files; AWS_*_FILE names them (a real MinIO behind
+    FOUNDRY_TEST_S3_URL checks them; moto takes any, so the test also checks what the client was given)."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        (tmp_path / name).write_text(os.environ[name] + "\n")
+        monkeypatch.setenv(f"{name}_FILE", str(tmp_path / name))
+        monkeypatch.delenv(name)
+    storage._stores.clear()
+    store = storage.get_store()
+    assert (store.fs.key, store.fs.secret) == (s3_store["AWS_ACCESS_KEY_ID"], s3_store["AWS_SECRET_ACCESS_KEY"])
+    store.put_bytes("probe/acme/x.txt", b"hello")
+    assert store.get_bytes("probe/acme/x.txt") == b"hello"
+    assert s3_store["AWS_SECRET_ACCESS_KEY"] not in repr(store)

@@ -4,6 +4,12 @@ Real Redis + PostgreSQL, real `celery worker` processes; the ML kinds run on a t
 to disk (FOUNDRY_BASE_MODEL) and the index on the fast lexical embedder. After each fault: every job
 finished exactly once (one succeeded attempt, costs once, one artifact/version/review), none lost,
 and the ledger consistency checker finds nothing wrong.
+
+The broker's visibility timeout is the production one (derived from FOUNDRY_LONGEST_JOB_S: hours), not
+the 4 s of the other worker tests, which would hand a killed worker's messages back by itself: here the
+jobs come back only through beat's sweeps (``lost_sweep``: running jobs with a stale heartbeat handed back,
+queued jobs without a live message sent again), run by the test every few seconds with a short
+FOUNDRY_STALE_AFTER_S, as beat would with a short FOUNDRY_STRANDED_SWEEP_S.
 """
 
 from __future__ import annotations
@@ -19,21 +25,25 @@ from domain.ledger.models import AdapterVersion, Artifact, Job, JobAttempt, Revi
 from tests.conftest import add_tenant
 from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
 from tests.fixtures.tiny_models import save_tiny_model
-from tests.integration.test_faults_kit import fault_summary, record, tally, wait_final  # noqa: F401
+from tests.integration.test_faults_kit import fault_summary, lost_sweep, record, tally, wait_final  # noqa: F401
 from tests.integration.workers import apply_env, start_worker, worker_env
-from worker import maintenance
 
 pytestmark = pytest.mark.integration
 
 ALL_QUEUES = ["review", "retrain", "quantize", "distill", "index", "control"]
+STALE_S, SWEEP_S = 5, 3  # FOUNDRY_STALE_AFTER_S, and how often the test runs beat's sweeps
 
 
 @pytest.fixture
 def env(redis_url, pg_ledger, tmp_path, monkeypatch):
     base = save_tiny_model(tmp_path / "tiny-base", layers=2, hidden=64)
     e = worker_env(redis_url, pg_ledger, tmp_path, FOUNDRY_BASE_MODEL=str(base), FOUNDRY_DEVICE="cpu",
-                   FOUNDRY_EMBEDDING_MODEL="hashing:64", OMP_NUM_THREADS="1", FOUNDRY_HEALTH_INTERVAL_S="2")
+                   FOUNDRY_EMBEDDING_MODEL="hashing:64", OMP_NUM_THREADS="1", FOUNDRY_HEALTH_INTERVAL_S="2",
+                   FOUNDRY_VISIBILITY_TIMEOUT_S="0", FOUNDRY_STALE_AFTER_S=str(STALE_S))
     apply_env(monkeypatch, e)
+    from domain.config import get_settings
+
+    assert get_settings().visibility_timeout > 6 * 3600  # the production value: no redelivery by kombu
 
     add_tenant(pg_ledger, "acme")
     return e
@@ -141,9 +151,10 @@ def test_sigkill_mid_job_for_every_kind(env):
     old = workers
     workers = start_workers(env, list(work))
     print(f"new workers ready at {time.monotonic() - t0:.1f}s")
+    handed_back: list[str] = []
     try:
         try:
-            wait_final(list(ids.values()), timeout=180)
+            wait_final(list(ids.values()), timeout=180, sweep=lost_sweep(handed_back, []), sweep_every_s=SWEEP_S)
         except AssertionError:
             for kind, w in {**{f"old-{k}": v for k, v in old.items()}, **workers}.items():
                 print(f"==== {kind} worker log\n{w.output()[-2500:]}")
@@ -162,6 +173,7 @@ def test_sigkill_mid_job_for_every_kind(env):
             outcomes = [a.outcome for a in s.scalars(select(JobAttempt).where(JobAttempt.job_id == ids[kind])
                                                      .order_by(JobAttempt.attempt))]
             assert outcomes[0] == "lost" and outcomes[-1] == "succeeded", (kind, outcomes)
+    assert {ids[k] for k in running_at_kill} <= set(handed_back)  # back through the sweep, not the broker
     assert_made_once(ids)
     report = consistency.check()
     assert report.ok, report.to_dict()
@@ -200,17 +212,17 @@ def _flood(env, n: int, workers: int, kills: int, timeout: float) -> None:
             (victim.kill if k % 2 == 0 else victim.stop)()  # SIGKILL, then a warm restart
             release_stale_restore_mutex(env)
             procs.append(start_worker(env, queues=["control"], pool="threads", concurrency=4))
-        # beat's stranded-job sweep: a worker SIGKILLed between kombu's BRPOP and its unacked record loses
-        # that message; the ledger still has the job queued and the sweep sends it again
+        # beat's sweeps: the running jobs of a SIGKILLed worker are handed back; a message it had taken
+        # (BRPOP) but not recorded as unacknowledged, or held unstarted, is sent again
         resent: list[str] = []
-        wait_final(ids, timeout=timeout, sweep=lambda: resent.extend(
-            maintenance.resend_stranded(older_than_s=20, source="test")["resent"]), sweep_every_s=10)
+        handed_back: list[str] = []
+        wait_final(ids, timeout=timeout, sweep=lost_sweep(handed_back, resent), sweep_every_s=SWEEP_S)
     finally:
         for p in procs:
             p.stop()
     t = tally(ids)
     record(f"{n} queued noop jobs, {kills} worker restarts", t,
-           f"enqueued in {enqueue_s:.1f}s; {len(resent)} stranded re-sent")
+           f"enqueued in {enqueue_s:.1f}s; {len(handed_back)} handed back, {len(resent)} stranded re-sent")
     assert t.finished_once == n and t.lost == 0 and t.duplicated == 0, t
     report = consistency.check(check_files=False)
     assert report.ok, report.to_dict()

@@ -103,6 +103,18 @@ def wait_final(job_ids: list[str], timeout: float, url: str | None = None, sweep
         time.sleep(0.2)
 
 
+def lost_sweep(handed_back: list[str], resent: list[str]):
+    """What beat's ``foundry.resend_stranded`` runs, for ``wait_final`` to call every few seconds: running jobs
+    of dead workers handed back, queued jobs whose message no live worker holds sent again."""
+    from worker import maintenance
+
+    def sweep() -> None:
+        resent.extend(maintenance.resend_stranded(older_than_s=20, source="test")["resent"])
+        handed_back.extend(maintenance.hand_back_lost_running(source="test")["handed_back"])
+
+    return sweep
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

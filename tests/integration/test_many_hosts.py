@@ -330,3 +330,83 @@ def _attempt_outcomes(job_id: str) -> list:
     with session_scope() as s:
         return s.scalars(select(JobAttempt.outcome).where(JobAttempt.job_id == job_id,
                                                           JobAttempt.outcome.is_not(None))).all()
+
+
+def _adapter_weights(version_id: str) -> dict:
+    """A version's adapter weights as the store holds them (fetched into this process's cache, verified)."""
+    from safetensors.torch import load_file
+
+    from domain import storage
+    from domain.adapters import store as adapter_store
+    from domain.ledger.models import AdapterVersion
+
+    with session_scope() as s:
+        v = s.get(AdapterVersion, version_id)
+        key, sha, tenant = v.artifact_path, v.artifact_sha256, v.tenant_id
+    return load_file(str(storage.fetch_tree(key, sha, tenant=tenant) / adapter_store.WEIGHTS_FILE))
+
+
+def _recorded_checkpoints(job_id: str) -> list:
+    from domain.ledger.models import Checkpoint
+
+    with session_scope() as s:
+        return s.execute(select(Checkpoint.step, Checkpoint.path, Checkpoint.sha256)
+                         .where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)).all()
+
+
+@pytest.mark.slow  # two worker starts, a beat and two retrains in worker processes: about 85 s on 2 busy cores
+def test_a_retrain_killed_on_host_a_resumes_on_host_b_from_the_checkpoint_a_stored(store_hosts, tmp_path, pg_ledger):
+    """Host A is SIGKILLed mid-retrain (production visibility timeout: kombu would hold its message for hours);
+    beat's stale-running sweep hands the job back, host B fetches A's last stored checkpoint from the store,
+    resumes from it and ends with the weights of an uninterrupted run of the same spec, with one usage row."""
+    import torch
+
+    from domain.config import get_settings
+    from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
+    from worker.client import wait
+
+    assert get_settings().visibility_timeout > 6 * 3600
+    a_env, b_env = store_hosts
+    add_tenant(pg_ledger, "twin")  # the same feedback: the uninterrupted reference run
+    seed_feedback("twin", stdlib_review_pairs(8, max_code_lines=8))
+    body = {**TRAIN, "max_steps": 40, "checkpoint_every": 5}
+    job_id = enqueue("retrain", {"tenant": "acme", **body})
+    a = start_worker(a_env, queues=["retrain"], name="a@host-a")
+    try:
+        wait_for("host A records a stored checkpoint", lambda: _recorded_checkpoints(job_id), 120, every=0.1)
+    finally:
+        a.kill()
+    killed = time.monotonic()
+    assert job_row(job_id).status == "running", a.output()[-3000:]
+    stored_by_a = _recorded_checkpoints(job_id)[-1]
+    assert not (tmp_path / "host-b" / stored_by_a.path).exists()
+    twin_id = enqueue("retrain", {"tenant": "twin", **body})  # B runs it while A's job waits to be judged lost
+
+    # beat sends its sweep to the control queue: host B consumes it too, as a deployment has some worker do
+    with running_worker(b_env, queues=["retrain", "control"], name="b@host-b") as b, running_beat(b_env, tmp_path / "host-b"):
+        try:
+            done = wait(job_id, timeout=180)
+        except TimeoutError:
+            row = job_row(job_id)
+            beat_log = (tmp_path / "host-b" / "beat.log").read_text(errors="replace")
+            raise AssertionError(f"{row.status} {row.worker} {row.progress_info} {row.error}\n{b.output()[-4000:]}"
+                                 f"\n---- beat\n{beat_log[-3000:]}") from None
+        recovered_s = time.monotonic() - killed
+        reference = wait(twin_id, timeout=60)
+    assert done["status"] == "succeeded" and reference["status"] == "succeeded", (done, reference)
+    assert recovered_s < 180
+    result = done["result"]
+    assert result["steps"] == 40 and result["resumed_from_step"] >= stored_by_a.step > 0
+    resumed_from = next(c for c in _recorded_checkpoints(job_id) if c.step == result["resumed_from_step"])
+    assert (tmp_path / "host-b" / "cache" / "objects" / resumed_from.sha256).is_dir()  # fetched by B, verified
+    with session_scope() as s:
+        trail = s.execute(select(JobAttempt.outcome, JobAttempt.worker).where(JobAttempt.job_id == job_id)
+                          .order_by(JobAttempt.attempt)).all()
+        assert [o for o, _ in trail] == ["lost", "succeeded"] and trail[1].worker.startswith("b@host-b")
+        assert s.scalar(select(func.count()).select_from(UsageCost).where(UsageCost.job_id == job_id)) == 1
+    assert result["train_loss_final"] == pytest.approx(reference["result"]["train_loss_final"], rel=1e-5)
+    resumed, whole = _adapter_weights(result["version_id"]), _adapter_weights(reference["result"]["version_id"])
+    assert resumed.keys() == whole.keys() and resumed
+    for name, tensor in whole.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6)
+    print(f"resumed on host B from step {result['resumed_from_step']}, succeeded {recovered_s:.1f} s after the SIGKILL")

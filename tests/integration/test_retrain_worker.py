@@ -28,6 +28,7 @@ from domain.ledger.models import (
 from tests.conftest import add_tenant
 from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
 from tests.fixtures.tiny_models import save_tiny_model
+from tests.integration.test_faults_kit import lost_sweep, wait_final
 from tests.integration.workers import (
     ROOT,
     apply_env,
@@ -45,7 +46,9 @@ TRAIN = {"max_seq_len": 384, "batch_size": 2, "lora_r": 4, "target_modules": ["q
 @pytest.fixture
 def env(redis_url, pg_ledger, tmp_path, monkeypatch):
     base = save_tiny_model(tmp_path / "tiny-base")
-    e = worker_env(redis_url, pg_ledger, tmp_path, FOUNDRY_BASE_MODEL=base, FOUNDRY_DEVICE="cpu", OMP_NUM_THREADS=1)
+    # the production visibility timeout: a killed worker's job comes back through beat's hand-back sweep
+    e = worker_env(redis_url, pg_ledger, tmp_path, FOUNDRY_BASE_MODEL=base, FOUNDRY_DEVICE="cpu", OMP_NUM_THREADS=1,
+                   FOUNDRY_VISIBILITY_TIMEOUT_S="0")
     apply_env(monkeypatch, e)
 
     add_tenant(pg_ledger, "acme")
@@ -99,16 +102,19 @@ def test_killed_worker_job_resumes_from_checkpoint_on_another(env):
     with session_scope() as s:
         assert s.get(Job, job_id).status == "running"
         last_step = s.scalar(select(func.max(Checkpoint.step)).where(Checkpoint.job_id == job_id))
+    handed_back: list[str] = []
     with running_worker(env, queues=["retrain"], name="second@%h") as second:
         try:
-            done = wait(job_id, timeout=240)
-        except TimeoutError:
+            wait_final([job_id], timeout=240, sweep=lost_sweep(handed_back, []), sweep_every_s=3)
+            done = wait(job_id, timeout=5)
+        except AssertionError:
             with session_scope() as s:
                 j = s.get(Job, job_id)
                 raise AssertionError(f"{j.status} {j.progress_info} {j.error}\n{second.output()[-4000:]}") from None
     assert done["status"] == "succeeded", done
     r = done["result"]
     assert r["steps"] == 150 and r["resumed_from_step"] >= last_step > 0
+    assert handed_back == [job_id]  # back through the sweep: kombu would hold the message for hours
     with session_scope() as s:
         attempts = [a.outcome for a in s.scalars(select(JobAttempt).where(JobAttempt.job_id == job_id)
                                                  .order_by(JobAttempt.attempt))]

@@ -94,7 +94,8 @@ def test_each_gpu_worker_is_pinned_to_its_own_device(services):
 
 def test_secrets_come_from_files(compose, services):
     declared = compose["secrets"]
-    assert set(declared) == {"postgres_password", "flower_basic_auth", "metrics_password", "grafana_admin_password"}
+    assert set(declared) == {"postgres_password", "flower_basic_auth", "metrics_password", "grafana_admin_password",
+                             "minio_root_user", "minio_root_password"}
     assert all(s["file"].startswith("${FOUNDRY_SECRETS_DIR:-./secrets}/") for s in declared.values())
     assert services["postgres"]["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
     for name in ("migrate", "models", *FOUNDRY_SERVICES):
@@ -192,7 +193,12 @@ def test_minio_persists_is_healthchecked_and_its_bucket_is_created_once(services
     assert minio["healthcheck"]["test"][:3] == ["CMD", "mc", "ready"]
     assert init["depends_on"]["minio"]["condition"] == "service_healthy" and init["restart"] == "no"
     assert "mc mb --ignore-existing store/foundry" in " ".join(init["command"])
-    assert "${MINIO_ROOT_PASSWORD:?" in (ROOT / "docker-compose.yml").read_text()  # required, never a default
+    assert minio["environment"] == {"MINIO_ROOT_USER_FILE": "/run/secrets/minio_root_user",
+                                    "MINIO_ROOT_PASSWORD_FILE": "/run/secrets/minio_root_password"}
+    for svc in (minio, init):
+        assert set(svc["secrets"]) == {"minio_root_user", "minio_root_password"}
+    assert "$$(cat /run/secrets/minio_root_password)" in " ".join(init["command"])
+    assert "MINIO_ROOT_PASSWORD:" not in (ROOT / "docker-compose.yml").read_text()  # only the secret file
 
 
 def test_every_worker_uses_the_store_and_has_its_own_cache_volume(services, compose):
@@ -202,6 +208,9 @@ def test_every_worker_uses_the_store_and_has_its_own_cache_volume(services, comp
         assert env["FOUNDRY_ARTIFACT_URL"].startswith("${FOUNDRY_ARTIFACT_URL:-s3://foundry/"), name
         assert env["FOUNDRY_ARTIFACT_ENDPOINT_URL"].endswith("http://minio:9000}") and env["FOUNDRY_CACHE_DIR"] == "/cache"
         assert services[name]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+        assert env["AWS_ACCESS_KEY_ID_FILE"] == "/run/secrets/minio_root_user" and "AWS_SECRET_ACCESS_KEY" not in env
+        assert env["AWS_SECRET_ACCESS_KEY_FILE"] == "/run/secrets/minio_root_password", name
+        assert {"minio_root_user", "minio_root_password"} <= set(services[name]["secrets"]), name
     for name in ("worker-review", "worker-gpu", "worker-cpu"):
         [cache] = [v.split(":")[0] for v in services[name]["volumes"] if v.split(":")[1].startswith("/cache")]
         assert cache in compose["volumes"]
