@@ -5,7 +5,8 @@ loading a servable one back.
 - ``publish_model(folder, dest, kind, report, lineage)``: write the report file, move the finished folder into
   place (``paths.publish_dir``), put it in the artifact store (verified; no copy when the store is the data
   folder) and return what the ledger records of it (``Published``: path = store key, sha256, size).
-- ``data_file(rel, field)``: a data file a job names, under the data root.
+- ``data_file(rel, field)``: a data file a job names, under the data root or, on a host that does not hold
+  it, in the artifact store under the same key (``storage.fetch_file``, kept in the node cache).
 - ``add_artifact(session, ...)``: the ``artifacts`` row of a ready model (inside the job's commit).
 - ``load_serving_model(artifact)``: a ``quantized_model`` or ``distilled_model`` artifact loaded for serving:
   ``servable_folder`` (kind, status, path and sha256 checked; on a host that did not make it, fetched from the
@@ -76,9 +77,16 @@ def data_file(rel: str, field: str) -> Path:
         path = resolve_in_data_root(rel)
     except UnsafePath as exc:
         raise InvalidJob(f"{field}: {exc}", field=field) from exc
-    if not path.exists():
-        raise InvalidJob(f"{field}: {rel!r} does not exist under the data root", field=field)
-    return path
+    if path.exists():
+        return path
+    if not storage.holds_data_folder():  # another host's data set: from the artifact store, by the same key
+        try:
+            return storage.fetch_file(rel)
+        except storage.ObjectMissing:
+            pass
+        except storage.KeyRefused as exc:
+            raise InvalidJob(f"{field}: {exc}", field=field) from exc
+    raise InvalidJob(f"{field}: {rel!r} does not exist under the data root or in the artifact store", field=field)
 
 
 # ---- the ledger -----------------------------------------------------------------------------

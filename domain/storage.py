@@ -400,6 +400,23 @@ def publish_tree(folder: Path, key: str, *, primary: str | None = None, tenant: 
     return get_store().put_tree(folder, check_key(key, tenant), primary=primary)
 
 
+def fetch_file(key: str, *, tenant: str | None = None) -> Path:
+    """A data file a job names (``data_path``, ``eval_data_path``) that is not under this host's data folder:
+    read from the store and kept in this host's cache under the sha256 of its bytes (a file replaced under
+    the same key is a new entry). Raises ObjectMissing when the store does not hold it either."""
+    key = check_key(key, tenant)
+    data = get_store().get_bytes(key)
+    digest = hashlib.sha256(data).hexdigest()
+    cache = get_cache()
+    target = cache.root / "files" / digest / PurePosixPath(key).name
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    return target
+
+
 def fetch_tree(key: str, sha256: str, *, tenant: str | None = None, local: Path | None = None) -> Path:
     """A local folder holding ``key``: ``local`` (this host wrote it) or, for the default store, the data
     folder's own copy (callers check those against the ledger as before); else this host's cache, fetched

@@ -292,3 +292,14 @@ def test_store_credentials_can_come_from_secret_files(s3_store, sqlite_ledger, t
     store.put_bytes("probe/acme/x.txt", b"hello")
     assert store.get_bytes("probe/acme/x.txt") == b"hello"
     assert s3_store["AWS_SECRET_ACCESS_KEY"] not in repr(store)
+
+
+def test_a_data_file_named_by_a_job_is_read_from_the_store_on_a_host_without_it(s3_store, sqlite_ledger, tmp_path):
+    from domain import artifacts
+    from domain.errors import InvalidJob
+
+    storage.get_store().put_bytes("data/acme/eval.txt", b"def f():\n    return 1\n")
+    got = artifacts.data_file("data/acme/eval.txt", "eval_data_path")
+    assert got.read_bytes() == b"def f():\n    return 1\n" and got.is_relative_to(tmp_path)
+    with pytest.raises(InvalidJob, match="eval_data_path: .* or in the artifact store"):
+        artifacts.data_file("data/acme/missing.txt", "eval_data_path")
