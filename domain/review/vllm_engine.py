@@ -115,6 +115,7 @@ class VllmRuntime:
         self.capacity = max(self.max_adapters, settings.cpu_adapters)
         self.max_lora_rank = settings.vllm.max_lora_rank
         self.device = torch.device("cpu")  # vLLM's platform, once the engine runs
+        self.dtype = torch.float32  # the compute dtype, once the engine runs
         self.stats: Counter = Counter()  # adapter_loads, evictions, batches, rows
         self._loras: OrderedDict[str, object] = OrderedDict()  # version id -> LoRARequest, least recently used first
         self._lora_ids: dict[str, int] = {}  # version id -> vLLM's lora_int_id, never reused in this process
@@ -135,8 +136,9 @@ class VllmRuntime:
         from domain.review.vllm_logits import NoRepeatNGram
 
         self.device = torch.device("cuda" if current_platform.is_cuda_alike() else "cpu")
+        self.dtype = compute_dtype(self.device, settings.compute_dtype)  # Foundry's own engine's: fp32 on the CPU
         try:
-            return LLM(model=self.ref, tokenizer=self.ref, dtype=compute_dtype(self.device, settings.compute_dtype),
+            return LLM(model=self.ref, tokenizer=self.ref, dtype=self.dtype,
                        seed=0, max_model_len=self.context_window, generation_config="vllm",
                        enable_lora=True, max_loras=self.max_adapters, max_cpu_loras=self.capacity,
                        max_lora_rank=self.max_lora_rank, logits_processors=[NoRepeatNGram],

@@ -81,7 +81,7 @@ def _run_one_batch(rt, reqs):
 
 
 def test_one_mixed_batch_equals_foundrys_own_rows(engines):
-    base, adapters, vrt, own = engines
+    _, adapters, vrt, own = engines
     assert type(vrt).__name__ == "VllmRuntime" and vrt.device.type == "cpu"
     names = ["v1", None, "v2", "v2", "v1", None]  # both codes under each adapter and the base
     ours = _run_one_batch(own, _requests(own, adapters, names))
