@@ -415,6 +415,13 @@ def get_runtime(settings: Settings | None = None, artifact=None) -> Runtime:
         return rt
 
 
+def forget_runtime(key: str, rt) -> None:
+    """Drop this runtime from the registry if it is still the one under ``key`` (a dead vLLM engine)."""
+    with _registry_lock:
+        if _runtimes.get(key) is rt:
+            del _runtimes[key]
+
+
 def reset_runtimes() -> None:
     """Drop every resident model (tests; a worker never needs it)."""
     with _registry_lock:

@@ -18,6 +18,8 @@ included (``LLM.generate`` is not thread-safe, vllm#1285).
 - Decoding control: the no-repeat n-gram ban runs in vLLM's sampler (``domain.review.vllm_logits``); the stop
   rule, a Python function of the tokens, is applied after generation (``cut_at_stop``): the same tokens, but
   vLLM decodes each row to its ``max_new_tokens`` or end token before the cut.
+- A dead engine process (killed, crashed) fails its batch with ``TransientError`` code ``engine_dead`` (the
+  jobs are retried) and leaves the registry, so the next review starts a new engine.
 - Refused with ``ModelLoadError`` (the handler records ``JobFailed`` code ``model_load``) when vllm is not
   installed, inside a daemonic process such as a Celery prefork child (vLLM's engine runs in a child process
   of its own, vllm#18308), for a quantized serving artifact, or when vLLM cannot load the model.
@@ -37,6 +39,7 @@ from pathlib import Path
 import torch
 
 from domain.config import Settings
+from domain.errors import TransientError
 from domain.models import ModelLoadError, load_tokenizer
 from domain.review.batcher import AdapterHandle, Batcher
 from domain.review.decoding import cut_at_stop
@@ -194,12 +197,27 @@ class VllmRuntime:
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, stop_token_ids=stop_ids, detokenize=False,
                                  extra_args={NGRAM_ARG: c.no_repeat_ngram} if c is not None and c.no_repeat_ngram else None)
                   for n, c in zip(max_new_tokens, controls)]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
-                                 lora_request=[self._loras[s] if s else None for s in slots], use_tqdm=False)
+        try:
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
+                                     lora_request=[self._loras[s] if s else None for s in slots], use_tqdm=False)
+        except Exception as exc:
+            if type(exc).__name__ != "EngineDeadError":
+                raise
+            self._forget()
+            raise TransientError(f"vLLM's engine process died ({exc}); the retry starts a new engine",
+                                 code="engine_dead") from exc
         rows = [cut_at_stop(self._until_end(list(o.outputs[0].token_ids)), c) for o, c in zip(outs, controls)]
         self.stats["batches"] += 1
         self.stats["rows"] += len(rows)
         return rows
+
+    def _forget(self) -> None:
+        """A dead engine leaves the process-wide registry: the next review starts a new one. Its batcher keeps
+        running, so requests already queued to it fail the same way at once instead of waiting."""
+        from domain.review.runtime import forget_runtime
+
+        log.error("vLLM engine for %s died; it is dropped and restarted by the next review", self.ref)
+        forget_runtime(self.key, self)
 
     def _until_end(self, tokens: list[int]) -> list[int]:
         for j, tok in enumerate(tokens):

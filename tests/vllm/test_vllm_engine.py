@@ -55,6 +55,7 @@ def engines(tmp_path_factory):
         yield base, adapters, vrt, own
         own.batcher.stop()
         runtime.reset_runtimes()
+        vrt.close()  # if the last test replaced it, the dead one is no longer in the registry
     reset_settings()
 
 
@@ -154,3 +155,25 @@ def test_a_review_job_on_vllm_writes_the_rows_foundrys_engine_writes(engines, le
     keep = ("raw_text", "summary", "findings", "prompt_tokens", "completion_tokens", "adapter_version_id", "model_id")
     assert {k: v_res[k] for k in keep} == {k: f_res[k] for k in keep}
     assert v_res["adapter_version_id"] == vid and v_res["completion_tokens"] > 0
+
+
+def test_a_dead_engine_fails_as_transient_and_the_next_review_starts_a_new_one(engines):
+    import os
+    import signal
+
+    from domain.errors import TransientError
+
+    _, adapters, vrt, own = engines
+    reset_settings()  # the module's environment: FOUNDRY_REVIEW_ENGINE=vllm
+    assert runtime.get_runtime() is vrt
+    engine_process = vrt.llm.llm_engine.engine_core.resources.engine_manager.processes[0]
+    os.kill(engine_process.pid, signal.SIGKILL)  # the engine process this module started
+    engine_process.join(30)
+    failed = vrt.batcher.submit(_requests(vrt, adapters, ["v1"], 4)[0]).exception(timeout=120)
+    assert isinstance(failed, TransientError) and failed.code == "engine_dead"
+
+    fresh = runtime.get_runtime()  # a new engine (another start of ~45 s)
+    assert fresh is not vrt
+    [gen] = _run_one_batch(fresh, _requests(fresh, adapters, ["v2"], 8))
+    [ref] = _run_one_batch(own, _requests(own, adapters, ["v2"], 8))
+    assert gen.token_ids == ref.token_ids
