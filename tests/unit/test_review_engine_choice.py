@@ -44,7 +44,7 @@ def test_the_default_review_path_never_imports_vllm():
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'vllm' or m == 'domain.review.vllm_engine'))")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FOUNDRY_")}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
 
