@@ -170,6 +170,11 @@ def main() -> None:
         args.batch_size = min(args.batch_size, 8)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.engine == "vllm":
+        from domain.review.vllm_engine import refusal
+
+        if refusal():  # before any model work
+            raise SystemExit(f"--engine vllm: {refusal()}")
 
     torch.manual_seed(0)
     ref, mode = _shapes.model_for(args, lambda: base_ref(args.model))
