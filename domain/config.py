@@ -3,7 +3,8 @@
 ``get_settings()`` returns it (cached) and ``reset_settings()`` forgets it (tests change the environment).
 A part that belongs to one package is a section of it: ``settings.retrieval`` (``FOUNDRY_EMBEDDING_MODEL``,
 ...), ``settings.circuit`` (``FOUNDRY_CIRCUIT_*``), ``settings.health`` (``FOUNDRY_HEALTH_*``),
-``settings.metrics`` (``FOUNDRY_METRICS_*``); each section reads the variables of its own prefix.
+``settings.metrics`` (``FOUNDRY_METRICS_*``), ``settings.vllm`` (``FOUNDRY_VLLM_*``); each section reads the
+variables of its own prefix.
 
 One table of every setting lives in README.md ("Configuration"); keep the two in step.
 The embedded default needs none of them: everything lives under ``FOUNDRY_DATA_DIR``
@@ -16,7 +17,7 @@ import functools
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -79,6 +80,19 @@ class MetricsSettings(Section):
 
     user: str | None = Field(None, description="Basic-auth user of `foundry metrics serve`.")
     password: str | None = Field(None, repr=False, description="Basic-auth password of `foundry metrics serve`.")
+
+
+class VllmSettings(Section):
+    """The vLLM review engine (``FOUNDRY_REVIEW_ENGINE=vllm``, domain/review/vllm_engine.py)."""
+
+    env_prefix: ClassVar[str] = ENV_PREFIX + "VLLM_"
+
+    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank vLLM reserves room for (its max_lora_rank: "
+                               "8, 16, 32, 64, 128 or 256); an adapter of a higher rank fails its reviews with a clear error.")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="Share of the GPU's memory vLLM takes for "
+                                          "weights and KV cache (a GPU worker also trains in the same process); unused on the CPU.")
+    enforce_eager: bool = Field(False, description="Run vLLM without torch.compile and CUDA graphs: faster start, slower "
+                                "decoding (tests and short CPU runs).")
 
 
 class _SectionsSource(PydanticBaseSettingsSource):
@@ -147,6 +161,8 @@ class Settings(BaseSettings):
     max_review_bytes: int = Field(200_000, description="Largest code/diff a review accepts.")
     review_batch_size: int = Field(8, description="Review jobs a worker drains into one generation batch.")
     review_batch_wait_ms: float = Field(20.0, description="How long the review batcher waits to fill a batch.")
+    review_engine: Literal["foundry", "vllm"] = Field("foundry", description="What generates reviews: 'foundry' (its own "
+                                                      "batched PEFT decoder) or 'vllm' (needs the foundry[vllm] extra; domain/review/vllm_engine.py).")
     max_resident_adapters: int = Field(8, ge=1, description="LoRA adapters kept loaded per review worker (LRU, evicted adapters are deleted).")
     # ---- artifact store and node-local cache (domain/storage.py) ----
     artifact_url: str = Field("", description="Where artifacts live: file:///folder or s3://bucket/prefix (any S3-compatible store); empty = the data folder. Credentials: the standard AWS variables, never logged.")
@@ -167,6 +183,7 @@ class Settings(BaseSettings):
     circuit: CircuitSettings = Field(default_factory=CircuitSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    vllm: VllmSettings = Field(default_factory=VllmSettings)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

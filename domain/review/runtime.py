@@ -63,6 +63,19 @@ def _lora_signature(config) -> tuple:
     return (str(d.get("peft_type")), targets, *(json.dumps(d.get(k), sort_keys=True, default=str) for k in _LORA_KEYS))
 
 
+def context_window(model_window: int, tokenizer) -> int:
+    """The tokens a prompt and its answer may span: the model's window, or the tokenizer's if smaller."""
+    tok_max = getattr(tokenizer, "model_max_length", None) or 0
+    return min(model_window, tok_max) if 0 < tok_max < 10**7 else model_window
+
+
+def end_token_ids(generation_config, tokenizer) -> set[int]:
+    """The tokens that end a row: the generation config's end token(s), else the tokenizer's."""
+    eos = generation_config.eos_token_id
+    eos = eos if isinstance(eos, (list, tuple)) else [eos if eos is not None else tokenizer.eos_token_id]
+    return {int(e) for e in eos if e is not None}
+
+
 class Runtime:
     def __init__(self, loaded: LoadedModel, key: str, model_id: str, *, max_adapters: int = 8,
                  serving_artifact_id: str | None = None):
@@ -84,11 +97,8 @@ class Runtime:
         self.stats: Counter = Counter()  # adapter_loads, hotswaps, evictions, batches, rows, prefix_hits
         self.timings: Counter = Counter()  # prefill_s, decode_s, decode_steps (benchmarks, tuning)
         self.batcher: Batcher | None = None  # set by get_runtime (or a test or benchmark) around this runtime
-        tok_max = getattr(self.tokenizer, "model_max_length", None) or 0
-        self.context_window = min(loaded.context_window, tok_max) if 0 < tok_max < 10**7 else loaded.context_window
-        eos = self.base.generation_config.eos_token_id
-        eos = eos if isinstance(eos, (list, tuple)) else [eos if eos is not None else self.tokenizer.eos_token_id]
-        self.eos_ids = {int(e) for e in eos if e is not None}
+        self.context_window = context_window(loaded.context_window, self.tokenizer)
+        self.eos_ids = end_token_ids(self.base.generation_config, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids)))
 
@@ -369,12 +379,13 @@ BASE_LOADS: Counter = Counter()  # runtime key -> times its base model was loade
 
 def runtime_key(settings: Settings, artifact=None) -> str:
     what = f"artifact:{artifact.id}" if artifact is not None else f"model:{settings.base_model_ref()}"
-    return f"{what}@{settings.device}"
+    return f"{what}@{settings.device}" + ("+vllm" if settings.review_engine == "vllm" else "")
 
 
 def get_runtime(settings: Settings | None = None, artifact=None) -> Runtime:
     """The resident runtime for the deployment's base model (or a tenant's serving artifact, an
-    ``artifacts`` row loaded by ``domain.artifacts.load_serving_model``); loaded on first use."""
+    ``artifacts`` row loaded by ``domain.artifacts.load_serving_model``); loaded on first use.
+    ``FOUNDRY_REVIEW_ENGINE=vllm``: a ``domain.review.vllm_engine.VllmRuntime`` instead, with the same surface."""
     settings = settings or get_settings()
     key = runtime_key(settings, artifact)
     with _registry_lock:
@@ -382,6 +393,12 @@ def get_runtime(settings: Settings | None = None, artifact=None) -> Runtime:
         if rt is not None:
             return rt
         t0 = time.perf_counter()
+        if settings.review_engine == "vllm":  # imported only here: the default path never imports vllm
+            from domain.review.vllm_engine import start_vllm_runtime
+
+            rt = _runtimes[key] = start_vllm_runtime(settings, key, artifact)
+            BASE_LOADS[key] += 1
+            return rt
         if artifact is not None:
             loaded = load_serving_model(artifact, device=settings.device)
             model_id = f"{artifact.name or 'artifact'}:{artifact.id}"
@@ -398,11 +415,20 @@ def get_runtime(settings: Settings | None = None, artifact=None) -> Runtime:
         return rt
 
 
+def forget_runtime(key: str, rt) -> None:
+    """Drop this runtime from the registry if it is still the one under ``key`` (a dead vLLM engine)."""
+    with _registry_lock:
+        if _runtimes.get(key) is rt:
+            del _runtimes[key]
+
+
 def reset_runtimes() -> None:
     """Drop every resident model (tests; a worker never needs it)."""
     with _registry_lock:
         for rt in _runtimes.values():
-            if rt.batcher is not None:
+            if hasattr(rt, "close"):  # the vLLM runtime: its engine process too
+                rt.close()
+            elif rt.batcher is not None:
                 rt.batcher.stop()
         _runtimes.clear()
     gc.collect()
