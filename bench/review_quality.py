@@ -37,6 +37,7 @@ from domain.review.analyzers import Analysis  # noqa: E402
 from domain.review.decoding import DecodeControl, review_stop  # noqa: E402
 from domain.review.findings import from_model, merge  # noqa: E402
 from domain.review.grounded import analysis_note, analysis_stage, merge_review, output_budget  # noqa: E402
+from domain.review import quality  # noqa: E402
 from domain.review.parse import parse_review  # noqa: E402
 from domain.prompting import fit_prompt, shared_prefix_len  # noqa: E402
 from domain.review.runtime import Runtime, model_id_for  # noqa: E402
@@ -54,24 +55,31 @@ def prepare(rt: Runtime, code: str, grounded: bool, requested: int):
     return analysis, fitted.input_ids, budget
 
 
-def finish(rt: Runtime, code: str, analysis: Analysis, tokens: list[int], grounded: bool) -> list[dict]:
+def finish(rt: Runtime, code: str, analysis: Analysis, tokens: list[int], grounded: bool,
+           suppressed: frozenset[str] = frozenset()) -> list[dict]:
     text = rt.decode(tokens)
     parsed = parse_review(text, n_lines=len(code.splitlines()))
     if grounded:
-        return merge_review(parsed.findings, analysis, code, path=PATH, language="python", is_diff=False, raw_text=text)
-    return merge([], [from_model(f) for f in parsed.findings])
+        return merge_review(parsed.findings, analysis, code, path=PATH, language="python", is_diff=False, raw_text=text,
+                            suppressed=suppressed)
+    return merge([], [from_model(f) for f in parsed.findings], suppressed)
 
 
-def review_batch(rt: Runtime, codes: list[str], grounded: bool, requested: int, batch: int) -> list[list[dict]]:
+def review_batch(rt: Runtime, codes: list[str], grounded: bool, requested: int, batch: int, slot: str | None = None,
+                 suppressed: frozenset[str] = frozenset(), texts: list[str] | None = None) -> list[list[dict]]:
+    """Reviews of ``codes`` (adapter ``slot`` of ``rt``, or the base), findings of ``suppressed`` rules left
+    out; the raw answers are appended to ``texts`` when given."""
     out = []
     for start in range(0, len(codes), batch):
         part = codes[start:start + batch]
         prepared = [prepare(rt, c, grounded, requested) for c in part]
         control = DecodeControl(stop=review_stop(rt.decode))
         ids = [p[1] for p in prepared]
-        rows = rt.generate(ids, [None] * len(part), [p[2] for p in prepared],
+        rows = rt.generate(ids, [slot] * len(part), [p[2] for p in prepared],
                            [shared_prefix_len(rt.tokenizer, i) for i in ids], [control] * len(part))
-        out.extend(finish(rt, c, p[0], r, grounded) for c, p, r in zip(part, prepared, rows))
+        out.extend(finish(rt, c, p[0], r, grounded, suppressed) for c, p, r in zip(part, prepared, rows))
+        if texts is not None:
+            texts.extend(rt.decode(r) for r in rows)
     return out
 
 
@@ -82,24 +90,11 @@ def review_solo_seconds(rt: Runtime, code: str, grounded: bool, requested: int) 
 
 
 def score(cases: list[dict], defect_findings: list[list[dict]], clean_findings: list[list[dict]]) -> dict:
-    tp = predicted = labels = matched = 0
-    for case, found in zip(cases, defect_findings):
-        located = [f for f in found if f.get("line") is not None]
-        predicted += len(found)
-        labels += len(case["lines"])
-        free = list(case["lines"])
-        for f in located:
-            hit = next((lab for lab in free if abs(f["line"] - lab) <= 1), None)
-            if hit is not None:
-                free.remove(hit)
-                tp += 1
-        matched += len(case["lines"]) - len(free)
-    precision = tp / predicted if predicted else 0.0
-    recall = matched / labels if labels else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    """domain.review.quality's located-findings score on the defect files, plus false findings per clean twin."""
+    result = quality.score([c["lines"] for c in cases], defect_findings)
     false_clean = sum(len(f) for f in clean_findings) / max(1, len(clean_findings))
-    return {"precision": round(precision, 3), "recall": round(recall, 3), "f1": round(f1, 3),
-            "false_findings_per_clean_file": round(false_clean, 3), "files": len(cases)}
+    return {**{k: result[k] for k in ("precision", "recall", "f1", "files")},
+            "false_findings_per_clean_file": round(false_clean, 3)}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -118,7 +113,7 @@ def main() -> None:
 
     tmp = tempfile.TemporaryDirectory()
     if args.quick:
-        from domain.review.testing import save_lively_tiny_model
+        from tests.fixtures.review import save_lively_tiny_model
 
         ref = str(save_lively_tiny_model(Path(tmp.name) / "tiny"))
         cases = {s: load(s)[:2] for s in ("tune", "held")}
@@ -130,7 +125,7 @@ def main() -> None:
         if not args.model and not (Path(ref) / "model.safetensors").exists():
             prepare_embedded_model(Path(ref))
         cases = {s: load(s) for s in ("tune", "held")}
-    rt = Runtime(load_causal_lm(ref, device="cpu"), "bench", model_id_for(ref), batch_size=args.batch)
+    rt = Runtime(load_causal_lm(ref, device="cpu"), "bench", model_id_for(ref))
     print(f"model {rt.model_id}; {sum(map(len, cases.values()))} defect files + as many clean twins; "
           f"max_new_tokens {args.max_new_tokens}")
 
