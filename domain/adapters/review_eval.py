@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from domain.errors import InvalidJob
 from domain.prompting import fit_prompt, guess_language
 from domain.review import quality
 from domain.review.analyzers import Analysis
@@ -56,6 +57,19 @@ class _Prepared:
     budget: int
 
 
+def _fit(tokenizer, it: Item, analysis: Analysis, context_window: int, budget: int):
+    """The item's prompt, with the output budget halved (down to 32 tokens) when the prompt does not fit."""
+    while True:
+        try:
+            return fit_prompt(tokenizer, it.code, it.path, it.language, False, [], context_window=context_window,
+                              max_new_tokens=budget, analysis=analysis.findings,
+                              analysis_note=analysis_note(analysis, it.language)), budget
+        except InvalidJob:
+            if budget <= 32:
+                return None, budget
+            budget = max(32, budget // 2)
+
+
 @dataclass
 class QualityMeasure:
     tokenizer: object
@@ -70,22 +84,25 @@ class QualityMeasure:
         prepared = []
         for it in items:
             analysis = analysis_stage(it.code, it.path, it.language, False)
-            budget = output_budget(it.code, analysis, max_new_tokens, context_window)
-            fitted = fit_prompt(tokenizer, it.code, it.path, it.language, False, [], context_window=context_window,
-                                max_new_tokens=budget, analysis=analysis.findings,
-                                analysis_note=analysis_note(analysis, it.language))
+            fitted, budget = _fit(tokenizer, it, analysis, context_window,
+                                  output_budget(it.code, analysis, max_new_tokens, context_window))
+            if fitted is None:  # the prompt cannot fit this model's window: the item is not measured
+                continue
             prepared.append(_Prepared(it, analysis, fitted.input_ids, budget))
         return cls(tokenizer, prepared, suppressed) if prepared else None
 
-    def run(self, model) -> dict:
-        """Review every item with the model's active adapter and score the findings."""
+    def reviews(self, model) -> list[list[dict]]:
+        """Each item's findings, reviewed with the model's active adapter (in eval mode)."""
         was_training = model.training
         model.eval()
         try:
-            findings = [self._review(model, p) for p in self.prepared]
+            return [self._review(model, p) for p in self.prepared]
         finally:
             model.train(was_training)
-        return {**quality.score([p.item.labels for p in self.prepared], findings), "measure": MEASURE}
+
+    def run(self, model) -> dict:
+        """The items' reviews scored: precision, recall and F1 of located findings, with their counts."""
+        return {**quality.score([p.item.labels for p in self.prepared], self.reviews(model)), "measure": MEASURE}
 
     def _review(self, model, p: _Prepared) -> list[dict]:
         from transformers import StoppingCriteria, StoppingCriteriaList
