@@ -15,15 +15,18 @@ from collections.abc import Sequence
 TOLERANCE = 1
 
 
+def matching_label(finding: dict, labels: Sequence[int]) -> int | None:
+    """The first of ``labels`` the finding's line is within ±TOLERANCE of (None without a line or a match)."""
+    line = finding.get("line")
+    return None if line is None else next((lab for lab in labels if abs(line - lab) <= TOLERANCE), None)
+
+
 def located_hits(findings: Sequence[dict], labels: Sequence[int]) -> int:
     """How many of ``findings`` match a distinct label line (±TOLERANCE)."""
     free = list(labels)
     hits = 0
     for f in findings:
-        line = f.get("line")
-        if line is None:
-            continue
-        hit = next((lab for lab in free if abs(line - lab) <= TOLERANCE), None)
+        hit = matching_label(f, free)
         if hit is not None:
             free.remove(hit)
             hits += 1
