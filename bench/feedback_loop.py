@@ -21,7 +21,7 @@ findings (``domain.review.quality``) over defect files and clean twins together 
 false), for the champion, the candidate, and each part alone (suppressions only, adapter only). Headline:
 ``ratio=`` candidate precision ÷ champion precision (target > 1.0).
 
-    python bench/feedback_loop.py [--model PATH] [--steps 24] [--max-new-tokens 160] [--quick]
+    python bench/feedback_loop.py [--model PATH] [--steps 16] [--max-new-tokens 160] [--quick]
 
 ``--quick``: the tiny random test model, 4 tuning and 4 held-out files, 6 training steps (under a minute); the
 adapter part means nothing there, the suppression part is real (real analyzers).
@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "bench" / "data" / "review_quality"))
 
 from cases import load  # noqa: E402
 
-from bench.review_quality import PATH, review_batch  # noqa: E402
+from bench.review_quality import PATH, findings_of, review_batch  # noqa: E402
 from domain.review import quality  # noqa: E402
 
 TENANT = "bench"
@@ -115,13 +115,20 @@ def tenant_feedback(files: list[tuple[dict | None, str, list[dict], str]], model
     return counts
 
 
-def measure(rt, chosen: list[dict], args, slot=None, suppressed=frozenset(), texts=None) -> dict:
-    """Located-findings score over the defect files and clean twins of ``chosen``."""
+def generate(rt, chosen: list[dict], args, slot=None) -> list[tuple[str, object]]:
+    """(raw answer, analysis) of the grounded review of each defect file of ``chosen``, then each clean twin."""
+    texts: list = []
+    review_batch(rt, [c["code"] for c in chosen] + [c["clean"] for c in chosen], True, args.max_new_tokens,
+                 args.batch, slot=slot, texts=texts)
+    return texts
+
+
+def measure(chosen: list[dict], texts: list[tuple[str, object]], suppressed=frozenset()) -> dict:
+    """Located-findings score over the defect files and clean twins of ``chosen``, their reviews merged from
+    the raw answers with ``suppressed`` rules left out (suppression does not change the prompt or decoding)."""
     codes = [c["code"] for c in chosen] + [c["clean"] for c in chosen]
-    found = review_batch(rt, codes, True, args.max_new_tokens, args.batch, slot=slot, suppressed=suppressed,
-                         texts=texts)
-    labels = [c["lines"] for c in chosen] + [[] for _ in chosen]
-    result = quality.score(labels, found)
+    found = [findings_of(text, code, analysis, True, suppressed) for code, (text, analysis) in zip(codes, texts)]
+    result = quality.score([c["lines"] for c in chosen] + [[] for _ in chosen], found)
     result["false_findings_per_clean_file"] = round(sum(len(f) for f in found[len(chosen):]) / max(1, len(chosen)), 3)
     return {**result, "_found": found}
 
@@ -159,7 +166,7 @@ def line(name: str, r: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model folder (default: the embedded SmolLM2-135M-Instruct, prepared once)")
-    ap.add_argument("--steps", type=int, default=24, help="retrain steps")
+    ap.add_argument("--steps", type=int, default=16, help="retrain steps")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--max-seq-len", type=int, default=768)
     ap.add_argument("--max-new-tokens", type=int, default=160)
@@ -188,28 +195,27 @@ def main() -> None:
     ledger(tmp, ref, args.suppress_after)
     rt = Runtime(load_causal_lm(ref, device="cpu"), "bench", model_id_for(ref))
     print(f"model {rt.model_id}; tuning {len(cases['tune'])} + held-out {len(cases['held'])} defect files, "
-          f"each with a clean twin; {args.steps} retrain steps")
+          f"each with a clean twin; {args.steps} retrain steps", flush=True)
 
-    texts: list[str] = []
-    tune = measure(rt, cases["tune"], args, texts=texts)
-    n = len(cases["tune"])
-    files = [(c, c["code"], tune["_found"][i], texts[i]) for i, c in enumerate(cases["tune"])]
-    files += [(None, c["clean"], tune["_found"][n + i], texts[n + i]) for i, c in enumerate(cases["tune"])]
+    tune_texts = generate(rt, cases["tune"], args)
+    tune = measure(cases["tune"], tune_texts)
+    codes = [(c, c["code"]) for c in cases["tune"]] + [(None, c["clean"]) for c in cases["tune"]]
+    files = [(case, code, found, text) for (case, code), found, (text, _) in zip(codes, tune["_found"], tune_texts)]
     feedback = tenant_feedback(files, rt.model_id)
     from domain.feedback import suppressed_rules
 
     suppressed = suppressed_rules(TENANT)
     print(f"tenant feedback on the tuning half: {feedback['accepted']} accepted, {feedback['rejected']} rejected, "
-          f"{feedback['corrections']} corrections; suppressed rules: {sorted(suppressed) or 'none'}")
+          f"{feedback['corrections']} corrections; suppressed rules: {sorted(suppressed) or 'none'}", flush=True)
     result = retrain(args)
     print(f"retrain: {result['status']} ({result['reason']}); review precision on the tenant's held-out feedback "
-          f"{result.get('review_precision')}")
+          f"{result.get('review_precision')}", flush=True)
     slot = adapter_slot(rt, result["version_id"])
 
     held = cases["held"]
-    runs = {"champion": measure(rt, held, args), "suppressions_only": measure(rt, held, args, suppressed=suppressed),
-            "adapter_only": measure(rt, held, args, slot=slot),
-            "candidate": measure(rt, held, args, slot=slot, suppressed=suppressed)}
+    champion_texts, adapter_texts = generate(rt, held, args), generate(rt, held, args, slot=slot)
+    runs = {"champion": measure(held, champion_texts), "suppressions_only": measure(held, champion_texts, suppressed),
+            "adapter_only": measure(held, adapter_texts), "candidate": measure(held, adapter_texts, suppressed)}
     print(line("tuning champion", tune))
     for name, r in runs.items():
         print(line(f"held-out {name}", r))
@@ -218,12 +224,20 @@ def main() -> None:
     report = {"model": rt.model_id, "quick": args.quick, "steps": args.steps, "feedback": feedback,
               "suppressed": sorted(suppressed), "retrain": result, "tuning_champion": _public(tune),
               "held_out": {k: _public(v) for k, v in runs.items()}, "ratio": ratio,
+              "held_out_findings": {k: _findings(held, runs[k]["_found"]) for k in ("champion", "candidate")},
               "seconds": round(time.perf_counter() - t0, 1)}
     out = ROOT / "bench" / "results" / ("feedback_loop_quick.json" if args.quick else "feedback_loop.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
     print(f"held-out precision: candidate {candidate:.3f} / champion {champion:.3f} ({report['seconds']} s)")
     print(f"ratio={ratio:.3f}" if ratio != float("inf") else "ratio=inf")
+
+
+def _findings(chosen: list[dict], found: list[list[dict]]) -> list[dict]:
+    """Per held-out file: its labels and its findings' line, rule, category and source (for reading the run)."""
+    names = [(c["id"], c["lines"]) for c in chosen] + [(c["id"] + ":clean", []) for c in chosen]
+    return [{"file": n, "labels": lab, "findings": [{k: f.get(k) for k in ("line", "rule_id", "category", "source")}
+                                                    for f in fs]} for (n, lab), fs in zip(names, found)]
 
 
 def _public(r: dict) -> dict:

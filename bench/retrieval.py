@@ -17,7 +17,7 @@ Headline: ratio = hybrid MRR@10 / dense-only MRR@10 on the held-out halves, the 
 Embeddings are cached under .foundry/cache/retrieval/ keyed by model and content hash.
 
     .venv/bin/python bench/retrieval.py            # all pairs, 100k scale parts
-    .venv/bin/python bench/retrieval.py --quick    # 400 pairs of each set, 10k scale: < 1 minute
+    .venv/bin/python bench/retrieval.py --quick    # 400 pairs of each set, 10k scale: < 1 minute once cached
 """
 
 from __future__ import annotations

@@ -57,7 +57,12 @@ def prepare(rt: Runtime, code: str, grounded: bool, requested: int):
 
 def finish(rt: Runtime, code: str, analysis: Analysis, tokens: list[int], grounded: bool,
            suppressed: frozenset[str] = frozenset()) -> list[dict]:
-    text = rt.decode(tokens)
+    return findings_of(rt.decode(tokens), code, analysis, grounded, suppressed)
+
+
+def findings_of(text: str, code: str, analysis: Analysis, grounded: bool,
+                suppressed: frozenset[str] = frozenset()) -> list[dict]:
+    """A review's stored findings from its raw answer (suppressed rules left out)."""
     parsed = parse_review(text, n_lines=len(code.splitlines()))
     if grounded:
         return merge_review(parsed.findings, analysis, code, path=PATH, language="python", is_diff=False, raw_text=text,
@@ -66,9 +71,9 @@ def finish(rt: Runtime, code: str, analysis: Analysis, tokens: list[int], ground
 
 
 def review_batch(rt: Runtime, codes: list[str], grounded: bool, requested: int, batch: int, slot: str | None = None,
-                 suppressed: frozenset[str] = frozenset(), texts: list[str] | None = None) -> list[list[dict]]:
+                 suppressed: frozenset[str] = frozenset(), texts: list | None = None) -> list[list[dict]]:
     """Reviews of ``codes`` (adapter ``slot`` of ``rt``, or the base), findings of ``suppressed`` rules left
-    out; the raw answers are appended to ``texts`` when given."""
+    out; (raw answer, analysis) pairs are appended to ``texts`` when given (``findings_of`` re-merges them)."""
     out = []
     for start in range(0, len(codes), batch):
         part = codes[start:start + batch]
@@ -79,7 +84,7 @@ def review_batch(rt: Runtime, codes: list[str], grounded: bool, requested: int, 
                            [shared_prefix_len(rt.tokenizer, i) for i in ids], [control] * len(part))
         out.extend(finish(rt, c, p[0], r, grounded, suppressed) for c, p, r in zip(part, prepared, rows))
         if texts is not None:
-            texts.extend(rt.decode(r) for r in rows)
+            texts.extend((rt.decode(r), p[0]) for r, p in zip(rows, prepared))
     return out
 
 
