@@ -225,6 +225,7 @@ def main() -> None:
               "suppressed": sorted(suppressed), "retrain": result, "tuning_champion": _public(tune),
               "held_out": {k: _public(v) for k, v in runs.items()}, "ratio": ratio,
               "held_out_findings": {k: _findings(held, runs[k]["_found"]) for k in ("champion", "candidate")},
+              "held_out_raw_answers": {"champion": [t for t, _ in champion_texts], "adapter": [t for t, _ in adapter_texts]},
               "seconds": round(time.perf_counter() - t0, 1)}
     out = ROOT / "bench" / "results" / ("feedback_loop_quick.json" if args.quick else "feedback_loop.json")
     out.parent.mkdir(parents=True, exist_ok=True)
