@@ -118,8 +118,10 @@ def tenant_feedback(files: list[tuple[dict | None, str, list[dict], str]], model
 def generate(rt, chosen: list[dict], args, slot=None) -> list[tuple[str, object]]:
     """(raw answer, analysis) of the grounded review of each defect file of ``chosen``, then each clean twin."""
     texts: list = []
+    t0 = time.perf_counter()
     review_batch(rt, [c["code"] for c in chosen] + [c["clean"] for c in chosen], True, args.max_new_tokens,
                  args.batch, slot=slot, texts=texts)
+    print(f"  reviewed {len(texts)} files ({'adapter' if slot else 'base'}) in {time.perf_counter() - t0:.0f} s", flush=True)
     return texts
 
 
