@@ -64,7 +64,7 @@ def ledger(tmp: Path, base_ref: str, suppress_after: int) -> str:
     return url
 
 
-def store_review(code: str, findings: list[dict], text: str, model_id: str) -> str:
+def store_review(code: str, findings: list[dict], text: str, model_id: str, analysis) -> str:
     """One succeeded review job and its review row, as the review service stores them; returns the review id."""
     from domain.ledger.db import session_scope
     from domain.ledger.models import Job, Review, Tenant
@@ -80,7 +80,7 @@ def store_review(code: str, findings: list[dict], text: str, model_id: str) -> s
         summary = text.split("\n", 1)[0].removeprefix("Summary:").strip() or None
         row = Review(job_id=job_id, tenant_id=TENANT, model_id=model_id, path=PATH, language="python", code=code,
                      code_sha256=hashlib.sha256(code.encode()).hexdigest(), summary=summary, findings=findings,
-                     raw_text=text)
+                     raw_text=text, analysis=analysis.record())
         s.add(row)
         s.flush()
         return row.id
@@ -92,13 +92,14 @@ def correction(case: dict) -> str:
         f"- [high] line {line}: {what}: fix this line\n" for line in case["lines"])
 
 
-def tenant_feedback(files: list[tuple[dict | None, str, list[dict], str]], model_id: str) -> dict:
-    """Step 2 of the module docstring. ``files``: (case or None for a clean twin, code, findings, raw text)."""
+def tenant_feedback(files: list[tuple], model_id: str) -> dict:
+    """Step 2 of the module docstring. ``files``: (case or None for a clean twin, code, findings, raw text,
+    analysis)."""
     from domain.feedback import record_feedback, record_finding_feedback
 
     counts = {"accepted": 0, "rejected": 0, "corrections": 0, "suppressed_now": []}
-    for case, code, findings, text in files:
-        review_id = store_review(code, findings, text, model_id)
+    for case, code, findings, text, analysis in files:
+        review_id = store_review(code, findings, text, model_id, analysis)
         free = list(case["lines"]) if case else []
         for n, f in enumerate(findings, start=1):
             hit = quality.matching_label(f, free)
@@ -202,7 +203,8 @@ def main() -> None:
     tune_texts = generate(rt, cases["tune"], args)
     tune = measure(cases["tune"], tune_texts)
     codes = [(c, c["code"]) for c in cases["tune"]] + [(None, c["clean"]) for c in cases["tune"]]
-    files = [(case, code, found, text) for (case, code), found, (text, _) in zip(codes, tune["_found"], tune_texts)]
+    files = [(case, code, found, text, analysis)
+             for (case, code), found, (text, analysis) in zip(codes, tune["_found"], tune_texts)]
     feedback = tenant_feedback(files, rt.model_id)
     from domain.feedback import suppressed_rules
 
