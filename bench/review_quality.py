@@ -37,6 +37,7 @@ from domain.review.analyzers import Analysis  # noqa: E402
 from domain.review.decoding import DecodeControl, review_stop  # noqa: E402
 from domain.review.findings import from_model, merge  # noqa: E402
 from domain.review.grounded import analysis_note, analysis_stage, merge_review, output_budget  # noqa: E402
+from domain.review import quality  # noqa: E402
 from domain.review.parse import parse_review  # noqa: E402
 from domain.prompting import fit_prompt, shared_prefix_len  # noqa: E402
 from domain.review.runtime import Runtime, model_id_for  # noqa: E402
@@ -54,24 +55,36 @@ def prepare(rt: Runtime, code: str, grounded: bool, requested: int):
     return analysis, fitted.input_ids, budget
 
 
-def finish(rt: Runtime, code: str, analysis: Analysis, tokens: list[int], grounded: bool) -> list[dict]:
-    text = rt.decode(tokens)
+def finish(rt: Runtime, code: str, analysis: Analysis, tokens: list[int], grounded: bool,
+           suppressed: frozenset[str] = frozenset()) -> list[dict]:
+    return findings_of(rt.decode(tokens), code, analysis, grounded, suppressed)
+
+
+def findings_of(text: str, code: str, analysis: Analysis, grounded: bool,
+                suppressed: frozenset[str] = frozenset()) -> list[dict]:
+    """A review's stored findings from its raw answer (suppressed rules left out)."""
     parsed = parse_review(text, n_lines=len(code.splitlines()))
     if grounded:
-        return merge_review(parsed.findings, analysis, code, path=PATH, language="python", is_diff=False, raw_text=text)
-    return merge([], [from_model(f) for f in parsed.findings])
+        return merge_review(parsed.findings, analysis, code, path=PATH, language="python", is_diff=False, raw_text=text,
+                            suppressed=suppressed)
+    return merge([], [from_model(f) for f in parsed.findings], suppressed)
 
 
-def review_batch(rt: Runtime, codes: list[str], grounded: bool, requested: int, batch: int) -> list[list[dict]]:
+def review_batch(rt: Runtime, codes: list[str], grounded: bool, requested: int, batch: int, slot: str | None = None,
+                 suppressed: frozenset[str] = frozenset(), texts: list | None = None) -> list[list[dict]]:
+    """Reviews of ``codes`` (adapter ``slot`` of ``rt``, or the base), findings of ``suppressed`` rules left
+    out; (raw answer, analysis) pairs are appended to ``texts`` when given (``findings_of`` re-merges them)."""
     out = []
     for start in range(0, len(codes), batch):
         part = codes[start:start + batch]
         prepared = [prepare(rt, c, grounded, requested) for c in part]
         control = DecodeControl(stop=review_stop(rt.decode))
         ids = [p[1] for p in prepared]
-        rows = rt.generate(ids, [None] * len(part), [p[2] for p in prepared],
+        rows = rt.generate(ids, [slot] * len(part), [p[2] for p in prepared],
                            [shared_prefix_len(rt.tokenizer, i) for i in ids], [control] * len(part))
-        out.extend(finish(rt, c, p[0], r, grounded) for c, p, r in zip(part, prepared, rows))
+        out.extend(finish(rt, c, p[0], r, grounded, suppressed) for c, p, r in zip(part, prepared, rows))
+        if texts is not None:
+            texts.extend((rt.decode(r), p[0]) for r, p in zip(rows, prepared))
     return out
 
 
@@ -82,24 +95,11 @@ def review_solo_seconds(rt: Runtime, code: str, grounded: bool, requested: int) 
 
 
 def score(cases: list[dict], defect_findings: list[list[dict]], clean_findings: list[list[dict]]) -> dict:
-    tp = predicted = labels = matched = 0
-    for case, found in zip(cases, defect_findings):
-        located = [f for f in found if f.get("line") is not None]
-        predicted += len(found)
-        labels += len(case["lines"])
-        free = list(case["lines"])
-        for f in located:
-            hit = next((lab for lab in free if abs(f["line"] - lab) <= 1), None)
-            if hit is not None:
-                free.remove(hit)
-                tp += 1
-        matched += len(case["lines"]) - len(free)
-    precision = tp / predicted if predicted else 0.0
-    recall = matched / labels if labels else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    """domain.review.quality's located-findings score on the defect files, plus false findings per clean twin."""
+    result = quality.score([c["lines"] for c in cases], defect_findings)
     false_clean = sum(len(f) for f in clean_findings) / max(1, len(clean_findings))
-    return {"precision": round(precision, 3), "recall": round(recall, 3), "f1": round(f1, 3),
-            "false_findings_per_clean_file": round(false_clean, 3), "files": len(cases)}
+    return {**{k: result[k] for k in ("precision", "recall", "f1", "files")},
+            "false_findings_per_clean_file": round(false_clean, 3)}
 
 
 def percentile(values: list[float], q: float) -> float:

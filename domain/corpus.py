@@ -1,4 +1,5 @@
-"""A real retrieval evaluation set: docstring → function pairs from the Python standard library.
+"""Real retrieval evaluation sets: docstring → function pairs from the Python standard library, and the
+same from installed third-party packages (a second set, written by other people in other styles).
 
 Every module-level function and method with a docstring of at least ``min_words`` words becomes one pair:
 the query is the docstring (cleaned), the target document is the function's source with the docstring cut
@@ -7,6 +8,8 @@ an order by a hash of the id), so tests and the benchmark see the same pairs on 
 Python version.
 
     pairs = stdlib_pairs(limit=300)
+    pairs = package_pairs(("pydantic", "sqlalchemy", "celery", "kombu"))   # from site-packages; the set depends
+                                                                         # on the installed versions (package_versions)
     ranked = {p.id: [doc ids, best first] for p in pairs}
     metrics(ranked, pairs)   # {"mrr@10": ..., "recall@10": ..., "queries": ...}
 """
@@ -37,8 +40,11 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*.py") if not (set(p.relative_to(root).parts[:-1]) & SKIP_DIRS))
+def _files(root: Path, under: tuple[str, ...] = ()) -> list[Path]:
+    """The .py files below ``root`` (or only below its folders ``under``), test/tooling folders skipped."""
+    tops = [root / u for u in under] if under else [root]
+    return sorted(p for top in tops for p in top.rglob("*.py")
+                  if not (set(p.relative_to(root).parts[:-1]) & SKIP_DIRS))
 
 
 def _functions(tree: ast.Module):
@@ -87,11 +93,40 @@ def stdlib_pairs(limit: int | None = None, min_words: int = 6, root: Path | None
     return list(pairs[:limit] if limit else pairs)
 
 
+PACKAGES = ("pydantic", "sqlalchemy", "celery", "kombu")
+
+
+def package_root(name: str) -> Path:
+    """The folder holding the installed package ``name`` (its site-packages), found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise LookupError(f"package {name!r} is not installed here")
+    return Path(list(spec.submodule_search_locations)[0]).parent
+
+
+def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {n: version(n) for n in names}
+
+
+def package_pairs(names: tuple[str, ...] = PACKAGES, limit: int | None = None, min_words: int = 6) -> list[Pair]:
+    """Docstring→function pairs from installed third-party packages (all must live in one site-packages),
+    with the same rules and order as ``stdlib_pairs``; ids and paths are relative to site-packages."""
+    roots = {package_root(n) for n in names}
+    if len(roots) != 1:
+        raise LookupError(f"packages {names} are installed in several places: {sorted(map(str, roots))}")
+    pairs = _all_pairs(min_words, roots.pop(), tuple(sorted(names)))
+    return list(pairs[:limit] if limit else pairs)
+
+
 @functools.lru_cache(maxsize=4)
-def _all_pairs(min_words: int, root: Path) -> tuple[Pair, ...]:
+def _all_pairs(min_words: int, root: Path, under: tuple[str, ...] = ()) -> tuple[Pair, ...]:
     seen: set[str] = set()
     pairs = []
-    for path in _files(root):
+    for path in _files(root, under):
         for p in pairs_in_file(path, root, min_words):
             key = hashlib.sha256(p.text.encode()).hexdigest()
             if key not in seen:

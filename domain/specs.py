@@ -66,6 +66,9 @@ class RetrainSpec(JobSpec):
     qlora: bool = False
     eval_fraction: float = Field(0.2, gt=0, lt=1)
     promotion_margin: float = Field(0.01, ge=0, description="Relative eval-loss improvement needed to promote.")
+    quality_reviews: int = Field(8, ge=0, le=200, description="Held-out feedback files both sides of the eval gate "
+                                 "review for its precision measure (domain/adapters/gate.py); 0: loss and accuracy only.")
+    quality_max_new_tokens: int = Field(128, ge=16, le=4096, description="Output budget of those reviews.")
     checkpoint_every: int = Field(50, ge=1)
     seed: int = 0
     procs: int | None = Field(None, ge=1, le=64, description="Training processes (torch.distributed); default FOUNDRY_TRAIN_PROCS.")

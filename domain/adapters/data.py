@@ -6,7 +6,9 @@
   (or its correction); a rejected one without a correction teaches nothing (and counts towards the rule's
   suppression, domain.feedback).
 - The prompt is the review prompt the service uses (``domain.prompting.build_messages``, without
-  retrieved context, which is not stored with the review), rendered with the model's chat template.
+  retrieved context, which is not stored with the review), rendered with the model's chat template; for a
+  grounded review it carries the analyzer findings the served prompt carried (``analyzer_findings``), so
+  the adapter learns on the prompt it will serve.
 - Examples are deduplicated by the sha256 of (messages, completion) and sorted by it, so the same feedback
   always gives the same data set and the same ``dataset_hash``.
 - The train/eval split is fixed by each example's hash (``eval_fraction`` of the hash space), so it does not
@@ -40,10 +42,12 @@ class FeedbackExample:
     completion: str
     source: str  # "accepted" | "correction"
     feedback_at: datetime
+    analysis: tuple | None = None  # the analyzer findings the review's prompt carried; None: no analyzer stage
 
     @property
     def sha256(self) -> str:
-        body = json.dumps([self.code, self.path, self.language, self.is_diff, self.completion], ensure_ascii=False)
+        fields = [self.code, self.path, self.language, self.is_diff, self.completion]
+        body = json.dumps(fields + ([list(self.analysis)] if self.analysis is not None else []), ensure_ascii=False)
         return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -118,7 +122,8 @@ def collect(session: Session, tenant: str, since: datetime | None = None, until:
         ex = FeedbackExample(code=review.code, path=review.path, language=review.language,
                              is_diff=looks_like_diff(review.code, review.language),
                              completion=_target(fb, review).strip(),
-                             source="accepted" if accepted else "correction", feedback_at=at)
+                             source="accepted" if accepted else "correction", feedback_at=at,
+                             analysis=analyzer_findings(review))
         if not ex.completion:
             skipped["rejected_without_correction"] += 1
             continue
@@ -128,6 +133,17 @@ def collect(session: Session, tenant: str, since: datetime | None = None, until:
     examples = [seen[h] for h in sorted(seen)]
     digest = hashlib.sha256("\n".join(sorted(seen)).encode()).hexdigest()
     return Dataset(examples=examples, dataset_hash=digest, feedback_rows=rows, feedback_until=newest, skipped=skipped)
+
+
+def analyzer_findings(review: Review) -> tuple | None:
+    """The analyzer findings a grounded review's prompt carried, so a training prompt is the serving prompt:
+    the review's stored findings that no model wrote (after the merge: duplicates and suppressed rules are
+    gone). None when no analyzer stage ran (older reviews, unsupported languages, skipped files)."""
+    record = review.analysis or {}
+    if not record.get("supported") or record.get("skipped"):
+        return None
+    keep = ("rule_id", "line", "severity", "category", "message")
+    return tuple({k: f.get(k) for k in keep} for f in review.findings or [] if f.get("source") != "model")
 
 
 def _target(fb: Feedback, review: Review) -> str:
@@ -160,8 +176,9 @@ class TokenizedExample:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
-def default_prompt_builder(code: str, path: str | None, language: str | None, is_diff: bool) -> list[dict]:
-    return review_messages(code, path, language, is_diff, [])
+def default_prompt_builder(code: str, path: str | None, language: str | None, is_diff: bool,
+                           analysis: tuple | None = None) -> list[dict]:
+    return review_messages(code, path, language, is_diff, [], analysis=list(analysis) if analysis is not None else None)
 
 
 def tokenize(tokenizer, example: FeedbackExample, max_seq_len: int, build_messages=default_prompt_builder) -> TokenizedExample:
@@ -170,14 +187,18 @@ def tokenize(tokenizer, example: FeedbackExample, max_seq_len: int, build_messag
     completion longer than half the window is cut at its end."""
     completion = list(tokenizer(example.completion, add_special_tokens=False)["input_ids"])
     completion = completion[: max(1, max_seq_len // 2) - 1] + [tokenizer.eos_token_id]
-    messages = build_messages(example.code, example.path, example.language, example.is_diff)
+    if build_messages is default_prompt_builder:
+        messages = default_prompt_builder(example.code, example.path, example.language, example.is_diff, example.analysis)
+    else:
+        messages = build_messages(example.code, example.path, example.language, example.is_diff)
     prompt = encode(tokenizer, messages)
     truncated = False
     if len(prompt) + len(completion) > max_seq_len:
         if build_messages is default_prompt_builder:
             try:
                 fitted = fit_prompt(tokenizer, example.code, example.path, example.language, example.is_diff, [],
-                                    context_window=max_seq_len, max_new_tokens=len(completion))
+                                    context_window=max_seq_len, max_new_tokens=len(completion),
+                                    analysis=list(example.analysis) if example.analysis is not None else None)
                 prompt = fitted.input_ids
             except InvalidJob:
                 prompt = prompt[-(max_seq_len - len(completion)):]

@@ -3,7 +3,7 @@
     champion / last version → new feedback? (none: "nothing to train") → data set (dedup, hash, split)
     → base model (resident) + LoRA (continued from the champion when it has the same name)
     → train with checkpoints (``domain.checkpoints``; resume from the last one on redelivery)
-    → gate vs champion (or base) → save the adapter under the data root → Outcome(commit = version row + aliases)
+    → gate vs champion (or base): eval loss, token accuracy and review precision on held-out feedback → save the adapter under the data root → Outcome(commit = version row + aliases)
 
 ``handle_retrain`` reads as those stages: ``_setup`` / ``_train`` / the gate / publish / ``_committer``.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from domain import adapter_lookup, checkpoints, costs
 from domain.adapters import data as fbdata
-from domain.adapters import distributed, gate, store, training
+from domain.adapters import distributed, gate, review_eval, store, training
 from domain.ledger.db import session_scope
 from domain.ledger.models import AdapterVersion, new_id
 from domain.specs import RetrainSpec
@@ -96,8 +96,10 @@ def handle_retrain(spec: RetrainSpec, ctx):
         try:
             result, start, procs = _train(ctx, model, job, data.train_batches)
             ctx.progress(0.95, stage="eval", step=result.steps, loss=result.final_loss, force=True)
+            measure = _quality_measure(spec, loaded, data.eval_ex)
             decision = gate.run_gate(model, data.eval_batches, job.champion_dir,
-                                     job.champion.id if job.champion else None, spec.promotion_margin)
+                                     job.champion.id if job.champion else None, spec.promotion_margin,
+                                     measure.run if measure else None)
             version_id = new_id()
             files = store.save_adapter_files(model, store.adapter_rel_dir(spec.tenant, spec.adapter_name, ctx.job_id))
         finally:
@@ -117,6 +119,7 @@ def handle_retrain(spec: RetrainSpec, ctx):
                "tokens_trained": result.tokens, "steps": result.steps, "resumed_from_step": start,
                "train_loss_final": result.final_loss, "eval_loss": decision.candidate["loss"],
                "reference_eval_loss": decision.baseline["loss"], "reference": decision.reference,
+               "review_precision": _precisions(decision),
                "artifact_path": files.rel_path, "artifact_sha256": files.sha256}
     commit = _committer(spec, ctx, job, files, version_id, decision, metrics, hyper)
     return Outcome(result=summary, usage=usage, commit=commit)
@@ -204,12 +207,29 @@ def _train(ctx, model, job: _Setup, batches: list[training.Batch]) -> tuple[trai
     return result, start, procs
 
 
+def _quality_measure(spec: RetrainSpec, loaded, eval_ex: list) -> review_eval.QualityMeasure | None:
+    """The gate's review-quality measure on this job's held-out feedback, with the tenant's suppressions."""
+    from domain.feedback import suppressed_rules
+
+    if spec.quality_reviews <= 0:
+        return None
+    tok_max = getattr(loaded.tokenizer, "model_max_length", None) or 0
+    window = min(loaded.context_window, tok_max) if 0 < tok_max < 10**7 else loaded.context_window
+    return review_eval.QualityMeasure.prepare(loaded.tokenizer, eval_ex, window, suppressed_rules(spec.tenant),
+                                              spec.quality_reviews, min(spec.quality_max_new_tokens, window // 4))
+
+
+def _precisions(decision) -> dict | None:
+    q = decision.quality
+    return {"candidate": q["candidate"]["precision"], "reference": q["reference"]["precision"]} if q else None
+
+
 def _metrics(job: _Setup, data: _Data, result: training.TrainResult, start: int, decision) -> dict:
     return {"train_loss_first": result.losses[0] if result.losses else None, "train_loss_final": result.final_loss,
             "steps": result.steps, "resumed_from_step": start, "tokens_per_s": result.tokens_per_s,
             "eval": decision.candidate, "reference_eval": decision.baseline, "reference": decision.reference,
             "gate": {"promote": decision.promote, "reason": decision.reason, "margin": decision.margin,
-                     "relative_improvement": decision.relative_improvement},
+                     "relative_improvement": decision.relative_improvement, "quality": decision.quality},
             "train_examples": len(data.train_ex), "eval_examples": len(data.eval_ex),
             "eval_on_train": len(job.dataset.examples) < 2, "dataset_skipped": job.dataset.skipped,
             "prompt_truncated": sum(e.prompt_truncated for e in data.train_tok + data.eval_tok)}

@@ -83,10 +83,18 @@ def make_finding(*, line: int | None, message: str, source: str, category: str, 
     return out
 
 
+# "sql_injection: ..." — the category the prompt's analyzer block shows (domain.prompting.analyzer_block), as
+# the model copies it back; the word patterns above do not match the underscored names
+_NAMED_CATEGORY = re.compile(r"^\W*(" + "|".join(CATEGORIES) + r")\b", re.IGNORECASE)
+
+
 def from_model(parsed: dict) -> dict:
-    """A parsed model finding (domain.review.parse) in the common shape."""
+    """A parsed model finding (domain.review.parse) in the common shape. Its category: the parse's, else a
+    category name it starts with, else one guessed from its words."""
     message = parsed.get("message") or ""
-    category = parsed.get("category") if parsed.get("category") in CATEGORIES else category_from_text(message)
+    named = _NAMED_CATEGORY.match(message)
+    category = (parsed.get("category") if parsed.get("category") in CATEGORIES
+                else named.group(1).lower() if named else category_from_text(message))
     return make_finding(line=parsed.get("line"), end_line=parsed.get("end_line"), message=message, source="model",
                         category=category, severity=parsed.get("severity") or "medium",
                         confidence=0.6 if parsed.get("line") else 0.3)
@@ -96,10 +104,20 @@ def _near(a: int | None, b: int | None) -> bool:
     return a is not None and b is not None and abs(a - b) <= 1
 
 
+def _restates(model: dict, analyzer: dict) -> bool:
+    """The model's finding is about the analyzer's: within a line of it, and of its category or citing its
+    rule id (the prompt lists each analyzer finding with its rule id, and the model copies it)."""
+    if not _near(model["line"], analyzer["line"]):
+        return False
+    rule = analyzer.get("rule_id")
+    return model["category"] == analyzer["category"] or bool(
+        rule and re.search(r"(?<![\w-])" + re.escape(rule) + r"(?![\w-])", model["message"]))
+
+
 def merge(analyzer: list[dict], model: list[dict], suppressed: frozenset[str] = frozenset()) -> list[dict]:
-    """Analyzer findings first, then the model's that no analyzer finding covers (same category within a
-    line), one per (line, category); findings whose rule id is in ``suppressed`` are left out. Ordered by
-    severity, then confidence, then line."""
+    """Analyzer findings first, then the model's that no analyzer finding covers (``_restates``: same
+    category or its rule id cited, within a line), one per (line, category); findings whose rule id is in
+    ``suppressed`` are left out. Ordered by severity, then confidence, then line."""
     merged: list[dict] = []
     for f in analyzer:
         if rule_key(f) in suppressed:
@@ -112,7 +130,7 @@ def merge(analyzer: list[dict], model: list[dict], suppressed: frozenset[str] = 
     for f in model:
         if rule_key(f) in suppressed:
             continue
-        twin = next((m for m in merged if _near(m["line"], f["line"]) and m["category"] == f["category"]), None)
+        twin = next((m for m in merged if _restates(f, m)), None)
         if twin is not None:
             if twin["source"] != "model" and "explanation" not in twin:
                 twin["explanation"] = f["message"]

@@ -56,8 +56,11 @@ def finding(text: str, n_lines: int | None = None, severity: str | None = None) 
     if not text or _NONE.match(text):
         return None
     line, end = _line_ref(text, n_lines)
+    rest = re.sub(r"^\s*(?:on\s+)?" + _LINE_REF.pattern + r"\s*[:\-–,]?\s*", "", text, count=1, flags=re.I)
+    if _LINE_REF.match(text.strip()) and not re.search(r"\w", rest):
+        return None  # "- [high] line 7:" and nothing else: a bullet the model left empty says nothing
     if line is not None:  # "line 12: message" → "message"
-        text = re.sub(r"^\s*(?:on\s+)?" + _LINE_REF.pattern + r"\s*[:\-–,]?\s*", "", text, count=1, flags=re.I) or text
+        text = rest or text
     return {"line": line, "end_line": end, "severity": severity, "message": text.strip()}
 
 

@@ -91,3 +91,27 @@ def test_diff_detection():
     assert data.looks_like_diff("diff --git a/x b/x\n", None)
     assert data.looks_like_diff("--- a/x\n+++ b/x\n", "python")
     assert not data.looks_like_diff("def f():\n    pass\n", "python")
+
+
+def test_a_grounded_reviews_training_prompt_carries_its_analyzer_findings(sqlite_ledger, tiny_tokenizer):
+    """Train on the prompt that is served: the analyzer block of a grounded review (its non-model findings)."""
+    from domain.ledger.models import Review
+
+    add_tenant(sqlite_ledger, "acme")
+    code = "def load(data):\n    return eval(data)\n"
+    seed_feedback("acme", [("m.py", code, "Summary: eval.\nFindings:\n- [high] line 2: eval of input"),
+                           ("n.py", "def f():\n    return 1\n", "Summary: fine.\nFindings: none")])
+    bandit = {"rule_id": "B307", "line": 2, "severity": "medium", "category": "code_injection",
+              "message": "Use of possibly insecure function - consider using safer ast.literal_eval.", "source": "bandit",
+              "confidence": 0.9, "end_line": None}
+    model = {"rule_id": None, "line": 1, "severity": "low", "category": "bug", "message": "name", "source": "model"}
+    with session_scope() as s:
+        grounded = s.query(Review).filter_by(path="m.py").one()
+        grounded.findings, grounded.analysis = [bandit, model], {"supported": True, "skipped": None, "stages": []}
+    with session_scope() as s:
+        by_path = {e.path: e for e in data.collect(s, "acme").examples}
+    assert by_path["m.py"].analysis == ({k: bandit[k] for k in ("rule_id", "line", "severity", "category", "message")},)
+    assert by_path["n.py"].analysis is None  # no analyzer stage recorded: the prompt has no analyzer block
+    prompt = lambda e: tiny_tokenizer.decode(data.tokenize(tiny_tokenizer, e, 2048).input_ids)  # noqa: E731
+    assert "line 2: code_injection: Use of possibly insecure function" in prompt(by_path["m.py"]) and "(B307)" in prompt(by_path["m.py"])
+    assert "Static analyzers" not in prompt(by_path["n.py"])

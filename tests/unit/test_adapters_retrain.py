@@ -70,6 +70,10 @@ def test_first_retrain_makes_a_version_judged_against_the_base(ledger):
     assert v.base_model_hash and v.hyperparams["lora_r"] == 4 and v.created_by_job_id == out["job_id"]
     assert v.metrics["train_loss_final"] < v.metrics["train_loss_first"]
     assert v.metrics["gate"]["reason"] == r["reason"]
+    quality = v.metrics["gate"]["quality"]  # the review-quality measure both sides were scored with
+    assert quality["candidate"]["files"] >= 1 and quality["candidate"]["labels"] == quality["reference"]["labels"]
+    assert r["review_precision"] == {"candidate": quality["candidate"]["precision"],
+                                     "reference": quality["reference"]["precision"]}
     adapter_lookup.verified_adapter_path(v)  # files match the recorded sha256
     with session_scope() as s:
         aliases = adapter_lookup.aliases_of(s, "acme")

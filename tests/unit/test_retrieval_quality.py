@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from domain.corpus import Pair, metrics, stdlib_pairs
+from domain.corpus import PACKAGES, Pair, metrics, package_pairs, package_versions, stdlib_pairs
 from domain.retrieval import reader
 from domain.retrieval.builder import build_version
 from domain.retrieval.embedding import bundled_model_path, get_embedder
@@ -26,6 +26,20 @@ def test_corpus_pairs_are_real_and_stable():
     ranked = {pairs[0].id: ["x", pairs[0].id], pairs[1].id: [pairs[1].id]}
     m = metrics(ranked, pairs[:3])
     assert m == {"mrr@10": round((0.5 + 1.0) / 3, 4), "recall@10": round(2 / 3, 4), "queries": 3}
+
+
+def test_second_corpus_comes_from_installed_third_party_packages():
+    pairs = package_pairs(("kombu", "celery"), limit=60)
+    assert len(pairs) == 60 and package_pairs(("celery", "kombu"), limit=60) == pairs  # deterministic, any order
+    assert {p.id.split(".")[0] for p in pairs} == {"kombu", "celery"}
+    for p in pairs:
+        assert p.query and p.query not in p.text
+        assert p.path.startswith(("kombu/", "celery/")) and "/tests/" not in f"/{p.path}"
+    assert set(package_versions()) == set(PACKAGES)
+    stdlib_ids = {p.id for p in stdlib_pairs()}
+    assert not stdlib_ids & {p.id for p in package_pairs()}  # a set of its own
+    with pytest.raises(LookupError, match="not installed"):
+        package_pairs(("no_such_package_here",))
 
 
 def _evaluate(pairs: list[Pair], tmp_path, monkeypatch) -> dict:

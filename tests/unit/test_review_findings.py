@@ -23,6 +23,23 @@ def test_merge_keeps_one_finding_per_line_and_category_with_sources():
     assert merged[0]["severity"] == "high" and merged[0]["explanation"].startswith("eval()")
 
 
+def test_a_model_finding_copying_the_prompts_analyzer_line_is_that_finding():
+    """The prompt lists "- [high] line 6: command_injection: <message> (B602)"; a model that writes it back,
+    with the category name or the rule id, explains the analyzer's finding instead of adding a second one."""
+    rule = make_finding(rule_id="B602", line=6, message="subprocess call with shell=True identified", source="bandit",
+                        category="command_injection", severity="high", confidence=0.9)
+    auth = make_finding(rule_id="FR-AUTH2", line=3, message="token compared with ==", source="foundry",
+                        category="broken_auth", severity="high", confidence=0.8)
+    named = from_model({"line": 3, "severity": "high", "message": "broken_auth: compare tokens in constant time"})
+    assert named["category"] == "broken_auth"
+    cites = from_model({"line": 7, "severity": "high", "message": "the input reaches the call unchecked (B602)"})
+    other_rule = from_model({"line": 6, "message": "unchecked input reaches a call (B6021)"})
+    far = from_model({"line": 9, "message": "B602 again, somewhere else"})
+    merged = merge([rule, auth], [named, cites, other_rule, far])
+    assert [(f["line"], f["source"]) for f in merged] == [(6, "bandit"), (3, "foundry"), (6, "model"), (9, "model")]
+    assert merged[0]["explanation"].startswith("the input") and merged[1]["explanation"].startswith("broken_auth")
+
+
 def test_suppressed_rules_are_left_out():
     rule = make_finding(rule_id="B105", line=2, message="password", source="bandit", category="hardcoded_secret",
                         severity="low")

@@ -57,3 +57,11 @@ def test_any_text_parses_and_line_refs_stay_in_the_code(text, n_lines):
         assert f["message"]
         assert f["line"] is None or 1 <= f["line"] <= n_lines
         assert f["end_line"] is None or f["line"] <= f["end_line"] <= n_lines
+
+
+def test_bullets_left_empty_after_their_line_are_not_findings():
+    """SmolLM2 sometimes lists "- [high] line 5:", "- [high] line 6:", ... past the end of the file: no message,
+    no finding (they were stored as findings without a line and counted as false ones)."""
+    text = "This code has a problem:\n- [high] line 5:\n- [high] line 9:\n- [low] line 2: name is unclear\n- [high] line 3 -"
+    parsed = parse_review(text, n_lines=6)
+    assert [(f["line"], f["message"]) for f in parsed.findings] == [(2, "name is unclear")]

@@ -1,0 +1,253 @@
+"""Feedback loop: simulated tenant feedback on the tuning half → retrain + suppression → held-out precision.
+
+The labelled set is bench/review_quality.py's (bench/data/review_quality/cases.py): files with known defect
+lines and their clean twins, split into a tuning and a held-out half.
+
+1. **Champion**: what the tenant is served before any feedback — the base model's grounded review (analyzers,
+   findings in the prompt, model, merge), no adapter, no suppressions.
+2. **Tenant** (consistent preferences: "report the real defect, nothing else"): reviews every tuning-half file
+   (defect files and clean twins) with the champion, stored as review rows in a ledger, then judges each finding
+   through ``domain.feedback.record_finding_feedback``: *accept* a finding located on the file's defect line
+   (±1), *reject* every other one (its rule then counts towards suppression, ``--suppress-after`` net
+   rejections); a defect file whose review located nothing gets a *correction* (``record_feedback``): the review
+   the tenant wanted, the defect's line and category.
+3. **Retrain**: the worker's retrain job (``domain.jobs.execute("retrain")``): data set from that feedback, LoRA
+   training, the eval gate (loss, token accuracy and review precision on the tenant's held-out feedback,
+   domain/adapters/gate.py), a version in the ledger with the gate's decision.
+4. **Candidate**: the new adapter version with the tenant's suppressions now active.
+
+Measured on the held-out half, which neither the tenant nor the retrain saw: precision and recall of located
+findings (``domain.review.quality``) over defect files and clean twins together (a finding on a clean twin is
+false), for the champion, the candidate, and each part alone (suppressions only, adapter only). Headline:
+``ratio=`` candidate precision ÷ champion precision (target > 1.0).
+
+    python bench/feedback_loop.py [--model PATH] [--steps 16] [--max-new-tokens 160] [--quick]
+
+``--quick``: the tiny random test model, 4 tuning and 4 held-out files, 6 training steps (under a minute); the
+adapter part means nothing there, the suppression part is real (real analyzers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench" / "data" / "review_quality"))
+
+from cases import load  # noqa: E402
+
+from bench.review_quality import PATH, findings_of, review_batch  # noqa: E402
+from domain.review import quality  # noqa: E402
+
+TENANT = "bench"
+
+
+def ledger(tmp: Path, base_ref: str, suppress_after: int) -> str:
+    """A migrated SQLite ledger and data folder for this run, the base model set as the deployment's."""
+    from domain.config import reset_settings
+    from domain.ledger.migrate import upgrade
+
+    url = f"sqlite:///{tmp / 'ledger.db'}"
+    os.environ.update(FOUNDRY_DATABASE_URL=url, FOUNDRY_DATA_DIR=str(tmp / "data"), FOUNDRY_BASE_MODEL=base_ref,
+                      FOUNDRY_DEVICE="cpu", FOUNDRY_SUPPRESS_AFTER_REJECTIONS=str(suppress_after))
+    reset_settings()
+    upgrade(url)
+    return url
+
+
+def store_review(code: str, findings: list[dict], text: str, model_id: str, analysis) -> str:
+    """One succeeded review job and its review row, as the review service stores them; returns the review id."""
+    from domain.ledger.db import session_scope
+    from domain.ledger.models import Job, Review, Tenant
+
+    with session_scope() as s:
+        if s.get(Tenant, TENANT) is None:
+            s.add(Tenant(id=TENANT, display_name=TENANT))
+            s.flush()
+        job_id = uuid.uuid4().hex
+        s.add(Job(id=job_id, kind="review", tenant_id=TENANT, payload={"code": code}, status="succeeded",
+                  created_by="bench"))
+        s.flush()
+        summary = text.split("\n", 1)[0].removeprefix("Summary:").strip() or None
+        row = Review(job_id=job_id, tenant_id=TENANT, model_id=model_id, path=PATH, language="python", code=code,
+                     code_sha256=hashlib.sha256(code.encode()).hexdigest(), summary=summary, findings=findings,
+                     raw_text=text, analysis=analysis.record())
+        s.add(row)
+        s.flush()
+        return row.id
+
+
+def correction(case: dict) -> str:
+    what = case["category"].replace("_", " ")
+    return "Summary: the code has a " + what + " defect.\nFindings:\n" + "".join(
+        f"- [high] line {line}: {what}: fix this line\n" for line in case["lines"])
+
+
+def tenant_feedback(files: list[tuple], model_id: str) -> dict:
+    """Step 2 of the module docstring. ``files``: (case or None for a clean twin, code, findings, raw text,
+    analysis)."""
+    from domain.feedback import record_feedback, record_finding_feedback
+
+    counts = {"accepted": 0, "rejected": 0, "corrections": 0, "suppressed_now": []}
+    for case, code, findings, text, analysis in files:
+        review_id = store_review(code, findings, text, model_id, analysis)
+        free = list(case["lines"]) if case else []
+        for n, f in enumerate(findings, start=1):
+            hit = quality.matching_label(f, free)
+            if hit is not None:
+                free.remove(hit)
+            out = record_finding_feedback(review_id, n, "accept" if hit is not None else "reject", tenant=TENANT,
+                                          created_by="bench-tenant")
+            counts["accepted" if hit is not None else "rejected"] += 1
+            if out["suppressed"]:
+                counts["suppressed_now"].append(out["rule_id"])
+        if case and len(free) == len(case["lines"]):
+            record_feedback(review_id, "reject", correction(case), tenant=TENANT, created_by="bench-tenant")
+            counts["corrections"] += 1
+    return counts
+
+
+def generate(rt, chosen: list[dict], args, slot=None) -> list[tuple[str, object]]:
+    """(raw answer, analysis) of the grounded review of each defect file of ``chosen``, then each clean twin."""
+    texts: list = []
+    t0 = time.perf_counter()
+    review_batch(rt, [c["code"] for c in chosen] + [c["clean"] for c in chosen], True, args.max_new_tokens,
+                 args.batch, slot=slot, texts=texts)
+    print(f"  reviewed {len(texts)} files ({'adapter' if slot else 'base'}) in {time.perf_counter() - t0:.0f} s", flush=True)
+    return texts
+
+
+def measure(chosen: list[dict], texts: list[tuple[str, object]], suppressed=frozenset()) -> dict:
+    """Located-findings score over the defect files and clean twins of ``chosen``, their reviews merged from
+    the raw answers with ``suppressed`` rules left out (suppression does not change the prompt or decoding)."""
+    codes = [c["code"] for c in chosen] + [c["clean"] for c in chosen]
+    found = [findings_of(text, code, analysis, True, suppressed) for code, (text, analysis) in zip(codes, texts)]
+    result = quality.score([c["lines"] for c in chosen] + [[] for _ in chosen], found)
+    result["false_findings_per_clean_file"] = round(sum(len(f) for f in found[len(chosen):]) / max(1, len(chosen)), 3)
+    return {**result, "_found": found}
+
+
+def retrain(args) -> dict:
+    from domain import jobs
+
+    body = {"tenant": TENANT, "max_steps": args.steps, "learning_rate": args.lr, "batch_size": 2, "lora_r": 8,
+            "lora_alpha": 16, "max_seq_len": args.max_seq_len, "checkpoint_every": max(1, args.steps),
+            "promotion_margin": 0.0, "eval_fraction": 0.25, "quality_max_new_tokens": args.max_new_tokens}
+    if args.quick:
+        body["target_modules"] = ["q_proj", "v_proj"]
+    out = jobs.execute("retrain", uuid.uuid4().hex, body, "bench:feedback_loop")
+    if out["status"] != "succeeded" or "version_id" not in out.get("result", {}):
+        raise SystemExit(f"retrain did not make a version: {out}")
+    return out["result"]
+
+
+def adapter_slot(rt, version_id: str) -> str:
+    from domain.adapter_lookup import verified_adapter_path
+    from domain.ledger.db import session_scope
+    from domain.ledger.models import AdapterVersion
+    from domain.review.batcher import AdapterHandle
+
+    with session_scope() as s:
+        path = verified_adapter_path(s.get(AdapterVersion, version_id))
+    return rt.ensure_adapter(AdapterHandle(version_id, lambda: path))
+
+
+def line(name: str, r: dict) -> str:
+    return (f"{name:22s} P={r['precision']:.3f} R={r['recall']:.3f} F1={r['f1']:.3f} "
+            f"({r['located']}/{r['findings']} findings located, false/clean={r['false_findings_per_clean_file']:.2f})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model folder (default: the embedded SmolLM2-135M-Instruct, prepared once)")
+    ap.add_argument("--steps", type=int, default=16, help="retrain steps")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--max-seq-len", type=int, default=768)
+    ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--suppress-after", type=int, default=3, help="net rejections that suppress a rule")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="foundry-feedback-loop-"))
+    from domain.models import load_causal_lm, prepare_embedded_model
+    from domain.review.runtime import Runtime, model_id_for
+
+    if args.quick:
+        from tests.fixtures.review import save_lively_tiny_model
+
+        ref = str(save_lively_tiny_model(tmp / "tiny"))
+        cases = {s: load(s)[:4] for s in ("tune", "held")}
+        args.steps, args.max_new_tokens, args.max_seq_len = 6, min(args.max_new_tokens, 24), 512
+    else:
+        from domain.config import get_settings
+
+        ref = args.model or get_settings().base_model_ref()
+        if not args.model and not (Path(ref) / "model.safetensors").exists():
+            prepare_embedded_model(Path(ref))
+        cases = {s: load(s) for s in ("tune", "held")}
+    ledger(tmp, ref, args.suppress_after)
+    rt = Runtime(load_causal_lm(ref, device="cpu"), "bench", model_id_for(ref))
+    print(f"model {rt.model_id}; tuning {len(cases['tune'])} + held-out {len(cases['held'])} defect files, "
+          f"each with a clean twin; {args.steps} retrain steps", flush=True)
+
+    tune_texts = generate(rt, cases["tune"], args)
+    tune = measure(cases["tune"], tune_texts)
+    codes = [(c, c["code"]) for c in cases["tune"]] + [(None, c["clean"]) for c in cases["tune"]]
+    files = [(case, code, found, text, analysis)
+             for (case, code), found, (text, analysis) in zip(codes, tune["_found"], tune_texts)]
+    feedback = tenant_feedback(files, rt.model_id)
+    from domain.feedback import suppressed_rules
+
+    suppressed = suppressed_rules(TENANT)
+    print(f"tenant feedback on the tuning half: {feedback['accepted']} accepted, {feedback['rejected']} rejected, "
+          f"{feedback['corrections']} corrections; suppressed rules: {sorted(suppressed) or 'none'}", flush=True)
+    result = retrain(args)
+    print(f"retrain: {result['status']} ({result['reason']}); review precision on the tenant's held-out feedback "
+          f"{result.get('review_precision')}", flush=True)
+    slot = adapter_slot(rt, result["version_id"])
+
+    held = cases["held"]
+    champion_texts, adapter_texts = generate(rt, held, args), generate(rt, held, args, slot=slot)
+    runs = {"champion": measure(held, champion_texts), "suppressions_only": measure(held, champion_texts, suppressed),
+            "adapter_only": measure(held, adapter_texts), "candidate": measure(held, adapter_texts, suppressed)}
+    print(line("tuning champion", tune))
+    for name, r in runs.items():
+        print(line(f"held-out {name}", r))
+    champion, candidate = runs["champion"]["precision"], runs["candidate"]["precision"]
+    ratio = candidate / champion if champion else float("inf")
+    report = {"model": rt.model_id, "quick": args.quick, "steps": args.steps, "feedback": feedback,
+              "suppressed": sorted(suppressed), "retrain": result, "tuning_champion": _public(tune),
+              "held_out": {k: _public(v) for k, v in runs.items()}, "ratio": ratio,
+              "held_out_findings": {k: _findings(held, runs[k]["_found"]) for k in ("champion", "candidate")},
+              "held_out_raw_answers": {"champion": [t for t, _ in champion_texts], "adapter": [t for t, _ in adapter_texts]},
+              "seconds": round(time.perf_counter() - t0, 1)}
+    out = ROOT / "bench" / "results" / ("feedback_loop_quick.json" if args.quick else "feedback_loop.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"held-out precision: candidate {candidate:.3f} / champion {champion:.3f} ({report['seconds']} s)")
+    print(f"ratio={ratio:.3f}" if ratio != float("inf") else "ratio=inf")
+
+
+def _findings(chosen: list[dict], found: list[list[dict]]) -> list[dict]:
+    """Per held-out file: its labels and its findings' line, rule, category and source (for reading the run)."""
+    names = [(c["id"], c["lines"]) for c in chosen] + [(c["id"] + ":clean", []) for c in chosen]
+    return [{"file": n, "labels": lab, "findings": [{k: f.get(k) for k in ("line", "rule_id", "category", "source")}
+                                                    for f in fs]} for (n, lab), fs in zip(names, found)]
+
+
+def _public(r: dict) -> dict:
+    return {k: v for k, v in r.items() if not k.startswith("_")}
+
+
+if __name__ == "__main__":
+    main()
