@@ -7,7 +7,7 @@ loopback (moto's server mode, or the endpoint in FOUNDRY_TEST_S3_URL) through ``
 - cold: a fresh node-local cache (a new host): ``NodeCache.get_tree`` reads the manifest, downloads every
   file, checks each sha256, renames it into place; then the weights are loaded (safetensors) into memory;
 - local cache: the same call on the warm cache (a hit: no store traffic) and the same weights load;
-- CPU tier: the weights from the CPU-memory tier (domain/adapters/tiers.py) copied into preallocated
+- CPU tier: the weights from the CPU-memory tier (domain/review/tiers.py) copied into preallocated
   tensors of the same shapes (what a slot hot-swap does), no file read.
 Cold and local include the safetensors load, so the ratio is what a review worker gains from its cache.
 
@@ -143,7 +143,7 @@ def main() -> None:
     from safetensors.torch import load_file
 
     from domain import storage
-    from domain.adapters.tiers import CpuTier
+    from domain.review.tiers import CpuTier
 
     url, server = endpoint()
     bucket = f"bench-{os.getpid()}"

@@ -36,6 +36,7 @@ from domain.artifacts import load_serving_model
 from domain.models import LoadedModel, load_causal_lm
 from domain.review.batcher import AdapterHandle, Batcher
 from domain.review.decoding import cut_at_stop, next_token, next_tokens, should_stop
+from domain.review.modelinfo import context_window, end_token_ids, model_id_for
 
 log = logging.getLogger(__name__)
 
@@ -45,35 +46,11 @@ _LORA_KEYS = ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alph
               "fan_in_fan_out", "modules_to_save", "layers_to_transform")
 
 
-def model_id_for(ref: str) -> str:
-    """A readable model id: the hub id a prepared folder came from, else the reference itself."""
-    marker = Path(ref) / "foundry-source.json"
-    if marker.exists():
-        try:
-            return json.loads(marker.read_text()).get("model_id") or ref
-        except (OSError, ValueError):
-            pass
-    return ref
-
-
 def _lora_signature(config) -> tuple:
     d = config.to_dict()
     targets = d.get("target_modules")
     targets = tuple(sorted(targets)) if isinstance(targets, (list, set, tuple)) else targets
     return (str(d.get("peft_type")), targets, *(json.dumps(d.get(k), sort_keys=True, default=str) for k in _LORA_KEYS))
-
-
-def context_window(model_window: int, tokenizer) -> int:
-    """The tokens a prompt and its answer may span: the model's window, or the tokenizer's if smaller."""
-    tok_max = getattr(tokenizer, "model_max_length", None) or 0
-    return min(model_window, tok_max) if 0 < tok_max < 10**7 else model_window
-
-
-def end_token_ids(generation_config, tokenizer) -> set[int]:
-    """The tokens that end a row: the generation config's end token(s), else the tokenizer's."""
-    eos = generation_config.eos_token_id
-    eos = eos if isinstance(eos, (list, tuple)) else [eos if eos is not None else tokenizer.eos_token_id]
-    return {int(e) for e in eos if e is not None}
 
 
 class Runtime:
@@ -161,7 +138,7 @@ class Runtime:
     def _hotswap(self, path: Path, slot: str, config) -> None:
         """Copy a new adapter's weights into an existing slot with the same LoRA config (same modules,
         rank, alpha: the scaling stays right). All keys and shapes are checked before anything is copied."""
-        from domain.adapters.tiers import cpu_tier
+        from domain.review.tiers import cpu_tier
 
         weights = cpu_tier().weights(path / WEIGHTS)  # the CPU-memory tier; copy_ below moves them to the device
         params = self._slot_params(slot)
@@ -396,7 +373,7 @@ def get_runtime(settings: Settings | None = None, artifact=None) -> Runtime:
         if settings.review_engine == "vllm":  # imported only here: the default path never imports vllm
             from domain.review.vllm_engine import start_vllm_runtime
 
-            rt = _runtimes[key] = start_vllm_runtime(settings, key, artifact)
+            rt = _runtimes[key] = start_vllm_runtime(settings, key, artifact, on_dead=forget_runtime)
             BASE_LOADS[key] += 1
             return rt
         if artifact is not None:

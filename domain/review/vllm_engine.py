@@ -43,6 +43,7 @@ from domain.errors import TransientError
 from domain.models import ModelLoadError, load_tokenizer
 from domain.review.batcher import AdapterHandle, Batcher
 from domain.review.decoding import cut_at_stop
+from domain.review.modelinfo import context_window, end_token_ids, model_id_for
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,9 @@ def refusal() -> str | None:
     return None
 
 
-def start_vllm_runtime(settings: Settings, key: str, artifact=None) -> VllmRuntime:
-    """The vLLM runtime for the deployment's base model or a tenant's float serving artifact."""
-    from domain.review.runtime import model_id_for
-
+def start_vllm_runtime(settings: Settings, key: str, artifact=None, *, on_dead=None) -> VllmRuntime:
+    """The vLLM runtime for the deployment's base model or a tenant's float serving artifact. ``on_dead(key,
+    runtime)`` is called when its engine process dies (the registry in domain/review/runtime.py drops it)."""
     reason = refusal()
     if reason:
         raise ModelLoadError(reason)
@@ -84,7 +84,8 @@ def start_vllm_runtime(settings: Settings, key: str, artifact=None) -> VllmRunti
             raise ModelLoadError(f"artifact {artifact.id} is quantized (bitsandbytes): the vLLM review engine "
                                  "serves float models only; set FOUNDRY_REVIEW_ENGINE=foundry for this tenant's worker")
         ref, model_id = str(folder), f"{artifact.name or 'artifact'}:{artifact.id}"
-    return VllmRuntime(ref, key, model_id, settings, serving_artifact_id=getattr(artifact, "id", None))
+    return VllmRuntime(ref, key, model_id, settings, serving_artifact_id=getattr(artifact, "id", None),
+                       on_dead=on_dead)
 
 
 def adapter_rank(folder: Path) -> int:
@@ -96,10 +97,11 @@ def adapter_rank(folder: Path) -> int:
 class VllmRuntime:
     """A resident vLLM engine behind Foundry's batcher (one per worker process and model, like ``Runtime``)."""
 
-    def __init__(self, ref: str, key: str, model_id: str, settings: Settings, *, serving_artifact_id: str | None = None):
+    def __init__(self, ref: str, key: str, model_id: str, settings: Settings, *, serving_artifact_id: str | None = None,
+                 on_dead=None):
+        self.on_dead = on_dead
         from transformers import AutoConfig, GenerationConfig
 
-        from domain.review.runtime import context_window, end_token_ids
 
         self.ref, self.key, self.model_id, self.serving_artifact_id = ref, key, model_id, serving_artifact_id
         self.tokenizer = load_tokenizer(ref)
@@ -214,10 +216,9 @@ class VllmRuntime:
     def _forget(self) -> None:
         """A dead engine leaves the process-wide registry: the next review starts a new one. Its batcher keeps
         running, so requests already queued to it fail the same way at once instead of waiting."""
-        from domain.review.runtime import forget_runtime
-
         log.error("vLLM engine for %s died; it is dropped and restarted by the next review", self.ref)
-        forget_runtime(self.key, self)
+        if self.on_dead is not None:
+            self.on_dead(self.key, self)
 
     def _until_end(self, tokens: list[int]) -> list[int]:
         for j, tok in enumerate(tokens):

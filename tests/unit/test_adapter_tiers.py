@@ -1,4 +1,4 @@
-"""The CPU-memory tier of adapter weights (domain/adapters/tiers.py): bounded by count, LRU, re-reads a
+"""The CPU-memory tier of adapter weights (domain/review/tiers.py): bounded by count, LRU, re-reads a
 changed file."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from domain.adapters.tiers import CpuTier
+from domain.review.tiers import CpuTier
 
 
 def write(path, value: float) -> None:
