@@ -88,12 +88,6 @@ ROLLUP = "costs_daily"
 ROLLUP_GRACE_S = 3600.0  # a day is closed this long after its UTC midnight (commits and worker clocks lag)
 
 
-def _midnight(day):
-    from datetime import datetime, timezone
-
-    return datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
-
-
 def roll_up_costs(now=None, *, grace_s: float = ROLLUP_GRACE_S, url: str | None = None) -> dict:
     """Sum every closed UTC day of ``usage_costs`` not rolled up yet into ``usage_daily`` and move the mark,
     in one transaction that holds the mark's row lock (two sweeps at once cannot count a day twice).
@@ -123,9 +117,9 @@ def roll_up_costs(now=None, *, grace_s: float = ROLLUP_GRACE_S, url: str | None 
             "completion_tokens, wall_seconds, gpu_seconds, cost, currency) "
             "SELECT tenant_id, (created_at AT TIME ZONE 'UTC')::date, kind, adapter_version_id, model_id, COUNT(*), "
             "SUM(prompt_tokens), SUM(completion_tokens), SUM(wall_seconds), SUM(gpu_seconds), SUM(cost), MIN(currency) "
-            "FROM usage_costs WHERE created_at >= :start AND created_at < :end "  # ix_usage_created (BRIN)
+            "FROM usage_costs WHERE (created_at AT TIME ZONE 'UTC')::date BETWEEN :start AND :end "
             "GROUP BY tenant_id, (created_at AT TIME ZONE 'UTC')::date, kind, adapter_version_id, model_id"),
-            {"start": _midnight(start), "end": _midnight(last_closed + timedelta(days=1))}).rowcount
+            {"start": start, "end": last_closed}).rowcount
         s.execute(text("UPDATE rollups SET through = :end, updated_at = now() WHERE name = :n"),
                   {"end": last_closed, "n": ROLLUP})
     return {"from": str(start), "through": str(last_closed), "rows": rows}

@@ -270,8 +270,6 @@ class UsageCost(Base):
     __table_args__ = (
         Index("ix_usage_tenant_created", "tenant_id", "created_at"),
         Index("ix_usage_adapter", "adapter_version_id"),
-        # the daily roll-up's range read by time (PostgreSQL: BRIN, a few pages, next to nothing per insert)
-        Index("ix_usage_created", "created_at", postgresql_using="brin"),
         # PostgreSQL: one tenant's costs per UTC day, index-only (migration 0005_ops, v_costs_daily)
         Index("ix_usage_tenant_day", "tenant_id", text("((created_at AT TIME ZONE 'UTC')::date)"),
               postgresql_include=["kind", "adapter_version_id", "model_id", "prompt_tokens", "completion_tokens",

@@ -7,7 +7,8 @@
   over a month reads about 30 roll-up rows per kind plus today's usage rows; all-time costs per tenant read
   the roll-up instead of every usage row. ``domain.costs.roll_up_costs`` moves the mark (beat, hourly).
   Before the first roll-up the mark is empty and the view reads every usage row, as before.
-  ``ix_usage_created`` (on PostgreSQL a BRIN index on ``usage_costs.created_at``) makes the roll-up's range read cheap.
+  No index is added to ``usage_costs``: the job hot path writes exactly what it wrote before; the roll-up's
+  once-a-day range read goes through ``ix_usage_tenant_day`` (covering) or a scan.
 - SQLite (the embedded ledger) creates the tables so the models match, and keeps its plain view.
 
 Revision ID: 0007_costs_rollup
@@ -49,7 +50,6 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
     )
     op.create_index("ix_usage_daily_tenant_day", "usage_daily", ["tenant_id", "day"])
-    op.create_index("ix_usage_created", "usage_costs", ["created_at"], postgresql_using="brin")
     op.create_table(
         "rollups",
         sa.Column("name", sa.String(length=32), nullable=False),
@@ -73,7 +73,6 @@ def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute("DROP VIEW v_costs_daily")
         op.execute(f"CREATE VIEW v_costs_daily AS {GROUPED} {GROUP_BY}")
-    op.drop_index("ix_usage_created", table_name="usage_costs")
     op.drop_table("rollups")
     op.drop_index("ix_usage_daily_tenant_day", table_name="usage_daily")
     op.drop_table("usage_daily")
