@@ -109,10 +109,8 @@ def prefetch_champions() -> list[str]:
     promoted champion's first review on a host pays no fetch. Returns the version ids fetched."""
     from domain import storage
     from domain.ledger.db import session_scope
-    from domain.paths import data_root
 
-    store = storage.get_store()
-    if store.local and Path(store.root).resolve() == data_root():
+    if storage.holds_data_folder():
         return []  # the default store is the data folder: nothing to fetch
     with session_scope() as s:
         versions = list(s.scalars(select(AdapterVersion).join(

@@ -93,9 +93,7 @@ def _remote_store():
     from domain import storage
 
     store = storage.get_store()
-    if store.local and Path(store.root).resolve() == data_root():
-        return None
-    return store
+    return None if storage.holds_data_folder(store) else store
 
 
 def store_pointer(tenant: str, *, fresh: bool = False) -> dict | None:
