@@ -13,14 +13,14 @@ Cold and local include the safetensors load, so the ratio is what a review worke
 
 Recovery (not with ``--quick``): worker A (a real ``celery worker``) runs a noop job, worker B and one beat
 run beside it, A is SIGKILLed; the time from the kill until the ledger shows the job running on B. Every
-setting is Foundry's default (heartbeat 10 s, stranded sweep 60 s, the visibility timeout derived from
-FOUNDRY_LONGEST_JOB_S, hours) except FOUNDRY_STALE_AFTER_S (``--stale-after``, default 30 s). Needs the
+setting is Foundry's default (heartbeat 10 s, stale after 60 s, stranded sweep 60 s, the visibility timeout
+derived from FOUNDRY_LONGEST_JOB_S, hours); ``--stale-after`` overrides FOUNDRY_STALE_AFTER_S. Needs the
 Redis (``--redis``) and PostgreSQL (``--pg-admin``, a throwaway database) the tests use.
 
 Targets: cold fetch ≤ 1 s on loopback, CPU-tier switch ≤ 10 ms, recovery ≤ 180 s. Headline: ratio = cold
 time ÷ local-cache time (larger is better).
 
-    python bench/artifact_store.py [--rounds 7] [--quick] [--stale-after 30]
+    python bench/artifact_store.py [--rounds 7] [--quick] [--stale-after SECONDS]
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def endpoint():
     return f"http://{host}:{port}", server
 
 
-def recovery_s(redis_url: str, pg_admin: str, stale_after_s: float) -> dict:
+def recovery_s(redis_url: str, pg_admin: str, stale_after_s: float | None) -> dict:
     """Seconds from SIGKILL of the worker running a job to that job running on another worker process."""
     import redis
 
@@ -101,7 +101,7 @@ def recovery_s(redis_url: str, pg_admin: str, stale_after_s: float) -> dict:
     with throwaway_pg_database("foundry_recovery_bench", pg_admin) as url, tempfile.TemporaryDirectory() as data:
         env = {"FOUNDRY_BROKER_URL": redis_url, "FOUNDRY_RESULT_BACKEND": redis_url, "FOUNDRY_DATABASE_URL": url,
                "FOUNDRY_DATA_DIR": data, "FOUNDRY_ALLOW_FAULT_INJECTION": "1",  # noop jobs may sleep
-               "FOUNDRY_STALE_AFTER_S": str(stale_after_s)}
+               **({"FOUNDRY_STALE_AFTER_S": str(stale_after_s)} if stale_after_s is not None else {})}
         os.environ.update(env)
         reset_settings()
         dispose_all()
@@ -131,7 +131,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="3 rounds, no recovery measurement")
-    ap.add_argument("--stale-after", type=float, default=30.0, help="FOUNDRY_STALE_AFTER_S for the recovery run")
+    ap.add_argument("--stale-after", type=float, default=None,
+                    help="FOUNDRY_STALE_AFTER_S for the recovery run (default: Foundry's own, 60 s)")
     ap.add_argument("--redis", default=os.environ.get("FOUNDRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/13"))
     ap.add_argument("--pg-admin", default=os.environ.get("FOUNDRY_TEST_DATABASE_URL",
                                                          "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"))

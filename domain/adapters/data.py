@@ -2,9 +2,12 @@
 
 - An **accepted** review teaches the review the model wrote (``reviews.raw_text``).
 - A **rejected** review with a correction teaches the correction; one without a correction teaches nothing.
-- Feedback on one finding (``finding_index``): an accepted finding teaches that finding in the review format
-  (or its correction); a rejected one without a correction teaches nothing (and counts towards the rule's
-  suppression, domain.feedback).
+- Feedback on findings (``finding_index``): a review whose findings were judged teaches **that review as the
+  tenant would keep it**: its summary and its findings in the review format, minus the rejected ones (the
+  newest verdict on a finding counts); when every finding was rejected it teaches "no findings". So a
+  rejection is learnt too (the adapter learns not to report what the tenant keeps rejecting, on clean code as
+  much as on faulty code), besides counting towards the rule's suppression (domain.feedback). A finding's
+  correction teaches the correction.
 - The prompt is the review prompt the service uses (``domain.prompting.build_messages``, without
   retrieved context, which is not stored with the review), rendered with the model's chat template; for a
   grounded review it carries the analyzer findings the served prompt carried (``analyzer_findings``), so
@@ -40,7 +43,7 @@ class FeedbackExample:
     language: str | None
     is_diff: bool
     completion: str
-    source: str  # "accepted" | "correction"
+    source: str  # "accepted" (a review accepted) | "judged" (a review's findings judged) | "correction"
     feedback_at: datetime
     analysis: tuple | None = None  # the analyzer findings the review's prompt carried; None: no analyzer stage
 
@@ -93,14 +96,18 @@ def _feedback_query(tenant: str, since: datetime | None, until: datetime | None)
 
 
 def usable(fb: Feedback) -> bool:
-    return fb.verdict == "accept" or (fb.verdict == "reject" and bool((fb.correction or "").strip()))
+    """Whether this row teaches on its own: an accept, a correction, or a verdict on one finding (which
+    reshapes its review's target)."""
+    return (fb.verdict == "accept" or bool((fb.correction or "").strip())
+            or (fb.verdict == "reject" and fb.finding_index is not None))
 
 
 def count_new_feedback(session: Session, tenant: str, since: datetime | None) -> int:
-    """Feedback rows after ``since`` that would become training examples (accepts and corrections)."""
+    """Feedback rows after ``since`` that would become training examples (accepts, corrections, verdicts on
+    findings)."""
     q = (select(func.count()).select_from(Feedback).join(Review, Review.id == Feedback.review_id)
          .where(Feedback.tenant_id == tenant, Review.tenant_id == tenant)
-         .where((Feedback.verdict == "accept") | ((Feedback.verdict == "reject") & Feedback.correction.is_not(None))))
+         .where((Feedback.verdict == "accept") | Feedback.correction.is_not(None) | Feedback.finding_index.is_not(None)))
     if since is not None:
         q = q.where(Feedback.created_at > since)
     return int(session.scalar(q) or 0)
@@ -111,6 +118,19 @@ def collect(session: Session, tenant: str, since: datetime | None = None, until:
     seen: dict[str, FeedbackExample] = {}
     rows, newest = 0, None
     skipped = {"rejected_without_correction": 0, "duplicates": 0}
+    judged: dict[str, tuple[Review, dict[int, str], datetime]] = {}  # review id -> (review, index -> verdict, newest)
+
+    def add(review: Review, completion: str, source: str, at: datetime) -> None:
+        ex = FeedbackExample(code=review.code, path=review.path, language=review.language,
+                             is_diff=looks_like_diff(review.code, review.language), completion=completion.strip(),
+                             source=source, feedback_at=at, analysis=analyzer_findings(review))
+        if not ex.completion:
+            skipped["rejected_without_correction"] += 1
+            return
+        if ex.sha256 in seen:
+            skipped["duplicates"] += 1
+        seen[ex.sha256] = ex
+
     for fb, review in session.execute(_feedback_query(tenant, since, until).order_by(Feedback.created_at, Feedback.id)):
         rows += 1
         at = aware(fb.created_at)
@@ -118,21 +138,37 @@ def collect(session: Session, tenant: str, since: datetime | None = None, until:
         if not usable(fb):
             skipped["rejected_without_correction"] += 1
             continue
-        accepted = fb.verdict == "accept"
-        ex = FeedbackExample(code=review.code, path=review.path, language=review.language,
-                             is_diff=looks_like_diff(review.code, review.language),
-                             completion=_target(fb, review).strip(),
-                             source="accepted" if accepted else "correction", feedback_at=at,
-                             analysis=analyzer_findings(review))
-        if not ex.completion:
-            skipped["rejected_without_correction"] += 1
-            continue
-        if ex.sha256 in seen:
-            skipped["duplicates"] += 1
-        seen[ex.sha256] = ex
+        corrected = bool((fb.correction or "").strip())
+        if corrected:
+            add(review, fb.correction, "correction", at)
+        if fb.finding_index is not None:
+            _, verdicts, _ = judged.setdefault(review.id, (review, {}, at))
+            verdicts[fb.finding_index] = fb.verdict  # rows come oldest first: the newest verdict stays
+            judged[review.id] = (review, verdicts, at)
+        elif not corrected:
+            add(review, review.raw_text or "", "accepted", at)
+    for review, verdicts, at in judged.values():
+        add(review, kept_review(review, verdicts), "judged", at)
     examples = [seen[h] for h in sorted(seen)]
     digest = hashlib.sha256("\n".join(sorted(seen)).encode()).hexdigest()
     return Dataset(examples=examples, dataset_hash=digest, feedback_rows=rows, feedback_until=newest, skipped=skipped)
+
+
+NO_FINDINGS = "Summary: no issues found.\nFindings: none"
+
+
+def kept_review(review: Review, verdicts: dict[int, str]) -> str:
+    """The review as the tenant would keep it, in the review format: its findings (1-based ``verdicts``:
+    index -> accept | reject) without the rejected ones; "no findings" when none is left."""
+    findings = review.findings or []
+    kept = [f for n, f in enumerate(findings, start=1) if verdicts.get(n) != "reject"]
+    if not kept:
+        return NO_FINDINGS
+    lines = []
+    for f in kept:
+        where = f"line {f['line']}: " if f.get("line") else ""
+        lines.append(f"- [{f.get('severity') or 'medium'}] {where}{f.get('message', '')}")
+    return f"Summary: {review.summary or ''}\nFindings:\n" + "\n".join(lines)
 
 
 def analyzer_findings(review: Review) -> tuple | None:
@@ -144,23 +180,6 @@ def analyzer_findings(review: Review) -> tuple | None:
         return None
     keep = ("rule_id", "line", "severity", "category", "message")
     return tuple({k: f.get(k) for k in keep} for f in review.findings or [] if f.get("source") != "model")
-
-
-def _target(fb: Feedback, review: Review) -> str:
-    """What this feedback teaches: the correction if there is one; else, for an accepted review its raw answer,
-    for an accepted finding (``finding_index``) that finding written in the review format."""
-    if (fb.correction or "").strip():
-        return fb.correction
-    if fb.verdict != "accept":
-        return ""
-    if fb.finding_index is None:
-        return review.raw_text
-    findings = review.findings or []
-    if not 1 <= fb.finding_index <= len(findings):
-        return ""
-    f = findings[fb.finding_index - 1]
-    where = f"line {f['line']}: " if f.get("line") else ""
-    return f"Summary: {review.summary or ''}\nFindings:\n- [{f.get('severity') or 'medium'}] {where}{f.get('message', '')}"
 
 
 # ---- tokenization -------------------------------------------------------------------------------

@@ -115,3 +115,52 @@ def test_a_grounded_reviews_training_prompt_carries_its_analyzer_findings(sqlite
     prompt = lambda e: tiny_tokenizer.decode(data.tokenize(tiny_tokenizer, e, 2048).input_ids)  # noqa: E731
     assert "line 2: code_injection: Use of possibly insecure function" in prompt(by_path["m.py"]) and "(B307)" in prompt(by_path["m.py"])
     assert "Static analyzers" not in prompt(by_path["n.py"])
+
+
+def _judged(s, tenant: str, path: str, code: str, findings: list[dict], verdicts: list[tuple[int, str]], start):
+    """A stored review with ``findings`` and one finding-level feedback row per (index, verdict), oldest first."""
+    import hashlib
+
+    from domain.ledger.models import Feedback, Job, Review, new_id
+
+    job = Job(id=new_id(), kind="review", tenant_id=tenant, payload={"code": code}, status="succeeded",
+              created_by="test")
+    s.add(job)
+    s.flush()
+    rv = Review(id=new_id(), job_id=job.id, tenant_id=tenant, model_id="test", path=path, code=code,
+                code_sha256=hashlib.sha256(code.encode()).hexdigest(), raw_text="(model text)",
+                summary="eval of untrusted input", findings=findings)
+    s.add(rv)
+    s.flush()
+    for i, (n, verdict) in enumerate(verdicts):
+        s.add(Feedback(review_id=rv.id, tenant_id=tenant, verdict=verdict, finding_index=n,
+                       rule_id=findings[n - 1].get("rule_id"), created_by="test",
+                       created_at=start + timedelta(milliseconds=i)))
+    s.flush()
+
+
+def test_a_judged_review_teaches_its_kept_findings_and_a_clean_one_teaches_none(sqlite_ledger):
+    """Rejections are learnt: the target is the review without its rejected findings, 'no findings' when none is
+    left (a clean file whose every finding the tenant rejected), the newest verdict on a finding counting."""
+    from domain.review.parse import parse_review
+
+    add_tenant(sqlite_ledger, "acme")
+    real = {"rule_id": "B307", "line": 2, "severity": "high", "category": "code_injection", "message": "eval of input",
+            "source": "bandit"}
+    noise = {"rule_id": None, "line": 1, "severity": "low", "category": "style", "message": "name it better",
+             "source": "model"}
+    t0 = utcnow() - timedelta(seconds=5)
+    with session_scope() as s:
+        _judged(s, "acme", "bad.py", "def f(d):\n    return eval(d)\n", [noise, real], [(1, "reject"), (2, "accept")], t0)
+        _judged(s, "acme", "clean.py", "def f(d):\n    return int(d)\n", [noise, {**real, "line": 2}],
+                [(1, "reject"), (2, "accept"), (2, "reject")], t0 + timedelta(seconds=1))  # changed its mind
+    with session_scope() as s:
+        ds = data.collect(s, "acme")
+        assert data.count_new_feedback(s, "acme", None) == 5  # rejections of findings count: they teach
+    by_path = {e.path: e for e in ds.examples}
+    assert set(by_path) == {"bad.py", "clean.py"} and {e.source for e in ds.examples} == {"judged"}
+    bad = parse_review(by_path["bad.py"].completion, n_lines=2)
+    assert [(f["line"], f["severity"]) for f in bad.findings] == [(2, "high")]
+    assert "eval of input" in by_path["bad.py"].completion and "name it better" not in by_path["bad.py"].completion
+    assert by_path["clean.py"].completion == data.NO_FINDINGS
+    assert parse_review(data.NO_FINDINGS, n_lines=2).findings == []
