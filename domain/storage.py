@@ -324,6 +324,31 @@ class NodeCache:
         self.evict(keep={sha256})
         return entry
 
+    def put_file(self, sha256: str, name: str, data: bytes) -> Path:
+        """``data`` (whose sha256 the caller computed) as the entry ``sha256`` holding one file ``name``."""
+        entry = self.entry(sha256)
+        target = entry / name
+        if target.is_file():
+            self.stats["hits"] += 1
+            os.utime(entry)  # most recently used
+            return target
+        with _flock(self.root / "locks" / f"{sha256}.lock"):
+            if not target.is_file():
+                tmp = self.root / "tmp" / f"{sha256}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+                try:
+                    tmp.mkdir(parents=True)
+                    (tmp / name).write_bytes(data)
+                    self.objects.mkdir(parents=True, exist_ok=True)
+                    if entry.is_dir():  # the same bytes under another file name: keep both names
+                        os.replace(tmp / name, target)
+                    else:
+                        os.rename(tmp, entry)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                self.stats["fetches"] += 1
+        self.evict(keep={sha256})
+        return target
+
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.objects.rglob("*") if f.is_file()) if self.objects.is_dir() else 0
 
@@ -402,19 +427,13 @@ def publish_tree(folder: Path, key: str, *, primary: str | None = None, tenant: 
 
 def fetch_file(key: str, *, tenant: str | None = None) -> Path:
     """A data file a job names (``data_path``, ``eval_data_path``) that is not under this host's data folder:
-    read from the store and kept in this host's cache under the sha256 of its bytes (a file replaced under
-    the same key is a new entry). Raises ObjectMissing when the store does not hold it either."""
+    read from the store and kept in this host's cache as an entry named by the sha256 of its bytes (a file
+    replaced under the same key is a new entry), LRU-bounded with the rest of the cache. Raises ObjectMissing
+    when the store does not hold it either."""
     key = check_key(key, tenant)
     data = get_store().get_bytes(key)
     digest = hashlib.sha256(data).hexdigest()
-    cache = get_cache()
-    target = cache.root / "files" / digest / PurePosixPath(key).name
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
-    return target
+    return get_cache().put_file(digest, PurePosixPath(key).name, data)
 
 
 def fetch_tree(key: str, sha256: str, *, tenant: str | None = None, local: Path | None = None) -> Path:

@@ -130,6 +130,21 @@ def test_the_cache_evicts_the_least_recently_used_beyond_its_bound(store_env, tm
     assert cache.size_bytes() <= 100_000
 
 
+def test_data_files_fetched_from_the_store_are_cache_entries_under_the_same_lru_bound(store_env, tmp_path):
+    store = storage.get_store()
+    store.put_bytes("datasets/acme/train.jsonl", b'{"a": 1}\n' * 5_000)
+    path = storage.fetch_file("datasets/acme/train.jsonl", tenant="acme")
+    cache = storage.get_cache()
+    digest = path.parent.name
+    assert path.read_bytes() == b'{"a": 1}\n' * 5_000 and path.parent == cache.entry(digest)
+    assert storage.fetch_file("datasets/acme/train.jsonl", tenant="acme") == path  # a hit: the same entry
+    m = store.put_tree(make_folder(tmp_path / "src", size=40_000), "adapters/acme/r/v1")
+    cache.get_tree(store, "adapters/acme/r/v1", m.sha256)
+    os.utime(cache.entry(digest), (1000, 1000))  # the data file is the least recently used
+    cache.min_age_s, cache.max_bytes = 0, 45_000
+    assert cache.evict() == [digest] and not path.exists() and cache.entry(m.sha256).is_dir()
+
+
 def _fetch_in_child(args) -> str:
     cache_root, env, key, sha = args
     os.environ.update(env)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 from domain.adapters import data
-from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
 from domain.ledger.db import session_scope
 from domain.ledger.models import utcnow
 from tests.conftest import add_tenant
+from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
 
 
 def test_accepts_and_corrections_become_examples(sqlite_ledger):
@@ -112,7 +112,7 @@ def test_a_grounded_reviews_training_prompt_carries_its_analyzer_findings(sqlite
         by_path = {e.path: e for e in data.collect(s, "acme").examples}
     assert by_path["m.py"].analysis == ({k: bandit[k] for k in ("rule_id", "line", "severity", "category", "message")},)
     assert by_path["n.py"].analysis is None  # no analyzer stage recorded: the prompt has no analyzer block
-    prompt = lambda e: tiny_tokenizer.decode(data.tokenize(tiny_tokenizer, e, 2048).input_ids)  # noqa: E731
+    prompt = lambda e: tiny_tokenizer.decode(data.tokenize(tiny_tokenizer, e, 2048).input_ids)
     assert "line 2: code_injection: Use of possibly insecure function" in prompt(by_path["m.py"]) and "(B307)" in prompt(by_path["m.py"])
     assert "Static analyzers" not in prompt(by_path["n.py"])
 
