@@ -34,11 +34,11 @@ def test_drifting_small_model_output():
 
 
 def test_json_answers_and_out_of_range_lines():
-    text = 'Here: {"summary": "ok", "findings": [{"line": 99, "severity": "critical", "message": "x"}, "line 2: y"]}'
+    text = 'Here: {"summary": "ok", "findings": [{"line": 99, "severity": "critical", "message": "x"}, "line 2: unused name"]}'
     r = parse_review(text, n_lines=10)
     assert r.summary == "ok"
     assert r.findings == [{"line": None, "end_line": None, "severity": "high", "message": "x"},
-                          {"line": 2, "end_line": None, "severity": None, "message": "y"}]
+                          {"line": 2, "end_line": None, "severity": None, "message": "unused name"}]
 
 
 def test_none_and_unlabelled_answers():
@@ -65,3 +65,11 @@ def test_bullets_left_empty_after_their_line_are_not_findings():
     text = "This code has a problem:\n- [high] line 5:\n- [high] line 9:\n- [low] line 2: name is unclear\n- [high] line 3 -"
     parsed = parse_review(text, n_lines=6)
     assert [(f["line"], f["message"]) for f in parsed.findings] == [(2, "name is unclear")]
+
+
+def test_the_format_line_echoed_back_and_wordless_bullets_are_not_findings():
+    text = ("Summary: fine.\nFindings:\n- [high|medium|low] line 1: `1| 2| 3`\n- [high|medium|low] line\n"
+            "- [low] line <N>: <the problem and how to fix it>\n- [medium] line 2: `1| 2`\n"
+            "- [high] line 3: eval of user input; use ast.literal_eval\n")
+    parsed = parse_review(text, n_lines=5)
+    assert [(f["line"], f["severity"]) for f in parsed.findings] == [(3, "high")]
