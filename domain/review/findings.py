@@ -10,7 +10,8 @@ fixation, sensitive data exposure, hardcoded secrets, security misconfiguration,
 insecure deserialization) plus common bug patterns; anything else is ``bug`` or ``style``.
 
 ``merge`` keeps one finding per (line, category): an analyzer finding wins over the model's on the same
-line and category (it is located by a rule), and takes the model's explanation when the model has one.
+line and category (it is located by a rule), and takes the model's explanation when the model has one; a
+model finding within a line of an analyzer finding whose words name no category is that explanation too.
 Messages pass through ``mask_secrets`` so a hardcoded password is never copied into a review.
 """
 
@@ -27,6 +28,7 @@ CATEGORIES = (
     "bug", "style",
 )
 SECURITY = frozenset(CATEGORIES[:14])
+GENERIC = frozenset({"bug", "style"})  # what a model finding gets when its words name no category
 SEVERITY_RANK = {"high": 3, "medium": 2, "low": 1, None: 0}
 
 # words in a model's message → category (the model writes prose, not rule ids)
@@ -105,10 +107,13 @@ def _near(a: int | None, b: int | None) -> bool:
 
 
 def _restates(model: dict, analyzer: dict) -> bool:
-    """The model's finding is about the analyzer's: within a line of it, and of its category or citing its
-    rule id (the prompt lists each analyzer finding with its rule id, and the model copies it)."""
+    """The model's finding is about the analyzer's: within a line of it, and of its category, citing its rule
+    id (the prompt lists each analyzer finding with its rule id, and the model copies it), or naming no
+    category at all (``GENERIC``: then it explains the analyzer's finding rather than adding one)."""
     if not _near(model["line"], analyzer["line"]):
         return False
+    if model["category"] in GENERIC and analyzer["source"] != "model":
+        return True  # the model names no category of its own there: it is explaining the analyzer's finding
     rule = analyzer.get("rule_id")
     return model["category"] == analyzer["category"] or bool(
         rule and re.search(r"(?<![\w-])" + re.escape(rule) + r"(?![\w-])", model["message"]))

@@ -26,7 +26,7 @@ _LINE_REF = re.compile(r"\b(?:lines?|L)\s*#?(\d+)(?:\s*(?:-|–|to)\s*L?(\d+))?"
 _SEVERITY = re.compile(r"^\s*[\[(]?\s*(" + "|".join(SEVERITIES) + r")\s*[\])]?\s*[:\-–]?\s*", re.I)
 _NONE = re.compile(r"^\s*(?:none|no (?:issues|findings|problems)|n/?a)\b", re.I)
 # the prompt's own format line echoed back ("- [high|medium|low] line <N>: <the problem ...>"): not a finding
-_TEMPLATE = re.compile(r"\[\s*high\s*\|\s*medium|<N>|<the problem", re.I)
+_TEMPLATE = re.compile(r"\[\s*high\s*\||<N>|<the problem", re.I)
 _WORDS = re.compile(r"[A-Za-z]{2,}")
 
 
@@ -62,8 +62,8 @@ def finding(text: str, n_lines: int | None = None, severity: str | None = None) 
         return None
     line, end = _line_ref(text, n_lines)
     rest = re.sub(r"^\s*(?:on\s+)?" + _LINE_REF.pattern + r"\s*[:\-–,]?\s*", "", text, count=1, flags=re.I)
-    if _LINE_REF.match(text.strip()) and not _WORDS.search(rest):
-        return None  # "- [high] line 7:" and nothing (or "`1| 2| 3`") after it: the bullet says nothing
+    if not any(w.lower() not in ("line", "lines") for w in _WORDS.findall(rest)):
+        return None  # "- [high] line 7:", "- [low] line", "- [" or "`1| 2| 3`": a bullet with no word says nothing
     if line is not None:  # "line 12: message" → "message"
         text = rest or text
     return {"line": line, "end_line": end, "severity": severity, "message": text.strip()}

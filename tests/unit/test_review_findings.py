@@ -33,7 +33,7 @@ def test_a_model_finding_copying_the_prompts_analyzer_line_is_that_finding():
     named = from_model({"line": 3, "severity": "high", "message": "broken_auth: compare tokens in constant time"})
     assert named["category"] == "broken_auth"
     cites = from_model({"line": 7, "severity": "high", "message": "the input reaches the call unchecked (B602)"})
-    other_rule = from_model({"line": 6, "message": "unchecked input reaches a call (B6021)"})
+    other_rule = from_model({"line": 6, "message": "unchecked input reaches pickle.loads (B6021)"})
     far = from_model({"line": 9, "message": "B602 again, somewhere else"})
     merged = merge([rule, auth], [named, cites, other_rule, far])
     assert [(f["line"], f["source"]) for f in merged] == [(6, "bandit"), (3, "foundry"), (6, "model"), (9, "model")]
@@ -106,3 +106,16 @@ def test_masking_leaves_rule_messages_alone():
     msg = "secret compared with '=='; compare hashes with hmac.compare_digest"
     assert mask_secrets(msg) == msg
     assert "hunter2secret" not in mask_secrets("Possible hardcoded password: 'hunter2secret'")
+
+
+def test_a_model_finding_naming_no_category_beside_an_analyzer_finding_explains_it():
+    from domain.review.findings import from_model, make_finding, merge
+
+    bandit = make_finding(line=2, message="Use of eval", source="bandit", category="code_injection",
+                          severity="medium", rule_id="B307", confidence=0.9)
+    vague = from_model({"line": 2, "severity": "high", "message": "this line is a classic example of a problem"})
+    other = from_model({"line": 3, "severity": "low", "message": "the password is hardcoded here"})
+    merged = merge([bandit], [vague, other])
+    assert [(f["line"], f["category"], f["source"]) for f in merged] == [(2, "code_injection", "bandit"),
+                                                                       (3, "hardcoded_secret", "model")]
+    assert merged[0]["explanation"] == "this line is a classic example of a problem"

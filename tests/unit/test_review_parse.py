@@ -73,3 +73,8 @@ def test_the_format_line_echoed_back_and_wordless_bullets_are_not_findings():
             "- [high] line 3: eval of user input; use ast.literal_eval\n")
     parsed = parse_review(text, n_lines=5)
     assert [(f["line"], f["severity"]) for f in parsed.findings] == [(3, "high")]
+
+
+def test_bullets_cut_off_by_the_token_limit_are_not_findings():
+    text = "Findings:\n- [high] line 2: pickle.loads of request data\n- [low] line \n- [\n- [high|"
+    assert [f["line"] for f in parse_review(text, n_lines=5).findings] == [2]
