@@ -71,7 +71,7 @@ for name in ("transformers", "peft", "accelerate", "bitsandbytes", "sqlalchemy",
 EOF
 CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 
-step imports 120 "$PY" -c "import domain.jobs, domain.device, domain.adapters.distributed, domain.adapters.retrain, domain.quantization, domain.distillation, domain.review.service, bench._shapes; print('domain imports ok')"
+step imports 120 "$PY" -c "import domain.jobs, domain.device, domain.data_parallel, domain.adapters.distributed, domain.adapters.retrain, domain.quantization, domain.distillation, domain.review.service, bench._shapes; print('domain imports ok')"
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -o addopts="-ra --strict-markers")
 
 if [ "$CUDA" != 1 ]; then

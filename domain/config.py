@@ -193,10 +193,10 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, FileSecretsSource(settings_cls), _SectionsSource(settings_cls),
                 dotenv_settings, file_secret_settings)
 
-    # ---- device (domain/device.py, domain/adapters/distributed.py) ----
+    # ---- device (domain/device.py, domain/data_parallel.py) ----
     compute_dtype: str = Field("auto", description="Model dtype: 'auto' (fp32 on CPU; bf16 on CUDA where supported, else fp16), 'bf16', 'fp16' or 'fp32'.")
     attn_implementation: str = Field("sdpa", description="Attention kernel: 'sdpa', 'eager' or 'flash_attention_2' (needs the flash-attn package and CUDA).")
-    train_procs: int = Field(1, ge=1, description="Processes one retrain/distill job trains with (torch.distributed DDP: gloo on CPU, nccl on CUDA); a job's `procs` overrides it.")
+    train_procs: int = Field(1, ge=1, description="Processes one retrain or distill job trains with (torch.distributed, data-parallel: gloo on CPU, nccl on CUDA); a job's `procs` overrides it.")
 
     @field_validator("time_limits", mode="before")
     @classmethod

@@ -17,6 +17,13 @@ recorded with ``ctx.record_checkpoint``; a redelivered job resumes from the late
 
 ``handle_distill`` reads as its stages: ``_setup`` / ``_train`` / evaluate / ``_publish`` / commit.
 
+Several processes (``procs``, default FOUNDRY_TRAIN_PROCS; ``domain/data_parallel.py``): the job's process is
+rank 0 and the only one that writes (checkpoints, ledger rows, the artifact); ranks 1..N-1 (``rank_main``)
+load the same teacher, rebuild the same student (the kept layers rank 0 chose) and its checkpoint, and take
+rank 0's weights by broadcast. Every step each rank runs its rows of the global batch (``sharded_step``): its
+loss sums divided by the whole batch's target tokens, so one all-reduce of the gradients and losses gives
+every rank the one-process update; a checkpoint resumes with any number of processes.
+
 Failure codes: ``cuda_oom`` (``out_of_memory`` on the CPU), ``tokenizer_mismatch`` (teacher and student vocabularies differ),
 ``diverging_loss`` (NaN/inf, or a loss above ``DIVERGENCE_FACTOR`` × the first step's).
 """
@@ -34,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from domain import checkpoints, costs, heldout
+from domain import checkpoints, costs, data_parallel, heldout
 from domain.errors import InvalidJob, JobFailed, is_out_of_memory
 from domain.contract import JobContext, Outcome
 from domain.ledger.models import new_id
@@ -57,12 +64,15 @@ class DistillLoss:
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
-                      mask: torch.Tensor, temperature: float = 2.0, alpha: float = 0.5) -> DistillLoss:
+                      mask: torch.Tensor, temperature: float = 2.0, alpha: float = 0.5,
+                      tokens: int | None = None) -> DistillLoss:
     """Logits ``[B, L, V]`` already aligned with ``labels``/``mask`` ``[B, L]`` (mask: 1 = real target token).
-    With ``alpha == 0`` the loss is plain cross-entropy and ``teacher_logits`` may be None."""
+    With ``alpha == 0`` the loss is plain cross-entropy and ``teacher_logits`` may be None. The per-token sums
+    are divided by ``tokens`` (default: this batch's real target tokens): a data-parallel rank passes the whole
+    global batch's count, so the ranks' losses add up to the one-process loss."""
     t = temperature
     mask = mask.to(torch.float32)
-    n = mask.sum().clamp(min=1)
+    n = mask.sum().clamp(min=1) if tokens is None else max(1, tokens)
     ce_tok = F.cross_entropy(student_logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
     ce = (ce_tok * mask).sum() / n
     if teacher_logits is None:
@@ -292,9 +302,8 @@ def training_blocks(spec: DistillSpec, tokenizer, steps: int) -> torch.Tensor:
 
 # ---- one step ---------------------------------------------------------------------------------
 
-
-def train_step(student, teacher, ids: torch.Tensor, optimizer, scheduler, temperature: float, alpha: float,
-               first_loss: float | None) -> DistillLoss:
+def _forward(student, teacher, ids: torch.Tensor, temperature: float, alpha: float,
+             tokens: int | None = None) -> DistillLoss:
     t_logits = None
     with train_autocast(student):
         if alpha > 0:  # alpha == 0 is plain cross-entropy training: the teacher is not needed
@@ -302,19 +311,50 @@ def train_step(student, teacher, ids: torch.Tensor, optimizer, scheduler, temper
                 t_logits = teacher(input_ids=ids, use_cache=False).logits[:, :-1]
         s_logits = student(input_ids=ids, use_cache=False).logits
     mask = torch.ones_like(ids[:, 1:])
-    out = distillation_loss(s_logits[:, :-1], t_logits, ids[:, 1:], mask, temperature, alpha)
-    value = out.loss.item()
+    return distillation_loss(s_logits[:, :-1], t_logits, ids[:, 1:], mask, temperature, alpha, tokens)
+
+
+def _check_loss(value: float, first_loss: float | None) -> None:
     if not math.isfinite(value):
         raise JobFailed(f"diverging loss: the loss became {value}; lower learning_rate", code="diverging_loss")
     if first_loss is not None and value > DIVERGENCE_FACTOR * first_loss:
         raise JobFailed(f"diverging loss: {value:.3g} is over {DIVERGENCE_FACTOR:g}x the first step's {first_loss:.3g}; "
                         "lower learning_rate", code="diverging_loss")
-    optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
+
+
+def _update(student, optimizer, scheduler) -> None:
     torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
     optimizer.step()
     scheduler.step()
+
+
+def train_step(student, teacher, ids: torch.Tensor, optimizer, scheduler, temperature: float, alpha: float,
+               first_loss: float | None) -> DistillLoss:
+    out = _forward(student, teacher, ids, temperature, alpha)
+    _check_loss(out.loss.item(), first_loss)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    _update(student, optimizer, scheduler)
     return out
+
+
+def sharded_step(student, teacher, ids: torch.Tensor, optimizer, scheduler, temperature: float, alpha: float,
+                 first_loss: float | None, *, rank: int, world: int) -> DistillLoss:
+    """``train_step`` as rank ``rank`` of ``world``: this rank's rows of the global batch ``ids`` (rows rank,
+    rank + world, ...), its loss sums divided by the whole batch's target tokens, then one all-reduce of every
+    gradient and the loss, KL and CE (``data_parallel.reduce``): every rank takes the one-process update."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+    rows = ids[rank::world]
+    local = torch.zeros(3, device=ids.device)
+    if rows.shape[0]:
+        out = _forward(student, teacher, rows, temperature, alpha, tokens=ids.shape[0] * (ids.shape[1] - 1))
+        out.loss.backward()
+        local = torch.stack([v.detach().float().reshape(()).to(ids.device) for v in (out.loss, out.kl, out.ce)])
+    loss, kl, ce = data_parallel.reduce(params, local)
+    _check_loss(loss.item(), first_loss)  # the same summed loss on every rank: all of them stop, or none
+    _update(student, optimizer, scheduler)
+    return DistillLoss(loss=loss, kl=kl, ce=ce)
 
 
 # ---- the job: setup → train → evaluate → publish → commit ---------------------------------------
@@ -366,6 +406,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: object
     resume: checkpoints.Loaded | None
+    procs: int  # training processes (domain/data_parallel.py)
 
 
 @dataclass
@@ -389,8 +430,7 @@ class _Trained:
         return {"first_loss": self.first_loss, "trained_tokens": self.tokens, **self.last}
 
 
-def _load_teacher(spec: DistillSpec, ctx: JobContext, device: torch.device):
-    teacher_ref = spec.teacher or ctx.settings.base_model_ref()
+def _load_teacher(teacher_ref: str, spec: DistillSpec, device: torch.device):
     try:
         loaded = load_causal_lm(teacher_ref, device=str(device))
     except ModelLoadError as exc:
@@ -400,12 +440,25 @@ def _load_teacher(spec: DistillSpec, ctx: JobContext, device: torch.device):
     loaded.model.eval().requires_grad_(False)
     if spec.seq_len > loaded.context_window:
         raise InvalidJob(f"seq_len: {spec.seq_len} exceeds the teacher's context window {loaded.context_window}", field="seq_len")
-    return teacher_ref, loaded
+    return loaded
+
+
+def _trainable(student, spec: DistillSpec, steps: int, device: torch.device, resume: checkpoints.Loaded | None):
+    """The student on ``device`` in train mode, its AdamW and schedule; a checkpoint's weights and states put back."""
+    student.to(device).train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=spec.learning_rate, weight_decay=0.0)
+    scheduler = make_scheduler(optimizer, steps)
+    if resume is not None:
+        student.load_state_dict(resume.weights)
+        checkpoints.restore(resume, optimizer, scheduler)
+    return optimizer, scheduler
 
 
 def _setup(spec: DistillSpec, ctx: JobContext) -> _Run:
+    procs = data_parallel.procs_for(spec, ctx.settings)
     device = resolve_device(ctx.settings.device)
-    teacher_ref, loaded = _load_teacher(spec, ctx, device)
+    teacher_ref = spec.teacher or ctx.settings.base_model_ref()
+    loaded = _load_teacher(teacher_ref, spec, device)
     teacher, tok = loaded.model, loaded.tokenizer
     steps = total_steps(spec)
     blocks = training_blocks(spec, tok, steps)
@@ -420,20 +473,45 @@ def _setup(spec: DistillSpec, ctx: JobContext) -> _Run:
     made_before = resume.extra.get("student") if resume is not None and spec.student is None else None
     student, made = build_student(spec, teacher, tok, calibration=blocks[:8], tick=selecting,
                                   made_before=made_before if isinstance(made_before, dict) else None)
-    student.to(device).train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=spec.learning_rate, weight_decay=0.0)
-    scheduler = make_scheduler(optimizer, steps)
-    if resume is not None:
-        student.load_state_dict(resume.weights)
-        checkpoints.restore(resume, optimizer, scheduler)
+    optimizer, scheduler = _trainable(student, spec, steps, device, resume)
     return _Run(teacher_ref=teacher_ref, device=device, teacher=teacher, tokenizer=tok, steps=steps, blocks=blocks,
                 evals=evals, eval_source=eval_source, student=student, made=made, optimizer=optimizer,
-                scheduler=scheduler, resume=resume)
+                scheduler=scheduler, resume=resume, procs=procs)
+
+
+def _steps(spec: DistillSpec, blocks: torch.Tensor, steps: int, device: torch.device, trained: _Trained,
+           step: Callable[[torch.Tensor, float | None], DistillLoss], after: Callable[[int], None] | None = None) -> None:
+    """Steps ``trained.start .. steps - 1``, on every rank: the step's batch (``batch_for_step``) through
+    ``step(ids, first_loss)``, its figures added to ``trained``, then ``after(done)`` (rank 0: progress,
+    checkpoints, stop checks)."""
+    for s in range(trained.start, steps):
+        ids = batch_for_step(blocks, s, spec.batch_size, spec.seed).to(device, non_blocking=True)
+        try:
+            out = step(ids, trained.first_loss)
+        except (RuntimeError, MemoryError) as exc:
+            if is_out_of_memory(exc):
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                raise JobFailed(f"out of memory at batch_size={spec.batch_size}, seq_len={spec.seq_len}: lower them "
+                                f"({exc})", code=oom_code(exc)) from exc
+            raise
+        trained.first_loss = trained.first_loss if trained.first_loss is not None else out.loss.item()
+        trained.tokens += int(ids.numel())
+        trained.last = {"loss": out.loss.item(), "kl": out.kl.item(), "ce": out.ce.item()}
+        if after is not None:
+            after(s + 1)
+
+
+def _sharded(spec: DistillSpec, student, teacher, optimizer, scheduler, rank: int, world: int):
+    """Rank ``rank``'s step function, once every rank holds rank 0's student."""
+    data_parallel.broadcast([p for p in student.parameters() if p.requires_grad])
+    return lambda ids, first: sharded_step(student, teacher, ids, optimizer, scheduler, spec.temperature, spec.alpha,
+                                           first, rank=rank, world=world)
 
 
 def _train(spec: DistillSpec, ctx: JobContext, run: _Run) -> _Trained:
-    """Steps from the checkpoint's (or 0) to the last; checkpoints every ``checkpoint_every`` steps and on a
-    soft stop through ``checkpoints.save``."""
+    """Steps from the checkpoint's (or 0) to the last, on ``run.procs`` processes; checkpoints every
+    ``checkpoint_every`` steps and on a soft stop through ``checkpoints.save`` (this process alone)."""
     trained = _Trained.resumed(run.resume)
 
     def checkpoint(step: int, reason: str) -> None:
@@ -442,32 +520,28 @@ def _train(spec: DistillSpec, ctx: JobContext, run: _Run) -> _Trained:
                          config=spec.model_dump(mode="json"), extra={**extra, "student": run.made},
                          metrics={k: v for k, v in extra.items() if isinstance(v, (int, float))}, reason=reason)
 
-    tick, tick_tokens = time.perf_counter(), 0
-    for step in range(trained.start, run.steps):
-        ids = batch_for_step(run.blocks, step, spec.batch_size, spec.seed).to(run.device, non_blocking=True)
-        try:
-            out = train_step(run.student, run.teacher, ids, run.optimizer, run.scheduler, spec.temperature, spec.alpha,
-                             trained.first_loss)
-        except (RuntimeError, MemoryError) as exc:
-            if is_out_of_memory(exc):
-                if run.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                raise JobFailed(f"out of memory at batch_size={spec.batch_size}, seq_len={spec.seq_len}: lower them "
-                                f"({exc})", code=oom_code(exc)) from exc
-            raise
-        trained.first_loss = trained.first_loss if trained.first_loss is not None else out.loss.item()
-        trained.tokens += int(ids.numel())
-        tick_tokens += int(ids.numel())
-        trained.last = {"loss": out.loss.item(), "kl": out.kl.item(), "ce": out.ce.item()}
-        done = step + 1
+    tick, tokens_before = time.perf_counter(), trained.tokens
+
+    def after(done: int) -> None:
         ctx.progress(done / run.steps * 0.9, step=done, steps=run.steps,
-                     tokens_per_s=tick_tokens / max(time.perf_counter() - tick, 1e-9), **trained.last)
+                     tokens_per_s=(trained.tokens - tokens_before) / max(time.perf_counter() - tick, 1e-9), **trained.last)
         if ctx.stopping:
             checkpoint(done, "soft_stop")
             ctx.check()
         if done % spec.checkpoint_every == 0 and done < run.steps:
             checkpoint(done, "interval")
         ctx.check()
+
+    if run.procs == 1:
+        _steps(spec, run.blocks, run.steps, run.device, trained, lambda ids, first: train_step(
+            run.student, run.teacher, ids, run.optimizer, run.scheduler, spec.temperature, spec.alpha, first), after)
+        return trained
+    args = {"spec": spec.model_dump(mode="json"), "teacher": run.teacher_ref, "made": run.made,
+            "resume_dir": str(run.resume.folder) if run.resume is not None else None}
+    with data_parallel.process_group("distill", run.procs, data_root() / "dist" / ctx.job_id,
+                                     device=ctx.settings.device, args=args, data={"blocks": run.blocks.cpu()}):
+        _steps(spec, run.blocks, run.steps, run.device, trained,
+               _sharded(spec, run.student, run.teacher, run.optimizer, run.scheduler, 0, run.procs), after)
     return trained
 
 
@@ -481,7 +555,7 @@ def _report(spec: DistillSpec, run: _Run, trained: _Trained, cmp) -> dict:
         "kl_divergence": cmp.kl_divergence, "top1_agreement": cmp.top1_agreement,
         "tokens_per_s_teacher": cmp.tokens_per_s_reference, "tokens_per_s_student": cmp.tokens_per_s_candidate,
         "speedup": cmp.tokens_per_s_candidate / cmp.tokens_per_s_reference,
-        "steps": run.steps, "trained_tokens": trained.tokens, "resumed_from_step": trained.start,
+        "steps": run.steps, "trained_tokens": trained.tokens, "resumed_from_step": trained.start, "procs": run.procs,
         "final_loss": trained.last.get("loss"), "final_kl": trained.last.get("kl"), "final_ce": trained.last.get("ce"),
         "temperature": spec.temperature, "alpha": spec.alpha, "learning_rate": spec.learning_rate,
         "batch_size": spec.batch_size, "seq_len": spec.seq_len,
@@ -495,3 +569,20 @@ def _publish(ctx: JobContext, run: _Run, report: dict, lineage: dict) -> Publish
     run.student.save_pretrained(staging, safe_serialization=True)
     run.tokenizer.save_pretrained(staging)
     return publish_model(staging, staging.parent / ctx.job_id, "distilled_model", report, lineage)
+
+
+# ---- ranks 1..N-1 of a distill job (started by domain/data_parallel.py) ------------------------------
+
+def rank_main(args: dict, data: dict, rank: int, world: int, device: str) -> None:
+    """Rank ``rank``'s part of a distill job: rank 0's teacher, student (its kept layers, not selected again)
+    and checkpoint, then the same steps on this rank's rows. Writes nothing."""
+    spec = DistillSpec.model_validate(args["spec"])
+    dev = torch.device(device)
+    loaded = _load_teacher(args["teacher"], spec, dev)
+    torch.manual_seed(spec.seed)
+    student, _ = build_student(spec, loaded.model, loaded.tokenizer, made_before=args["made"])
+    resume = checkpoints.read(args["resume_dir"]) if args["resume_dir"] else None
+    steps = total_steps(spec)
+    optimizer, scheduler = _trainable(student, spec, steps, dev, resume)
+    _steps(spec, data["blocks"], steps, dev, _Trained.resumed(resume),
+           _sharded(spec, student, loaded.model, optimizer, scheduler, rank, world))

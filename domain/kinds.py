@@ -3,8 +3,10 @@
 Each kind names its spec (the message body, ``domain/specs.py``), its handler as ``"module:function"``
 (imported on first use, so a review worker never imports training code), the Celery queue it is routed
 to, its default time limit (``FOUNDRY_TIME_LIMITS`` overrides it), whether it writes checkpoints, which
-worker flavour runs it, and an optional failure hook ``"module:function"(ctx, error)`` called after a
-failed job (the review circuit breaker). Adding a kind: a spec, a handler module, one entry here.
+worker flavour runs it, an optional failure hook ``"module:function"(ctx, error)`` called after a
+failed job (the review circuit breaker), and for a kind that trains on several processes (its spec's
+``procs``) the entry its helper ranks run (``domain/data_parallel.py``). Adding a kind: a spec, a handler
+module, one entry here.
 """
 
 from __future__ import annotations
@@ -31,17 +33,18 @@ class JobKind:
     ml: bool = False  # a worker of its queue imports the ML libraries before its first job
     solo: bool = False  # long: run one at a time by the "long" worker flavour (solo pool)
     on_failure: str | None = None  # "module:function"(ctx, error) after the job failed
+    rank_entry: str | None = None  # "module:function"(args, data, rank, world, device): a helper rank's loop
 
 
 KINDS: dict[str, JobKind] = {k.name: k for k in (
     JobKind("review", ReviewSpec, "domain.review.service:handle_review", "review", 600, gpu=True, ml=True,
             on_failure="domain.circuit:on_review_failure"),
     JobKind("retrain", RetrainSpec, "domain.adapters.retrain:handle_retrain", "retrain", 4 * 3600, checkpoints=True,
-            gpu=True, ml=True, solo=True),
+            gpu=True, ml=True, solo=True, rank_entry="domain.adapters.distributed:rank_main"),
     JobKind("quantize", QuantizeSpec, "domain.quantization:handle_quantize", "quantize", 2 * 3600, gpu=True, ml=True,
             solo=True),
     JobKind("distill", DistillSpec, "domain.distillation:handle_distill", "distill", 4 * 3600, checkpoints=True,
-            gpu=True, ml=True, solo=True),
+            gpu=True, ml=True, solo=True, rank_entry="domain.distillation:rank_main"),
     JobKind("index", IndexSpec, "domain.retrieval.service:handle_index", "index", 3600, ml=True),
     JobKind("noop", NoopSpec, "domain.noop:handle_noop", CONTROL_QUEUE, 300),
 )}

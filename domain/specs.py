@@ -122,6 +122,7 @@ class DistillSpec(JobSpec):
     eval_data_path: str | None = Field(None, max_length=1000, description="Held-out text for the report; default: the "
                                        "standard library's held-out split.")
     eval_max_tokens: int = Field(4096, ge=64, le=1_000_000, description="Held-out tokens for the quality report.")
+    procs: int | None = Field(None, ge=1, le=64, description="Training processes (torch.distributed); default FOUNDRY_TRAIN_PROCS.")
 
     @field_validator("kept_layers")
     @classmethod

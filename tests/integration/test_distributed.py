@@ -1,9 +1,12 @@
-"""Data-parallel retraining on torch.distributed with the gloo backend and 2 processes on the CPU.
+"""Data-parallel retraining and distillation on torch.distributed with the gloo backend and 2 processes on the CPU.
 
 - Two processes follow the one-process run with the same global batch: the same loss at every step and the
   same final adapter weights (float tolerance), also when they resume from a one-process checkpoint.
-- A retrain job with ``procs: 2`` on a real worker: SIGKILL of its rank-1 process fails the attempt
-  cleanly (``rank_lost``, retried) and the redelivery resumes from the checkpoint and succeeds.
+- A distill job on two processes likewise: the same loss at every step and the same final student, also when
+  a one-process job's checkpoint is resumed on two (the redelivery lands on a worker with
+  ``FOUNDRY_TRAIN_PROCS=2``).
+- A retrain job and a distill job with ``procs: 2`` on a real worker: SIGKILL of its rank-1 process fails
+  the attempt cleanly (``rank_lost``, retried) and the redelivery resumes from the checkpoint and succeeds.
 """
 
 from __future__ import annotations
@@ -11,19 +14,23 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from sqlalchemy import func, select
 
-from domain import checkpoints
+from domain import checkpoints, distillation, jobs
 from domain.adapters import distributed
 from domain.adapters import training as T
 from domain.adapters.data import FeedbackExample, tokenize
+from domain.config import reset_settings
 from domain.ledger.db import session_scope
-from domain.ledger.models import AdapterVersion, Checkpoint, Job, JobAttempt
+from domain.ledger.models import AdapterVersion, Artifact, Checkpoint, Job, JobAttempt
 from domain.models import load_causal_lm
+from domain.paths import data_root
 from tests.conftest import add_tenant
 from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
 from tests.fixtures.tiny_models import save_tiny_model
@@ -122,14 +129,14 @@ def _wait_for(what: str, fn, timeout: float, worker):
     raise AssertionError(f"no {what} after {timeout}s:\n{worker.output()[-4000:]}")
 
 
-def test_sigkill_of_one_rank_fails_the_attempt_and_the_retry_resumes(env, tmp_path):
+def _sigkill_rank_1_after_a_checkpoint(env: dict, tmp_path: Path, kind: str, body: dict) -> tuple[dict, int]:
+    """Run a ``procs: 2`` job on a real worker, SIGKILL its rank 1 once it has a checkpoint; the job's final
+    status and that checkpoint's step. The lost attempt must end as a retry naming the lost rank."""
     from worker.client import enqueue, wait
 
-    body = {"tenant": "acme", **{k: v for k, v in CFG.items()}, "max_steps": 400, "checkpoint_every": 10,
-            "promotion_margin": 0.0, "procs": 2}
-    job_id = enqueue("retrain", body)
+    job_id = enqueue(kind, body)
     pid_file = tmp_path / "dist" / job_id / "rank-1.pid"
-    with running_worker(env, queues=["retrain"]) as worker:
+    with running_worker(env, queues=[kind]) as worker:
         def checkpointed():
             with session_scope() as s:
                 return s.scalar(select(func.max(Checkpoint.step)).where(Checkpoint.job_id == job_id))
@@ -144,11 +151,121 @@ def test_sigkill_of_one_rank_fails_the_attempt_and_the_retry_resumes(env, tmp_pa
                 j = s.get(Job, job_id)
                 raise AssertionError(f"{j.status} {j.progress_info} {j.error}\n{worker.output()[-4000:]}") from None
     assert done["status"] == "succeeded", done
+    with session_scope() as s:
+        attempts = list(s.scalars(select(JobAttempt).where(JobAttempt.job_id == job_id).order_by(JobAttempt.attempt)))
+    assert [a.outcome for a in attempts] == ["retry", "succeeded"]
+    assert "rank 1 exited with -9" in attempts[0].error and "last checkpoint" in attempts[0].error
+    return done, step
+
+
+def test_sigkill_of_one_rank_fails_the_attempt_and_the_retry_resumes(env, tmp_path):
+    body = {"tenant": "acme", **{k: v for k, v in CFG.items()}, "max_steps": 400, "checkpoint_every": 10,
+            "promotion_margin": 0.0, "procs": 2}
+    done, step = _sigkill_rank_1_after_a_checkpoint(env, tmp_path, "retrain", body)
     r = done["result"]
     assert r["steps"] == 400 and r["resumed_from_step"] >= step > 0
     with session_scope() as s:
-        attempts = list(s.scalars(select(JobAttempt).where(JobAttempt.job_id == job_id).order_by(JobAttempt.attempt)))
-        assert [a.outcome for a in attempts] == ["retry", "succeeded"]
-        assert "rank 1 exited with -9" in attempts[0].error and "last checkpoint" in attempts[0].error
         [version] = s.scalars(select(AdapterVersion).where(AdapterVersion.tenant_id == "acme"))
-        assert version.hyperparams["procs"] == 2 and version.created_by_job_id == job_id
+        assert version.hyperparams["procs"] == 2 and version.created_by_job_id == done["id"]
+
+
+# ---- distill: the whole student on every rank ----------------------------------------------------
+
+DISTILL = {"max_steps": 8, "checkpoint_every": 4, "batch_size": 2, "seq_len": 32, "eval_max_tokens": 128,
+           "learning_rate": 3e-3}
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """The 4-layer tiny teacher of the unit distill tests."""
+    return save_tiny_model(tmp_path_factory.mktemp("dist-teacher") / "teacher", layers=4, hidden=64, seed=3)
+
+
+@pytest.fixture
+def losses(monkeypatch) -> list[float]:
+    """The loss of every step this process (rank 0) takes, on one process or on several."""
+    seen: list[float] = []
+
+    def recording(step):
+        def recorded(*args, **kwargs):
+            out = step(*args, **kwargs)
+            seen.append(out.loss.item())
+            return out
+        return recorded
+
+    for name in ("train_step", "sharded_step"):
+        monkeypatch.setattr(distillation, name, recording(getattr(distillation, name)))
+    return seen
+
+
+def _distill(body: dict, job_id: str | None = None, worker: str = "host:1") -> dict:
+    out = jobs.execute("distill", job_id or uuid.uuid4().hex, body, worker=worker)
+    assert out["status"] == "succeeded", out
+    return out["result"]
+
+
+def _student_gap(a: dict, b: dict) -> float:
+    """The largest difference between two distill jobs' students, in AdamW steps at the learning rate: float
+    summation order changes tiny gradients a little, and Adam's normalised update turns that into up to ~1 %
+    of a step on a few weights (a wrong gradient moves weights by whole steps)."""
+    wa, wb = (load_file(str(data_root() / r["path"] / "model.safetensors")) for r in (a, b))
+    return _same_weights(wa, wb) / DISTILL["learning_rate"]
+
+
+def test_distill_on_two_gloo_processes_equals_one_process(pg_ledger, teacher_dir, losses):
+    body = {"tenant": add_tenant(pg_ledger, "acme"), "teacher": str(teacher_dir), **DISTILL}
+    one = _distill({**body, "procs": 1})
+    one_losses = list(losses)
+    del losses[:]
+    two = _distill({**body, "procs": 2})
+    assert len(one_losses) == len(losses) == DISTILL["max_steps"] and one_losses[-1] < one_losses[0]  # it trains
+    assert losses == pytest.approx(one_losses, rel=1e-5, abs=1e-6)
+    assert _student_gap(one, two) < 0.03
+    assert (one["report"]["procs"], two["report"]["procs"]) == (1, 2)
+    assert two["lineage"]["kept_layers"] == one["lineage"]["kept_layers"]
+    assert two["report"]["final_kl"] == pytest.approx(one["report"]["final_kl"], rel=1e-5)
+    assert two["report"]["trained_tokens"] == one["report"]["trained_tokens"] == 8 * 2 * 32
+    assert not any((data_root() / "dist").glob("*"))  # the launch folder is removed after the job
+
+
+def test_a_one_process_distill_checkpoint_resumes_on_two_processes(pg_ledger, teacher_dir, losses, monkeypatch):
+    body = {"tenant": add_tenant(pg_ledger, "acme"), "teacher": str(teacher_dir), **DISTILL}  # no procs: the setting
+    straight = _distill(body)
+    straight_losses = list(losses)
+    recording = distillation.train_step
+
+    def dying(*args, **kwargs):
+        out = recording(*args, **kwargs)
+        if len(losses) == len(straight_losses) + 6:
+            raise SystemExit("worker killed")  # two steps after the step-4 checkpoint, like a SIGKILL mid-step
+        return out
+
+    monkeypatch.setattr(distillation, "train_step", dying)
+    job_id = uuid.uuid4().hex
+    with pytest.raises(SystemExit):
+        jobs.execute("distill", job_id, body, worker="host:1")
+    with session_scope() as s:
+        assert s.scalar(select(func.max(Checkpoint.step)).where(Checkpoint.job_id == job_id)) == 4
+
+    monkeypatch.setenv("FOUNDRY_TRAIN_PROCS", "2")  # the host's restarted worker trains on two processes
+    reset_settings()
+    del losses[:]
+    resumed = _distill(body, job_id, worker="host:2")  # the broker redelivers to it
+    r = resumed["report"]
+    assert r["resumed_from_step"] == 4 and r["procs"] == 2 and r["steps"] == DISTILL["max_steps"]
+    assert losses == pytest.approx(straight_losses[4:], rel=1e-5, abs=1e-6)
+    assert r["trained_tokens"] == straight["report"]["trained_tokens"]
+    assert _student_gap(straight, resumed) < 0.03
+
+
+def test_sigkill_of_one_distill_rank_fails_the_attempt_and_the_retry_resumes(env, tmp_path, teacher_dir):
+    steps = 300
+    body = {"tenant": "acme", "teacher": str(teacher_dir), **DISTILL, "max_steps": steps, "checkpoint_every": 10,
+            "procs": 2}
+    done, step = _sigkill_rank_1_after_a_checkpoint(env, tmp_path, "distill", body)
+    r = done["result"]["report"]
+    assert r["steps"] == steps and r["resumed_from_step"] >= step > 0 and r["procs"] == 2
+    assert r["trained_tokens"] == steps * 2 * 32  # the lost attempt's steps after its checkpoint counted once
+    with session_scope() as s:
+        [art] = s.scalars(select(Artifact).where(Artifact.created_by_job_id == done["id"]))
+        assert art.kind == "distilled_model" and art.report["procs"] == 2

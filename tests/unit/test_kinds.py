@@ -35,6 +35,8 @@ def test_each_entry_names_its_own_spec_and_a_handler_that_exists(kind):
     assert entry.spec.model_fields["kind"].default == kind
     assert callable(resolve(entry.handler))
     assert entry.on_failure is None or callable(resolve(entry.on_failure))
+    assert entry.rank_entry is None or callable(resolve(entry.rank_entry))
+    assert (entry.rank_entry is not None) == ("procs" in entry.spec.model_fields)  # procs > 1 needs helper ranks
     assert entry.queue in kinds.QUEUES and entry.time_limit_s > 0
 
 
