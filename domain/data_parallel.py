@@ -137,7 +137,7 @@ def process_group(kind: str, procs: int, workdir: str | os.PathLike, *, device: 
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
-    torch.save(data, workdir / "data.pt")
+    torch.save({"data": data}, workdir / "data.pt")  # token batches, never weights (tests/unit/test_security.py)
     job = {"kind": kind, "world": procs, "port": _free_port(), "backend": backend_for(device), "device": device,
            "timeout_s": timeout_s, "workdir": str(workdir), "parent": os.getpid(), "args": args}
     (workdir / "job.json").write_text(json.dumps(job))
@@ -218,7 +218,7 @@ def helper_main(job_file: str, rank: int) -> None:
         device = rank_device(job["device"], rank)
         if device.startswith("cuda"):
             torch.cuda.set_device(device)
-        data = torch.load(workdir / "data.pt", weights_only=True)
+        data = torch.load(workdir / "data.pt", weights_only=True)["data"]
         module, _, name = KINDS[job["kind"]].rank_entry.partition(":")
         getattr(importlib.import_module(module), name)(job["args"], data, rank, job["world"], device)
     finally:
