@@ -32,8 +32,8 @@ pushes one request per remote rank onto Redis (the broker's); a rank agent on an
 starts the helper, the tree paths in ``args`` replaced by its copies. Every host needs the base model (or
 teacher) at a ref that resolves there, the same broker and store, and a route to rank 0's address and port.
 Rank 0 waits ``FOUNDRY_TRAIN_RENDEZVOUS_S`` for agents to take the requests (else ``TransientError`` code
-``no_rank_agent``, the requests withdrawn) and for every rank to join (else ``rank_lost``): nothing hangs on
-a missing host, and the retry resumes from the checkpoint.
+``no_rank_agent``, the requests withdrawn), then at most as long again for every rank to join (else
+``rank_lost``): nothing hangs on a missing host, and the retry resumes from the checkpoint.
 """
 
 from __future__ import annotations
@@ -151,10 +151,12 @@ class Group:
             raise TransientError(f"distributed training lost a process ({what}); the attempt is retried from the "
                                  f"last checkpoint. {tail}".strip(), code="rank_lost") from exc
         if self.remote:  # no local helper died: one on another host did (or its host, or the network)
-            raise TransientError(f"distributed training lost a process: a collective broke ({exc}) and no rank of "
-                                 f"this host died, so one of ranks {self.remote.start}..{self.remote.stop - 1} on "
-                                 f"other hosts did (or its host or the network); the attempt is retried from the "
-                                 f"last checkpoint. See that host's rank agent log.", code="rank_lost") from exc
+            which = (f"rank {self.remote.start} on another host" if len(self.remote) == 1 else
+                     f"one of ranks {self.remote.start}..{self.remote.stop - 1} on other hosts")
+            raise TransientError(f"distributed training lost a process: a collective broke and no rank of this host "
+                                 f"died, so {which} did (or its host, or the network); the attempt is retried from "
+                                 f"the last checkpoint. See the rank agent's log there. ({str(exc)[:300]})",
+                                 code="rank_lost") from exc
 
 
 @contextmanager
@@ -245,8 +247,10 @@ def _init(job: dict, rank: int) -> None:
 
 
 def _free_port(addr: str = "127.0.0.1") -> int:
+    """A free port on loopback, or on every interface when other hosts connect (``addr`` may name a host
+    or an address this one does not own, behind NAT)."""
     with socket.socket() as s:
-        s.bind((addr, 0))
+        s.bind((addr if addr == "127.0.0.1" else "", 0))
         return s.getsockname()[1]
 
 

@@ -6,6 +6,9 @@ process for "host B" (its own data folder and cache); both share only Redis (the
 - A retrain on the two hosts follows the one-process run (the same loss at every step, the same adapter),
   also when it resumes from a one-process checkpoint (fetched on host B from the store).
 - A distill job on the two hosts likewise.
+- Two real workers as two hosts (host B's with FOUNDRY_TRAIN_RANK_AGENT=1): SIGKILL of the rank host B runs
+  fails the attempt as ``rank_lost`` (retried) and the retry, again on both hosts, resumes from the checkpoint
+  and succeeds.
 - Remote ranks needed and no agent running: the attempt ends within FOUNDRY_TRAIN_RENDEZVOUS_S as a retry
   (``no_rank_agent``), its requests withdrawn and its launch objects removed; remote ranks with a broker that is
   not Redis are refused as an invalid job (rejected, ``field: procs``).
@@ -14,6 +17,7 @@ process for "host B" (its own data folder and cache); both share only Redis (the
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,14 +26,15 @@ from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from domain import jobs, rank_agent, storage
 from domain.config import reset_settings
 from domain.errors import TransientError
 from domain.ledger.db import session_scope
-from domain.ledger.models import JobAttempt
+from domain.ledger.models import AdapterVersion, Checkpoint, JobAttempt
 from tests.conftest import add_tenant
+from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
 from tests.integration.test_distributed import (  # noqa: F401 - fixtures
     CFG,
     DISTILL,
@@ -42,6 +47,7 @@ from tests.integration.test_distributed import (  # noqa: F401 - fixtures
     one_thread,
     teacher_dir,
 )
+from tests.integration.workers import apply_env, running_worker, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -162,3 +168,57 @@ def test_remote_ranks_need_a_redis_broker(pg_ledger, teacher_dir, host_a, monkey
     out = jobs.execute("distill", uuid.uuid4().hex, body, worker="host-a:1")
     assert out["status"] == "rejected" and out["field"] == "procs", out  # an invalid job: not retried
     assert "not Redis" in out["error"]
+
+
+@pytest.fixture
+def worker_hosts(redis_url, pg_ledger, tmp_path, monkeypatch, base_dir, s3_store):  # noqa: F811
+    """Host A's worker takes retrain jobs and starts one rank itself; host B's runs a rank agent."""
+    common = dict(FOUNDRY_BASE_MODEL=base_dir, FOUNDRY_DEVICE="cpu", OMP_NUM_THREADS=1, FOUNDRY_VISIBILITY_TIMEOUT_S=0,
+                  FOUNDRY_RESTORE_INTERVAL_S=10, **_store_env(s3_store))
+    a = worker_env(redis_url, pg_ledger, tmp_path / "host-a", FOUNDRY_TRAIN_LOCAL_PROCS=1, **common)
+    b = worker_env(redis_url, pg_ledger, tmp_path / "host-b", FOUNDRY_TRAIN_RANK_AGENT=1, FOUNDRY_TRAIN_LOCAL_PROCS=0,
+                   **common)
+    apply_env(monkeypatch, a)
+    add_tenant(pg_ledger, "acme")
+    seed_feedback("acme", stdlib_review_pairs(10, max_code_lines=8))
+    return a, b
+
+
+def _wait_for(what: str, fn, timeout: float, *workers):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"no {what} after {timeout}s:\n" + "\n----\n".join(w.output()[-3000:] for w in workers))
+
+
+def test_sigkill_of_the_remote_rank_fails_the_attempt_and_the_retry_resumes(worker_hosts, tmp_path):
+    from worker.client import enqueue, wait
+
+    a, b = worker_hosts
+    body = {"tenant": "acme", **CFG, "max_steps": 200, "checkpoint_every": 10, "promotion_margin": 0.0, "procs": 2}
+    job_id = enqueue("retrain", body)
+    pid_file = tmp_path / "host-b" / "dist" / f"{job_id}-rank1" / "rank-1.pid"
+    with running_worker(b, queues=["control"], name="b@host-b") as wb, \
+            running_worker(a, queues=["retrain"], name="a@host-a") as wa:
+        def checkpointed():
+            with session_scope() as s:
+                return s.scalar(select(func.max(Checkpoint.step)).where(Checkpoint.job_id == job_id))
+
+        _wait_for("rank-1 process on host B", pid_file.exists, 300, wa, wb)
+        step = _wait_for("checkpoint", checkpointed, 300, wa, wb)
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        try:
+            done = wait(job_id, timeout=600)
+        except TimeoutError:
+            raise AssertionError(f"{wa.output()[-4000:]}\n----\n{wb.output()[-4000:]}") from None
+    assert done["status"] == "succeeded", done
+    with session_scope() as s:
+        attempts = list(s.scalars(select(JobAttempt).where(JobAttempt.job_id == job_id).order_by(JobAttempt.attempt)))
+        [version] = s.scalars(select(AdapterVersion).where(AdapterVersion.tenant_id == "acme"))
+        assert version.hyperparams["procs"] == 2
+    assert [x.outcome for x in attempts] == ["retry", "succeeded"]
+    assert "rank 1 on another host" in attempts[0].error and "last checkpoint" in attempts[0].error
+    assert done["result"]["steps"] == 200 and done["result"]["resumed_from_step"] >= step > 0
