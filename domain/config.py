@@ -197,6 +197,10 @@ class Settings(BaseSettings):
     compute_dtype: str = Field("auto", description="Model dtype: 'auto' (fp32 on CPU; bf16 on CUDA where supported, else fp16), 'bf16', 'fp16' or 'fp32'.")
     attn_implementation: str = Field("sdpa", description="Attention kernel: 'sdpa', 'eager' or 'flash_attention_2' (needs the flash-attn package and CUDA).")
     train_procs: int = Field(1, ge=1, description="Processes one retrain or distill job trains with (torch.distributed, data-parallel: gloo on CPU, nccl on CUDA); a job's `procs` overrides it.")
+    train_local_procs: int = Field(0, ge=0, description="Of a job's processes, how many this host starts itself (rank 0 included); the others are asked of rank agents on other hosts (Redis broker and a shared artifact store needed). 0 = all of them.")
+    train_master_addr: str = Field("", description="The address the other ranks reach rank 0 at; empty = 127.0.0.1 when every rank is on this host, else this host's name resolved.")
+    train_rendezvous_s: float = Field(300.0, gt=0, description="How long rank 0 waits for rank agents to take its requests, then again at most as long for every rank to join (else the attempt is retried: no_rank_agent / rank_lost).")
+    train_rank_agent: bool = Field(False, description="This worker also runs a rank agent: it starts ranks of other hosts' retrain/distill jobs (domain/rank_agent.py).")
 
     @field_validator("time_limits", mode="before")
     @classmethod

@@ -1,9 +1,15 @@
-"""Data-parallel training over torch.distributed, the part retrain and distill share: N processes of one host,
-gloo on the CPU, nccl on CUDA (rank k on GPU k). ``FOUNDRY_TRAIN_PROCS`` / a job's ``procs`` set N.
+"""Data-parallel training over torch.distributed, the part retrain and distill share: N processes on one
+host or several, gloo on the CPU, nccl on CUDA (rank k on GPU k mod the host's GPUs). ``FOUNDRY_TRAIN_PROCS``
+/ a job's ``procs`` set N; ``FOUNDRY_TRAIN_LOCAL_PROCS`` (L, default all N) how many this host starts.
 
     the job's process (rank 0: ledger, checkpoints, artifacts)      helper processes (ranks 1..N-1)
       <data>/dist/<job>/job.json, data.pt            ──spawn──▶  python -m domain.data_parallel job.json RANK
-      init_process_group(rank 0)  ◀──── tcp rendezvous on 127.0.0.1 ────  init_process_group(rank k), then the
+                                                                   (ranks 1..L-1, on this host)
+      store dist/<job>/<launch>/ + Redis requests    ──agent──▶  the same command on another host, started by
+                                                                   its rank agent (ranks L..N-1,
+                                                                   ``domain/rank_agent.py``)
+      TCPStore(rank 0)  ◀──── tcp rendezvous on FOUNDRY_TRAIN_MASTER_ADDR ────  TCPStore + init_process_group
+                                                    (127.0.0.1 when every rank is local)  (rank k), then the
                                                                            kind's ``rank_entry`` (domain/kinds.py)
       every step, on every rank: its rows of the global batch (the one a single process would take), loss
       sums divided by the whole batch's token count, backward, one ``reduce`` (all_reduce SUM of every
@@ -15,9 +21,19 @@ the job's own process and the only one that writes anything; ``args`` (JSON) and
 lists) in the launch folder give the helpers what they need to rebuild rank 0's starting point, and
 ``broadcast`` then hands them rank 0's weights. Optimizer states are replicated and batch orders are
 functions of the step, so a checkpoint resumes with any number of processes.
-A helper that dies (SIGKILL, out of memory) breaks rank 0's next collective: ``process_group`` turns that into
-``TransientError(code="rank_lost")``, the job is retried and the next attempt resumes from its last
-checkpoint. Helpers exit when rank 0 goes away (their parent changes, or a collective breaks).
+A helper that dies (SIGKILL, out of memory, its host) breaks rank 0's next collective: ``process_group`` turns
+that into ``TransientError(code="rank_lost")``, the job is retried and the next attempt resumes from its last
+checkpoint. Helpers exit when rank 0 goes away (a collective breaks or times out) or when the process that
+started them (rank 0, or the rank agent) does.
+
+Several hosts (docs/operations.md, "Training across hosts"): rank 0 puts the launch files, and the local
+folders the kind names in ``trees`` (the resume checkpoint, the init adapter), into the artifact store and
+pushes one request per remote rank onto Redis (the broker's); a rank agent on another host fetches them and
+starts the helper, the tree paths in ``args`` replaced by its copies. Every host needs the base model (or
+teacher) at a ref that resolves there, the same broker and store, and a route to rank 0's address and port.
+Rank 0 waits ``FOUNDRY_TRAIN_RENDEZVOUS_S`` for agents to take the requests (else ``TransientError`` code
+``no_rank_agent``, the requests withdrawn), then at most as long again for every rank to join (else
+``rank_lost``): nothing hangs on a missing host, and the retry resumes from the checkpoint.
 """
 
 from __future__ import annotations
@@ -39,7 +55,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from domain.errors import InvalidJob, TransientError
+from domain import rank_agent
+from domain.errors import InvalidJob, JobFailed, TransientError
 from domain.kinds import KINDS
 
 log = logging.getLogger(__name__)
@@ -48,14 +65,26 @@ MAX_PROCS = 64
 
 
 def procs_for(spec, settings) -> int:
-    """The processes a job trains with: its spec's ``procs`` or FOUNDRY_TRAIN_PROCS. Raises InvalidJob."""
+    """The processes a job trains with: its spec's ``procs`` or FOUNDRY_TRAIN_PROCS. Raises InvalidJob (also
+    when ranks on other hosts are needed and this deployment cannot reach them: ``rank_agent.remote_problem``)."""
     n = getattr(spec, "procs", None) or settings.train_procs
     if not 1 <= n <= MAX_PROCS:
         raise InvalidJob(f"procs: {n} is outside 1..{MAX_PROCS}", field="procs")
-    if n > 1 and _device_type(settings.device) == "cuda" and n > torch.cuda.device_count():
-        raise InvalidJob(f"procs: {n} processes need {n} GPUs; this worker sees {torch.cuda.device_count()}",
-                         field="procs")
+    here = local_procs(n, settings)
+    if here > 1 and _device_type(settings.device) == "cuda" and here > torch.cuda.device_count():
+        raise InvalidJob(f"procs: {here} processes on this host need {here} GPUs; this worker sees "
+                         f"{torch.cuda.device_count()}", field="procs")
+    problem = rank_agent.remote_problem(settings) if here < n else None
+    if problem:
+        raise InvalidJob(f"procs: {n} processes, {here} on this host (FOUNDRY_TRAIN_LOCAL_PROCS), need rank agents "
+                         f"on other hosts, but {problem}", field="procs")
     return n
+
+
+def local_procs(procs: int, settings) -> int:
+    """How many of a job's ``procs`` ranks this host starts itself (rank 0 included): FOUNDRY_TRAIN_LOCAL_PROCS,
+    0 = all of them; the others are asked of rank agents on other hosts."""
+    return max(1, min(procs, settings.train_local_procs or procs))
 
 
 def _device_type(device: str) -> str:
@@ -103,10 +132,10 @@ def broadcast(params: list[torch.nn.Parameter]) -> None:
 # ---- rank 0: the job's process ------------------------------------------------------------------
 
 class Group:
-    """Rank 0's view of its helper processes."""
+    """Rank 0's view of its helper processes (``remote``: ranks started by rank agents on other hosts)."""
 
-    def __init__(self, helpers: list[subprocess.Popen], workdir: Path):
-        self.helpers, self.workdir = helpers, workdir
+    def __init__(self, helpers: list[subprocess.Popen], workdir: Path, remote: range = range(0)):
+        self.helpers, self.workdir, self.remote = helpers, workdir, remote
 
     def lost(self) -> list[tuple[int, int]]:
         return [(k, p.returncode) for k, p in enumerate(self.helpers, start=1) if p.poll() not in (None, 0)]
@@ -121,39 +150,59 @@ class Group:
             tail = _log_tail(self.workdir / f"rank-{lost[0][0]}.log")
             raise TransientError(f"distributed training lost a process ({what}); the attempt is retried from the "
                                  f"last checkpoint. {tail}".strip(), code="rank_lost") from exc
+        if self.remote:  # no local helper died: one on another host did (or its host, or the network)
+            which = (f"rank {self.remote.start} on another host" if len(self.remote) == 1 else
+                     f"one of ranks {self.remote.start}..{self.remote.stop - 1} on other hosts")
+            raise TransientError(f"distributed training lost a process: a collective broke and no rank of this host "
+                                 f"died, so {which} did (or its host, or the network); the attempt is retried from "
+                                 f"the last checkpoint. See the rank agent's log there. ({str(exc)[:300]})",
+                                 code="rank_lost") from exc
 
 
 @contextmanager
 def process_group(kind: str, procs: int, workdir: str | os.PathLike, *, device: str, args: dict, data: dict,
-                  timeout_s: float = 600.0):
-    """Start ranks 1..procs-1 of ``kind`` in a fresh ``workdir``, join the group as rank 0 and yield the
-    ``Group``. A collective that breaks because a rank died leaves the block as ``TransientError(code=
-    "rank_lost")``. On the way out: leave the group, stop the helpers, remove ``workdir``.
+                  timeout_s: float = 600.0, trees: dict[str, str | None] | None = None, job_id: str | None = None):
+    """Start ranks 1..procs-1 of ``kind`` (those of this host in a fresh ``workdir``, the others through rank
+    agents: ``domain/rank_agent.py``), join the group as rank 0 and yield the ``Group``. A collective that
+    breaks because a rank died leaves the block as ``TransientError(code="rank_lost")``. On the way out:
+    leave the group, stop the helpers, remove ``workdir`` (and the launch's store objects).
     ``args`` (JSON) and ``data`` (``torch.save``d, read back with ``weights_only=True``) go to the kind's rank
-    entry; ``timeout_s``: how long a rank waits in a collective (rank 0 saving a checkpoint meanwhile)."""
+    entry; ``trees``: local folders named in ``args`` (a checkpoint, an init adapter) that a rank on another
+    host fetches from the store: there, each such path in ``args`` is replaced by its copy. ``timeout_s``: how
+    long a rank waits in a collective (rank 0 saving a checkpoint meanwhile). ``job_id``: the store prefix of
+    the launch (default: ``workdir``'s name)."""
+    from domain.config import get_settings
+
     if KINDS[kind].rank_entry is None:
         raise ValueError(f"the {kind} kind has no rank entry (domain/kinds.py)")
+    settings = get_settings()
+    here = local_procs(procs, settings)
     workdir = Path(workdir)
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     torch.save({"data": data}, workdir / "data.pt")  # token batches, never weights (tests/unit/test_security.py)
-    job = {"kind": kind, "world": procs, "port": _free_port(), "backend": backend_for(device), "device": device,
-           "timeout_s": timeout_s, "workdir": str(workdir), "parent": os.getpid(), "args": args}
+    addr = master_addr(settings, remote=here < procs)
+    job = {"kind": kind, "world": procs, "addr": addr, "port": _free_port(addr), "backend": backend_for(device),
+           "device": device, "timeout_s": timeout_s, "rendezvous_s": settings.train_rendezvous_s,
+           "workdir": str(workdir), "parent": os.getpid(), "args": args}
     (workdir / "job.json").write_text(json.dumps(job))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [_root(), os.environ.get("PYTHONPATH", "")] if p),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, torch.get_num_threads())))}
-    helpers = []
-    for rank in range(1, procs):
-        with open(workdir / f"rank-{rank}.log", "wb") as out:
-            helpers.append(subprocess.Popen([sys.executable, "-m", "domain.data_parallel", str(workdir / "job.json"),
-                                             str(rank)], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=_root()))
-    group, finished = Group(helpers, workdir), False
+    threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, torch.get_num_threads())))}
+    helpers, remote = [], None
+    group, finished = Group(helpers, workdir, range(here, procs)), False
     try:
+        for rank in range(1, here):
+            helpers.append(rank_agent.spawn_helper(workdir / "job.json", rank, env=threads))
+        if here < procs:
+            remote = rank_agent.Requests.send(settings, job_id or workdir.name, job, workdir, trees or {},
+                                              range(here, procs))
+            remote.wait_taken(deadline=time.monotonic() + settings.train_rendezvous_s)
         _init(job, 0)
         try:
             yield group
         except (RuntimeError, dist.DistBackendError) as exc:
+            if isinstance(exc, (TransientError, JobFailed)):  # the job's own outcome (out of memory...), not a rank
+                raise
             group.raise_if_rank_lost(exc)
             raise
         finished = True
@@ -166,26 +215,43 @@ def process_group(kind: str, procs: int, workdir: str | os.PathLike, *, device: 
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if remote is not None:
+            remote.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def master_addr(settings, *, remote: bool) -> str:
+    """Where the ranks reach rank 0: FOUNDRY_TRAIN_MASTER_ADDR, else 127.0.0.1 when every rank is on this
+    host, else this host's name resolved (what other hosts must be able to connect to)."""
+    if settings.train_master_addr:
+        return settings.train_master_addr
+    return socket.gethostbyname(socket.gethostname()) if remote else "127.0.0.1"
+
+
 def _init(job: dict, rank: int) -> None:
-    dist.init_process_group(job["backend"], init_method=f"tcp://127.0.0.1:{job['port']}", rank=rank,
-                            world_size=job["world"], timeout=timedelta(seconds=job["timeout_s"]))
+    """Join the group: rank 0 serves the rendezvous store and waits up to ``rendezvous_s`` for every rank to
+    connect (else ``TransientError(code="rank_lost")``); collectives then wait up to ``timeout_s``."""
+    rendezvous = timedelta(seconds=job.get("rendezvous_s") or job["timeout_s"])
+    addr = job.get("addr", "127.0.0.1")
+    try:
+        store = dist.TCPStore(addr, job["port"], job["world"], is_master=rank == 0, timeout=rendezvous)
+    except (RuntimeError, dist.DistError) as exc:
+        if rank != 0:
+            raise
+        raise TransientError(f"distributed training: not every one of the {job['world']} ranks reached rank 0 at "
+                             f"{addr}:{job['port']} within {rendezvous.total_seconds():.0f} s "
+                             f"(FOUNDRY_TRAIN_RENDEZVOUS_S): a helper did not start, or another host cannot reach "
+                             f"this address (FOUNDRY_TRAIN_MASTER_ADDR) ({exc})", code="rank_lost") from exc
+    dist.init_process_group(job["backend"], store=store, rank=rank, world_size=job["world"],
+                            timeout=timedelta(seconds=job["timeout_s"]))
 
 
-def _free_port() -> int:
+def _free_port(addr: str = "127.0.0.1") -> int:
+    """A free port on loopback, or on every interface when other hosts connect (``addr`` may name a host
+    or an address this one does not own, behind NAT)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((addr if addr == "127.0.0.1" else "", 0))
         return s.getsockname()[1]
-
-
-def _root() -> str:
-    """The folder that holds the ``domain`` package (never ``domain/`` itself: its secrets.py would shadow the
-    standard library's)."""
-    import domain
-
-    return str(Path(domain.__file__).resolve().parents[1])
 
 
 def _log_tail(path: Path, n: int = 600) -> str:

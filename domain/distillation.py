@@ -539,7 +539,8 @@ def _train(spec: DistillSpec, ctx: JobContext, run: _Run) -> _Trained:
     args = {"spec": spec.model_dump(mode="json"), "teacher": run.teacher_ref, "made": run.made,
             "resume_dir": str(run.resume.folder) if run.resume is not None else None}
     with data_parallel.process_group("distill", run.procs, data_root() / "dist" / ctx.job_id,
-                                     device=ctx.settings.device, args=args, data={"blocks": run.blocks.cpu()}):
+                                     device=ctx.settings.device, args=args, data={"blocks": run.blocks.cpu()},
+                                     trees={"resume": args["resume_dir"]}, job_id=ctx.job_id):
         _steps(spec, run.blocks, run.steps, run.device, trained,
                _sharded(spec, run.student, run.teacher, run.optimizer, run.scheduler, 0, run.procs), after)
     return trained

@@ -302,6 +302,11 @@ def _ready(sender=None, **_):
         if "review" in _consumed_queues(sender) and get_settings().champion_prefetch_s > 0:
             threading.Thread(target=_prefetch_loop, args=(get_settings().champion_prefetch_s,), daemon=True,
                              name="foundry-prefetch").start()
+        if get_settings().train_rank_agent:  # ranks of other hosts' retrain/distill jobs (domain/rank_agent.py)
+            from domain import rank_agent
+
+            rank_agent.serve_in_thread()
+            log.info("rank agent started on %s", node)
         t = threading.Thread(target=_periodic_checks, args=(node, broker_url, options, gate, get_settings().health),
                              daemon=True, name="foundry-health")
         t.start()

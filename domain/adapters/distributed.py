@@ -11,7 +11,9 @@ positions), which DDP's forward hooks would not see, and only the LoRA parameter
 
 Rank 0 is the job's own process and the only one that writes anything (checkpoints, ledger rows, the
 adapter); helpers (``rank_main``) load the same base model and LoRA start (the champion or the seeded init,
-then rank 0's weights are broadcast) and the same checkpoint when resuming. A lost helper ends the attempt
+then rank 0's weights are broadcast) and the same checkpoint when resuming. A helper on another host
+(``domain/rank_agent.py``) gets the champion and the checkpoint as copies fetched from the store; the base
+model ref must resolve there itself. A lost helper ends the attempt
 with ``TransientError(code="rank_lost")``; the retry resumes from the last checkpoint.
 """
 
@@ -113,7 +115,8 @@ def run(model, batches: list[training.Batch], cfg: training.TrainConfig, optimiz
                                   hooks=hooks)
     group = data_parallel.process_group("retrain", procs, launch.workdir, device=launch.device,
                                         args={"launch": asdict(launch), "cfg": asdict(cfg)},
-                                        data={"batches": [_batch_dict(b) for b in batches]}, timeout_s=launch.timeout_s)
+                                        data={"batches": [_batch_dict(b) for b in batches]}, timeout_s=launch.timeout_s,
+                                        trees={"init_adapter": launch.init_adapter_dir, "resume": launch.resume_dir})
     with group, oom_as_failure("retrain", hint):
         return train(model, batches, cfg, optimizer, scheduler, rank=0, world=procs, start_step=start_step,
                      losses=losses, hooks=hooks)

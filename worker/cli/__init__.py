@@ -16,7 +16,7 @@ import pkgutil
 import sys
 
 # Commands that run without an existing ledger (they create it, or do not use it).
-NO_LEDGER_NEEDED = {"db", "demo", "prepare-model", "worker", "beat", "flower", "schema", "health", "metrics"}
+NO_LEDGER_NEEDED = {"db", "demo", "prepare-model", "worker", "beat", "flower", "schema", "health", "metrics", "rank-agent"}
 
 
 def version() -> str:

@@ -27,6 +27,11 @@ def register(sub) -> None:
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(func=cmd_beat)
 
+    p = sub.add_parser("rank-agent", help="run a rank agent alone: start the ranks other hosts' retrain/distill jobs "
+                                          "ask of this host (FOUNDRY_TRAIN_LOCAL_PROCS; docs/operations.md)")
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(func=cmd_rank_agent)
+
     p = sub.add_parser("workers", help="drain or undrain worker nodes (kept in the ledger: every host sees it)")
     wsub = p.add_subparsers(dest="workers_command", metavar="ACTION", required=True)
     d = wsub.add_parser("drain", help="a drained worker finishes its jobs and takes no new ones")
@@ -42,6 +47,20 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=20, help="recent health events to show (default 20), newest first")
     add_json(p, "the checks and events")
     p.set_defaults(func=cmd_health)
+
+
+def cmd_rank_agent(args) -> int:
+    import logging
+
+    from domain import rank_agent
+    from worker.cli._common import CliError
+
+    logging.getLogger().setLevel(args.loglevel.upper())  # main() configured WARNING; the agent logs each rank
+    try:
+        rank_agent.serve()
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    return 0
 
 
 def worker_argv(flavour: str, queues: str | None = None, concurrency: int | None = None, name: str | None = None,
