@@ -303,51 +303,53 @@ class NodeCache:
     def get_tree(self, store: ArtifactStore, key: str, sha256: str) -> Path:
         """The local folder of ``key`` (whose ledger sha256 is ``sha256``), fetched and verified if need be."""
         entry = self.entry(sha256)
-        if entry.is_dir():
-            self.stats["hits"] += 1
-            os.utime(entry)  # most recently used
-            return entry
-        with _flock(self.root / "locks" / f"{sha256}.lock"):
-            if not entry.is_dir():  # another process may have fetched it while we waited
-                manifest = store.manifest(key)
-                if not manifest.accepts(sha256):
-                    raise ObjectCorrupt(f"store object {key!r} holds sha256 {manifest.sha256[:12]}..., not the "
-                                        f"{sha256[:12]}... the ledger recorded")
-                tmp = self.root / "tmp" / f"{sha256}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-                try:
-                    store.download_tree(key, tmp, manifest)
-                    self.objects.mkdir(parents=True, exist_ok=True)
-                    os.rename(tmp, entry)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                self.stats["fetches"] += 1
-        self.evict(keep={sha256})
+
+        def fetch(tmp: Path) -> None:
+            manifest = store.manifest(key)
+            if not manifest.accepts(sha256):
+                raise ObjectCorrupt(f"store object {key!r} holds sha256 {manifest.sha256[:12]}..., not the "
+                                    f"{sha256[:12]}... the ledger recorded")
+            store.download_tree(key, tmp, manifest)
+
+        self._fill(sha256, entry.is_dir, fetch)
         return entry
 
     def put_file(self, sha256: str, name: str, data: bytes) -> Path:
         """``data`` (whose sha256 the caller computed) as the entry ``sha256`` holding one file ``name``."""
+        target = self.entry(sha256) / name
+
+        def write(tmp: Path) -> None:
+            tmp.mkdir(parents=True)
+            (tmp / name).write_bytes(data)
+
+        self._fill(sha256, target.is_file, write)
+        return target
+
+    def _fill(self, sha256: str, present, build) -> None:
+        """Make the entry ``sha256`` hold what ``present()`` checks for: a hit marks it most recently used;
+        else, under the entry's lock (several processes of this host), ``build(tmp)`` writes a fresh folder
+        that is renamed into place (its files moved into the entry when the entry exists: the same bytes
+        under another file name), then the cache is evicted down to its bound."""
         entry = self.entry(sha256)
-        target = entry / name
-        if target.is_file():
+        if present():
             self.stats["hits"] += 1
             os.utime(entry)  # most recently used
-            return target
+            return
         with _flock(self.root / "locks" / f"{sha256}.lock"):
-            if not target.is_file():
+            if not present():  # another process may have fetched it while we waited
                 tmp = self.root / "tmp" / f"{sha256}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
                 try:
-                    tmp.mkdir(parents=True)
-                    (tmp / name).write_bytes(data)
+                    build(tmp)
                     self.objects.mkdir(parents=True, exist_ok=True)
-                    if entry.is_dir():  # the same bytes under another file name: keep both names
-                        os.replace(tmp / name, target)
+                    if entry.is_dir():
+                        for f in tmp.iterdir():
+                            os.replace(f, entry / f.name)
                     else:
                         os.rename(tmp, entry)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
                 self.stats["fetches"] += 1
         self.evict(keep={sha256})
-        return target
 
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.objects.rglob("*") if f.is_file()) if self.objects.is_dir() else 0
