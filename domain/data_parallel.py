@@ -147,7 +147,7 @@ class Group:
         lost = self.lost()
         if lost:
             what = ", ".join(f"rank {k} exited with {code}" for k, code in lost)
-            tail = _log_tail(self.workdir / f"rank-{lost[0][0]}.log")
+            tail = rank_agent.log_tail(self.workdir / f"rank-{lost[0][0]}.log")
             raise TransientError(f"distributed training lost a process ({what}); the attempt is retried from the "
                                  f"last checkpoint. {tail}".strip(), code="rank_lost") from exc
         if self.remote:  # no local helper died: one on another host did (or its host, or the network)
@@ -252,13 +252,6 @@ def _free_port(addr: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((addr if addr == "127.0.0.1" else "", 0))
         return s.getsockname()[1]
-
-
-def _log_tail(path: Path, n: int = 600) -> str:
-    try:
-        return "Its log ends: " + path.read_text(errors="replace")[-n:].strip()
-    except OSError:
-        return ""
 
 
 # ---- ranks 1..N-1: python -m domain.data_parallel job.json RANK ---------------------------------

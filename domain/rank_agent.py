@@ -72,6 +72,14 @@ def spawn_helper(job_file: Path, rank: int, env: dict | None = None) -> subproce
                                 stdout=out, stderr=subprocess.STDOUT, cwd=_root())
 
 
+def log_tail(path: Path, n: int = 600) -> str:
+    """"Its log ends: ..." with the last ``n`` characters of a helper's log (``spawn_helper``), or ""."""
+    try:
+        return "Its log ends: " + path.read_text(errors="replace")[-n:].strip()
+    except OSError:
+        return ""
+
+
 # ---- rank 0's side ------------------------------------------------------------------------------
 
 @dataclass
@@ -204,9 +212,8 @@ def _reap(running: list[Running], kill: bool = False) -> list[Running]:
             still.append(r)
             continue
         if code != 0:
-            tail = (r.workdir / f"rank-{r.rank}.log").read_text(errors="replace")[-800:] if (
-                r.workdir / f"rank-{r.rank}.log").exists() else ""
-            log.warning("rank %d of job %s exited with %s; its log ends: %s", r.rank, r.job_id, code, tail.strip())
+            log.warning("rank %d of job %s exited with %s. %s", r.rank, r.job_id, code,
+                        log_tail(r.workdir / f"rank-{r.rank}.log", 800))
         else:
             log.info("rank %d of job %s finished", r.rank, r.job_id)
         shutil.rmtree(r.workdir, ignore_errors=True)

@@ -142,8 +142,8 @@ def collect(session: Session, tenant: str, since: datetime | None = None, until:
         if corrected:
             add(review, fb.correction, "correction", at)
         if fb.finding_index is not None:
-            _, verdicts, _ = judged.setdefault(review.id, (review, {}, at))
-            verdicts[fb.finding_index] = fb.verdict  # rows come oldest first: the newest verdict stays
+            _, verdicts, _ = judged.get(review.id, (review, {}, at))
+            verdicts[fb.finding_index] = fb.verdict  # rows come oldest first: the newest verdict (and time) stays
             judged[review.id] = (review, verdicts, at)
         elif not corrected:
             add(review, review.raw_text or "", "accepted", at)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 import uuid
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from domain.paths import data_root
 from tests.conftest import add_tenant
 from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
 from tests.fixtures.tiny_models import save_tiny_model
-from tests.integration.workers import apply_env, running_worker, worker_env
+from tests.integration.workers import apply_env, running_worker, wait_for_value, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -119,16 +118,6 @@ def env(redis_url, pg_ledger, tmp_path, monkeypatch, base_dir):
     return e
 
 
-def _wait_for(what: str, fn, timeout: float, worker):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"no {what} after {timeout}s:\n{worker.output()[-4000:]}")
-
-
 def _sigkill_rank_1_after_a_checkpoint(env: dict, tmp_path: Path, kind: str, body: dict) -> tuple[dict, int]:
     """Run a ``procs: 2`` job on a real worker, SIGKILL its rank 1 once it has a checkpoint; the job's final
     status and that checkpoint's step. The lost attempt must end as a retry naming the lost rank."""
@@ -141,8 +130,8 @@ def _sigkill_rank_1_after_a_checkpoint(env: dict, tmp_path: Path, kind: str, bod
             with session_scope() as s:
                 return s.scalar(select(func.max(Checkpoint.step)).where(Checkpoint.job_id == job_id))
 
-        _wait_for("rank-1 process", pid_file.exists, 300, worker)
-        step = _wait_for("checkpoint", checkpointed, 300, worker)
+        wait_for_value("rank-1 process", pid_file.exists, 300, worker)
+        step = wait_for_value("checkpoint", checkpointed, 300, worker)
         os.kill(int(pid_file.read_text()), signal.SIGKILL)
         try:
             done = wait(job_id, timeout=600)

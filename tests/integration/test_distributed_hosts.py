@@ -47,7 +47,7 @@ from tests.integration.test_distributed import (  # noqa: F401 - fixtures
     one_thread,
     teacher_dir,
 )
-from tests.integration.workers import apply_env, running_worker, worker_env
+from tests.integration.workers import apply_env, running_worker, wait_for_value, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -184,16 +184,6 @@ def worker_hosts(redis_url, pg_ledger, tmp_path, monkeypatch, base_dir, s3_store
     return a, b
 
 
-def _wait_for(what: str, fn, timeout: float, *workers):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"no {what} after {timeout}s:\n" + "\n----\n".join(w.output()[-3000:] for w in workers))
-
-
 def test_sigkill_of_the_remote_rank_fails_the_attempt_and_the_retry_resumes(worker_hosts, tmp_path):
     from worker.client import enqueue, wait
 
@@ -207,8 +197,8 @@ def test_sigkill_of_the_remote_rank_fails_the_attempt_and_the_retry_resumes(work
             with session_scope() as s:
                 return s.scalar(select(func.max(Checkpoint.step)).where(Checkpoint.job_id == job_id))
 
-        _wait_for("rank-1 process on host B", pid_file.exists, 300, wa, wb)
-        step = _wait_for("checkpoint", checkpointed, 300, wa, wb)
+        wait_for_value("rank-1 process on host B", pid_file.exists, 300, wa, wb)
+        step = wait_for_value("checkpoint", checkpointed, 300, wa, wb)
         os.kill(int(pid_file.read_text()), signal.SIGKILL)
         try:
             done = wait(job_id, timeout=600)

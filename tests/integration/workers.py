@@ -181,3 +181,14 @@ def running_beat(env: dict, log_dir: Path, name: str = "beat"):
         except (ProcessLookupError, subprocess.TimeoutExpired):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wait_for_value(what: str, fn, timeout: float, *workers):
+    """``fn()``'s first truthy value within ``timeout`` s; else an AssertionError with the workers' output."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"no {what} after {timeout}s:\n" + "\n----\n".join(w.output()[-4000:] for w in workers))
