@@ -21,9 +21,12 @@ the job's own process and the only one that writes anything; ``args`` (JSON) and
 lists) in the launch folder give the helpers what they need to rebuild rank 0's starting point, and
 ``broadcast`` then hands them rank 0's weights. Optimizer states are replicated and batch orders are
 functions of the step, so a checkpoint resumes with any number of processes.
-A helper that dies (SIGKILL, out of memory, its host) breaks rank 0's next collective: ``process_group`` turns
-that into ``TransientError(code="rank_lost")``, the job is retried and the next attempt resumes from its last
-checkpoint. Helpers exit when rank 0 goes away (a collective breaks or times out) or when the process that
+A helper that dies (SIGKILL, its host) breaks rank 0's next collective: ``process_group`` turns that into
+``TransientError(code="rank_lost")``, the job is retried and the next attempt resumes from its last
+checkpoint. A local helper that runs out of memory says so in ``rank-K.oom.json`` first, and the job fails
+as it would for rank 0's own out-of-memory (``JobFailed`` ``cuda_oom`` / ``out_of_memory``: a retry would
+fail the same way). On nccl each rank is bound to its GPU (``rank_device``, counted from the GPU rank 0 is
+configured on: ``FOUNDRY_DEVICE=cuda:1`` puts rank 0 on GPU 1, rank 1 on GPU 2) before the group is made. Helpers exit when rank 0 goes away (a collective breaks or times out) or when the process that
 started them (rank 0, or the rank agent) does.
 
 Several hosts (docs/operations.md, "Training across hosts"): rank 0 puts the launch files, and the local
@@ -56,7 +59,8 @@ import torch
 import torch.distributed as dist
 
 from domain import rank_agent
-from domain.errors import InvalidJob, JobFailed, TransientError
+from domain.device import memory, oom_code
+from domain.errors import InvalidJob, JobFailed, TransientError, is_out_of_memory
 from domain.kinds import KINDS
 
 log = logging.getLogger(__name__)
@@ -105,6 +109,12 @@ def rank_device(device: str, rank: int) -> str:
     return f"cuda:{((first or 0) + rank) % max(1, torch.cuda.device_count())}"
 
 
+def job_device(job: dict, rank: int) -> str:
+    """The device of ``rank`` in a launch: the GPU a rank agent gave it on its host (``rank_device`` in its
+    job.json), else ``rank_device`` from rank 0's device."""
+    return job.get("rank_device") or rank_device(job["device"], rank)
+
+
 # ---- the collectives of a step ------------------------------------------------------------------
 
 def reduce(params: list[torch.nn.Parameter], values: torch.Tensor) -> torch.Tensor:
@@ -134,8 +144,8 @@ def broadcast(params: list[torch.nn.Parameter]) -> None:
 class Group:
     """Rank 0's view of its helper processes (``remote``: ranks started by rank agents on other hosts)."""
 
-    def __init__(self, helpers: list[subprocess.Popen], workdir: Path, remote: range = range(0)):
-        self.helpers, self.workdir, self.remote = helpers, workdir, remote
+    def __init__(self, helpers: list[subprocess.Popen], workdir: Path, remote: range = range(0), kind_name: str = ""):
+        self.helpers, self.workdir, self.remote, self.kind_name = helpers, workdir, remote, kind_name
 
     def lost(self) -> list[tuple[int, int]]:
         return [(k, p.returncode) for k, p in enumerate(self.helpers, start=1) if p.poll() not in (None, 0)]
@@ -145,6 +155,14 @@ class Group:
         while not self.lost() and time.monotonic() < deadline:
             time.sleep(0.1)
         lost = self.lost()
+        for k, _ in lost:
+            oom = self.workdir / f"rank-{k}.oom.json"
+            if oom.exists():  # that rank ran out of memory: the job's own outcome, the same on every retry
+                got = json.loads(oom.read_text())
+                where = (f"; GPU free {got['memory']['free_mb']:.0f} of {got['memory']['total_mb']:.0f} MB"
+                         if got.get("memory") else "")
+                raise JobFailed(f"out of memory in rank {k} of {self.kind_name}{where}: lower the batch size or "
+                                f"sequence length ({got['message']})", code=got["code"]) from exc
         if lost:
             what = ", ".join(f"rank {k} exited with {code}" for k, code in lost)
             tail = rank_agent.log_tail(self.workdir / f"rank-{lost[0][0]}.log")
@@ -189,7 +207,7 @@ def process_group(kind: str, procs: int, workdir: str | os.PathLike, *, device: 
     (workdir / "job.json").write_text(json.dumps(job))
     threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, torch.get_num_threads())))}
     helpers, remote = [], None
-    group, finished = Group(helpers, workdir, range(here, procs)), False
+    group, finished = Group(helpers, workdir, range(here, procs), kind), False
     try:
         for rank in range(1, here):
             helpers.append(rank_agent.spawn_helper(workdir / "job.json", rank, env=threads))
@@ -242,8 +260,13 @@ def _init(job: dict, rank: int) -> None:
                              f"{addr}:{job['port']} within {rendezvous.total_seconds():.0f} s "
                              f"(FOUNDRY_TRAIN_RENDEZVOUS_S): a helper did not start, or another host cannot reach "
                              f"this address (FOUNDRY_TRAIN_MASTER_ADDR) ({exc})", code="rank_lost") from exc
+    extra = {}
+    if job["backend"] == "nccl":  # bind the rank to its GPU before the group exists (cuda:1 stays cuda:1)
+        device = torch.device(job_device(job, rank))
+        torch.cuda.set_device(device)
+        extra["device_id"] = device
     dist.init_process_group(job["backend"], store=store, rank=rank, world_size=job["world"],
-                            timeout=timedelta(seconds=job["timeout_s"]))
+                            timeout=timedelta(seconds=job["timeout_s"]), **extra)
 
 
 def _free_port(addr: str = "127.0.0.1") -> int:
@@ -274,12 +297,20 @@ def helper_main(job_file: str, rank: int) -> None:
     (workdir / f"rank-{rank}.pid").write_text(str(os.getpid()))
     _init(job, rank)
     try:
-        device = rank_device(job["device"], rank)
+        device = job_device(job, rank)
         if device.startswith("cuda"):
             torch.cuda.set_device(device)
         data = torch.load(workdir / "data.pt", weights_only=True)["data"]
         module, _, name = KINDS[job["kind"]].rank_entry.partition(":")
         getattr(importlib.import_module(module), name)(job["args"], data, rank, job["world"], device)
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        # rank 0 reads this and fails the job as it would for its own out-of-memory (not "rank_lost")
+        (workdir / f"rank-{rank}.oom.json").write_text(json.dumps(
+            {"code": oom_code(exc), "message": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+             "memory": memory(device) if device.startswith("cuda") else {}}))
+        raise
     finally:
         dist.destroy_process_group()
 

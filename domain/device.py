@@ -6,7 +6,7 @@
   ``flash_attention_2`` only when the ``flash_attn`` package is installed, refused with a clear error otherwise).
 - ``autocast(device, dtype)``: the context the training and distillation loops run their forwards in; mixed
   precision on CUDA, nothing on the CPU.
-- ``is_oom(exc)`` / ``oom_failure(exc, what)`` / ``oom_as_failure(what)``: an out-of-memory error becomes a
+- ``errors.is_out_of_memory(exc)`` / ``oom_failure(exc, what)`` / ``oom_as_failure(what)``: an out-of-memory error becomes a
   ``JobFailed`` with code ``cuda_oom`` (``out_of_memory`` on the CPU) and a hint, never a crash or a retry loop.
 - ``memory(device)`` / ``release(device)``: GPU memory figures (MB) for health events and metrics, and the
   cached blocks handed back after an adapter is evicted or a batch ran out of memory.
@@ -19,7 +19,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from domain.errors import JobFailed
+from domain.errors import JobFailed, is_out_of_memory
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_CHOICES = ("auto", *DTYPES)
@@ -93,12 +93,6 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
 
 # ---- out of memory ------------------------------------------------------------------------------
 
-def is_oom(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return (isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text
-            or "can't allocate memory" in text)
-
-
 def oom_code(exc: BaseException) -> str:
     return "cuda_oom" if isinstance(exc, torch.OutOfMemoryError) or "cuda out of memory" in str(exc).lower() \
         else "out_of_memory"
@@ -119,7 +113,7 @@ def oom_as_failure(what: str, hint: str = ""):
     try:
         yield
     except (RuntimeError, MemoryError) as exc:
-        if not is_oom(exc):
+        if not is_out_of_memory(exc):
             raise
         raise oom_failure(exc, what, hint) from exc
 

@@ -35,4 +35,5 @@ def is_out_of_memory(exc: BaseException) -> bool:
     """Did an allocation fail? CUDA's ``OutOfMemoryError`` ("CUDA out of memory ..."), Python's ``MemoryError``,
     or the CPU allocator's ``RuntimeError`` ("... can't allocate memory ...")."""
     text = str(exc).lower()
-    return isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+    return (isinstance(exc, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(exc).__mro__)
+            or "out of memory" in text or "can't allocate memory" in text)

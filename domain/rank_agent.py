@@ -110,7 +110,7 @@ class Requests:
         store.put_bytes(f"{prefix}/job.json", json.dumps({**job, "trees": shared}).encode())
         expires = time.time() + settings.train_rendezvous_s
         items = [json.dumps({"launch": prefix, "job_id": job_id, "kind": job["kind"], "rank": k,
-                             "expires": expires}) for k in ranks]
+                             "backend": job["backend"], "expires": expires}) for k in ranks]
         r = _redis(settings)
         r.rpush(QUEUE, *items)
         log.info("asked rank agents for ranks %d..%d of %s (launch %s)", ranks.start, ranks.stop - 1, job_id, prefix)
@@ -119,10 +119,15 @@ class Requests:
     def wait_taken(self, deadline: float) -> None:
         """Until every request is taken by an agent; at ``deadline`` the others are withdrawn and the attempt
         ends with ``TransientError(code="no_rank_agent")`` (retried)."""
+        gone_once = False
         while True:
             waiting = [i for i in self.items if self.redis.lpos(QUEUE, i) is not None]
-            if not waiting:
+            if not waiting and gone_once:
                 return
+            gone_once = not waiting  # twice in a row: an agent without a free GPU puts a request back at once
+            if not waiting:
+                time.sleep(0.2)
+                continue
             if time.monotonic() >= deadline:
                 withdrawn = [i for i in waiting if self.redis.lrem(QUEUE, 1, i)]
                 if withdrawn:
@@ -156,6 +161,15 @@ class Running:
     workdir: Path
     job_id: str
     rank: int
+    gpu: int | None = None  # the GPU of this host the rank runs on (nccl), None on the CPU
+
+
+def free_gpu(busy: set[int]) -> int | None:
+    """A GPU of this host that no rank started here uses (nccl allows one rank per GPU), or None."""
+    import torch
+
+    return next((g for g in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+                 if g not in busy), None)
 
 
 def _replaced(value, paths: dict[str, str]):
@@ -169,15 +183,26 @@ def _replaced(value, paths: dict[str, str]):
     return value
 
 
-def start(request: dict, settings) -> Running | None:
+class NoFreeGpu(Exception):
+    """This host has no GPU free for an nccl rank: the request goes back for another agent."""
+
+
+def start(request: dict, settings, busy_gpus: set[int] = frozenset()) -> Running | None:
     """Fetch one request's launch into this host's data folder and start its helper process (None: the
-    request expired, rank 0 no longer waits for it)."""
+    request expired, rank 0 no longer waits for it). An nccl rank gets a GPU of this host that no other rank
+    started here holds (``job.json``'s ``rank_device``); with none free, ``NoFreeGpu``."""
     from domain import storage
     from domain.paths import data_root
 
     if time.time() > float(request["expires"]):
         log.warning("rank request %s rank %s expired before it was taken; skipped", request["job_id"], request["rank"])
         return None
+    gpu = None
+    if request.get("backend") == "nccl":
+        gpu = free_gpu(set(busy_gpus))
+        if gpu is None:
+            raise NoFreeGpu(f"rank {request['rank']} of {request['job_id']} needs a GPU (nccl) and none of this "
+                            f"host's is free ({len(busy_gpus)} in use by its ranks)")
     store, prefix, rank = storage.get_store(settings), storage.check_key(request["launch"]), int(request["rank"])
     workdir = data_root() / "dist" / f"{request['job_id']}-rank{rank}"
     if workdir.exists():
@@ -192,13 +217,15 @@ def start(request: dict, settings) -> Running | None:
             store.download_tree(tree["key"], dest, store.manifest(tree["key"]))
             local[tree["path"]] = str(dest)
         job.update(args=_replaced(job["args"], local), workdir=str(workdir), parent=os.getpid())
+        if gpu is not None:
+            job["rank_device"] = f"cuda:{gpu}"
         (workdir / "job.json").write_text(json.dumps(job))
         proc = spawn_helper(workdir / "job.json", rank)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     log.info("started rank %d of %s job %s (pid %d)", rank, job["kind"], request["job_id"], proc.pid)
-    return Running(proc, workdir, request["job_id"], rank)
+    return Running(proc, workdir, request["job_id"], rank, gpu)
 
 
 def _reap(running: list[Running], kill: bool = False) -> list[Running]:
@@ -247,9 +274,13 @@ def serve(settings=None, stop: threading.Event | None = None, poll_s: float = 1.
                 continue
             try:
                 request = json.loads(item[1])
-                got = start(request, settings)
+                got = start(request, settings, {x.gpu for x in running if x.gpu is not None})
                 if got is not None:
                     running.append(got)
+            except NoFreeGpu as exc:
+                r.lpush(QUEUE, item[1])  # back at the head at once: another agent (or this one, later) takes it
+                log.warning("rank agent: %s; request put back", exc)
+                stop.wait(poll_s)
             except Exception:  # one bad request never stops the agent; its rank 0 times out
                 log.exception("rank agent: could not start a requested rank")
     finally:

@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from domain import device, jobs, quantization
 from domain.config import reset_settings
+from domain.errors import is_out_of_memory
 from domain.ledger.db import session_scope
 from domain.ledger.models import Artifact, UsageCost, new_id
 from domain.models import load_causal_lm
@@ -54,7 +55,7 @@ def _usage(job_id: str) -> UsageCost:
 def test_a_real_cuda_out_of_memory_error_becomes_cuda_oom():
     with pytest.raises(torch.OutOfMemoryError) as err:
         torch.empty(1 << 50, dtype=torch.uint8, device="cuda")  # 1 PiB
-    assert device.is_oom(err.value) and device.oom_code(err.value) == "cuda_oom"
+    assert is_out_of_memory(err.value) and device.oom_code(err.value) == "cuda_oom"
     failure = device.oom_failure(err.value, "test")
     assert failure.code == "cuda_oom" and "GPU free" in str(failure)
 

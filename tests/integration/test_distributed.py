@@ -258,3 +258,24 @@ def test_sigkill_of_one_distill_rank_fails_the_attempt_and_the_retry_resumes(env
     with session_scope() as s:
         [art] = s.scalars(select(Artifact).where(Artifact.created_by_job_id == done["id"]))
         assert art.kind == "distilled_model" and art.report["procs"] == 2
+
+
+def test_a_helper_rank_out_of_memory_fails_the_job_as_out_of_memory_not_rank_lost(base_dir, tmp_path):
+    """A rank that runs out of memory is not a lost rank: a retry would fail the same way. Rank 1 (a real helper
+    process) asks for LoRA matrices no host has memory for; rank 0's next collective breaks, and the group turns
+    that into the out-of-memory failure, naming the rank."""
+    import torch.distributed as dist
+    from dataclasses import asdict
+
+    from domain import data_parallel
+    from domain.errors import JobFailed
+
+    cfg = T.TrainConfig(**{**CFG, "lora_r": 2**36})  # ~2**36 x hidden floats per matrix: no allocator gives that
+    launch = distributed.Launch(base_ref=str(base_dir), device="cpu", qlora=False, workdir=str(tmp_path / "w"))
+    with pytest.raises(JobFailed) as err:
+        with data_parallel.process_group("retrain", 2, launch.workdir, device="cpu",
+                                         args={"launch": asdict(launch), "cfg": asdict(cfg)}, data={"batches": []}):
+            dist.barrier()
+    assert err.value.code == "out_of_memory", err.value
+    assert "out of memory in rank 1 of retrain" in str(err.value) and "can't allocate memory" in str(err.value)
+    assert not dist.is_initialized() and not (tmp_path / "w").exists()

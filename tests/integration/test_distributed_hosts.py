@@ -212,3 +212,38 @@ def test_sigkill_of_the_remote_rank_fails_the_attempt_and_the_retry_resumes(work
     assert [x.outcome for x in attempts] == ["retry", "succeeded"]
     assert "rank 1 on another host" in attempts[0].error and "last checkpoint" in attempts[0].error
     assert done["result"]["steps"] == 200 and done["result"]["resumed_from_step"] >= step > 0
+
+
+def test_an_agent_without_a_free_gpu_puts_an_nccl_rank_back_and_rank_0_sees_no_agent(host_a, tmp_path):
+    """An nccl rank needs a GPU of its own (one rank per GPU): an agent on a host with none free takes the
+    request, puts it back at once and starts nothing, so rank 0 is never told it was taken and ends the
+    attempt as ``no_rank_agent`` (retried) instead of waiting for a rank that cannot run."""
+    import threading
+
+    from domain.config import get_settings
+    from domain.paths import data_root
+
+    settings = get_settings()
+    request = {"launch": "dist/x/y", "job_id": "j", "kind": "retrain", "rank": 1, "backend": "nccl",
+               "expires": time.time() + 60}
+    with pytest.raises(rank_agent.NoFreeGpu, match="needs a GPU"):  # every GPU this host could have is in use
+        rank_agent.start(request, settings, set(range(64)))
+    if rank_agent.free_gpu(set()) is not None:
+        pytest.skip("this host has a free GPU: the agent would take the rank")
+    stop = threading.Event()
+    agent = threading.Thread(target=rank_agent.serve, args=(settings, stop, 0.2), daemon=True)
+    agent.start()
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "data.pt").write_bytes(b"")
+    try:
+        t0 = time.monotonic()
+        requests = rank_agent.Requests.send(settings, "job-nccl", {"kind": "retrain", "backend": "nccl", "args": {}},
+                                            tmp_path / "w", {}, range(1, 2))
+        with pytest.raises(TransientError) as err:
+            requests.wait_taken(deadline=time.monotonic() + 3)
+        requests.close()
+        assert err.value.code == "no_rank_agent" and time.monotonic() - t0 < 10
+    finally:
+        stop.set()
+        agent.join(timeout=10)
+    assert not agent.is_alive() and not (data_root() / "dist").exists()

@@ -7,7 +7,6 @@ import json
 import pytest
 
 from domain import adapter_lookup
-from domain.adapters import store
 from tests.fixtures.adapters import make_version
 from domain.config import reset_settings
 from domain.ledger.db import session_scope

@@ -7,7 +7,7 @@ import torch
 from sqlalchemy import select
 
 from domain import adapter_lookup
-from domain.adapters import merge, store
+from domain.adapters import merge
 from tests.fixtures.adapters import make_version
 from domain.config import reset_settings
 from domain.errors import InvalidJob

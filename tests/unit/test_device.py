@@ -8,7 +8,7 @@ import torch
 from domain import device
 from domain.config import reset_settings
 from domain.device import DeviceError
-from domain.errors import JobFailed
+from domain.errors import JobFailed, is_out_of_memory
 from domain.models import load_causal_lm
 
 CUDA = torch.cuda.is_available()
@@ -70,14 +70,14 @@ def test_the_settings_reach_the_model_loader(tiny_model_dir, monkeypatch):
 
 def test_a_real_cuda_out_of_memory_error_is_classified():
     exc = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
-    assert isinstance(exc, torch.OutOfMemoryError) and device.is_oom(exc)
+    assert isinstance(exc, torch.OutOfMemoryError) and is_out_of_memory(exc)
     assert device.oom_code(exc) == "cuda_oom"
     failure = device.oom_failure(exc, "retrain", "lower batch_size")
     assert isinstance(failure, JobFailed) and failure.code == "cuda_oom"
     assert "out of memory in retrain" in str(failure) and "lower batch_size" in str(failure)
     cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
-    assert device.is_oom(cpu) and device.oom_code(cpu) == "out_of_memory"
-    assert device.is_oom(MemoryError()) and not device.is_oom(RuntimeError("shape mismatch"))
+    assert is_out_of_memory(cpu) and device.oom_code(cpu) == "out_of_memory"
+    assert is_out_of_memory(MemoryError()) and not is_out_of_memory(RuntimeError("shape mismatch"))
 
 
 def test_oom_as_failure_turns_only_out_of_memory_into_a_failure():

@@ -122,7 +122,7 @@ def test_usage_ids_count_rows_that_commit_out_of_order():
 
 def test_unreachable_ledger_and_broker_are_reported_not_raised(tmp_path):
     m = metrics.LedgerMetrics()
-    m.refresh("redis://127.0.0.1:1/0", {"sep": ":"}, ["control"], f"postgresql+psycopg://u@127.0.0.1:1/x")
+    m.refresh("redis://127.0.0.1:1/0", {"sep": ":"}, ["control"], "postgresql+psycopg://u@127.0.0.1:1/x")
     assert value(m, "foundry_broker_up") == 0 and value(m, "foundry_ledger_up") == 0
 
 
