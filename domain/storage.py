@@ -271,6 +271,16 @@ class ArtifactStore:
     def exists(self, key: str) -> bool:
         return bool(self._call("exists", self.fs.exists, self.path(key)))
 
+    def stamp(self, key: str) -> str:
+        """What changes when the object ``key`` is rewritten, read without its bytes (one HEAD on S3): its
+        size and ETag, else (a folder store) its size and modification time."""
+        try:
+            info = self._call("info", self.fs.info, self.path(key))
+        except FileNotFoundError as exc:
+            raise ObjectMissing(f"store object {key!r} not found in {self.url}") from exc
+        version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+        return json.dumps([info.get("size"), version], default=str)
+
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._call("delete", self.fs.rm, self.path(key), recursive=True)
@@ -324,6 +334,31 @@ class NodeCache:
 
         self._fill(sha256, target.is_file, write)
         return target
+
+    def _file_index(self, key: str) -> Path:
+        return self.root / "files" / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
+
+    def known_file(self, key: str, stamp: str) -> Path | None:
+        """The cached copy of data file ``key`` when the store's object still has ``stamp`` (a hit: marked most
+        recently used), else None."""
+        try:
+            index = json.loads(self._file_index(key).read_text())
+            target = self.entry(index["sha256"]) / index["name"]
+        except (OSError, ValueError, KeyError, TypeError, KeyRefused):
+            return None
+        if index.get("stamp") != stamp or not target.is_file():
+            return None
+        self.stats["hits"] += 1
+        os.utime(target.parent)
+        return target
+
+    def remember_file(self, key: str, stamp: str, path: Path) -> None:
+        """Note that data file ``key`` at ``stamp`` is the cached ``path`` (``put_file``'s), for ``known_file``."""
+        index = self._file_index(key)
+        index.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index.with_suffix(f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        tmp.write_text(json.dumps({"key": key, "stamp": stamp, "sha256": path.parent.name, "name": path.name}))
+        os.replace(tmp, index)
 
     def _fill(self, sha256: str, present, build) -> None:
         """Make the entry ``sha256`` hold what ``present()`` checks for: a hit marks it most recently used;
@@ -430,12 +465,19 @@ def publish_tree(folder: Path, key: str, *, primary: str | None = None, tenant: 
 def fetch_file(key: str, *, tenant: str | None = None) -> Path:
     """A data file a job names (``data_path``, ``eval_data_path``) that is not under this host's data folder:
     read from the store and kept in this host's cache as an entry named by the sha256 of its bytes (a file
-    replaced under the same key is a new entry), LRU-bounded with the rest of the cache. Raises ObjectMissing
-    when the store does not hold it either."""
+    replaced under the same key is a new entry), LRU-bounded with the rest of the cache. A later call reads
+    only the object's stamp (size and ETag: ``ArtifactStore.stamp``) and downloads again only when it
+    changed. Raises ObjectMissing when the store does not hold it either."""
     key = check_key(key, tenant)
-    data = get_store().get_bytes(key)
-    digest = hashlib.sha256(data).hexdigest()
-    return get_cache().put_file(digest, PurePosixPath(key).name, data)
+    store, cache = get_store(), get_cache()
+    stamp = store.stamp(key)  # read first: an object rewritten meanwhile is fetched again next time
+    known = cache.known_file(key, stamp)
+    if known is not None:
+        return known  # unchanged in the store since it was fetched: no download
+    data = store.get_bytes(key)
+    path = cache.put_file(hashlib.sha256(data).hexdigest(), PurePosixPath(key).name, data)
+    cache.remember_file(key, stamp, path)
+    return path
 
 
 def fetch_tree(key: str, sha256: str, *, tenant: str | None = None, local: Path | None = None) -> Path:

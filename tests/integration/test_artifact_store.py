@@ -145,6 +145,28 @@ def test_data_files_fetched_from_the_store_are_cache_entries_under_the_same_lru_
     assert cache.evict() == [digest] and not path.exists() and cache.entry(m.sha256).is_dir()
 
 
+def test_a_data_file_unchanged_in_the_store_is_not_downloaded_again_and_a_rewritten_one_is(store_env):
+    """The second fetch of an unchanged data file reads its stamp (one HEAD), not its bytes; after the object is
+    rewritten under the same key, the next fetch downloads the new bytes into a new entry."""
+    store = storage.get_store()
+    key = "datasets/acme/eval.jsonl"
+    store.put_bytes(key, b'{"v": 1}\n' * 1_000)
+    gets = []
+    real_get = store.get_bytes
+    store.get_bytes = lambda k: gets.append(k) or real_get(k)  # counts the downloads of the real store
+    try:
+        first = storage.fetch_file(key, tenant="acme")
+        hits = storage.get_cache().stats["hits"]
+        assert storage.fetch_file(key, tenant="acme") == first and gets == [key]
+        assert storage.get_cache().stats["hits"] == hits + 1
+        store.put_bytes(key, b'{"v": 2}\n' * 1_000)
+        second = storage.fetch_file(key, tenant="acme")
+        assert gets == [key, key] and second != first and second.read_bytes() == b'{"v": 2}\n' * 1_000
+        assert storage.fetch_file(key, tenant="acme") == second and len(gets) == 2
+    finally:
+        del store.get_bytes
+
+
 def _fetch_in_child(args) -> str:
     cache_root, env, key, sha = args
     os.environ.update(env)
