@@ -4,7 +4,7 @@ The prompt asks for ``Summary: ...`` then ``Findings:`` and one ``- [severity] l
 per finding, but small models drift: this parser also accepts a JSON object with ``summary``/``findings``,
 bullets without a header, ``L12``/``lines 3-5``/``line 7`` anywhere in a bullet, and answers without
 labels (the first paragraph becomes the summary). Line numbers outside the reviewed code are dropped
-(the finding is kept without a line). The raw text is always stored next to the parse.
+(the finding is kept without a line). A summary never says one sentence twice (``without_repeats``). The raw text is always stored next to the parse.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def parse_review(text: str, n_lines: int | None = None) -> ParsedReview:
     summary_parts: list[str] = []
     findings: list[dict] = []
     section = None  # None (before any label) | "summary" | "findings"
-    loose: list[str] = []  # unlabelled paragraph text before any section
+    loose: list[str] = []  # the first unlabelled paragraph before any section
+    loose_done = False
     for raw in text.splitlines():
         line = raw.rstrip()
         if m := _SUMMARY.match(line):
@@ -134,7 +135,26 @@ def parse_review(text: str, n_lines: int | None = None) -> ParsedReview:
             summary_parts.append(line.strip())
         elif section == "findings" and findings:
             findings[-1]["message"] += " " + line.strip()  # a bullet wrapped onto the next line
-        elif section is None:
+        elif section is None and not loose_done:
             loose.append(line.strip())
+        if section is None and loose and not raw.strip():
+            loose_done = True
     summary = " ".join(summary_parts) or " ".join(loose)
-    return ParsedReview(summary=summary.strip()[:4000], findings=findings)
+    return ParsedReview(summary=without_repeats(summary.strip())[:4000], findings=findings)
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def without_repeats(text: str, overlap: float = 0.8) -> str:
+    """``text`` without the sentences that say again what an earlier one said: the same words, or at least
+    ``overlap`` of their words shared (Jaccard, sentences of five words or more). Small models loop on one
+    sentence ("This is a common issue in Python ..."); a summary says it once."""
+    kept: list[tuple[str, frozenset[str]]] = []
+    for sentence in _SENTENCE_END.split(text):
+        words = [w.lower() for w in _WORDS.findall(sentence)]
+        bag = frozenset(words)
+        if any(bag == seen or (len(words) >= 5 and len(bag & seen) >= overlap * len(bag | seen)) for _, seen in kept):
+            continue
+        kept.append((sentence, bag))
+    return " ".join(s for s, _ in kept)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from domain.review.parse import parse_review
+from domain.review.parse import parse_review, without_repeats
 
 
 def test_the_requested_format():
@@ -78,3 +78,19 @@ def test_the_format_line_echoed_back_and_wordless_bullets_are_not_findings():
 def test_bullets_cut_off_by_the_token_limit_are_not_findings():
     text = "Findings:\n- [high] line 2: pickle.loads of request data\n- [low] line \n- [\n- [high|"
     assert [f["line"] for f in parse_review(text, n_lines=5).findings] == [2]
+
+
+def test_a_summary_says_a_sentence_once_and_an_unlabelled_answer_keeps_its_first_paragraph():
+    looping = ("The code is missing a line of code that is supposed to return the user's ID. This is a common issue "
+               "in Python, and it's not possible to return a user ID without a cookie.\n\nThe code is also missing a "
+               "line of code that is supposed to return the current user's ID. This is a common issue in Python and "
+               "is not possible to return a user ID without a cookie.")
+    r = parse_review(looping)
+    assert r.summary == ("The code is missing a line of code that is supposed to return the user's ID. This is a "
+                         "common issue in Python, and it's not possible to return a user ID without a cookie.")
+    r = parse_review("Summary: eval runs input. eval runs input. It is dangerous.\nFindings:\n- line 1: eval")
+    assert r.summary == "eval runs input. It is dangerous." and len(r.findings) == 1
+    assert without_repeats("Use a context manager. Close the file. Use a context manager!") == \
+        "Use a context manager. Close the file."
+    assert without_repeats("It fails on empty lists. It fails on long lists.") == \
+        "It fails on empty lists. It fails on long lists."  # different words: both stay
