@@ -154,6 +154,21 @@ def test_distill_on_cuda(on_cuda, tmp_path):
     assert _usage(out["job_id"]).gpu_seconds > 0
 
 
+def test_an_nccl_group_binds_rank_0_to_its_gpu_and_reduces_on_it(on_cuda, tmp_path):
+    """The nccl path of domain/data_parallel.py on the one GPU there is: the group is made with rank 0 bound to
+    its GPU (``device_id``) and an all_reduce runs on it."""
+    import torch.distributed as dist
+
+    from domain import data_parallel
+
+    with data_parallel.process_group("retrain", 1, tmp_path / "w", device="cuda", args={}, data={}):
+        assert dist.get_backend() == "nccl" and torch.cuda.current_device() == 0
+        x = torch.ones(4, device="cuda")
+        dist.all_reduce(x)
+        assert x.tolist() == [1.0] * 4
+    assert not dist.is_initialized()
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (nccl, one process per GPU)")
 def test_two_process_retrain_on_two_gpus(on_cuda, tmp_path, monkeypatch):
     _set(monkeypatch, FOUNDRY_BASE_MODEL=save_tiny_model(tmp_path / "tiny"))
