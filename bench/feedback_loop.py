@@ -18,8 +18,9 @@ lines and their clean twins, split into a tuning and a held-out half.
 
 Measured on the held-out half, which neither the tenant nor the retrain saw: precision and recall of located
 findings (``domain.review.quality``) over defect files and clean twins together (a finding on a clean twin is
-false), for the champion, the candidate, and each part alone (suppressions only, adapter only). Headline:
-``ratio=`` candidate precision ÷ champion precision (target > 1.0).
+false), for the champion, the candidate, each part alone (suppressions only, adapter only), and what the tenant
+is served after the loop (``served``: the candidate when the gate promoted it, else the champion with the
+suppressions). Headline: ``ratio=`` candidate precision ÷ champion precision (target > 1.0).
 
     python bench/feedback_loop.py [--model PATH] [--steps 16] [--max-new-tokens 160] [--quick]
 
@@ -220,9 +221,13 @@ def main() -> None:
     champion_texts, adapter_texts = generate(rt, held, args), generate(rt, held, args, slot=slot)
     runs = {"champion": measure(held, champion_texts), "suppressions_only": measure(held, champion_texts, suppressed),
             "adapter_only": measure(held, adapter_texts), "candidate": measure(held, adapter_texts, suppressed)}
+    promoted = bool(result.get("promoted"))
+    runs["served"] = runs["candidate"] if promoted else runs["suppressions_only"]  # what the gate lets the tenant get
     print(line("tuning champion", tune))
     for name, r in runs.items():
-        print(line(f"held-out {name}", r))
+        print(line(f"held-out {name}", r) + (f"  ({'the candidate' if promoted else 'the champion'}: the gate "
+                                              f"{'promoted' if promoted else 'kept the champion'})"
+                                              if name == "served" else ""))
     champion, candidate = runs["champion"]["precision"], runs["candidate"]["precision"]
     ratio = candidate / champion if champion else float("inf")
     report = {"model": rt.model_id, "quick": args.quick, "steps": args.steps, "feedback": feedback,
