@@ -146,3 +146,17 @@ def merge(analyzer: list[dict], model: list[dict], suppressed: frozenset[str] = 
         merged.append(dict(f))
     merged.sort(key=lambda f: (-SEVERITY_RANK[f["severity"]], -f["confidence"], f["line"] or 10**9))
     return merged
+
+
+def headline(findings: list[dict], shown: int = 3) -> str:
+    """The sentence a reader sees first, from the merged findings (not from the model's prose): how many, and
+    the first ``shown`` in review order with severity, category, line and who found it."""
+    if not findings:
+        return "No findings."
+    parts = []
+    for f in findings[:shown]:
+        where = f" at line {f['line']}" if f.get("line") else ""
+        who = " ".join(x for x in (f.get("source"), f.get("rule_id")) if x)
+        parts.append(f"{f.get('severity') or 'low'} {f['category'].replace('_', ' ')}{where} ({who})")
+    more = f"; and {len(findings) - shown} more" if len(findings) > shown else ""
+    return f"{len(findings)} finding{'s' if len(findings) != 1 else ''}: " + "; ".join(parts) + more + "."

@@ -31,6 +31,7 @@ from domain.models import ModelLoadError
 from domain.review.batcher import AdapterHandle, GenerationRequest
 from domain.review.decoding import DecodeControl, review_stop
 from domain.review.grounded import analysis_note, analysis_stage, merge_review, output_budget
+from domain.review.findings import headline
 from domain.review.parse import parse_review
 from domain.prompting import fit_prompt, guess_language, shared_prefix_len
 from domain.review.runtime import Runtime, get_runtime
@@ -134,6 +135,7 @@ def handle_review(spec: ReviewSpec, ctx: JobContext) -> Outcome:
     parsed = parse_review(gen.text, n_lines=len(spec.code.splitlines()))
     parsed.findings = merge_review(parsed.findings, analysis, spec.code, path=spec.path, language=language,
                                    is_diff=spec.is_diff, raw_text=gen.text, suppressed=suppressed_rules(spec.tenant))
+    parsed.summary = f"{headline(parsed.findings)} {parsed.summary}".strip()  # the model's prose follows
     if note:
         parsed.summary = f"{parsed.summary} [{note}]".strip()
 

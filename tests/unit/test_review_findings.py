@@ -119,3 +119,18 @@ def test_a_model_finding_naming_no_category_beside_an_analyzer_finding_explains_
     assert [(f["line"], f["category"], f["source"]) for f in merged] == [(2, "code_injection", "bandit"),
                                                                        (3, "hardcoded_secret", "model")]
     assert merged[0]["explanation"] == "this line is a classic example of a problem"
+
+
+def test_the_headline_counts_the_merged_findings_and_names_the_first_three():
+    from domain.review.findings import headline
+
+    fs = [make_finding(line=4, message="eval", source="bandit", category="code_injection", severity="high",
+                       rule_id="B307"),
+          make_finding(line=1, message="default", source="ruff", category="mutable_default", severity="medium",
+                       rule_id="B006"),
+          make_finding(line=None, message="naming", source="model", category="style", severity="low"),
+          make_finding(line=9, message="x", source="model", category="bug", severity="low")]
+    assert headline([]) == "No findings."
+    assert headline(fs[:1]) == "1 finding: high code injection at line 4 (bandit B307)."
+    assert headline(fs) == ("4 findings: high code injection at line 4 (bandit B307); medium mutable default at line 1 "
+                            "(ruff B006); low style (model); and 1 more.")
