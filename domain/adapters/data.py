@@ -32,7 +32,7 @@ from domain.errors import InvalidJob
 from domain.ledger.models import Feedback, Review, aware
 from domain.prompting import build_messages as review_messages
 from domain.prompting import encode, fit_prompt
-from domain.review.parse import parse_review
+from domain.review.findings import headline
 
 IGNORE = -100  # label of a token that carries no loss (prompt, padding)
 
@@ -173,10 +173,10 @@ def kept_review(review: Review, verdicts: dict[int, str]) -> str:
 
 
 def model_summary(review: Review) -> str:
-    """The summary in the model's words, as it wrote it (its raw answer parsed), without the headline the service
-    puts first (domain.review.findings.headline: counted from findings the tenant may have rejected since) or
-    its notes; the stored summary when there is no raw answer."""
-    return parse_review(review.raw_text).summary if review.raw_text else (review.summary or "")
+    """The stored summary without the headline the service puts first (``domain.review.findings.headline``,
+    counted from findings the tenant may have rejected since): what the model wrote as its summary."""
+    summary = review.summary or ""
+    return summary.removeprefix(headline(review.findings or [])).strip()
 
 
 def analyzer_findings(review: Review) -> tuple | None:

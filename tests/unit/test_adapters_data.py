@@ -7,6 +7,7 @@ from datetime import timedelta
 from domain.adapters import data
 from domain.ledger.db import session_scope
 from domain.ledger.models import utcnow
+from domain.review.findings import headline
 from tests.conftest import add_tenant
 from tests.fixtures.adapters import seed_feedback, stdlib_review_pairs
 
@@ -129,7 +130,7 @@ def _judged(s, tenant: str, path: str, code: str, findings: list[dict], verdicts
     s.flush()
     rv = Review(id=new_id(), job_id=job.id, tenant_id=tenant, model_id="test", path=path, code=code,
                 code_sha256=hashlib.sha256(code.encode()).hexdigest(), raw_text="(model text)",
-                summary="2 findings: high code injection at line 2 (bandit B307). (model text)", findings=findings)
+                summary=headline(findings) + " eval of untrusted input", findings=findings)
     s.add(rv)
     s.flush()
     for i, (n, verdict) in enumerate(verdicts):
@@ -163,5 +164,5 @@ def test_a_judged_review_teaches_its_kept_findings_and_a_clean_one_teaches_none(
     assert [(f["line"], f["severity"]) for f in bad.findings] == [(2, "high")]
     assert "eval of input" in by_path["bad.py"].completion and "name it better" not in by_path["bad.py"].completion
     assert by_path["clean.py"].completion == data.NO_FINDINGS
-    assert bad.summary == "(model text)"  # the model's own words (its raw answer), never the service's headline
+    assert bad.summary == "eval of untrusted input"  # the model's own words, never the service's headline
     assert parse_review(data.NO_FINDINGS, n_lines=2).findings == []
