@@ -26,8 +26,9 @@ A helper that dies (SIGKILL, its host) breaks rank 0's next collective: ``proces
 checkpoint. A local helper that runs out of memory says so in ``rank-K.oom.json`` first, and the job fails
 as it would for rank 0's own out-of-memory (``JobFailed`` ``cuda_oom`` / ``out_of_memory``: a retry would
 fail the same way). On nccl each rank is bound to its GPU (``rank_device``, counted from the GPU rank 0 is
-configured on: ``FOUNDRY_DEVICE=cuda:1`` puts rank 0 on GPU 1, rank 1 on GPU 2) before the group is made. Helpers exit when rank 0 goes away (a collective breaks or times out) or when the process that
-started them (rank 0, or the rank agent) does.
+configured on: ``FOUNDRY_DEVICE=cuda:1`` puts rank 0 on GPU 1, rank 1 on GPU 2) before the group is made.
+Helpers exit when rank 0 goes away (a collective breaks or times out) or when the process that started them
+(rank 0, or the rank agent) does.
 
 Several hosts (docs/operations.md, "Training across hosts"): rank 0 puts the launch files, and the local
 folders the kind names in ``trees`` (the resume checkpoint, the init adapter), into the artifact store and
@@ -59,7 +60,7 @@ import torch
 import torch.distributed as dist
 
 from domain import rank_agent
-from domain.device import memory, oom_code
+from domain.device import memory, oom_code, out_of_memory_failure
 from domain.errors import InvalidJob, JobFailed, TransientError, is_out_of_memory
 from domain.kinds import KINDS
 
@@ -159,10 +160,8 @@ class Group:
             oom = self.workdir / f"rank-{k}.oom.json"
             if oom.exists():  # that rank ran out of memory: the job's own outcome, the same on every retry
                 got = json.loads(oom.read_text())
-                where = (f"; GPU free {got['memory']['free_mb']:.0f} of {got['memory']['total_mb']:.0f} MB"
-                         if got.get("memory") else "")
-                raise JobFailed(f"out of memory in rank {k} of {self.kind_name}{where}: lower the batch size or "
-                                f"sequence length ({got['message']})", code=got["code"]) from exc
+                raise out_of_memory_failure(f"rank {k} of {self.kind_name}", got["message"], got["code"],
+                                            got.get("memory") or {}) from exc
         if lost:
             what = ", ".join(f"rank {k} exited with {code}" for k, code in lost)
             tail = rank_agent.log_tail(self.workdir / f"rank-{lost[0][0]}.log")
@@ -297,9 +296,7 @@ def helper_main(job_file: str, rank: int) -> None:
     (workdir / f"rank-{rank}.pid").write_text(str(os.getpid()))
     _init(job, rank)
     try:
-        device = job_device(job, rank)
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
+        device = job_device(job, rank)  # on CUDA, _init has bound this process to it already
         data = torch.load(workdir / "data.pt", weights_only=True)["data"]
         module, _, name = KINDS[job["kind"]].rank_entry.partition(":")
         getattr(importlib.import_module(module), name)(job["args"], data, rank, job["world"], device)

@@ -101,10 +101,15 @@ def oom_code(exc: BaseException) -> str:
 def oom_failure(exc: BaseException, what: str, hint: str = "") -> JobFailed:
     """The permanent failure an out-of-memory error becomes (after the cache is handed back)."""
     release()
-    free = memory()
+    return out_of_memory_failure(what, str(exc), oom_code(exc), memory(), hint)
+
+
+def out_of_memory_failure(what: str, error: str, code: str, free: dict, hint: str = "") -> JobFailed:
+    """``JobFailed`` for an out-of-memory error in ``what`` (``error``: its text, ``free``: ``memory()`` of the
+    device it ran on, {} on the CPU): also for a helper rank's, reported from its own process."""
     where = f"; GPU free {free['free_mb']:.0f} of {free['total_mb']:.0f} MB" if free else ""
     return JobFailed(f"out of memory in {what}{where}: {hint or 'lower the batch size or sequence length'} "
-                     f"({str(exc).splitlines()[0][:300]})", code=oom_code(exc))
+                     f"({(error.splitlines() or [''])[0][:300]})", code=code)
 
 
 @contextmanager

@@ -78,6 +78,8 @@ def test_a_real_cuda_out_of_memory_error_is_classified():
     cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
     assert is_out_of_memory(cpu) and device.oom_code(cpu) == "out_of_memory"
     assert is_out_of_memory(MemoryError()) and not is_out_of_memory(RuntimeError("shape mismatch"))
+    bare = device.oom_failure(MemoryError(), "retrain")  # no message at all: still a clear failure
+    assert bare.code == "out_of_memory" and str(bare).startswith("out of memory in retrain: lower the batch size")
 
 
 def test_oom_as_failure_turns_only_out_of_memory_into_a_failure():
