@@ -224,10 +224,9 @@ def main() -> None:
     promoted = bool(result.get("promoted"))
     runs["served"] = runs["candidate"] if promoted else runs["suppressions_only"]  # what the gate lets the tenant get
     print(line("tuning champion", tune))
+    gate = "  (the candidate: the gate promoted)" if promoted else "  (the champion: the gate kept the champion)"
     for name, r in runs.items():
-        print(line(f"held-out {name}", r) + (f"  ({'the candidate' if promoted else 'the champion'}: the gate "
-                                              f"{'promoted' if promoted else 'kept the champion'})"
-                                              if name == "served" else ""))
+        print(line(f"held-out {name}", r) + (gate if name == "served" else ""))
     champion, candidate = runs["champion"]["precision"], runs["candidate"]["precision"]
     ratio = candidate / champion if champion else float("inf")
     report = {"model": rt.model_id, "quick": args.quick, "steps": args.steps, "feedback": feedback,

@@ -119,15 +119,16 @@ class Requests:
     def wait_taken(self, deadline: float) -> None:
         """Until every request is taken by an agent; at ``deadline`` the others are withdrawn and the attempt
         ends with ``TransientError(code="no_rank_agent")`` (retried)."""
-        gone_once = False
+        gone_once = False  # taken = gone on two polls in a row: an agent without a free GPU puts one back at once
         while True:
             waiting = [i for i in self.items if self.redis.lpos(QUEUE, i) is not None]
-            if not waiting and gone_once:
-                return
-            gone_once = not waiting  # twice in a row: an agent without a free GPU puts a request back at once
             if not waiting:
+                if gone_once:
+                    return
+                gone_once = True
                 time.sleep(0.2)
                 continue
+            gone_once = False
             if time.monotonic() >= deadline:
                 withdrawn = [i for i in waiting if self.redis.lrem(QUEUE, 1, i)]
                 if withdrawn:
@@ -164,12 +165,11 @@ class Running:
     gpu: int | None = None  # the GPU of this host the rank runs on (nccl), None on the CPU
 
 
-def free_gpu(busy: set[int]) -> int | None:
+def free_gpu(busy: set[int] | frozenset[int]) -> int | None:
     """A GPU of this host that no rank started here uses (nccl allows one rank per GPU), or None."""
     import torch
 
-    return next((g for g in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)
-                 if g not in busy), None)
+    return next((g for g in range(torch.cuda.device_count()) if g not in busy), None)
 
 
 def _replaced(value, paths: dict[str, str]):
@@ -199,7 +199,7 @@ def start(request: dict, settings, busy_gpus: set[int] = frozenset()) -> Running
         return None
     gpu = None
     if request.get("backend") == "nccl":
-        gpu = free_gpu(set(busy_gpus))
+        gpu = free_gpu(busy_gpus)
         if gpu is None:
             raise NoFreeGpu(f"rank {request['rank']} of {request['job_id']} needs a GPU (nccl) and none of this "
                             f"host's is free ({len(busy_gpus)} in use by its ranks)")

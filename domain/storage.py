@@ -348,8 +348,7 @@ class NodeCache:
             return None
         if index.get("stamp") != stamp or not target.is_file():
             return None
-        self.stats["hits"] += 1
-        os.utime(target.parent)
+        self._hit(target.parent)
         return target
 
     def remember_file(self, key: str, stamp: str, path: Path) -> None:
@@ -360,6 +359,10 @@ class NodeCache:
         tmp.write_text(json.dumps({"key": key, "stamp": stamp, "sha256": path.parent.name, "name": path.name}))
         os.replace(tmp, index)
 
+    def _hit(self, entry: Path) -> None:
+        self.stats["hits"] += 1
+        os.utime(entry)  # most recently used
+
     def _fill(self, sha256: str, present, build) -> None:
         """Make the entry ``sha256`` hold what ``present()`` checks for: a hit marks it most recently used;
         else, under the entry's lock (several processes of this host), ``build(tmp)`` writes a fresh folder
@@ -367,8 +370,7 @@ class NodeCache:
         under another file name), then the cache is evicted down to its bound."""
         entry = self.entry(sha256)
         if present():
-            self.stats["hits"] += 1
-            os.utime(entry)  # most recently used
+            self._hit(entry)
             return
         with _flock(self.root / "locks" / f"{sha256}.lock"):
             if not present():  # another process may have fetched it while we waited

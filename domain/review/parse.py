@@ -4,7 +4,8 @@ The prompt asks for ``Summary: ...`` then ``Findings:`` and one ``- [severity] l
 per finding, but small models drift: this parser also accepts a JSON object with ``summary``/``findings``,
 bullets without a header, ``L12``/``lines 3-5``/``line 7`` anywhere in a bullet, and answers without
 labels (the first paragraph becomes the summary). Line numbers outside the reviewed code are dropped
-(the finding is kept without a line). A summary never says one sentence twice (``without_repeats``). The raw text is always stored next to the parse.
+(the finding is kept without a line). A summary never says one sentence twice (``without_repeats``). The
+raw text is always stored next to the parse.
 """
 
 from __future__ import annotations
