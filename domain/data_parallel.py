@@ -23,10 +23,11 @@ lists) in the launch folder give the helpers what they need to rebuild rank 0's 
 functions of the step, so a checkpoint resumes with any number of processes.
 A helper that dies (SIGKILL, its host) breaks rank 0's next collective: ``process_group`` turns that into
 ``TransientError(code="rank_lost")``, the job is retried and the next attempt resumes from its last
-checkpoint. A local helper that runs out of memory says so in ``rank-K.oom.json`` first, and the job fails
-as it would for rank 0's own out-of-memory (``JobFailed`` ``cuda_oom`` / ``out_of_memory``: a retry would
-fail the same way). On nccl each rank is bound to its GPU (``rank_device``, counted from the GPU rank 0 is
-configured on: ``FOUNDRY_DEVICE=cuda:1`` puts rank 0 on GPU 1, rank 1 on GPU 2) before the group is made.
+checkpoint. A helper that runs out of memory, on this host or another, says so first in rank 0's
+rendezvous store (key ``foundry/oom/K``), and the job fails as it would for rank 0's own out-of-memory
+(``JobFailed`` ``cuda_oom`` / ``out_of_memory``: a retry would fail the same way). On nccl each rank is
+bound to its GPU (``rank_device``, counted from the GPU rank 0 is configured on:
+``FOUNDRY_DEVICE=cuda:1`` puts rank 0 on GPU 1, rank 1 on GPU 2) before the group is made.
 Helpers exit when rank 0 goes away (a collective breaks or times out) or when the process that started them
 (rank 0, or the rank agent) does.
 
@@ -52,7 +53,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import timedelta
 from pathlib import Path
 
@@ -145,23 +146,31 @@ def broadcast(params: list[torch.nn.Parameter]) -> None:
 class Group:
     """Rank 0's view of its helper processes (``remote``: ranks started by rank agents on other hosts)."""
 
-    def __init__(self, helpers: list[subprocess.Popen], workdir: Path, remote: range = range(0), kind_name: str = ""):
-        self.helpers, self.workdir, self.remote, self.kind_name = helpers, workdir, remote, kind_name
+    def __init__(self, helpers: list[subprocess.Popen], workdir: Path, remote: range = range(0), kind_name: str = "",
+                 world: int = 1):
+        self.helpers, self.workdir, self.remote, self.kind_name, self.world = helpers, workdir, remote, kind_name, world
+        self.store: dist.Store | None = None  # rank 0's rendezvous store, once the group exists
 
     def lost(self) -> list[tuple[int, int]]:
         return [(k, p.returncode) for k, p in enumerate(self.helpers, start=1) if p.poll() not in (None, 0)]
 
+    def out_of_memory(self) -> tuple[int, dict] | None:
+        """The first helper rank (local or remote) that reported running out of memory, and its report."""
+        for k in range(1, self.world):
+            if self.store is not None and self.store.check([oom_key(k)]):
+                return k, json.loads(self.store.get(oom_key(k)))
+        return None
+
     def raise_if_rank_lost(self, exc: BaseException) -> None:
+        oom = self.out_of_memory()  # reported before that rank left, so before this collective broke
+        if oom is not None:  # the job's own outcome, the same on every retry
+            k, got = oom
+            raise out_of_memory_failure(f"rank {k} of {self.kind_name}", got["message"], got["code"],
+                                        got.get("memory") or {}) from exc
         deadline = time.monotonic() + 5  # a broken collective can be seen before the dead rank is reaped
         while not self.lost() and time.monotonic() < deadline:
             time.sleep(0.1)
         lost = self.lost()
-        for k, _ in lost:
-            oom = self.workdir / f"rank-{k}.oom.json"
-            if oom.exists():  # that rank ran out of memory: the job's own outcome, the same on every retry
-                got = json.loads(oom.read_text())
-                raise out_of_memory_failure(f"rank {k} of {self.kind_name}", got["message"], got["code"],
-                                            got.get("memory") or {}) from exc
         if lost:
             what = ", ".join(f"rank {k} exited with {code}" for k, code in lost)
             tail = rank_agent.log_tail(self.workdir / f"rank-{lost[0][0]}.log")
@@ -206,7 +215,7 @@ def process_group(kind: str, procs: int, workdir: str | os.PathLike, *, device: 
     (workdir / "job.json").write_text(json.dumps(job))
     threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, torch.get_num_threads())))}
     helpers, remote = [], None
-    group, finished = Group(helpers, workdir, range(here, procs), kind), False
+    group, finished = Group(helpers, workdir, range(here, procs), kind, procs), False
     try:
         for rank in range(1, here):
             helpers.append(rank_agent.spawn_helper(workdir / "job.json", rank, env=threads))
@@ -214,7 +223,7 @@ def process_group(kind: str, procs: int, workdir: str | os.PathLike, *, device: 
             remote = rank_agent.Requests.send(settings, job_id or workdir.name, job, workdir, trees or {},
                                               range(here, procs))
             remote.wait_taken(deadline=time.monotonic() + settings.train_rendezvous_s)
-        _init(job, 0)
+        group.store = _init(job, 0)
         try:
             yield group
         except (RuntimeError, dist.DistBackendError) as exc:
@@ -245,9 +254,14 @@ def master_addr(settings, *, remote: bool) -> str:
     return socket.gethostbyname(socket.gethostname()) if remote else "127.0.0.1"
 
 
-def _init(job: dict, rank: int) -> None:
+def oom_key(rank: int) -> str:
+    return f"foundry/oom/{rank}"
+
+
+def _init(job: dict, rank: int) -> dist.Store:
     """Join the group: rank 0 serves the rendezvous store and waits up to ``rendezvous_s`` for every rank to
-    connect (else ``TransientError(code="rank_lost")``); collectives then wait up to ``timeout_s``."""
+    connect (else ``TransientError(code="rank_lost")``); collectives then wait up to ``timeout_s``. Returns the
+    store (rank 0's, which every rank reaches)."""
     rendezvous = timedelta(seconds=job.get("rendezvous_s") or job["timeout_s"])
     addr = job.get("addr", "127.0.0.1")
     try:
@@ -266,6 +280,7 @@ def _init(job: dict, rank: int) -> None:
         extra["device_id"] = device
     dist.init_process_group(job["backend"], store=store, rank=rank, world_size=job["world"],
                             timeout=timedelta(seconds=job["timeout_s"]), **extra)
+    return store
 
 
 def _free_port(addr: str = "127.0.0.1") -> int:
@@ -294,7 +309,7 @@ def helper_main(job_file: str, rank: int) -> None:
     _exit_with_parent(job["parent"])
     workdir = Path(job["workdir"])
     (workdir / f"rank-{rank}.pid").write_text(str(os.getpid()))
-    _init(job, rank)
+    store = _init(job, rank)
     try:
         device = job_device(job, rank)  # on CUDA, _init has bound this process to it already
         data = torch.load(workdir / "data.pt", weights_only=True)["data"]
@@ -303,10 +318,12 @@ def helper_main(job_file: str, rank: int) -> None:
     except (RuntimeError, MemoryError) as exc:
         if not is_out_of_memory(exc):
             raise
-        # rank 0 reads this and fails the job as it would for its own out-of-memory (not "rank_lost")
-        (workdir / f"rank-{rank}.oom.json").write_text(json.dumps(
-            {"code": oom_code(exc), "message": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
-             "memory": memory(device) if device.startswith("cuda") else {}}))
+        # rank 0 (on this host or another) reads this and fails the job as it would for its own out-of-memory,
+        # not as "rank_lost"; it is set before this process leaves, so before rank 0's collective breaks
+        with suppress(RuntimeError, dist.DistError):  # rank 0 gone already: nobody to tell
+            store.set(oom_key(rank), json.dumps(
+                {"code": oom_code(exc), "message": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}",
+                 "memory": memory(device) if device.startswith("cuda") else {}}))
         raise
     finally:
         dist.destroy_process_group()

@@ -184,6 +184,32 @@ def worker_hosts(redis_url, pg_ledger, tmp_path, monkeypatch, base_dir, s3_store
     return a, b
 
 
+def test_a_remote_rank_out_of_memory_fails_the_job_as_out_of_memory_not_rank_lost(base_dir, agent, tmp_path):  # noqa: F811
+    """Rank 1 runs on host B (started by its rank agent) and asks for LoRA matrices no host has memory for: it
+    says so in rank 0's rendezvous store before it exits, so rank 0 fails the job as out of memory, naming the
+    rank, instead of retrying a rank it believes lost."""
+    from dataclasses import asdict
+
+    import torch.distributed as dist
+
+    from domain import data_parallel
+    from domain.adapters import distributed
+    from domain.adapters import training as T
+    from domain.errors import JobFailed
+
+    cfg = T.TrainConfig(**{**CFG, "lora_r": 2**36})
+    workdir = tmp_path / "host-a" / "dist" / "job-oom"
+    launch = distributed.Launch(base_ref=str(base_dir), device="cpu", qlora=False, workdir=str(workdir))
+    with pytest.raises(JobFailed) as err:
+        with data_parallel.process_group("retrain", 2, workdir, device="cpu",
+                                         args={"launch": asdict(launch), "cfg": asdict(cfg)}, data={"batches": []}):
+            dist.barrier()
+    assert err.value.code == "out_of_memory", err.value
+    assert "out of memory in rank 1 of retrain" in str(err.value) and "can't allocate memory" in str(err.value)
+    assert "started rank 1 of retrain job job-oom" in agent.log.read_text()  # it ran on host B
+    assert not dist.is_initialized() and not workdir.exists()
+
+
 def test_sigkill_of_the_remote_rank_fails_the_attempt_and_the_retry_resumes(worker_hosts, tmp_path):
     from worker.client import enqueue, wait
 
