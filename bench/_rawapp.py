@@ -22,3 +22,11 @@ app.conf.task_track_started = False
 @app.task(name="raw.noop", acks_late=True, reject_on_worker_lost=True)
 def noop(enqueued_at: float) -> float:
     return time.time()
+
+
+if os.environ.get("RAW_FOUNDRY_KOMBU") == "1":  # --raw-with-foundry-kombu: the baseline gets Foundry's kombu patches
+    from celery import signals
+
+    from worker.celery_app import install_kombu_guards
+
+    signals.celeryd_init.connect(lambda **_: install_kombu_guards(), weak=False)

@@ -5,6 +5,11 @@ jobs/s from the first enqueue to the last finish; latency is enqueue-to-finish p
 Headline: ratio = Foundry jobs/s ÷ raw Celery jobs/s (target ≥ 0.8).
 
     python bench/queue_overhead.py [--jobs 2000] [--rounds 5] [--pool prefork --concurrency 2] [--quick]
+                                   [--raw-with-foundry-kombu]
+
+The raw worker runs kombu as it ships; Foundry's worker reuses one Redis client per connection pool
+(worker/celery_app.py, ``_one_redis_client_per_pool``). ``--raw-with-foundry-kombu`` gives the raw worker
+the same patch, to show how much of the ratio is Foundry's design rather than that kombu fix.
 """
 
 from __future__ import annotations
@@ -103,6 +108,9 @@ def main() -> None:
     ap.add_argument("--redis", default=os.environ.get("FOUNDRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/13"))
     ap.add_argument("--pg-admin", default=os.environ.get("FOUNDRY_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"))
     ap.add_argument("--quick", action="store_true", help="300 jobs, 1 round")
+    ap.add_argument("--raw-with-foundry-kombu", action="store_true",
+                    help="give the raw Celery worker Foundry's kombu patches too (worker/celery_app.py, "
+                         "install_kombu_guards); by default it runs kombu as it ships")
     args = ap.parse_args()
     if args.quick:
         args.jobs, args.rounds = 300, 1
@@ -116,7 +124,8 @@ def main() -> None:
     raw, foundry = [], []
     with throwaway_pg_database("foundry_bench", args.pg_admin) as url:
         data = Path(tempfile.mkdtemp(prefix="foundry-bench-"))
-        env = worker_env(args.redis, url, data, FOUNDRY_LONGEST_JOB_S=3600, FOUNDRY_VISIBILITY_TIMEOUT_S=0)
+        env = worker_env(args.redis, url, data, FOUNDRY_LONGEST_JOB_S=3600, FOUNDRY_VISIBILITY_TIMEOUT_S=0,
+                         RAW_FOUNDRY_KOMBU="1" if args.raw_with_foundry_kombu else "0")
         os.environ.update(env)
         upgrade(url)
         add_tenant(url, "bench")
@@ -126,7 +135,8 @@ def main() -> None:
             print(f"round {r + 1}: raw {raw[-1]['jobs_per_s']:.0f} jobs/s, foundry {foundry[-1]['jobs_per_s']:.0f} jobs/s")
     med = lambda rows, k: statistics.median(x[k] for x in rows)  # noqa: E731
     summary = {
-        "settings": {"jobs": args.jobs, "rounds": args.rounds, "pool": args.pool, "concurrency": args.concurrency},
+        "settings": {"jobs": args.jobs, "rounds": args.rounds, "pool": args.pool, "concurrency": args.concurrency,
+                     "raw_kombu": "foundry-patched" if args.raw_with_foundry_kombu else "as shipped"},
         "raw_celery": {k: med(raw, k) for k in ("jobs_per_s", "p50_ms", "p95_ms")},
         "foundry": {k: med(foundry, k) for k in ("jobs_per_s", "p50_ms", "p95_ms")},
         "rounds": {"raw": raw, "foundry": foundry},
@@ -135,7 +145,7 @@ def main() -> None:
     summary["ratio"] = ratio
     out = ROOT / "bench" / "results" / "queue_overhead.json"
     out.write_text(json.dumps(summary, indent=2))
-    print(f"raw celery: {summary['raw_celery']['jobs_per_s']:.0f} jobs/s  p50 {summary['raw_celery']['p50_ms']:.1f} ms  "
+    print(f"raw celery (kombu {summary['settings']['raw_kombu']}): {summary['raw_celery']['jobs_per_s']:.0f} jobs/s  p50 {summary['raw_celery']['p50_ms']:.1f} ms  "
           f"p95 {summary['raw_celery']['p95_ms']:.1f} ms")
     print(f"foundry   : {summary['foundry']['jobs_per_s']:.0f} jobs/s  p50 {summary['foundry']['p50_ms']:.1f} ms  "
           f"p95 {summary['foundry']['p95_ms']:.1f} ms")

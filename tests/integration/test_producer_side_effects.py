@@ -14,4 +14,4 @@ def test_a_redis_producer_creates_no_folders_and_patches_nothing(sqlite_ledger, 
     assert seen["sent"] == {"patched": [], "folders": None, "messages": 0}
     client = redis.Redis.from_url(redis_url)
     assert sum(client.llen(k) for k in client.keys("control*") if client.type(k) == b"list") == 1  # sent to Redis
-    assert seen["worker"]["patched"] == ["ack", "reject", "restore_unacked_once"] and seen["worker"]["folders"] is None
+    assert seen["worker"]["patched"] == ["ack", "conn_or_acquire", "reject", "restore_unacked_once"] and seen["worker"]["folders"] is None

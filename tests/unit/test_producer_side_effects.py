@@ -19,7 +19,8 @@ def patched():
     from kombu.transport import redis as kombu_redis
     from kombu.transport.virtual import base
     return sorted(name for name, fn in (("restore_unacked_once", base.QoS.restore_unacked_once),
-                                        ("ack", kombu_redis.QoS.ack), ("reject", kombu_redis.QoS.reject))
+                                        ("ack", kombu_redis.QoS.ack), ("reject", kombu_redis.QoS.reject),
+                                        ("conn_or_acquire", kombu_redis.Channel.conn_or_acquire))
                   if getattr(fn, "_foundry_patched", False))
 
 def folders():
@@ -53,5 +54,5 @@ def test_importing_the_client_and_sending_patches_nothing_until_a_worker_starts(
     assert seen["imported"] == {"patched": [], "folders": None}  # importing: nothing on disk, kombu untouched
     # sending on the embedded broker makes the broker's folders (its messages are files) and patches nothing
     assert seen["sent"] == {"patched": [], "folders": ["control", "processed", "queue", "results"], "messages": 1}
-    assert seen["worker"] == {"patched": ["ack", "reject", "restore_unacked_once"],
+    assert seen["worker"] == {"patched": ["ack", "conn_or_acquire", "reject", "restore_unacked_once"],
                               "folders": ["control", "processed", "queue", "results"]}
