@@ -200,11 +200,26 @@ def _take_lease(tenant: str, holder: str, ttl: float, ctx) -> None:
 
 
 def handle_index(spec, ctx):
-    """Index job: add (upsert) / remove / rebuild the tenant's index as a new snapshot version."""
-
+    """Index job: add (upsert) / remove / rebuild the tenant's index as a new snapshot version. Stages: build
+    the version under the tenant's writer lease, then (in the runner's success transaction) record it and
+    switch readers to it."""
     settings = get_settings().retrieval
-    tenant, holder, ttl = spec.tenant, f"job:{ctx.job_id}", settings.index_lease_ttl_s
+    tenant, holder = spec.tenant, f"job:{ctx.job_id}"
     t0 = time.perf_counter()
+    built, embedder = _build_under_lease(spec, ctx, holder, settings)
+    result = {"action": spec.action, "changed": built.version is not None, "base_version": built.base_version,
+              "index_version": built.version if built.version is not None else built.base_version, **built.stats}
+    usage = costs.Usage(model_id=embedder.name, wall_seconds=time.perf_counter() - t0)
+    if built.version is None:
+        release_lease(tenant, holder)
+        return Outcome(result=result, usage=usage)
+    return Outcome(result=result, usage=usage, commit=_commit_version(tenant, holder, built, embedder, ctx, settings))
+
+
+def _build_under_lease(spec, ctx, holder: str, settings):
+    """Take the tenant's writer lease and build the new snapshot version (renewing the lease as it goes);
+    the lease is released on any failure, and stays held on success until the version is recorded."""
+    tenant, ttl = spec.tenant, settings.index_lease_ttl_s
     _take_lease(tenant, holder, ttl, ctx)
     try:
         clean_stale_builds(tenant, older_than_s=ttl)
@@ -229,16 +244,15 @@ def handle_index(spec, ctx):
                               batch_size=settings.embedding_batch_size, progress=progress)
         if built.version is not None and not renew_lease(tenant, holder, ttl):
             raise TransientError(f"lost the index writer lease of {tenant}", code="index_lease_lost")
+        return built, embedder
     except BaseException:
         release_lease(tenant, holder)
         raise
 
-    result = {"action": spec.action, "changed": built.version is not None, "base_version": built.base_version,
-              "index_version": built.version if built.version is not None else built.base_version, **built.stats}
-    usage = costs.Usage(model_id=embedder.name, wall_seconds=time.perf_counter() - t0)
-    if built.version is None:
-        release_lease(tenant, holder)
-        return Outcome(result=result, usage=usage)
+
+def _commit_version(tenant: str, holder: str, built, embedder, ctx, settings):
+    """The success transaction's part: the new snapshot is the tenant's active index artifact, the lease is
+    released, readers switch to it, old versions beyond the kept number are pruned."""
 
     def commit(session) -> dict:
         for old in session.scalars(select(Artifact).where(Artifact.kind == "index_snapshot", Artifact.tenant_id == tenant,
@@ -260,4 +274,4 @@ def handle_index(spec, ctx):
             log.warning("could not prune old index versions of %s: %s", tenant, exc)
         return {"artifact_id": art.id}
 
-    return Outcome(result=result, usage=usage, commit=commit)
+    return commit

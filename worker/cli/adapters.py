@@ -14,6 +14,11 @@ from worker.cli._common import UsageError, add_json, add_tenant, console, dump, 
 
 
 def register(sub) -> None:
+    _register_adapters(sub)
+    _register_schedule(sub)
+
+
+def _register_adapters(sub) -> None:
     p = sub.add_parser("adapters", help="adapter versions and aliases: list, show, promote, rollback, merge, diff")
     a = p.add_subparsers(dest="adapters_command", required=True)
     ls = a.add_parser("list", help="a tenant's adapter versions, newest first, with their aliases")
@@ -59,6 +64,8 @@ def register(sub) -> None:
     add_json(df, "the comparison")
     df.set_defaults(func=cmd_diff)
 
+
+def _register_schedule(sub) -> None:
     p = sub.add_parser("schedule", help="retraining schedules (evaluated by the beat every minute)")
     s = p.add_subparsers(dest="schedule_command", required=True)
     st = s.add_parser("set", help="create or change a tenant's retraining schedule")
