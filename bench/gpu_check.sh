@@ -8,7 +8,8 @@
 #   results.json    the machine, the tests' outcome and each benchmark's JSON and headline ratio
 # Budget: about 8 minutes on an H200 (each step has its own timeout; later steps are skipped when the
 # budget is spent). On a machine without CUDA it says so, runs the checks that need no GPU (imports,
-# device unit tests, the GPU tests collected and skipped) and exits 0.
+# device unit tests, the random-weights model the benchmarks build, the GPU tests collected and skipped)
+# and exits 0.
 #
 #     bash bench/gpu_check.sh                  # here: proves the no-GPU path
 #     device run, carry [".whl"]:  bash bench/gpu_check.sh
@@ -76,7 +77,7 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider -o addopts="-ra --strict-markers"
 
 if [ "$CUDA" != 1 ]; then
   echo "== no CUDA device on this machine: the GPU tests are collected and skipped, no GPU benchmarks run"
-  step device-unit-tests 300 "${PYTEST[@]}" tests/unit/test_device.py
+  step device-unit-tests 300 "${PYTEST[@]}" tests/unit/test_device.py tests/unit/test_bench_shapes.py
   step gpu-tests-skipped 120 "${PYTEST[@]}" -m gpu tests/gpu tests/unit/test_device.py
 else
   export FOUNDRY_DEVICE=cuda FOUNDRY_DATA_DIR=/tmp/foundry-gpu
