@@ -4,7 +4,9 @@ SIGKILLed at random and restarted. Real Redis + PostgreSQL, real worker processe
 
 Reports throughput (succeeded jobs/s), p50/p95 enqueue-to-finish latency per kind, and what the fault
 suite checks: lost (a job never finished) and duplicated (a job run to success twice, or costed twice).
-Target: 0 and 0. Last line: ``lost=<n> duplicated=<n>``.
+Target: 0 and 0. Then ``lost=<n> duplicated=<n>`` and the headline ``ratio=``: jobs that ended exactly once
+(a final status, at most one success and one cost row) ÷ jobs enqueued, so 1.000 means none lost and none
+duplicated.
 
     python bench/soak.py [--seconds 150] [--kill-every 25] [--quick]
 """
@@ -204,6 +206,8 @@ def main() -> None:
         "failures": result["failures"],
         "lost": len(result["lost"]), "duplicated": len(result["duplicated"]),
         "lost_ids": result["lost"][:20], "duplicated_ids": result["duplicated"][:20],
+        # the headline: jobs that ended exactly once (a final status, one success, one cost row) of those enqueued
+        "ratio": (len(ids) - len(set(result["lost"]) | set(result["duplicated"]))) / max(1, len(ids)),
     }
     all_lat = [x for v in result["latency"].values() for x in v]
     summary["latency_s"]["all"] = {"n": len(all_lat), "p50": pct(all_lat, 0.5), "p95": pct(all_lat, 0.95)}
@@ -216,6 +220,7 @@ def main() -> None:
     for what, n in sorted(result["failures"].items()):
         print(f"  not succeeded: {n} x {what}")
     print(f"lost={summary['lost']} duplicated={summary['duplicated']}")
+    print(f"ratio={summary['ratio']:.3f}")
 
 
 if __name__ == "__main__":
