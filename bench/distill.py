@@ -16,7 +16,8 @@ Headline: ``ratio=`` CE-only student perplexity / distilled student perplexity (
     .venv/bin/python bench/distill.py           # 2700 steps x 1 x 128 = 345,600 tokens per student (~80 min
                                                 # on 2 CPU cores, minutes on a GPU)
     .venv/bin/python bench/distill.py --steps 96  # 12,288 tokens: the CPU-sized run (~8 min)
-    .venv/bin/python bench/distill.py --quick   # 6 steps x 2 x 64 tokens, 4 student layers of 30
+    .venv/bin/python bench/distill.py --quick   # 6 steps x 2 x 64 tokens, 4 student layers of 30 (evenly
+                                                # spaced: greedy selection alone takes minutes at that depth)
     .venv/bin/python bench/distill.py --kept-layers 0,1,2,8,9,10,11,20,21,22,23,24,27,28,29
                                                 # the same, on the layers greedy chose, without the selection
 """
@@ -72,8 +73,9 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--alpha", type=float, default=0.5, help="the distilled run's alpha (the baseline uses 0)")
     ap.add_argument("--eval-tokens", type=int, help="held-out tokens (default 2048; quick 128)")
-    ap.add_argument("--layer-selection", default="greedy", choices=["greedy", "block", "even"],
-                    help="how the student's layers are chosen (once, for both students)")
+    ap.add_argument("--layer-selection", choices=["greedy", "block", "even"],
+                    help="how the student's layers are chosen (once, for both students); default greedy (the job's "
+                         "default), even with --quick or --random-weights (greedy costs ~(30-keep) x 30 forward passes)")
     ap.add_argument("--kept-layers", help="comma-separated teacher layers for both students (skips the selection), "
                                           "e.g. the ones a shorter run chose, to compare budgets on one student")
     ap.add_argument("--quick", action="store_true")
@@ -90,8 +92,9 @@ def main() -> None:
     a.seq_len = a.seq_len or (64 if q else 128)
     a.eval_tokens = a.eval_tokens or (128 if q else 2048)
     teacher, mode = _shapes.model_for(a, lambda: a.model or default_model())
-    if a.random_weights and a.layer_selection == "greedy" and a.kept_layers is None:
-        a.layer_selection = "even"  # selection is about quality; evenly spaced layers cost no selection time
+    if a.layer_selection is None:  # selection is about quality; evenly spaced layers cost no selection time
+        # (--quick's 4 of 30 layers by greedy is 455 forward passes: 529 s on 2 CPU cores, not a quick run)
+        a.layer_selection = "even" if (q or a.random_weights) else "greedy"
     print(f"mode: {mode}", flush=True)
     if a.student_layers is None:
         from transformers import AutoConfig

@@ -43,6 +43,7 @@ Rank 0 waits ``FOUNDRY_TRAIN_RENDEZVOUS_S`` for agents to take the requests (els
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import logging
@@ -235,6 +236,10 @@ def process_group(kind: str, procs: int, workdir: str | os.PathLike, *, device: 
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        # a gloo ProcessGroup caught in a reference cycle (a traceback's frames after a lost rank) is freed by
+        # a later gc pass, whose destructor joins gloo's threads: collect it here, in the process that has
+        # those threads, not in a child forked later (there the join waits on threads that do not exist)
+        gc.collect()
         for p in helpers:  # after the last step they exit on their own; after a failure nobody waits for them
             try:
                 p.wait(timeout=30 if finished else 0.1)
