@@ -8,6 +8,8 @@
   Neither tool opens a network connection.
 - Every language: Foundry's own line rules (domain.review.rules) and semgrep with the local rule files in
   ``FOUNDRY_SEMGREP_RULES`` when the ``semgrep`` executable is installed (skipped, with the reason, if not).
+- A check the code's author waived is not reported by another tool either: ``# noqa: S310`` (ruff's name of
+  bandit's B310) also waives bandit's B310 on that line; what was left out is stored (``waived``).
 - A diff is analyzed as the changed files' new side: each hunk's lines are put back at their line numbers in
   the new file and only findings on added lines are kept, numbered as lines of the diff the model is shown.
 - Bad input: binary, minified or generated code is not analyzed (``skipped`` says why); an analyzer that
@@ -63,11 +65,48 @@ class Analysis:
     stages: list[Stage] = field(default_factory=list)
     skipped: str | None = None  # why the code was not analyzed at all
     supported: bool = True  # an analyzer exists for this language
+    waived: list[dict] = field(default_factory=list)  # findings left out by the code's own waiver comment
 
     def record(self) -> dict:
         """What the review stores about this stage."""
         return {"supported": self.supported, "skipped": self.skipped,
-                "stages": [vars(s) for s in self.stages]}
+                "stages": [vars(s) for s in self.stages], "waived": list(self.waived)}
+
+
+# ---- waivers in the code ------------------------------------------------------------------------
+
+_NOQA = re.compile(r"#\s*noqa\s*:\s*([A-Z]+[0-9]+(?:[\s,]+[A-Z]+[0-9]+)*)", re.IGNORECASE)
+
+
+def waived_bandit_rules(code: str) -> dict[int, frozenset[str]]:
+    """Per line, the bandit rules its ``# noqa: S310, ...`` comment waives. Ruff's flake8-bandit rules are
+    bandit's, numbered alike (S310 is B310), and ruff honours the comment for its own rule: a line whose
+    author waived S310 has waived the check, whichever tool runs it, so bandit's B310 there is not reported
+    either. Only ``S`` codes count (ruff's ``B`` codes are flake8-bugbear's, not bandit's); a bare ``# noqa``
+    waives nothing here; bandit honours its own ``# nosec`` itself."""
+    out = {}
+    for n, line in enumerate(code.splitlines(), start=1):
+        if "noqa" in line and (m := _NOQA.search(line)):
+            rules = frozenset("B" + c[1:] for c in re.split(r"[\s,]+", m.group(1).upper()) if c[:1] == "S" and c[1:].isdigit())
+            if rules:
+                out[n] = rules
+    return out
+
+
+def _without_waived(code: str, result: Analysis) -> None:
+    """Move the bandit findings that the code's own comments waive (``waived_bandit_rules``) from
+    ``result.findings`` to ``result.waived`` (stored with the review, so an operator sees what was left out)."""
+    waived = waived_bandit_rules(code)
+    if not waived:
+        return
+    kept = []
+    for f in result.findings:
+        if f["source"] == "bandit" and f["rule_id"] in waived.get(f["line"], ()):
+            result.waived.append({"rule_id": f["rule_id"], "line": f["line"], "source": "bandit",
+                                  "by": f"noqa: S{f['rule_id'][1:]}"})
+        else:
+            kept.append(f)
+    result.findings = kept
 
 
 class AnalyzerError(RuntimeError):
@@ -227,6 +266,7 @@ def analyze_file(code: str, language: str | None, limits: Limits | None = None,
                 continue
             result.findings.extend(found)
             result.stages.append(Stage(a.name, "ok", round(time.perf_counter() - t0, 3), len(found)))
+    _without_waived(code, result)
     return result
 
 
@@ -249,6 +289,7 @@ def analyze(code: str, path: str | None, language: str | None, is_diff: bool = F
         part = analyze_file(f.text, lang, limits, analyzers)
         total.supported |= part.supported
         total.stages.extend(Stage(f"{s.name}:{f.path}", s.status, s.seconds, s.findings, s.reason) for s in part.stages)
+        total.waived.extend(dict(w, path=f.path) for w in part.waived if w["line"] in f.added)
         for finding in part.findings:
             if finding["line"] in f.added:
                 total.findings.append(dict(finding, path=f.path, file_line=finding["line"],

@@ -87,6 +87,42 @@ def test_a_diff_is_analyzed_on_its_added_lines_numbered_as_diff_lines():
     assert not any(f["rule_id"] == "B307" for f in result.findings)  # eval was removed, not added
 
 
+WAIVED = '''import urllib.request
+
+
+def checked(url):
+    return urllib.request.urlopen(url).read()  # noqa: S310 - host checked by the caller
+
+
+def unchecked(url):
+    return urllib.request.urlopen(url).read()
+
+
+def bugbear_code(url):
+    return urllib.request.urlopen(url).read()  # noqa: B310
+
+
+def bare(url):
+    return urllib.request.urlopen(url).read()  # noqa
+'''
+
+
+def test_a_noqa_for_ruffs_name_of_a_bandit_check_waives_bandits_finding_on_that_line_only():
+    """``# noqa: S310`` is ruff's waiver of bandit's B310 check: bandit's own B310 on that line is left out
+    (and recorded as waived); on other lines, with a bugbear-namespace code or a bare noqa, it stays."""
+    assert analyzers.waived_bandit_rules(WAIVED) == {5: frozenset({"B310"})}
+    result = analyze(WAIVED, "fetch.py", "python")
+    b310 = sorted(f["line"] for f in result.findings if f["rule_id"] == "B310")
+    assert b310 == [9, 13, 17], result.findings
+    assert result.waived == [{"rule_id": "B310", "line": 5, "source": "bandit", "by": "noqa: S310"}]
+    assert result.record()["waived"] == result.waived
+    diff = ("--- a/fetch.py\n+++ b/fetch.py\n@@ -0,0 +1,9 @@\n"
+            + "".join("+" + line + "\n" for line in WAIVED.splitlines()[:9]))
+    in_diff = analyze(diff, "fetch.py", "diff", is_diff=True)
+    assert [f["rule_id"] for f in in_diff.findings if f["rule_id"] == "B310"] == ["B310"]
+    assert [(w["path"], w["line"]) for w in in_diff.waived] == [("fetch.py", 5)]
+
+
 @pytest.mark.parametrize("code, path, reason", [
     ("\x01\x02\x03binary\x04\x05" * 10, "x.py", "binary"),
     ("var a=1;" * 400, "app.min.js", "minified"),
