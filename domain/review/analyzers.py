@@ -87,9 +87,8 @@ def waived_bandit_rules(code: str) -> dict[int, frozenset[str]]:
     out = {}
     for n, line in enumerate(code.splitlines(), start=1):
         if "noqa" in line and (m := _NOQA.search(line)):
-            rules = frozenset("B" + c[1:] for c in re.split(r"[\s,]+", m.group(1).upper()) if c[:1] == "S" and c[1:].isdigit())
-            if rules:
-                out[n] = rules
+            if waived := frozenset(filter(None, map(rules.bandit_rule_of, re.split(r"[\s,]+", m.group(1))))):
+                out[n] = waived
     return out
 
 

@@ -42,12 +42,19 @@ def bandit_category(test_id: str) -> str:
     return BANDIT.get(test_id, "bug")
 
 
+def bandit_rule_of(code: str) -> str | None:
+    """The bandit check a ruff rule is (ruff's flake8-bandit ``S`` rules are bandit's, numbered alike: S310 is
+    B310), or None (ruff's ``B`` rules are flake8-bugbear's, not bandit's)."""
+    code = code.upper()
+    return "B" + code[1:] if code.startswith("S") and code[1:].isdigit() else None
+
+
 def ruff_category(code: str) -> tuple[str, str]:
-    """(category, severity) of a ruff rule; ruff's ``S`` rules are bandit's, numbered alike."""
+    """(category, severity) of a ruff rule; ruff's ``S`` rules are bandit's (``bandit_rule_of``)."""
     if code in RUFF:
         return RUFF[code]
-    if code.startswith("S") and code[1:].isdigit():
-        return bandit_category("B" + code[1:]), "medium"
+    if bandit := bandit_rule_of(code):
+        return bandit_category(bandit), "medium"
     if code.startswith(("E9", "PLE", "F")):
         return "bug", "medium"
     return ("bug" if code.startswith("B") else "style"), "low"
