@@ -1,12 +1,14 @@
 """Feedback loop: simulated tenant feedback on the tuning half → retrain + suppression → held-out precision.
 
 The labelled set is bench/review_quality.py's (bench/data/review_quality/cases.py): files with known defect
-lines and their clean twins, split into a tuning and a held-out half.
+lines, their clean twins, and files of the tenant's own code with no defect that analyzers still flag (services
+binding every interface, ``random`` for jitter and sampling, worker loops that log a failure and go on), split
+into a tuning and a held-out half.
 
 1. **Champion**: what the tenant is served before any feedback — the base model's grounded review (analyzers,
    findings in the prompt, model, merge), no adapter, no suppressions.
 2. **Tenant** (consistent preferences: "report the real defect, nothing else"): reviews every tuning-half file
-   (defect files and clean twins) with the champion, stored as review rows in a ledger, then judges each finding
+   (defect files, clean twins and its own files) with the champion, stored as review rows in a ledger, then judges each finding
    through ``domain.feedback.record_finding_feedback``: *accept* a finding located on the file's defect line
    (±1), *reject* every other one (its rule then counts towards suppression, ``--suppress-after`` net
    rejections); a defect file whose review located nothing gets a *correction* (``record_feedback``): the review
@@ -17,8 +19,8 @@ lines and their clean twins, split into a tuning and a held-out half.
 4. **Candidate**: the new adapter version with the tenant's suppressions now active.
 
 Measured on the held-out half, which neither the tenant nor the retrain saw: precision and recall of located
-findings (``domain.review.quality``) over defect files and clean twins together (a finding on a clean twin is
-false), for the champion, the candidate, each part alone (suppressions only, adapter only), and what the tenant
+findings (``domain.review.quality``) over all files of the half together (a finding on a clean twin or on a
+file with no defect is false), for the champion, the candidate, each part alone (suppressions only, adapter only), and what the tenant
 is served after the loop (``served``: the candidate when the gate promoted it, else the champion with the
 suppressions). Headline: ``ratio=`` candidate precision ÷ champion precision (target > 1.0).
 
@@ -44,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench" / "data" / "review_quality"))
 
-from cases import load  # noqa: E402
+from cases import load, load_noise  # noqa: E402
 
 from bench.review_quality import PATH, findings_of, review_batch  # noqa: E402
 from domain.review import quality  # noqa: E402
@@ -117,23 +119,30 @@ def tenant_feedback(files: list[tuple], model_id: str) -> dict:
     return counts
 
 
-def generate(rt, chosen: list[dict], args, slot=None) -> list[tuple[str, object]]:
-    """(raw answer, analysis) of the grounded review of each defect file of ``chosen``, then each clean twin."""
+def files_of(cases: list[dict], noise: list[dict]) -> list[dict]:
+    """A half's files in review order: each defect file (``case`` set), each clean twin, the tenant's own files
+    with no defect; with their ``id``, ``code`` and defect ``lines``."""
+    return ([{"id": c["id"], "code": c["code"], "lines": c["lines"], "case": c} for c in cases]
+            + [{"id": c["id"] + ":clean", "code": c["clean"], "lines": [], "case": None} for c in cases]
+            + [{"id": n["id"], "code": n["code"], "lines": [], "case": None} for n in noise])
+
+
+def generate(rt, files: list[dict], args, slot=None) -> list[tuple[str, object]]:
+    """(raw answer, analysis) of the grounded review of each of ``files``."""
     texts: list = []
     t0 = time.perf_counter()
-    review_batch(rt, [c["code"] for c in chosen] + [c["clean"] for c in chosen], True, args.max_new_tokens,
-                 args.batch, slot=slot, texts=texts)
+    review_batch(rt, [f["code"] for f in files], True, args.max_new_tokens, args.batch, slot=slot, texts=texts)
     print(f"  reviewed {len(texts)} files ({'adapter' if slot else 'base'}) in {time.perf_counter() - t0:.0f} s", flush=True)
     return texts
 
 
-def measure(chosen: list[dict], texts: list[tuple[str, object]], suppressed=frozenset()) -> dict:
-    """Located-findings score over the defect files and clean twins of ``chosen``, their reviews merged from
-    the raw answers with ``suppressed`` rules left out (suppression does not change the prompt or decoding)."""
-    codes = [c["code"] for c in chosen] + [c["clean"] for c in chosen]
-    found = [findings_of(text, code, analysis, True, suppressed) for code, (text, analysis) in zip(codes, texts)]
-    result = quality.score([c["lines"] for c in chosen] + [[] for _ in chosen], found)
-    result["false_findings_per_clean_file"] = round(sum(len(f) for f in found[len(chosen):]) / max(1, len(chosen)), 3)
+def measure(files: list[dict], texts: list[tuple[str, object]], suppressed=frozenset()) -> dict:
+    """Located-findings score over ``files``, their reviews merged from the raw answers with ``suppressed`` rules
+    left out (suppression does not change the prompt or decoding)."""
+    found = [findings_of(text, f["code"], analysis, True, suppressed) for f, (text, analysis) in zip(files, texts)]
+    result = quality.score([f["lines"] for f in files], found)
+    clean = [fs for f, fs in zip(files, found) if not f["lines"]]
+    result["false_findings_per_clean_file"] = round(sum(map(len, clean)) / max(1, len(clean)), 3)
     return {**result, "_found": found}
 
 
@@ -187,7 +196,7 @@ def main() -> None:
         from tests.fixtures.review import save_lively_tiny_model
 
         ref = str(save_lively_tiny_model(tmp / "tiny"))
-        cases = {s: load(s)[:4] for s in ("tune", "held")}
+        halves = {s: files_of(load(s)[:4], load_noise(s)[:2]) for s in ("tune", "held")}
         args.steps, args.max_new_tokens, args.max_seq_len = 6, min(args.max_new_tokens, 24), 512
     else:
         from domain.config import get_settings
@@ -195,17 +204,17 @@ def main() -> None:
         ref = args.model or get_settings().base_model_ref()
         if not args.model and not (Path(ref) / "model.safetensors").exists():
             prepare_embedded_model(Path(ref))
-        cases = {s: load(s) for s in ("tune", "held")}
+        halves = {s: files_of(load(s), load_noise(s)) for s in ("tune", "held")}
     ledger(tmp, ref, args.suppress_after)
     rt = Runtime(load_causal_lm(ref, device="cpu"), "bench", model_id_for(ref))
-    print(f"model {rt.model_id}; tuning {len(cases['tune'])} + held-out {len(cases['held'])} defect files, "
-          f"each with a clean twin; {args.steps} retrain steps", flush=True)
+    counts = {s: (sum(1 for f in h if f["lines"]), sum(1 for f in h if not f["lines"])) for s, h in halves.items()}
+    print(f"model {rt.model_id}; tuning {counts['tune'][0]} defect + {counts['tune'][1]} clean files, held-out "
+          f"{counts['held'][0]} + {counts['held'][1]}; {args.steps} retrain steps", flush=True)
 
-    tune_texts = generate(rt, cases["tune"], args)
-    tune = measure(cases["tune"], tune_texts)
-    codes = [(c, c["code"]) for c in cases["tune"]] + [(None, c["clean"]) for c in cases["tune"]]
-    files = [(case, code, found, text, analysis)
-             for (case, code), found, (text, analysis) in zip(codes, tune["_found"], tune_texts)]
+    tune_texts = generate(rt, halves["tune"], args)
+    tune = measure(halves["tune"], tune_texts)
+    files = [(f["case"], f["code"], found, text, analysis)
+             for f, found, (text, analysis) in zip(halves["tune"], tune["_found"], tune_texts)]
     feedback = tenant_feedback(files, rt.model_id)
     from domain.feedback import suppressed_rules
 
@@ -217,7 +226,7 @@ def main() -> None:
           f"{result.get('review_precision')}", flush=True)
     slot = adapter_slot(rt, result["version_id"])
 
-    held = cases["held"]
+    held = halves["held"]
     champion_texts, adapter_texts = generate(rt, held, args), generate(rt, held, args, slot=slot)
     runs = {"champion": measure(held, champion_texts), "suppressions_only": measure(held, champion_texts, suppressed),
             "adapter_only": measure(held, adapter_texts), "candidate": measure(held, adapter_texts, suppressed)}
@@ -242,11 +251,11 @@ def main() -> None:
     print(f"ratio={ratio:.3f}" if ratio != float("inf") else "ratio=inf")
 
 
-def _findings(chosen: list[dict], found: list[list[dict]]) -> list[dict]:
+def _findings(files: list[dict], found: list[list[dict]]) -> list[dict]:
     """Per held-out file: its labels and its findings' line, rule, category and source (for reading the run)."""
-    names = [(c["id"], c["lines"]) for c in chosen] + [(c["id"] + ":clean", []) for c in chosen]
-    return [{"file": n, "labels": lab, "findings": [{k: f.get(k) for k in ("line", "rule_id", "category", "source")}
-                                                    for f in fs]} for (n, lab), fs in zip(names, found)]
+    return [{"file": f["id"], "labels": f["lines"], "findings": [{k: x.get(k) for k in ("line", "rule_id", "category",
+                                                                                          "source")} for x in fs]}
+            for f, fs in zip(files, found)]
 
 
 def _public(r: dict) -> dict:

@@ -1,14 +1,14 @@
 """Review quality: Foundry's grounded review vs a model-only review with the same model, one run.
 
 The labelled set is bench/data/review_quality/cases.py (34 files with one known defect each, across the
-security categories and common bug patterns, each with a clean twin; half for tuning, half held out; how it was
-built is in that file). Both reviews use the same model, prompt format, decoding (greedy, with the stop rule
+security categories and common bug patterns, each with a clean twin, and 13 files of a tenant's own code with no
+defect that analyzers still flag; half for tuning, half held out; how it was built is in that file). Both reviews use the same model, prompt format, decoding (greedy, with the stop rule
 and n-gram ban) and output budget:
 - grounded: analyzer stage (ruff, bandit, Foundry's line rules) → findings in the prompt → model → merge;
 - model-only: the same prompt without the analyzer block; the model's parsed findings only.
 A finding is located when its line is within ±1 of a labelled defect line (each label matched once).
 Reported per half: precision, recall and F1 of located findings on defect files, false findings per clean
-file, and review latency (p50/p95 of reviews run one at a time). Headline on the held-out half:
+file (the clean twins and the tenant's files with no defect), and review latency (p50/p95 of reviews run one at a time). Headline on the held-out half:
 ``ratio=`` grounded F1 ÷ model-only F1 (``inf`` when the model alone locates nothing).
 
     python bench/review_quality.py [--model PATH] [--max-new-tokens 160] [--batch 8] [--latency-n 6] [--quick]
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench" / "data" / "review_quality"))
 
-from cases import load  # noqa: E402
+from cases import load, load_noise  # noqa: E402
 
 from domain.models import load_causal_lm, prepare_embedded_model  # noqa: E402
 from domain.review.analyzers import Analysis  # noqa: E402
@@ -95,7 +95,7 @@ def review_solo_seconds(rt: Runtime, code: str, grounded: bool, requested: int) 
 
 
 def score(cases: list[dict], defect_findings: list[list[dict]], clean_findings: list[list[dict]]) -> dict:
-    """domain.review.quality's located-findings score on the defect files, plus false findings per clean twin."""
+    """domain.review.quality's located-findings score on the defect files, plus false findings per clean file."""
     result = quality.score([c["lines"] for c in cases], defect_findings)
     false_clean = sum(len(f) for f in clean_findings) / max(1, len(clean_findings))
     return {**{k: result[k] for k in ("precision", "recall", "f1", "files")},
@@ -122,6 +122,7 @@ def main() -> None:
 
         ref = str(save_lively_tiny_model(Path(tmp.name) / "tiny"))
         cases = {s: load(s)[:2] for s in ("tune", "held")}
+        noise = {s: load_noise(s)[:1] for s in ("tune", "held")}
         args.max_new_tokens, args.latency_n = min(args.max_new_tokens, 24), 1
     else:
         from domain.config import get_settings
@@ -130,8 +131,10 @@ def main() -> None:
         if not args.model and not (Path(ref) / "model.safetensors").exists():
             prepare_embedded_model(Path(ref))
         cases = {s: load(s) for s in ("tune", "held")}
+        noise = {s: load_noise(s) for s in ("tune", "held")}
     rt = Runtime(load_causal_lm(ref, device="cpu"), "bench", model_id_for(ref))
-    print(f"model {rt.model_id}; {sum(map(len, cases.values()))} defect files + as many clean twins; "
+    print(f"model {rt.model_id}; {sum(map(len, cases.values()))} defect files + as many clean twins + "
+          f"{sum(map(len, noise.values()))} files with no defect; "
           f"max_new_tokens {args.max_new_tokens}")
 
     report = {"model": rt.model_id, "max_new_tokens": args.max_new_tokens, "halves": {}}
@@ -140,7 +143,8 @@ def main() -> None:
         for mode, grounded in (("grounded", True), ("model_only", False)):
             t0 = time.perf_counter()
             defect = review_batch(rt, [c["code"] for c in chosen], grounded, args.max_new_tokens, args.batch)
-            clean = review_batch(rt, [c["clean"] for c in chosen], grounded, args.max_new_tokens, args.batch)
+            clean = review_batch(rt, [c["clean"] for c in chosen] + [n["code"] for n in noise[split]], grounded,
+                                 args.max_new_tokens, args.batch)
             result = score(chosen, defect, clean)
             result["batched_seconds"] = round(time.perf_counter() - t0, 2)
             report["halves"][split][mode] = result

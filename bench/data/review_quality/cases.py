@@ -520,6 +520,242 @@ def first_row(path):
 ]
 
 
+# ---- the tenant's own code: files with no defect that analyzers still flag
+# A platform team's services and jobs, written the way such code usually is: containerised services bind every
+# interface (bandit B104), ``random`` serves jitter, sampling, shuffling and load balancing rather than secrets
+# (B311), and worker loops log a failed item and go on (ruff BLE001). Each such finding is a false alarm here,
+# and a team that ships code like this rejects it every time: the analyzer noise that per-tenant suppression
+# exists for. Built by hand like the cases above (2026-12-03); the held-out files use other libraries and names
+# (FastAPI/uvicorn, aiohttp, a message consumer) than the tuning ones (Flask, http.server, sockets), and nothing
+# was tuned on them. Every finding on them is false; review_quality counts them with the clean twins.
+NOISE = [
+    dict(split='tune', name='health endpoint of a containerised Flask service', code=r'''import os
+
+from flask import Flask, jsonify
+
+app = Flask(__name__)
+
+
+@app.get("/healthz")
+def healthz():
+    return jsonify(status="ok")
+
+
+if __name__ == "__main__":
+    port = int(os.environ.get("PORT", "8080"))
+    app.run(host="0.0.0.0", port=port)
+'''),
+    dict(split='tune', name='HTTP retries with exponential backoff and jitter', code=r'''import random
+import time
+
+import requests
+
+
+def get_with_retries(url, attempts=5, base_delay=0.5):
+    for attempt in range(attempts):
+        try:
+            resp = requests.get(url, timeout=10)
+            resp.raise_for_status()
+            return resp.json()
+        except requests.RequestException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(base_delay * 2 ** attempt + random.uniform(0, base_delay))
+'''),
+    dict(split='tune', name='a worker draining a queue, logging a failed job and going on', code=r'''import logging
+import queue
+
+log = logging.getLogger(__name__)
+
+
+def drain(jobs: queue.Queue, handle) -> int:
+    done = 0
+    while True:
+        try:
+            job = jobs.get_nowait()
+        except queue.Empty:
+            return done
+        try:
+            handle(job)
+            done += 1
+        except Exception as exc:
+            log.warning("job %s failed: %s", job, exc)
+'''),
+    dict(split='tune', name='a seeded random sample of CSV rows for a preview', code=r'''import csv
+import random
+
+
+def sample_rows(path, k=100, seed=None):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    rng = random.Random(seed)
+    return rng.sample(rows, min(k, len(rows)))
+
+
+def preview(path):
+    for row in sample_rows(path, k=5):
+        print(", ".join(f"{key}={value}" for key, value in row.items()))
+'''),
+    dict(split='tune', name='a Prometheus-style metrics endpoint on every interface', code=r'''import logging
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+log = logging.getLogger(__name__)
+COUNTERS = {"requests": 0}
+
+
+class MetricsHandler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = "".join(f"app_{name} {value}\n" for name, value in COUNTERS.items()).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def serve_metrics(port=9100):
+    try:
+        HTTPServer(("0.0.0.0", port), MetricsHandler).serve_forever()
+    except Exception as exc:
+        log.error("metrics server stopped: %s", exc)
+'''),
+    dict(split='tune', name='shuffled training batches, a failed batch logged and skipped', code=r'''import logging
+import random
+
+log = logging.getLogger(__name__)
+
+
+def batches(items, size, seed=0):
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    for start in range(0, len(order), size):
+        yield order[start:start + size]
+
+
+def train_epoch(model, items, size=32):
+    losses = []
+    for batch in batches(items, size):
+        try:
+            losses.append(model.step(batch))
+        except Exception as exc:
+            log.warning("skipped a batch of %d: %s", len(batch), exc)
+    return sum(losses) / max(1, len(losses))
+'''),
+    dict(split='tune', name='a statsd-style UDP listener', code=r'''import socket
+
+
+def listen(handle, port=8125):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", port))
+    while True:
+        data, _ = sock.recvfrom(65535)
+        for line in data.decode(errors="replace").splitlines():
+            handle(line)
+'''),
+    dict(split='held', name='a FastAPI service started by uvicorn in its container', code=r'''import uvicorn
+from fastapi import FastAPI
+
+api = FastAPI(title="inventory")
+
+
+@api.get("/items/{item_id}")
+async def read_item(item_id: int):
+    return {"id": item_id}
+
+
+def main() -> None:
+    uvicorn.run(api, host="0.0.0.0", port=8000, log_level="info")
+'''),
+    dict(split='held', name='client-side load balancing over replicas', code=r'''import random
+
+
+class ReplicaPool:
+    def __init__(self, urls):
+        if not urls:
+            raise ValueError("a pool needs at least one replica")
+        self.urls = list(urls)
+        self.down = set()
+
+    def pick(self):
+        live = [u for u in self.urls if u not in self.down] or self.urls
+        return random.choice(live)
+
+    def mark_down(self, url):
+        self.down.add(url)
+'''),
+    dict(split='held', name='sampled tracing spans', code=r'''import random
+import time
+from contextlib import contextmanager
+
+SAMPLE_RATE = 0.05
+spans = []
+
+
+@contextmanager
+def traced(name):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if random.random() < SAMPLE_RATE:
+            spans.append((name, time.perf_counter() - start))
+'''),
+    dict(split='held', name='a message consumer that logs and drops a bad message', code=r'''import json
+import logging
+
+logger = logging.getLogger("consumer")
+
+
+def on_message(channel, method, body, store):
+    try:
+        event = json.loads(body)
+        store.save(event["id"], event)
+    except Exception as err:
+        logger.warning("dropping message %s: %s", method.delivery_tag, err)
+    finally:
+        channel.basic_ack(delivery_tag=method.delivery_tag)
+'''),
+    dict(split='held', name='an aiohttp error middleware and app runner', code=r'''import logging
+
+from aiohttp import web
+
+logger = logging.getLogger(__name__)
+
+
+@web.middleware
+async def errors(request, handler):
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        logger.error("%s %s failed: %s", request.method, request.path, exc)
+        return web.json_response({"error": "internal"}, status=500)
+
+
+def run():
+    app = web.Application(middlewares=[errors])
+    web.run_app(app, host="0.0.0.0", port=8080)
+'''),
+    dict(split='held', name='a health poller with jitter that logs a failed check', code=r'''import logging
+import random
+import time
+
+log = logging.getLogger(__name__)
+
+
+def poll(check, every=30.0, jitter=5.0, rounds=None):
+    n = 0
+    while rounds is None or n < rounds:
+        try:
+            check()
+        except Exception as e:
+            log.info("check failed, will retry: %s", e)
+        n += 1
+        time.sleep(every + random.uniform(-jitter, jitter))
+'''),
+]
+
+
 def load(split: str | None = None) -> list[dict]:
     """Cases with ``code`` (defect, markers stripped), ``lines`` (defect lines) and ``clean``."""
     out = []
@@ -533,4 +769,15 @@ def load(split: str | None = None) -> list[dict]:
                 line = line.rstrip()[: -len("# DEFECT")].rstrip()
             lines.append(line)
         out.append(dict(case, id=f"{case['category']}-{case['split']}", code="\n".join(lines) + "\n", lines=labels))
+    return out
+
+
+def load_noise(split: str | None = None) -> list[dict]:
+    """The tenant's own files with no defect (``NOISE``), each with an ``id`` (its half and its place there);
+    any finding on them is false."""
+    out, seen = [], {"tune": 0, "held": 0}
+    for n in NOISE:
+        if not split or n["split"] == split:
+            out.append(dict(n, id=f"noise-{n['split']}-{seen[n['split']]}"))
+        seen[n["split"]] += 1
     return out
