@@ -86,7 +86,7 @@ def waived_bandit_rules(code: str) -> dict[int, frozenset[str]]:
     waives nothing here; bandit honours its own ``# nosec`` itself."""
     out = {}
     for n, line in enumerate(code.splitlines(), start=1):
-        if "noqa" in line and (m := _NOQA.search(line)):
+        if "noqa" in line.lower() and (m := _NOQA.search(line)):  # ruff honours "# NOQA: S310" too
             if waived := frozenset(filter(None, map(rules.bandit_rule_of, re.split(r"[\s,]+", m.group(1))))):
                 out[n] = waived
     return out

@@ -111,6 +111,7 @@ def test_a_noqa_for_ruffs_name_of_a_bandit_check_waives_bandits_finding_on_that_
     """``# noqa: S310`` is ruff's waiver of bandit's B310 check: bandit's own B310 on that line is left out
     (and recorded as waived); on other lines, with a bugbear-namespace code or a bare noqa, it stays."""
     assert analyzers.waived_bandit_rules(WAIVED) == {5: frozenset({"B310"})}
+    assert analyzers.waived_bandit_rules("x = 1  # NOQA: S310, E501\n") == {1: frozenset({"B310"})}  # as ruff reads it
     result = analyze(WAIVED, "fetch.py", "python")
     b310 = sorted(f["line"] for f in result.findings if f["rule_id"] == "B310")
     assert b310 == [9, 13, 17], result.findings
