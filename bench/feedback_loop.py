@@ -127,18 +127,21 @@ def files_of(cases: list[dict], noise: list[dict]) -> list[dict]:
             + [{"id": n["id"], "code": n["code"], "lines": [], "case": None} for n in noise])
 
 
-def generate(rt, files: list[dict], args, slot=None) -> list[tuple[str, object]]:
-    """(raw answer, analysis) of the grounded review of each of ``files``."""
+def generate(rt, files: list[dict], args, slot=None, suppressed=frozenset()) -> list[tuple[str, object]]:
+    """(raw answer, analysis) of the grounded review of each of ``files``, the ``suppressed`` rules withheld
+    from the prompt as the service withholds them."""
     texts: list = []
     t0 = time.perf_counter()
-    review_batch(rt, [f["code"] for f in files], True, args.max_new_tokens, args.batch, slot=slot, texts=texts)
-    print(f"  reviewed {len(texts)} files ({'adapter' if slot else 'base'}) in {time.perf_counter() - t0:.0f} s", flush=True)
+    review_batch(rt, [f["code"] for f in files], True, args.max_new_tokens, args.batch, slot=slot,
+                 suppressed=suppressed, texts=texts)
+    what = ("adapter" if slot else "base") + (", suppressions" if suppressed else "")
+    print(f"  reviewed {len(texts)} files ({what}) in {time.perf_counter() - t0:.0f} s", flush=True)
     return texts
 
 
 def measure(files: list[dict], texts: list[tuple[str, object]], suppressed=frozenset()) -> dict:
     """Located-findings score over ``files``, their reviews merged from the raw answers with ``suppressed`` rules
-    left out (suppression does not change the prompt or decoding)."""
+    left out (``texts`` generated with the same ``suppressed`` withheld from the prompt)."""
     found = [findings_of(text, f["code"], analysis, True, suppressed) for f, (text, analysis) in zip(files, texts)]
     result = quality.score([f["lines"] for f in files], found)
     clean = [fs for f, fs in zip(files, found) if not f["lines"]]
@@ -227,9 +230,11 @@ def main() -> None:
     slot = adapter_slot(rt, result["version_id"])
 
     held = halves["held"]
-    champion_texts, adapter_texts = generate(rt, held, args), generate(rt, held, args, slot=slot)
-    runs = {"champion": measure(held, champion_texts), "suppressions_only": measure(held, champion_texts, suppressed),
-            "adapter_only": measure(held, adapter_texts), "candidate": measure(held, adapter_texts, suppressed)}
+    texts = {"champion": generate(rt, held, args), "suppressions_only": generate(rt, held, args, suppressed=suppressed),
+             "adapter_only": generate(rt, held, args, slot=slot),
+             "candidate": generate(rt, held, args, slot=slot, suppressed=suppressed)}
+    runs = {name: measure(held, texts[name], suppressed if name in ("suppressions_only", "candidate") else frozenset())
+            for name in texts}
     promoted = bool(result.get("promoted"))
     runs["served"] = runs["candidate"] if promoted else runs["suppressions_only"]  # what the gate lets the tenant get
     print(line("tuning champion", tune))
@@ -242,7 +247,7 @@ def main() -> None:
               "suppressed": sorted(suppressed), "retrain": result, "tuning_champion": _public(tune),
               "held_out": {k: _public(v) for k, v in runs.items()}, "ratio": ratio,
               "held_out_findings": {k: _findings(held, runs[k]["_found"]) for k in ("champion", "candidate")},
-              "held_out_raw_answers": {"champion": [t for t, _ in champion_texts], "adapter": [t for t, _ in adapter_texts]},
+              "held_out_raw_answers": {k: [t for t, _ in v] for k, v in texts.items() if k in ("champion", "candidate")},
               "seconds": round(time.perf_counter() - t0, 1)}
     out = ROOT / "bench" / "results" / ("feedback_loop_quick.json" if args.quick else "feedback_loop.json")
     out.parent.mkdir(parents=True, exist_ok=True)

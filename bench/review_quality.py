@@ -36,7 +36,8 @@ from domain.models import load_causal_lm, prepare_embedded_model  # noqa: E402
 from domain.review.analyzers import Analysis  # noqa: E402
 from domain.review.decoding import DecodeControl, review_stop  # noqa: E402
 from domain.review.findings import from_model, merge  # noqa: E402
-from domain.review.grounded import analysis_note, analysis_stage, merge_review, output_budget  # noqa: E402
+from domain.review.grounded import (analysis_note, analysis_stage, merge_review, output_budget,  # noqa: E402
+                                    withhold_suppressed)
 from domain.review import quality  # noqa: E402
 from domain.review.parse import parse_review  # noqa: E402
 from domain.prompting import fit_prompt, shared_prefix_len  # noqa: E402
@@ -45,8 +46,11 @@ from domain.review.runtime import Runtime, model_id_for  # noqa: E402
 PATH = "module.py"
 
 
-def prepare(rt: Runtime, code: str, grounded: bool, requested: int):
-    analysis = analysis_stage(code, PATH, "python", False) if grounded else Analysis(supported=False)
+def prepare(rt: Runtime, code: str, grounded: bool, requested: int, suppressed: frozenset[str] = frozenset()):
+    """As the review service prepares a review: the analyzer stage, the tenant's suppressed rules withheld
+    from the prompt, the prompt fitted; returns (analysis, prompt ids, output budget)."""
+    analysis = (withhold_suppressed(analysis_stage(code, PATH, "python", False), suppressed) if grounded
+                else Analysis(supported=False))
     fitted = fit_prompt(rt.tokenizer, code, PATH, "python", False, [], context_window=rt.context_window,
                         max_new_tokens=output_budget(code, analysis, requested, rt.context_window),
                         analysis=analysis.findings if grounded else None,
@@ -72,12 +76,12 @@ def findings_of(text: str, code: str, analysis: Analysis, grounded: bool,
 
 def review_batch(rt: Runtime, codes: list[str], grounded: bool, requested: int, batch: int, slot: str | None = None,
                  suppressed: frozenset[str] = frozenset(), texts: list | None = None) -> list[list[dict]]:
-    """Reviews of ``codes`` (adapter ``slot`` of ``rt``, or the base), findings of ``suppressed`` rules left
-    out; (raw answer, analysis) pairs are appended to ``texts`` when given (``findings_of`` re-merges them)."""
+    """Reviews of ``codes`` (adapter ``slot`` of ``rt``, or the base), the tenant's ``suppressed`` rules
+    withheld from the prompt and left out of the findings, as the service does; (raw answer, analysis) pairs are appended to ``texts`` when given (``findings_of`` re-merges them)."""
     out = []
     for start in range(0, len(codes), batch):
         part = codes[start:start + batch]
-        prepared = [prepare(rt, c, grounded, requested) for c in part]
+        prepared = [prepare(rt, c, grounded, requested, suppressed) for c in part]
         control = DecodeControl(stop=review_stop(rt.decode))
         ids = [p[1] for p in prepared]
         rows = rt.generate(ids, [slot] * len(part), [p[2] for p in prepared],

@@ -29,9 +29,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from domain.errors import InvalidJob
-from domain.ledger.models import Feedback, Review, aware
+from domain.ledger.models import Feedback, Review, RuleSuppression, aware
 from domain.prompting import build_messages as review_messages
 from domain.prompting import encode, fit_prompt
+from domain.feedback import rule_key
 from domain.review.findings import headline
 
 IGNORE = -100  # label of a token that carries no loss (prompt, padding)
@@ -120,11 +121,13 @@ def collect(session: Session, tenant: str, since: datetime | None = None, until:
     rows, newest = 0, None
     skipped = {"rejected_without_correction": 0, "duplicates": 0}
     judged: dict[str, tuple[Review, dict[int, str], datetime]] = {}  # review id -> (review, index -> verdict, newest)
+    suppressed = frozenset(session.scalars(select(RuleSuppression.rule_id).where(
+        RuleSuppression.tenant_id == tenant, RuleSuppression.active.is_(True))))
 
     def add(review: Review, completion: str, source: str, at: datetime) -> None:
         ex = FeedbackExample(code=review.code, path=review.path, language=review.language,
                              is_diff=looks_like_diff(review.code, review.language), completion=completion.strip(),
-                             source=source, feedback_at=at, analysis=analyzer_findings(review))
+                             source=source, feedback_at=at, analysis=analyzer_findings(review, suppressed))
         if not ex.completion:
             skipped["rejected_without_correction"] += 1
             return
@@ -179,15 +182,18 @@ def model_summary(review: Review) -> str:
     return summary.removeprefix(headline(review.findings or [])).strip()
 
 
-def analyzer_findings(review: Review) -> tuple | None:
-    """The analyzer findings a grounded review's prompt carried, so a training prompt is the serving prompt:
-    the review's stored findings that no model wrote (after the merge: duplicates and suppressed rules are
-    gone). None when no analyzer stage ran (older reviews, unsupported languages, skipped files)."""
+def analyzer_findings(review: Review, suppressed: frozenset[str] = frozenset()) -> tuple | None:
+    """The analyzer findings a grounded review's prompt would carry now, so a training prompt is the serving
+    prompt: the review's stored findings that no model wrote (after the merge: duplicates and the rules
+    suppressed then are gone), less the tenant's rules ``suppressed`` now (the service withholds those from
+    the prompt, domain.review.grounded.withhold_suppressed). None when no analyzer stage ran (older reviews,
+    unsupported languages, skipped files)."""
     record = review.analysis or {}
     if not record.get("supported") or record.get("skipped"):
         return None
     keep = ("rule_id", "line", "severity", "category", "message")
-    return tuple({k: f.get(k) for k in keep} for f in review.findings or [] if f.get("source") != "model")
+    return tuple({k: f.get(k) for k in keep} for f in review.findings or []
+                 if f.get("source") != "model" and rule_key(f) not in suppressed)
 
 
 # ---- tokenization -------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from domain.review import quality
 from domain.review.analyzers import Analysis
 from domain.review.decoding import review_stop
 from domain.review.findings import from_model, merge
-from domain.review.grounded import analysis_note, analysis_stage, output_budget
+from domain.review.grounded import analysis_note, analysis_stage, output_budget, withhold_suppressed
 from domain.review.parse import parse_review
 
 MEASURE = "precision of located findings (±1 line) on the tenant's held-out feedback"
@@ -83,7 +83,7 @@ class QualityMeasure:
         items = items_from(examples, max_items) if max_items > 0 else []
         prepared = []
         for it in items:
-            analysis = analysis_stage(it.code, it.path, it.language, False)
+            analysis = withhold_suppressed(analysis_stage(it.code, it.path, it.language, False), suppressed)
             fitted, budget = _fit(tokenizer, it, analysis, context_window,
                                   output_budget(it.code, analysis, max_new_tokens, context_window))
             if fitted is None:  # the prompt cannot fit this model's window: the item is not measured
@@ -124,4 +124,5 @@ class QualityMeasure:
         parsed = parse_review(text, n_lines=len(p.item.code.splitlines()))
         # the service's merge (domain.review.grounded.merge_review) without its fix verification, which
         # changes no finding
-        return merge(p.analysis.findings, [from_model(f) for f in parsed.findings], self.suppressed)
+        return merge(p.analysis.findings + p.analysis.suppressed, [from_model(f) for f in parsed.findings],
+                     self.suppressed)

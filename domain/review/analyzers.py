@@ -66,11 +66,13 @@ class Analysis:
     skipped: str | None = None  # why the code was not analyzed at all
     supported: bool = True  # an analyzer exists for this language
     waived: list[dict] = field(default_factory=list)  # findings left out by the code's own waiver comment
+    suppressed: list[dict] = field(default_factory=list)  # findings of rules the tenant suppressed (not prompted)
 
     def record(self) -> dict:
         """What the review stores about this stage."""
         return {"supported": self.supported, "skipped": self.skipped,
-                "stages": [vars(s) for s in self.stages], "waived": list(self.waived)}
+                "stages": [vars(s) for s in self.stages], "waived": list(self.waived),
+                "suppressed": [{k: f.get(k) for k in ("rule_id", "line", "source")} for f in self.suppressed]}
 
 
 # ---- waivers in the code ------------------------------------------------------------------------
@@ -86,7 +88,7 @@ def waived_bandit_rules(code: str) -> dict[int, frozenset[str]]:
     waives nothing here; bandit honours its own ``# nosec`` itself."""
     out = {}
     for n, line in enumerate(code.splitlines(), start=1):
-        if "noqa" in line.lower() and (m := _NOQA.search(line)):  # ruff honours "# NOQA: S310" too
+        if "noqa" in line.lower() and (m := _NOQA.search(line)):  # as ruff reads it, in any case
             if waived := frozenset(filter(None, map(rules.bandit_rule_of, re.split(r"[\s,]+", m.group(1))))):
                 out[n] = waived
     return out

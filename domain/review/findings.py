@@ -122,8 +122,11 @@ def _restates(model: dict, analyzer: dict) -> bool:
 def merge(analyzer: list[dict], model: list[dict], suppressed: frozenset[str] = frozenset()) -> list[dict]:
     """Analyzer findings first, then the model's that no analyzer finding covers (``_restates``: same
     category or its rule id cited, within a line), one per (line, category); findings whose rule id is in
-    ``suppressed`` are left out. Ordered by severity, then confidence, then line."""
+    ``suppressed`` are left out, and so is a model finding that restates one of them (the model explaining
+    bandit's B104 is still B104, which the tenant asked not to see). Ordered by severity, then confidence,
+    then line."""
     merged: list[dict] = []
+    hidden = [f for f in analyzer if rule_key(f) in suppressed]
     for f in analyzer:
         if rule_key(f) in suppressed:
             continue
@@ -141,6 +144,8 @@ def merge(analyzer: list[dict], model: list[dict], suppressed: frozenset[str] = 
                 twin["explanation"] = f["message"]
                 twin["confidence"] = min(1.0, round(twin["confidence"] + 0.1, 2))
             continue
+        if any(_restates(f, h) for h in hidden):
+            continue  # it is a suppressed rule's finding, in the model's words
         if any(m["line"] == f["line"] and m["message"] == f["message"] for m in merged):
             continue  # the model repeated itself
         merged.append(dict(f))

@@ -1,6 +1,7 @@
 """A grounded review: the analyzer stage before generation, and the merge after it.
 
     analysis = analysis_stage(code, path, language, is_diff)      # ruff/bandit/... findings, never raises
+    withhold_suppressed(analysis, suppressed)                      # the tenant's suppressed rules: not prompted
     prompt carries analysis.findings (domain.prompting.analyzer_block)
     max_new_tokens = output_budget(code, analysis, requested)      # sized to the input
     findings, summary = merge_review(parsed, analysis, ...)        # analyzers + model, de-duplicated,
@@ -30,6 +31,18 @@ def analysis_stage(code: str, path: str | None, language: str | None, is_diff: b
                                                                            reason=f"{type(exc).__name__}: {exc}")])
 
 
+def withhold_suppressed(analysis: analyzers.Analysis, suppressed: frozenset[str]) -> analyzers.Analysis:
+    """Move the findings of rules the tenant suppressed out of ``analysis.findings`` (what the prompt lists and
+    the output budget counts) into ``analysis.suppressed``: the model is not asked to explain what the tenant
+    asked not to see, and the review's analysis record still shows what was held back. Returns ``analysis``."""
+    if suppressed:
+        from domain.feedback import rule_key
+
+        analysis.suppressed = [f for f in analysis.findings if rule_key(f) in suppressed]
+        analysis.findings = [f for f in analysis.findings if rule_key(f) not in suppressed]
+    return analysis
+
+
 def analysis_note(analysis: analyzers.Analysis, language: str | None) -> str | None:
     """What the prompt and the review say when no analyzer looked at the code (None when one did)."""
     if analysis.skipped:
@@ -56,7 +69,7 @@ def merge_review(parsed_findings: list[dict], analysis: analyzers.Analysis, code
                  suppressed: frozenset[str] = frozenset()) -> list[dict]:
     """The stored findings: analyzer findings and the model's, one per line and category, each with its
     source, severity, confidence and category; a verified fix where one exists (whole files only)."""
-    merged = merge(analysis.findings, [from_model(f) for f in parsed_findings], suppressed)
+    merged = merge(analysis.findings + analysis.suppressed, [from_model(f) for f in parsed_findings], suppressed)
     if not is_diff and analysis.supported and not analysis.skipped:
         name = path or "code.py"
 

@@ -30,7 +30,7 @@ from domain.ledger.models import AdapterVersion, Artifact, Review, Tenant, new_i
 from domain.models import ModelLoadError
 from domain.review.batcher import AdapterHandle, GenerationRequest
 from domain.review.decoding import DecodeControl, review_stop
-from domain.review.grounded import analysis_note, analysis_stage, merge_review, output_budget
+from domain.review.grounded import analysis_note, analysis_stage, merge_review, output_budget, withhold_suppressed
 from domain.review.findings import headline
 from domain.review.parse import parse_review
 from domain.prompting import fit_prompt, guess_language, shared_prefix_len
@@ -118,7 +118,8 @@ def handle_review(spec: ReviewSpec, ctx: JobContext) -> Outcome:
     rt, version = serving(spec, settings)
     chunks, index_version, retrieval_error = retrieve(spec, ctx)
     language = spec.language or guess_language(spec.path, spec.is_diff)
-    analysis = analysis_stage(spec.code, spec.path, language, spec.is_diff)
+    suppressed = suppressed_rules(spec.tenant)
+    analysis = withhold_suppressed(analysis_stage(spec.code, spec.path, language, spec.is_diff), suppressed)
     note = analysis_note(analysis, language)
     max_new = output_budget(spec.code, analysis, spec.max_new_tokens, rt.context_window)
     with rt.tokenizer_lock:
@@ -134,7 +135,7 @@ def handle_review(spec: ReviewSpec, ctx: JobContext) -> Outcome:
     gen = _generate(rt, GenerationRequest(fitted.input_ids, max_new, handle, prefix_len, control=control), ctx)
     parsed = parse_review(gen.text, n_lines=len(spec.code.splitlines()))
     parsed.findings = merge_review(parsed.findings, analysis, spec.code, path=spec.path, language=language,
-                                   is_diff=spec.is_diff, raw_text=gen.text, suppressed=suppressed_rules(spec.tenant))
+                                   is_diff=spec.is_diff, raw_text=gen.text, suppressed=suppressed)
     parsed.summary = f"{headline(parsed.findings)} {parsed.summary}".strip()  # the model's prose follows
     if note:
         parsed.summary = f"{parsed.summary} [{note}]".strip()

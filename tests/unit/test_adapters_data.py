@@ -117,6 +117,15 @@ def test_a_grounded_reviews_training_prompt_carries_its_analyzer_findings(sqlite
     assert "line 2: code_injection: Use of possibly insecure function" in prompt(by_path["m.py"]) and "(B307)" in prompt(by_path["m.py"])
     assert "Static analyzers" not in prompt(by_path["n.py"])
 
+    from domain.ledger.models import RuleSuppression  # suppressed since: the served prompt no longer lists it
+
+    with session_scope() as s:
+        s.add(RuleSuppression(tenant_id="acme", rule_id="B307", rejections=3, active=True))
+    with session_scope() as s:
+        by_path = {e.path: e for e in data.collect(s, "acme").examples}
+    assert by_path["m.py"].analysis == ()
+    assert "(B307)" not in prompt(by_path["m.py"]) and "Static analyzers found nothing" in prompt(by_path["m.py"])
+
 
 def _judged(s, tenant: str, path: str, code: str, findings: list[dict], verdicts: list[tuple[int, str]], start):
     """A stored review with ``findings`` and one finding-level feedback row per (index, verdict), oldest first."""

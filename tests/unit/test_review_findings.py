@@ -47,6 +47,24 @@ def test_suppressed_rules_are_left_out():
     assert merge([rule], [model], suppressed=frozenset({"B105", "model:sql_injection"})) == []
 
 
+def test_a_model_finding_restating_a_suppressed_rules_finding_is_left_out_too():
+    """The tenant suppressed B104: the model's own bullet about that line (generic, or citing B104) is the same
+    finding in other words and is left out; its bullet elsewhere, and its explanation of a kept finding, stay."""
+    bind = make_finding(rule_id="B104", line=13, message="Possible binding to all interfaces.", source="bandit",
+                        category="security_misconfiguration", severity="medium", confidence=0.7)
+    kept = make_finding(rule_id="B602", line=6, message="subprocess call with shell=True identified", source="bandit",
+                        category="command_injection", severity="high", confidence=0.9)
+    generic = from_model({"line": 13, "message": "Use a safer way to start the server"})
+    cites = from_model({"line": 12, "severity": "high", "message": "binds every interface (B104)"})
+    elsewhere = from_model({"line": 20, "message": "off-by-one: the loop runs one past the end"})
+    explains = from_model({"line": 6, "message": "the host name reaches the shell (B602)"})
+    merged = merge([bind, kept], [generic, cites, elsewhere, explains], suppressed=frozenset({"B104"}))
+    assert [(f["line"], f["source"], f.get("rule_id")) for f in merged] == [(6, "bandit", "B602"), (20, "model", None)]
+    assert merged[0]["explanation"].startswith("the host name")
+    unsuppressed = merge([bind, kept], [generic, cites, elsewhere, explains])
+    assert [(f["line"], f["source"]) for f in unsuppressed] == [(6, "bandit"), (13, "bandit"), (20, "model")]
+
+
 def test_mask_secrets():
     text = mask_secrets("token = 'ghp_abcdefghijklmnop1234' and AKIAABCDEFGHIJKLMNOP")
     assert "abcdefghijklmnop1234" not in text and "ABCDEFGHIJKLMNOP" not in text

@@ -67,3 +67,28 @@ def test_a_suppressed_rule_is_left_out_of_the_tenants_reviews(ledger):
     _, row = review({"code": CODE, "path": "load.py"})
     rules = {f["rule_id"] for f in row.findings}
     assert "B307" not in rules and "B506" in rules
+    assert row.analysis["suppressed"] == [{"rule_id": "B307", "line": 6, "source": "bandit"}]  # held back, on record
+
+
+def test_a_suppressed_rules_findings_are_withheld_from_the_prompt_and_the_output_budget(base_dir):
+    """What the tenant suppressed is not put to the model to explain (its summary would bring it back)."""
+    from domain.prompting import fit_prompt
+    from domain.review.grounded import analysis_stage, output_budget, withhold_suppressed
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    full = analysis_stage(CODE, "load.py", "python", False)
+    held = withhold_suppressed(analysis_stage(CODE, "load.py", "python", False), frozenset({"B307"}))
+    assert [f["rule_id"] for f in held.suppressed] == ["B307"] and "B307" not in {f["rule_id"] for f in held.findings}
+    assert {f["rule_id"] for f in full.findings} == {f["rule_id"] for f in held.findings} | {"B307"}
+    assert output_budget(CODE, held, 512, 2048) == output_budget(CODE, full, 512, 2048) - 40
+
+    def prompt(analysis):
+        ids = fit_prompt(tok, CODE, "load.py", "python", False, [], context_window=2048, max_new_tokens=64,
+                         analysis=analysis.findings, analysis_note=None).input_ids
+        return tok.decode(ids)
+
+    # the tiny model's prompt lists the most severe finding and counts the rest ("... and 1 more")
+    assert "B506" in prompt(full) and ("B307" in prompt(full) or "and 1 more" in prompt(full))
+    assert "B506" in prompt(held) and "B307" not in prompt(held) and "more of lower severity" not in prompt(held)
+    assert withhold_suppressed(full, frozenset()).suppressed == []
