@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -172,14 +173,21 @@ def kept_review(review: Review, verdicts: dict[int, str]) -> str:
     for f in kept:
         where = f"line {f['line']}: " if f.get("line") else ""
         lines.append(f"- [{f.get('severity') or 'medium'}] {where}{f.get('message', '')}")
-    return f"Summary: {model_summary(review)}\nFindings:\n" + "\n".join(lines)
+    summary = model_summary(review) or headline(kept)
+    return f"Summary: {summary}\nFindings:\n" + "\n".join(lines)
+
+
+_GUTTER = re.compile(r"(?<![\w|])\d+\|(?:\s|$)")  # "12| " : the prompt's line-number gutter
 
 
 def model_summary(review: Review) -> str:
     """The stored summary without the headline the service puts first (``domain.review.findings.headline``,
-    counted from findings the tenant may have rejected since): what the model wrote as its summary."""
-    summary = review.summary or ""
-    return summary.removeprefix(headline(review.findings or [])).strip()
+    counted from findings the tenant may have rejected since): what the model wrote as its summary, less its
+    sentences that echo the prompt's line-number gutter ("The `2| 1| 1` is a syntax error."): no code has
+    those, so they are the model copying the prompt's layout, which an adapter must not learn."""
+    summary = (review.summary or "").removeprefix(headline(review.findings or [])).strip()
+    sentences = re.split(r"(?<=[.!?])\s+", summary)
+    return " ".join(x for x in sentences if not _GUTTER.search(x)).strip()
 
 
 def analyzer_findings(review: Review, suppressed: frozenset[str] = frozenset()) -> tuple | None:

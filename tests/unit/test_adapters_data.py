@@ -175,3 +175,25 @@ def test_a_judged_review_teaches_its_kept_findings_and_a_clean_one_teaches_none(
     assert by_path["clean.py"].completion == data.NO_FINDINGS
     assert bad.summary == "eval of untrusted input"  # the model's own words, never the service's headline
     assert parse_review(data.NO_FINDINGS, n_lines=2).findings == []
+
+
+def test_a_judged_reviews_target_keeps_the_models_summary_less_sentences_echoing_the_code_gutter():
+    """The prompt shows code as "12| text"; a summary sentence quoting that gutter is the model copying the
+    prompt's layout (an adapter trained on it enumerates line numbers), so the target leaves it out, and falls
+    back to the headline of the kept findings when nothing else is left."""
+    from domain.ledger.models import Review
+    from domain.review.findings import headline
+
+    kept = {"rule_id": "E722", "line": 7, "severity": "medium", "category": "bare_except", "source": "ruff",
+            "message": "Do not use bare `except`"}
+    noisy = Review(summary="This Python code has a bare except. The line `1| import json` is a syntax error. "
+                           "The `2| 1| 1` is a syntax error. Catch the exception you expect.", findings=[kept])
+    assert data.model_summary(noisy) == "This Python code has a bare except. Catch the exception you expect."
+    assert data.kept_review(noisy, {1: "accept"}) == ("Summary: This Python code has a bare except. Catch the "
+                                                      "exception you expect.\nFindings:\n- [medium] line 7: "
+                                                      "Do not use bare `except`")
+    only_echo = Review(summary=headline([kept]) + " The `3| 2| 2` is a syntax error.", findings=[kept])
+    assert data.model_summary(only_echo) == ""
+    assert data.kept_review(only_echo, {}).startswith(f"Summary: {headline([kept])}\nFindings:\n- [medium] line 7")
+    assert data.model_summary(Review(summary="Use a | b for the union; x = 3|4 is fine.", findings=[])) == (
+        "Use a | b for the union; x = 3|4 is fine.")
