@@ -72,7 +72,8 @@ class Analysis:
         """What the review stores about this stage."""
         return {"supported": self.supported, "skipped": self.skipped,
                 "stages": [vars(s) for s in self.stages], "waived": list(self.waived),
-                "suppressed": [{k: f.get(k) for k in ("rule_id", "line", "source")} for f in self.suppressed]}
+                "suppressed": [{k: f[k] for k in ("rule_id", "line", "source", "path") if k in f}
+                               for f in self.suppressed]}  # path: a diff's file
 
 
 # ---- waivers in the code ------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import logging
 import re
 
 from domain.errors import InvalidJob
+from domain.feedback import rule_key
 from domain.review import analyzers, fixes
 from domain.review.findings import from_model, merge
 
@@ -36,8 +37,6 @@ def withhold_suppressed(analysis: analyzers.Analysis, suppressed: frozenset[str]
     the output budget counts) into ``analysis.suppressed``: the model is not asked to explain what the tenant
     asked not to see, and the review's analysis record still shows what was held back. Returns ``analysis``."""
     if suppressed:
-        from domain.feedback import rule_key
-
         analysis.suppressed = [f for f in analysis.findings if rule_key(f) in suppressed]
         analysis.findings = [f for f in analysis.findings if rule_key(f) not in suppressed]
     return analysis
