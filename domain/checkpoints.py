@@ -236,7 +236,8 @@ def _untied(weights: dict) -> tuple[dict, dict[str, str]]:
 def write(folder: str | os.PathLike, weights: dict, *, step: int, optimizer, scheduler, config: dict,
           extra: dict) -> Written:
     """Write one complete checkpoint folder: into ``.<name>.tmp`` beside it, then renamed into place (a
-    folder of the same step from an earlier delivery is replaced). ``config`` and ``extra`` must be JSON."""
+    folder of the same step from an earlier delivery is replaced). ``config`` and ``extra`` must be JSON.
+    ``optimizer``: the optimizer, or its ``state_dict()`` as gathered from shards (FSDP: one format either way)."""
     import torch
     from safetensors.torch import save_file
 
@@ -244,7 +245,8 @@ def write(folder: str | os.PathLike, weights: dict, *, step: int, optimizer, sch
     tmp = fresh_dir(folder.with_name(f".{folder.name}.tmp"))
     kept, tied = _untied(weights)
     save_file(kept, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+    state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()  # a dict: gathered (FSDP)
+    torch.save({"optimizer": state, "scheduler": scheduler.state_dict(), "rng": rng_state()},
                tmp / STATE)
     manifest = {"format": FORMAT, "step": step, "weights": WEIGHTS, "state": STATE, "tied": tied,
                 "config": config, "extra": extra}

@@ -31,6 +31,10 @@ bound to its GPU (``rank_device``, counted from the GPU rank 0 is configured on:
 Helpers exit when rank 0 goes away (a collective breaks or times out) or when the process that started them
 (rank 0, or the rank agent) does.
 
+Strategy fsdp (distill: ``strategy_for``, ``fsdp_shard``): the student is sharded over the ranks with torch
+FSDP2 instead of replicated; ``fsdp_full_state`` gathers it to rank 0 (a collective) for checkpoints in the
+one-process format, and ``agree`` broadcasts rank 0's soft stop so every rank takes part in that gather.
+
 Several hosts (docs/operations.md, "Training across hosts"): rank 0 puts the launch files, and the local
 folders the kind names in ``trees`` (the resume checkpoint, the init adapter), into the artifact store and
 pushes one request per remote rank onto Redis (the broker's); a rank agent on another host fetches them and
@@ -135,11 +139,100 @@ def reduce(params: list[torch.nn.Parameter], values: torch.Tensor) -> torch.Tens
     return flat[offset:]
 
 
+def sum_values(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (1-D: loss sums and the like) summed over the ranks (one all_reduce)."""
+    total = values.reshape(-1).float().clone()
+    dist.all_reduce(total)
+    return total
+
+
 def broadcast(params: list[torch.nn.Parameter]) -> None:
     """Rank 0's weights on every rank (as DDP does when it wraps a model)."""
     with torch.no_grad():
         for p in params:
             dist.broadcast(p.data, src=0)
+
+
+# ---- strategy fsdp: weights, gradients and optimizer states sharded over the ranks ----------------
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def strategy_for(spec, settings, procs: int) -> str:
+    """How a job's ``procs`` ranks share the model: "ddp" (every rank holds all of it, gradients all-reduced:
+    ``reduce``), "fsdp" (torch FSDP2: each rank holds 1/N of the weights, gradients and optimizer states, and
+    all-gathers a layer's weights for its forward and backward), or "single" (one process). The spec's
+    ``strategy``, else FOUNDRY_TRAIN_STRATEGY. Raises InvalidJob when fsdp cannot give every rank rows."""
+    if procs <= 1:
+        return "single"
+    strategy = getattr(spec, "strategy", None) or settings.train_strategy
+    if strategy == "fsdp" and spec.batch_size < procs:  # a rank without rows would not join the all-gathers
+        raise InvalidJob(f"batch_size: {spec.batch_size} rows cannot give each of {procs} processes one "
+                         f"(strategy fsdp); raise batch_size or lower procs", field="batch_size")
+    return strategy
+
+
+def fsdp_shard(model: torch.nn.Module, device: str) -> None:
+    """Shard ``model`` in place over the group (FSDP2 ``fully_shard``; it moves to ``device``): each decoder
+    layer (the classes in the model's ``_no_split_modules``) its own unit, the rest (embeddings, final norm,
+    output head, so tied weights stay together) the root's. FSDP averages the gradients over the ranks, so a
+    loop whose loss is already divided by the whole batch's token count backpropagates ``world`` times it
+    (``fsdp_loss_scale``): a sum is what one process would have (gloo has no pre-multiplied reduce-scatter)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise InvalidJob(f"strategy: fsdp needs a model whose layers it can shard ({type(model).__name__} names no "
+                         f"_no_split_modules); use strategy ddp", field="strategy")
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def fsdp_loss_scale() -> float:
+    """What a rank multiplies its loss by before backward under ``fsdp_shard`` (FSDP's average → a sum)."""
+    return float(dist.get_world_size())
+
+
+def fsdp_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict | None]:
+    """A collective (every rank calls it): the whole model's weights and the optimizer's state gathered to rank
+    0, on the CPU, the state in ``optimizer.state_dict()``'s own form (parameters by index) as one process
+    has them, so its checkpoint resumes on any number of processes and with either strategy. Other ranks get
+    (None, None)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    state = get_optimizer_state_dict(model, optimizer, options=options)
+    if dist.get_rank() != 0:
+        return None, None
+    order = {name: i for i, name in enumerate(n for g in state["param_groups"] for n in g["params"])}
+    return weights, {"state": {order[name]: s for name, s in state["state"].items()},
+                     "param_groups": [{**g, "params": [order[n] for n in g["params"]]} for g in state["param_groups"]]}
+
+
+def fsdp_load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Put a checkpoint's optimizer state (``optimizer.state_dict()``'s form, parameters by index) back into
+    the optimizer of the sharded ``model``, each rank keeping its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    by_name = {"state": {order[int(i)]: s for i, s in state["state"].items()},
+               "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+def agree(flag: bool, device: str | torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank (one broadcast): a soft stop only rank 0's worker sees, so that every
+    rank takes part in its checkpoint's gather."""
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
 
 
 # ---- rank 0: the job's process ------------------------------------------------------------------

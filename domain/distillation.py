@@ -23,6 +23,13 @@ load the same teacher, rebuild the same student (the kept layers rank 0 chose) a
 rank 0's weights by broadcast. Every step each rank runs its rows of the global batch (``sharded_step``): its
 loss sums divided by the whole batch's target tokens, so one all-reduce of the gradients and losses gives
 every rank the one-process update; a checkpoint resumes with any number of processes.
+With ``strategy: fsdp`` (or FOUNDRY_TRAIN_STRATEGY=fsdp) every rank shards the student instead
+(``data_parallel.fsdp_shard``, torch FSDP2): its weights, gradients and AdamW states are split over the
+ranks, the gradients reduce-scattered as sums. Checkpoints are the same files (rank 0 gathers the full
+weights and optimizer state, every rank taking part: interval steps are known to all, a soft stop is
+broadcast from rank 0), so a checkpoint resumes with either strategy and any number of processes; at the
+end rank 0 gathers the trained student into a plain copy for the evaluation and the artifact. The teacher
+stays whole on every rank.
 
 Failure codes: ``cuda_oom`` (``out_of_memory`` on the CPU), ``tokenizer_mismatch`` (teacher and student vocabularies differ),
 ``diverging_loss`` (NaN/inf, or a loss above ``DIVERGENCE_FACTOR`` × the first step's).
@@ -339,19 +346,21 @@ def train_step(student, teacher, ids: torch.Tensor, optimizer, scheduler, temper
 
 
 def sharded_step(student, teacher, ids: torch.Tensor, optimizer, scheduler, temperature: float, alpha: float,
-                 first_loss: float | None, *, rank: int, world: int) -> DistillLoss:
+                 first_loss: float | None, *, rank: int, world: int, fsdp: bool = False) -> DistillLoss:
     """``train_step`` as rank ``rank`` of ``world``: this rank's rows of the global batch ``ids`` (rows rank,
     rank + world, ...), its loss sums divided by the whole batch's target tokens, then one all-reduce of every
-    gradient and the loss, KL and CE (``data_parallel.reduce``): every rank takes the one-process update."""
+    gradient and the loss, KL and CE (``data_parallel.reduce``): every rank takes the one-process update.
+    ``fsdp``: the student is sharded, its backward has reduce-scattered the gradients already, and only the
+    loss, KL and CE are summed (every rank has rows: ``data_parallel.strategy_for``)."""
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
     rows = ids[rank::world]
     local = torch.zeros(3, device=ids.device)
     if rows.shape[0]:
         out = _forward(student, teacher, rows, temperature, alpha, tokens=ids.shape[0] * (ids.shape[1] - 1))
-        out.loss.backward()
+        (out.loss * data_parallel.fsdp_loss_scale() if fsdp else out.loss).backward()
         local = torch.stack([v.detach().float().reshape(()).to(ids.device) for v in (out.loss, out.kl, out.ce)])
-    loss, kl, ce = data_parallel.reduce(params, local)
+    loss, kl, ce = data_parallel.sum_values(local) if fsdp else data_parallel.reduce(params, local)
     _check_loss(loss.item(), first_loss)  # the same summed loss on every rank: all of them stop, or none
     _update(student, optimizer, scheduler)
     return DistillLoss(loss=loss, kl=kl, ce=ce)
@@ -407,6 +416,7 @@ class _Run:
     scheduler: object
     resume: checkpoints.Loaded | None
     procs: int  # training processes (domain/data_parallel.py)
+    strategy: str  # "single", "ddp" or "fsdp" (data_parallel.strategy_for); fsdp: optimizer made in the group
 
 
 @dataclass
@@ -454,8 +464,26 @@ def _trainable(student, spec: DistillSpec, steps: int, device: torch.device, res
     return optimizer, scheduler
 
 
+def _fsdp_trainable(student, spec: DistillSpec, steps: int, device: torch.device,
+                    resume: checkpoints.Loaded | None):
+    """``_trainable`` for strategy fsdp, on every rank inside the process group: the student (a checkpoint's
+    weights loaded first) sharded, its AdamW over this rank's shards, the checkpoint's states put back."""
+    student.train()
+    if resume is not None:
+        student.load_state_dict(resume.weights)
+    data_parallel.fsdp_shard(student, str(device))
+    optimizer = torch.optim.AdamW(student.parameters(), lr=spec.learning_rate, weight_decay=0.0)
+    scheduler = make_scheduler(optimizer, steps)
+    if resume is not None:
+        data_parallel.fsdp_load_optimizer(student, optimizer, resume.state["optimizer"])
+        scheduler.load_state_dict(resume.state["scheduler"])
+        checkpoints.set_rng_state(resume.state["rng"])
+    return optimizer, scheduler
+
+
 def _setup(spec: DistillSpec, ctx: JobContext) -> _Run:
     procs = data_parallel.procs_for(spec, ctx.settings)
+    strategy = data_parallel.strategy_for(spec, ctx.settings, procs)
     device = resolve_device(ctx.settings.device)
     teacher_ref = spec.teacher or ctx.settings.base_model_ref()
     loaded = _load_teacher(teacher_ref, spec, device)
@@ -473,17 +501,19 @@ def _setup(spec: DistillSpec, ctx: JobContext) -> _Run:
     made_before = resume.extra.get("student") if resume is not None and spec.student is None else None
     student, made = build_student(spec, teacher, tok, calibration=blocks[:8], tick=selecting,
                                   made_before=made_before if isinstance(made_before, dict) else None)
-    optimizer, scheduler = _trainable(student, spec, steps, device, resume)
+    optimizer, scheduler = (None, None) if strategy == "fsdp" else _trainable(student, spec, steps, device, resume)
     return _Run(teacher_ref=teacher_ref, device=device, teacher=teacher, tokenizer=tok, steps=steps, blocks=blocks,
                 evals=evals, eval_source=eval_source, student=student, made=made, optimizer=optimizer,
-                scheduler=scheduler, resume=resume, procs=procs)
+                scheduler=scheduler, resume=resume, procs=procs, strategy=strategy)
 
 
 def _steps(spec: DistillSpec, blocks: torch.Tensor, steps: int, device: torch.device, trained: _Trained,
-           step: Callable[[torch.Tensor, float | None], DistillLoss], after: Callable[[int], None] | None = None) -> None:
+           step: Callable[[torch.Tensor, float | None], DistillLoss],
+           after: Callable[[int], bool | None] | None = None) -> bool:
     """Steps ``trained.start .. steps - 1``, on every rank: the step's batch (``batch_for_step``) through
     ``step(ids, first_loss)``, its figures added to ``trained``, then ``after(done)`` (rank 0: progress,
-    checkpoints, stop checks)."""
+    checkpoints, stop checks; an fsdp helper: its part in those checkpoints), which ends the loop by
+    returning True. Returns whether it did (False: every step ran)."""
     for s in range(trained.start, steps):
         ids = batch_for_step(blocks, s, spec.batch_size, spec.seed).to(device, non_blocking=True)
         try:
@@ -498,25 +528,35 @@ def _steps(spec: DistillSpec, blocks: torch.Tensor, steps: int, device: torch.de
         trained.first_loss = trained.first_loss if trained.first_loss is not None else out.loss.item()
         trained.tokens += int(ids.numel())
         trained.last = {"loss": out.loss.item(), "kl": out.kl.item(), "ce": out.ce.item()}
-        if after is not None:
-            after(s + 1)
+        if after is not None and after(s + 1):
+            return True
+    return False
 
 
-def _sharded(spec: DistillSpec, student, teacher, optimizer, scheduler, rank: int, world: int):
-    """Rank ``rank``'s step function, once every rank holds rank 0's student."""
-    data_parallel.broadcast([p for p in student.parameters() if p.requires_grad])
+def _sharded(spec: DistillSpec, student, teacher, optimizer, scheduler, rank: int, world: int, fsdp: bool = False):
+    """Rank ``rank``'s step function, once every rank holds rank 0's student (ddp: by broadcast; fsdp: every
+    rank built the same student and sharding keeps each rank's part of it)."""
+    if not fsdp:
+        data_parallel.broadcast([p for p in student.parameters() if p.requires_grad])
     return lambda ids, first: sharded_step(student, teacher, ids, optimizer, scheduler, spec.temperature, spec.alpha,
-                                           first, rank=rank, world=world)
+                                           first, rank=rank, world=world, fsdp=fsdp)
+
+
+def _interval(spec: DistillSpec, done: int, steps: int) -> bool:
+    return done % spec.checkpoint_every == 0 and done < steps
 
 
 def _train(spec: DistillSpec, ctx: JobContext, run: _Run) -> _Trained:
     """Steps from the checkpoint's (or 0) to the last, on ``run.procs`` processes; checkpoints every
     ``checkpoint_every`` steps and on a soft stop through ``checkpoints.save`` (this process alone)."""
     trained = _Trained.resumed(run.resume)
+    fsdp = run.strategy == "fsdp"
 
     def checkpoint(step: int, reason: str) -> None:
         extra = trained.extra()
-        checkpoints.save(ctx, step, run.student.state_dict(), optimizer=run.optimizer, scheduler=run.scheduler,
+        weights, optimizer = (data_parallel.fsdp_full_state(run.student, run.optimizer) if fsdp else
+                              (run.student.state_dict(), run.optimizer))
+        checkpoints.save(ctx, step, weights, optimizer=optimizer, scheduler=run.scheduler,
                          config=spec.model_dump(mode="json"), extra={**extra, "student": run.made},
                          metrics={k: v for k, v in extra.items() if isinstance(v, (int, float))}, reason=reason)
 
@@ -525,10 +565,10 @@ def _train(spec: DistillSpec, ctx: JobContext, run: _Run) -> _Trained:
     def after(done: int) -> None:
         ctx.progress(done / run.steps * 0.9, step=done, steps=run.steps,
                      tokens_per_s=(trained.tokens - tokens_before) / max(time.perf_counter() - tick, 1e-9), **trained.last)
-        if ctx.stopping:
+        if data_parallel.agree(ctx.stopping, run.device) if fsdp else ctx.stopping:
             checkpoint(done, "soft_stop")
-            ctx.check()
-        if done % spec.checkpoint_every == 0 and done < run.steps:
+            ctx.check()  # raises SoftStop: the helpers, told so by agree, have left their loops
+        elif _interval(spec, done, run.steps):
             checkpoint(done, "interval")
         ctx.check()
 
@@ -537,13 +577,25 @@ def _train(spec: DistillSpec, ctx: JobContext, run: _Run) -> _Trained:
             run.student, run.teacher, ids, run.optimizer, run.scheduler, spec.temperature, spec.alpha, first), after)
         return trained
     args = {"spec": spec.model_dump(mode="json"), "teacher": run.teacher_ref, "made": run.made,
-            "resume_dir": str(run.resume.folder) if run.resume is not None else None}
+            "resume_dir": str(run.resume.folder) if run.resume is not None else None, "strategy": run.strategy}
     with data_parallel.process_group("distill", run.procs, data_root() / "dist" / ctx.job_id,
                                      device=ctx.settings.device, args=args, data={"blocks": run.blocks.cpu()},
                                      trees={"resume": args["resume_dir"]}, job_id=ctx.job_id):
+        if fsdp:
+            run.optimizer, run.scheduler = _fsdp_trainable(run.student, spec, run.steps, run.device, run.resume)
         _steps(spec, run.blocks, run.steps, run.device, trained,
-               _sharded(spec, run.student, run.teacher, run.optimizer, run.scheduler, 0, run.procs), after)
+               _sharded(spec, run.student, run.teacher, run.optimizer, run.scheduler, 0, run.procs, fsdp), after)
+        if fsdp:  # the trained student, gathered, as a plain model for the evaluation and the artifact
+            weights, _ = data_parallel.fsdp_full_state(run.student, run.optimizer)
+            run.student = _plain_student(spec, run, weights)
     return trained
+
+
+def _plain_student(spec: DistillSpec, run: _Run, weights: dict) -> torch.nn.Module:
+    """A fresh, unsharded student (the same layers: ``run.made``) with ``weights``, on ``run.device``."""
+    student, _ = build_student(spec, run.teacher, run.tokenizer, made_before=run.made)
+    student.load_state_dict(weights)
+    return student.to(run.device)
 
 
 def _report(spec: DistillSpec, run: _Run, trained: _Trained, cmp) -> dict:
@@ -557,6 +609,7 @@ def _report(spec: DistillSpec, run: _Run, trained: _Trained, cmp) -> dict:
         "tokens_per_s_teacher": cmp.tokens_per_s_reference, "tokens_per_s_student": cmp.tokens_per_s_candidate,
         "speedup": cmp.tokens_per_s_candidate / cmp.tokens_per_s_reference,
         "steps": run.steps, "trained_tokens": trained.tokens, "resumed_from_step": trained.start, "procs": run.procs,
+        "strategy": run.strategy,
         "final_loss": trained.last.get("loss"), "final_kl": trained.last.get("kl"), "final_ce": trained.last.get("ce"),
         "temperature": spec.temperature, "alpha": spec.alpha, "learning_rate": spec.learning_rate,
         "batch_size": spec.batch_size, "seq_len": spec.seq_len,
@@ -584,6 +637,19 @@ def rank_main(args: dict, data: dict, rank: int, world: int, device: str) -> Non
     student, _ = build_student(spec, loaded.model, loaded.tokenizer, made_before=args["made"])
     resume = checkpoints.read(args["resume_dir"]) if args["resume_dir"] else None
     steps = total_steps(spec)
-    optimizer, scheduler = _trainable(student, spec, steps, dev, resume)
-    _steps(spec, data["blocks"], steps, dev, _Trained.resumed(resume),
-           _sharded(spec, student, loaded.model, optimizer, scheduler, rank, world))
+    if args.get("strategy") != "fsdp":
+        optimizer, scheduler = _trainable(student, spec, steps, dev, resume)
+        _steps(spec, data["blocks"], steps, dev, _Trained.resumed(resume),
+               _sharded(spec, student, loaded.model, optimizer, scheduler, rank, world))
+        return
+    optimizer, scheduler = _fsdp_trainable(student.to(dev), spec, steps, dev, resume)
+
+    def after(done: int) -> bool:  # rank 0's checkpoints gather from every rank: take part, and stop with it
+        stop = data_parallel.agree(False, dev)
+        if stop or _interval(spec, done, steps):
+            data_parallel.fsdp_full_state(student, optimizer)
+        return stop
+
+    if not _steps(spec, data["blocks"], steps, dev, _Trained.resumed(resume),
+                  _sharded(spec, student, loaded.model, optimizer, scheduler, rank, world, fsdp=True), after):
+        data_parallel.fsdp_full_state(student, optimizer)  # the trained student, gathered to rank 0

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import uuid
@@ -174,17 +175,17 @@ def teacher_dir(tmp_path_factory) -> Path:
 def losses(monkeypatch) -> list[float]:
     """The loss of every step this process (rank 0) takes, on one process or on several."""
     seen: list[float] = []
-
-    def recording(step):
-        def recorded(*args, **kwargs):
-            out = step(*args, **kwargs)
-            seen.append(out.loss.item())
-            return out
-        return recorded
-
     for name in ("train_step", "sharded_step"):
-        monkeypatch.setattr(distillation, name, recording(getattr(distillation, name)))
+        monkeypatch.setattr(distillation, name, _recording(getattr(distillation, name), seen))
     return seen
+
+
+def _recording(step, seen: list[float]):
+    def recorded(*args, **kwargs):
+        out = step(*args, **kwargs)
+        seen.append(out.loss.item())
+        return out
+    return recorded
 
 
 def _distill(body: dict, job_id: str | None = None, worker: str = "host:1") -> dict:
@@ -247,17 +248,143 @@ def test_a_one_process_distill_checkpoint_resumes_on_two_processes(pg_ledger, te
     assert _student_gap(straight, resumed) < 0.03
 
 
-def test_sigkill_of_one_distill_rank_fails_the_attempt_and_the_retry_resumes(env, tmp_path, teacher_dir):
+# ---- distill with strategy fsdp: the student sharded over the ranks ---------------------------------
+
+def test_fsdp_distill_on_two_gloo_processes_equals_one_process(pg_ledger, teacher_dir, losses):
+    """FSDP2 shards the student's weights, gradients and AdamW states over the two ranks; the loss curve and
+    the final student are still the one-process ones."""
+    body = {"tenant": add_tenant(pg_ledger, "acme"), "teacher": str(teacher_dir), **DISTILL}
+    one = _distill({**body, "procs": 1})
+    one_losses = list(losses)
+    del losses[:]
+    two = _distill({**body, "procs": 2, "strategy": "fsdp"})
+    assert len(losses) == DISTILL["max_steps"] and losses[-1] < losses[0]
+    assert losses == pytest.approx(one_losses, rel=1e-5, abs=1e-6)
+    assert _student_gap(one, two) < 0.03
+    assert (one["report"]["strategy"], two["report"]["strategy"]) == ("single", "fsdp")
+    assert two["report"]["final_kl"] == pytest.approx(one["report"]["final_kl"], rel=1e-5)
+    assert two["report"]["perplexity_student"] == pytest.approx(one["report"]["perplexity_student"], rel=1e-4)
+    assert not any((data_root() / "dist").glob("*"))
+
+
+def test_an_fsdp_checkpoint_resumes_on_one_process_and_a_one_process_one_on_fsdp(pg_ledger, teacher_dir, losses,
+                                                                                 monkeypatch):
+    """Checkpoints are one format whatever wrote them: rank 0 gathers the sharded weights and optimizer state
+    into the one-process form (parameters by index), and an fsdp run shards a one-process checkpoint."""
+    body = {"tenant": add_tenant(pg_ledger, "acme"), "teacher": str(teacher_dir), **DISTILL}
+    straight = _distill(body)
+    straight_losses = list(losses)
+
+    kill = {"at": None}  # the step count (losses seen) after which this worker is killed
+    for name in ("train_step", "sharded_step"):
+        def dying(*args, _step=getattr(distillation, name), **kwargs):
+            out = _step(*args, **kwargs)
+            if len(losses) == kill["at"]:
+                kill["at"] = None
+                raise SystemExit("worker killed")  # two steps after the step-4 checkpoint, like a SIGKILL mid-step
+            return out
+        monkeypatch.setattr(distillation, name, dying)
+
+    written = {}  # procs → the step-4 checkpoint that run wrote
+    for first, then in (({"procs": 2, "strategy": "fsdp"}, {"procs": 1}),
+                        ({"procs": 1}, {"procs": 2, "strategy": "fsdp"})):
+        del losses[:]
+        kill["at"] = 6
+        job_id = uuid.uuid4().hex
+        with pytest.raises(SystemExit):
+            jobs.execute("distill", job_id, {**body, **first}, worker="host:1")
+        with session_scope() as s:
+            [ckpt] = s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == 4))
+            written[first["procs"]] = checkpoints.read(data_root() / ckpt.path)
+        del losses[:]
+        resumed = _distill({**body, **then}, job_id, worker="host:2")  # the broker redelivers to it
+        r = resumed["report"]
+        assert r["resumed_from_step"] == 4 and r["procs"] == then["procs"], (first, then)
+        assert losses == pytest.approx(straight_losses[4:], rel=1e-5, abs=1e-6), (first, then)
+        assert r["trained_tokens"] == straight["report"]["trained_tokens"]
+        assert _student_gap(straight, resumed) < 0.03, (first, then)
+
+    # the gathered optimizer state is the one-process one, parameter by parameter: Adam's moments are the
+    # gradients' running mean and mean square, so a gradient averaged over ranks instead of summed shows here
+    fsdp, one = written[2].state["optimizer"], written[1].state["optimizer"]
+    assert fsdp["param_groups"] == one["param_groups"] and fsdp["state"].keys() == one["state"].keys()
+    for i, moments in one["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(fsdp["state"][i][name], moments[name], rtol=1e-3, atol=1e-7), (i, name)
+    assert written[2].weights.keys() == written[1].weights.keys()
+
+
+def test_a_soft_stop_of_an_fsdp_distill_checkpoints_on_every_rank_then_it_resumes(pg_ledger, teacher_dir, losses,
+                                                                                   monkeypatch):
+    """Only rank 0's worker is asked to stop; rank 0 broadcasts that, every rank takes part in gathering the
+    soft-stop checkpoint, the helper leaves its loop cleanly, and the redelivery resumes from that step."""
+    from domain.contract import SoftStop
+
+    body = {"tenant": add_tenant(pg_ledger, "acme"), "teacher": str(teacher_dir), **DISTILL, "procs": 2,
+            "strategy": "fsdp"}
+    straight = _distill(body)
+    straight_losses = list(losses)
+    del losses[:]
+    recording = distillation.sharded_step
+
+    def stopping(*args, **kwargs):
+        out = recording(*args, **kwargs)
+        if len(losses) == 5:
+            jobs.stop_requested.set()  # the worker is asked to shut down after step 5
+        return out
+
+    monkeypatch.setattr(distillation, "sharded_step", stopping)
+    exits = []
+    real_group = distillation.data_parallel.process_group
+
+    @contextlib.contextmanager
+    def watched(*args, **kwargs):
+        with real_group(*args, **kwargs) as group:
+            try:
+                yield group
+            finally:
+                for p in group.helpers:
+                    exits.append(p.wait(timeout=30))  # the helper ends by itself, told to stop
+    monkeypatch.setattr(distillation.data_parallel, "process_group", watched)
+    job_id = uuid.uuid4().hex
+    try:
+        with pytest.raises(SoftStop):
+            jobs.execute("distill", job_id, body, worker="host:1")
+    finally:
+        jobs.stop_requested.clear()
+    assert exits == [0]
+    with session_scope() as s:
+        got = [(c.step, c.reason) for c in s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)
+                                                     .order_by(Checkpoint.step))]
+    assert got == [(4, "interval"), (5, "soft_stop")]
+    monkeypatch.setattr(distillation, "sharded_step", recording)
+    del losses[:]
+    resumed = _distill(body, job_id, worker="host:2")
+    assert resumed["report"]["resumed_from_step"] == 5
+    assert losses == pytest.approx(straight_losses[5:], rel=1e-5, abs=1e-6)
+    assert _student_gap(straight, resumed) < 0.03
+
+
+def test_fsdp_with_fewer_rows_than_processes_is_refused_naming_batch_size(pg_ledger, teacher_dir):
+    body = {"tenant": add_tenant(pg_ledger, "acme"), "teacher": str(teacher_dir), **DISTILL, "batch_size": 1,
+            "procs": 2, "strategy": "fsdp"}
+    out = jobs.execute("distill", uuid.uuid4().hex, body, worker="host:1")
+    assert out["status"] == "rejected" and out["field"] == "batch_size", out  # an invalid job: not retried
+    assert "strategy fsdp" in out["error"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_sigkill_of_one_distill_rank_fails_the_attempt_and_the_retry_resumes(env, tmp_path, teacher_dir, strategy):
     steps = 300
     body = {"tenant": "acme", "teacher": str(teacher_dir), **DISTILL, "max_steps": steps, "checkpoint_every": 10,
-            "procs": 2}
+            "procs": 2, "strategy": strategy}
     done, step = _sigkill_rank_1_after_a_checkpoint(env, tmp_path, "distill", body)
     r = done["result"]["report"]
     assert r["steps"] == steps and r["resumed_from_step"] >= step > 0 and r["procs"] == 2
     assert r["trained_tokens"] == steps * 2 * 32  # the lost attempt's steps after its checkpoint counted once
     with session_scope() as s:
         [art] = s.scalars(select(Artifact).where(Artifact.created_by_job_id == done["id"]))
-        assert art.kind == "distilled_model" and art.report["procs"] == 2
+        assert art.kind == "distilled_model" and art.report["procs"] == 2 and art.report["strategy"] == strategy
 
 
 def test_a_helper_rank_out_of_memory_fails_the_job_as_out_of_memory_not_rank_lost(base_dir, tmp_path):
