@@ -227,6 +227,20 @@ def fsdp_load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
+def local_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """The training state this rank holds, in bytes: its parameters (its shards under fsdp), their gradients
+    and the optimizer's state tensors (a frozen teacher is not counted)."""
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard on this rank
+
+    total = 0
+    for p in model.parameters():
+        total += local(p).nbytes + (local(p.grad).nbytes if p.grad is not None else 0)
+    for state in optimizer.state.values():
+        total += sum(local(v).nbytes for v in state.values() if torch.is_tensor(v))
+    return total
+
+
 def agree(flag: bool, device: str | torch.device) -> bool:
     """Rank 0's ``flag`` on every rank (one broadcast): a soft stop only rank 0's worker sees, so that every
     rank takes part in its checkpoint's gather."""

@@ -427,6 +427,7 @@ class _Trained:
     first_loss: float | None = None
     tokens: int = 0
     last: dict = field(default_factory=dict)  # loss, kl, ce of the last step
+    state_bytes: int = 0  # rank 0's training state after its first step (data_parallel.local_state_bytes)
 
     @classmethod
     def resumed(cls, ckpt: checkpoints.Loaded | None) -> _Trained:
@@ -563,6 +564,8 @@ def _train(spec: DistillSpec, ctx: JobContext, run: _Run) -> _Trained:
     tick, tokens_before = time.perf_counter(), trained.tokens
 
     def after(done: int) -> None:
+        if not trained.state_bytes:  # after the first step: the gradients and optimizer states exist
+            trained.state_bytes = data_parallel.local_state_bytes(run.student, run.optimizer)
         ctx.progress(done / run.steps * 0.9, step=done, steps=run.steps,
                      tokens_per_s=(trained.tokens - tokens_before) / max(time.perf_counter() - tick, 1e-9), **trained.last)
         if data_parallel.agree(ctx.stopping, run.device) if fsdp else ctx.stopping:
@@ -609,7 +612,7 @@ def _report(spec: DistillSpec, run: _Run, trained: _Trained, cmp) -> dict:
         "tokens_per_s_teacher": cmp.tokens_per_s_reference, "tokens_per_s_student": cmp.tokens_per_s_candidate,
         "speedup": cmp.tokens_per_s_candidate / cmp.tokens_per_s_reference,
         "steps": run.steps, "trained_tokens": trained.tokens, "resumed_from_step": trained.start, "procs": run.procs,
-        "strategy": run.strategy,
+        "strategy": run.strategy, "train_state_bytes_per_rank": trained.state_bytes,
         "final_loss": trained.last.get("loss"), "final_kl": trained.last.get("kl"), "final_ce": trained.last.get("ce"),
         "temperature": spec.temperature, "alpha": spec.alpha, "learning_rate": spec.learning_rate,
         "batch_size": spec.batch_size, "seq_len": spec.seq_len,

@@ -198,3 +198,43 @@ def test_packed_attention_uses_flash_attn_varlen_on_cuda_and_matches_the_loop():
         flash, _ = varlen._attention(module, q, k, v, None, scaling=0.125)
         loop, _ = varlen._attention(module, q.float(), k.float(), v.float(), None, scaling=0.125)  # fp32: the loop
     assert torch.allclose(flash.float(), loop, atol=2e-2)
+
+
+def test_fsdp_shards_a_student_on_cuda_and_gathers_the_one_process_step(on_cuda, tmp_path):
+    """Strategy fsdp's pieces on nccl and CUDA (one GPU: a group of one): ``fsdp_shard`` puts DTensor shards
+    on the GPU, a step through ``sharded_step(fsdp=True)`` equals the plain step, and ``fsdp_full_state`` gathers
+    weights and Adam moments in the one-process form."""
+    import copy
+
+    from domain import data_parallel, distillation
+
+    teacher = load_causal_lm(str(save_tiny_model(tmp_path / "teacher", layers=4, hidden=64, seed=3)),
+                             device="cuda").model.eval().requires_grad_(False)
+    student, _ = distillation.reduce_layers(teacher, 2)
+    plain = copy.deepcopy(student).cuda().train()
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 32), device="cuda")
+    opt = torch.optim.AdamW(plain.parameters(), lr=1e-3, weight_decay=0.0)
+    want = distillation.train_step(plain, teacher, ids, opt, distillation.make_scheduler(opt, 4), 2.0, 0.5, None)
+    with data_parallel.process_group("distill", 1, tmp_path / "w", device="cuda", args={}, data={}):
+        data_parallel.fsdp_shard(student.train(), "cuda")
+        assert all(type(p).__name__ == "DTensor" and p.device.type == "cuda" for p in student.parameters())
+        sharded_opt = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.0)
+        got = distillation.sharded_step(student, teacher, ids, sharded_opt, distillation.make_scheduler(sharded_opt, 4),
+                                        2.0, 0.5, None, rank=0, world=1, fsdp=True)
+        weights, state = data_parallel.fsdp_full_state(student, sharded_opt)
+    assert got.loss.item() == pytest.approx(want.loss.item(), rel=1e-4)
+    ref = plain.state_dict()
+    assert all(torch.allclose(weights[k], ref[k].cpu(), atol=1e-5) for k in ref)
+    assert state["state"].keys() == opt.state_dict()["state"].keys()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (nccl, one process per GPU)")
+def test_two_process_fsdp_distill_on_two_gpus(on_cuda, tmp_path):
+    teacher = save_tiny_model(tmp_path / "teacher", layers=4, hidden=64, seed=3)
+    body = {"tenant": "acme", "teacher": str(teacher), "max_steps": 8, "batch_size": 2, "seq_len": 32,
+            "eval_max_tokens": 128, "learning_rate": 3e-3}
+    one = jobs.execute("distill", uuid.uuid4().hex, body, "gpu-test")
+    two = jobs.execute("distill", uuid.uuid4().hex, {**body, "procs": 2, "strategy": "fsdp"}, "gpu-test")
+    assert one["status"] == two["status"] == "succeeded", (one, two)
+    assert two["result"]["report"]["strategy"] == "fsdp"
+    assert two["result"]["report"]["final_loss"] == pytest.approx(one["result"]["report"]["final_loss"], rel=1e-3)
