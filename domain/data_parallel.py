@@ -439,8 +439,16 @@ def helper_main(job_file: str, rank: int) -> None:
         raise
     finally:
         dist.destroy_process_group()
+        gc.collect()  # as rank 0 does: a module or mesh still holding the group is freed now, not at exit
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format=f"rank {sys.argv[2]} %(levelname)s %(message)s")
     helper_main(sys.argv[1], int(sys.argv[2]))
+    # the work is done and the group destroyed: leave without the interpreter's finalization, where a gloo
+    # object that outlived the group (an FSDP module's mesh, a cached work handle) could abort the process
+    # (SIGABRT) and turn a finished rank into a lost one
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

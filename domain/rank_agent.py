@@ -7,12 +7,14 @@ agent that takes them.
       waits FOUNDRY_TRAIN_RENDEZVOUS_S for the requests to be taken (else TransientError "no_rank_agent",
       the requests withdrawn), then for every rank to join its TCP store (else "rank_lost")
     host B: a rank agent (FOUNDRY_TRAIN_RANK_AGENT=1 in a worker, or ``foundry rank-agent``)
-      BLPOP the list → fetch the launch into <data>/dist/<job>-rank<k>/ → the paths of the trees in the
-      job's args replaced by their local copies → ``python -m domain.data_parallel job.json k``
+      claims the first request it can run (LRANGE, then LREM: of several agents one gets it; an nccl rank
+      only with a GPU of its own free) → fetch the launch into <data>/dist/<job>-rank<k>/ → the paths of
+      the trees in the job's args replaced by their local copies → ``python -m domain.data_parallel job.json k``
 
 The helper on host B watches the agent (its parent) and leaves when a collective breaks (rank 0 or another
 rank gone) or times out; it writes nothing but its log, and the agent removes its folder when it exits.
-Requests past their ``expires`` (rank 0 gave up on them) are dropped unstarted.
+Requests past their ``expires`` (rank 0 gave up on them) are dropped unstarted. A request the agent cannot
+run stays in the list untouched, so rank 0 sees "taken" only when an agent really took it.
 """
 
 from __future__ import annotations
@@ -36,11 +38,10 @@ log = logging.getLogger(__name__)
 QUEUE = "foundry:train:rank-requests"
 
 
-def _redis(settings, block_s: float = 0):
+def _redis(settings):
     import redis
 
-    return redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5,
-                                socket_timeout=(block_s + 10) if block_s else 10)
+    return redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, socket_timeout=10)
 
 
 def remote_problem(settings) -> str | None:
@@ -119,7 +120,7 @@ class Requests:
     def wait_taken(self, deadline: float) -> None:
         """Until every request is taken by an agent; at ``deadline`` the others are withdrawn and the attempt
         ends with ``TransientError(code="no_rank_agent")`` (retried)."""
-        gone_once = False  # taken = gone on two polls in a row: an agent without a free GPU puts one back at once
+        gone_once = False  # taken = gone on two polls in a row: an agent that lost a GPU race puts one back
         while True:
             waiting = [i for i in self.items if self.redis.lpos(QUEUE, i) is not None]
             if not waiting:
@@ -181,6 +182,32 @@ def _replaced(value, paths: dict[str, str]):
     if isinstance(value, dict):
         return {k: _replaced(v, paths) for k, v in value.items()}
     return value
+
+
+def claim(r, busy_gpus: set[int]) -> bytes | None:
+    """The first waiting request this host can run, taken off the list (LREM: of agents claiming the same
+    item one gets it), or None. An nccl rank with no GPU of this host free, and a request that has expired,
+    are left for another agent and for rank 0's withdrawal; one that is not JSON is taken, for ``start`` to
+    refuse in the log."""
+    can_nccl = None  # asked once per pass, only when an nccl request waits
+    for item in r.lrange(QUEUE, 0, -1):
+        try:
+            request = json.loads(item)
+            if time.time() > float(request["expires"]):  # rank 0 gave up on it (or died): dropped
+                if r.lrem(QUEUE, 1, item):
+                    log.warning("rank request %s rank %s expired before it was taken; dropped",
+                                request.get("job_id"), request.get("rank"))
+                continue
+            if request.get("backend") == "nccl":
+                if can_nccl is None:
+                    can_nccl = free_gpu(busy_gpus) is not None
+                if not can_nccl:
+                    continue
+        except (ValueError, KeyError, TypeError):
+            pass
+        if r.lrem(QUEUE, 1, item):
+            return item
+    return None
 
 
 class NoFreeGpu(Exception):
@@ -263,22 +290,23 @@ def serve(settings=None, stop: threading.Event | None = None, poll_s: float = 1.
         while not stop.is_set():
             running = _reap(running)
             try:
-                r = r or _redis(settings, poll_s)
-                item = r.blpop([QUEUE], timeout=poll_s)
+                r = r or _redis(settings)
+                item = claim(r, {x.gpu for x in running if x.gpu is not None})
             except Exception as exc:  # noqa: BLE001 - Redis away: wait and reconnect
                 log.warning("rank agent: Redis unreachable (%s); retrying", exc)
                 r = None
                 stop.wait(2)
                 continue
             if item is None:
+                stop.wait(poll_s)
                 continue
             try:
-                request = json.loads(item[1])
+                request = json.loads(item)
                 got = start(request, settings, {x.gpu for x in running if x.gpu is not None})
                 if got is not None:
                     running.append(got)
-            except NoFreeGpu as exc:
-                r.lpush(QUEUE, item[1])  # back at the head at once: another agent (or this one, later) takes it
+            except NoFreeGpu as exc:  # another agent of this host took the GPU since the claim
+                r.lpush(QUEUE, item)  # back at the head: another agent (or this one, later) takes it
                 log.warning("rank agent: %s; request put back", exc)
                 stop.wait(poll_s)
             except Exception:  # one bad request never stops the agent; its rank 0 times out

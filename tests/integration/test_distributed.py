@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from sqlalchemy import func, select
 
-from domain import checkpoints, distillation, jobs
+from domain import checkpoints, distillation, jobs, rank_agent
 from domain.adapters import distributed
 from domain.adapters import training as T
 from domain.adapters.data import FeedbackExample, tokenize
@@ -343,8 +343,10 @@ def test_a_soft_stop_of_an_fsdp_distill_checkpoints_on_every_rank_then_it_resume
             try:
                 yield group
             finally:
-                for p in group.helpers:
+                for k, p in enumerate(group.helpers, start=1):
                     exits.append(p.wait(timeout=30))  # the helper ends by itself, told to stop
+                    logs.append(rank_agent.log_tail(group.workdir / f"rank-{k}.log", 3000))
+    logs = []
     monkeypatch.setattr(distillation.data_parallel, "process_group", watched)
     job_id = uuid.uuid4().hex
     try:
@@ -352,7 +354,7 @@ def test_a_soft_stop_of_an_fsdp_distill_checkpoints_on_every_rank_then_it_resume
             jobs.execute("distill", job_id, body, worker="host:1")
     finally:
         jobs.stop_requested.clear()
-    assert exits == [0]
+    assert exits == [0], logs
     with session_scope() as s:
         got = [(c.step, c.reason) for c in s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)
                                                      .order_by(Checkpoint.step))]

@@ -241,9 +241,9 @@ def test_sigkill_of_the_remote_rank_fails_the_attempt_and_the_retry_resumes(work
 
 
 def test_an_agent_without_a_free_gpu_puts_an_nccl_rank_back_and_rank_0_sees_no_agent(host_a, tmp_path):
-    """An nccl rank needs a GPU of its own (one rank per GPU): an agent on a host with none free takes the
-    request, puts it back at once and starts nothing, so rank 0 is never told it was taken and ends the
-    attempt as ``no_rank_agent`` (retried) instead of waiting for a rank that cannot run."""
+    """An nccl rank needs a GPU of its own (one rank per GPU): an agent on a host with none free leaves the
+    request in the list and starts nothing, so rank 0 never sees it taken and ends the attempt as
+    ``no_rank_agent`` (retried) instead of waiting for a rank that cannot run."""
     import threading
 
     from domain.config import get_settings
@@ -273,3 +273,20 @@ def test_an_agent_without_a_free_gpu_puts_an_nccl_rank_back_and_rank_0_sees_no_a
         stop.set()
         agent.join(timeout=10)
     assert not agent.is_alive() and not (data_root() / "dist").exists()
+
+
+def test_an_agent_claims_only_what_it_can_run_and_drops_expired_requests(redis_url):
+    """``claim`` against the real Redis: the expired request is dropped, the nccl one (no GPU free here)
+    stays for another agent, the first runnable one is taken, and of two agents claiming it one gets it."""
+    import json
+
+    r = redis.Redis.from_url(redis_url)
+    now = time.time()
+    expired = json.dumps({"launch": "dist/a/1", "job_id": "a", "rank": 1, "backend": "gloo", "expires": now - 1})
+    nccl = json.dumps({"launch": "dist/b/1", "job_id": "b", "rank": 1, "backend": "nccl", "expires": now + 60})
+    gloo = json.dumps({"launch": "dist/c/1", "job_id": "c", "rank": 1, "backend": "gloo", "expires": now + 60})
+    r.rpush(rank_agent.QUEUE, expired, nccl, gloo)
+    every_gpu_busy = set(range(64))
+    assert rank_agent.claim(r, every_gpu_busy) == gloo.encode()
+    assert rank_agent.claim(redis.Redis.from_url(redis_url), every_gpu_busy) is None  # the second agent: nothing
+    assert r.lrange(rank_agent.QUEUE, 0, -1) == [nccl.encode()]
