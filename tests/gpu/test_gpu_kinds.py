@@ -108,6 +108,10 @@ def test_retrain_on_cuda_then_a_redelivered_job_resumes(on_cuda, tmp_path, monke
             raise Killed()
         return real(self, fraction, force, **info)
 
+    # the same feedback for a second tenant (acme's is used up: its next retrain has nothing new to train on)
+    add_tenant(on_cuda, "beta")
+    seed_feedback("beta", stdlib_review_pairs(8, max_code_lines=8))
+    body = {**body, "tenant": "beta"}
     monkeypatch.setattr(jobs.JobContext, "progress", die_at_8)
     job_id = new_id()
     with pytest.raises(Killed):
