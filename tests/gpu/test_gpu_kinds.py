@@ -92,7 +92,8 @@ def test_mixed_adapter_review_batch_equals_solo_rows_on_cuda(on_cuda, tmp_path, 
 
 def test_retrain_on_cuda_then_a_redelivered_job_resumes(on_cuda, tmp_path, monkeypatch):
     _set(monkeypatch, FOUNDRY_BASE_MODEL=save_tiny_model(tmp_path / "tiny"))
-    seed_feedback("acme", stdlib_review_pairs(8, max_code_lines=8))
+    pairs = stdlib_review_pairs(8, max_code_lines=8)
+    seed_feedback("acme", pairs)
     body = {"tenant": "acme", **RETRAIN, "lora_dropout": 0.0}
     whole = jobs.execute("retrain", new_id(), body, "gpu-test")
     assert whole["status"] == "succeeded", whole
@@ -108,9 +109,9 @@ def test_retrain_on_cuda_then_a_redelivered_job_resumes(on_cuda, tmp_path, monke
             raise Killed()
         return real(self, fraction, force, **info)
 
-    # the same feedback for a second tenant (acme's is used up: its next retrain has nothing new to train on)
-    add_tenant(on_cuda, "beta")
-    seed_feedback("beta", stdlib_review_pairs(8, max_code_lines=8))
+    # the same feedback for a second tenant, which seed_feedback makes (acme's feedback is used up: its next
+    # retrain has nothing new to train on)
+    seed_feedback("beta", pairs)
     body = {**body, "tenant": "beta"}
     monkeypatch.setattr(jobs.JobContext, "progress", die_at_8)
     job_id = new_id()
@@ -176,11 +177,11 @@ def test_an_nccl_group_binds_rank_0_to_its_gpu_and_reduces_on_it(on_cuda, tmp_pa
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (nccl, one process per GPU)")
 def test_two_process_retrain_on_two_gpus(on_cuda, tmp_path, monkeypatch):
     _set(monkeypatch, FOUNDRY_BASE_MODEL=save_tiny_model(tmp_path / "tiny"))
-    seed_feedback("acme", stdlib_review_pairs(8, max_code_lines=8))
+    pairs = stdlib_review_pairs(8, max_code_lines=8)
+    seed_feedback("acme", pairs)
     body = {"tenant": "acme", **RETRAIN, "lora_dropout": 0.0}
     one = jobs.execute("retrain", new_id(), body, "gpu-test")
-    add_tenant(on_cuda, "twin")
-    seed_feedback("twin", stdlib_review_pairs(8, max_code_lines=8))
+    seed_feedback("twin", pairs)  # makes the tenant
     two = jobs.execute("retrain", new_id(), {**body, "tenant": "twin", "procs": 2}, "gpu-test")
     assert one["status"] == two["status"] == "succeeded", (one, two)
     assert two["result"]["train_loss_final"] == pytest.approx(one["result"]["train_loss_final"], rel=1e-3)
