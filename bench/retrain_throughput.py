@@ -103,6 +103,7 @@ def run_foundry(base, examples, cfg: T.TrainConfig, pad_id: int) -> dict:
     (t1, k1), (tn, kn) = marks[0], marks[-1]
     return {"tokens_per_s": (kn - k1) / (tn - t1), "tokens": kn - k1, "seconds": tn - t1, "steps": result.steps,
             "final_loss": result.final_loss, "batches": len(batches), "unpadded_forward": unpadded,
+            "attention_kernels": result.attention_kernels,
             "padding_fraction": 1 - sum(b.tokens for b in batches) / sum(b.input_ids.numel() for b in batches)}
 
 
@@ -160,6 +161,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="repeat the three runs; medians are reported")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU only)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--compare-loop", action="store_true",
+                    help="a fourth run: packed with the per-sample sdpa loop forced (what the varlen kernel saves)")
     _shapes.add_option(ap)
     args = ap.parse_args()
     if args.device == "cpu":
@@ -185,13 +188,24 @@ def main() -> None:
         "foundry_packed": lambda: run_foundry(loaded.model, examples, T.TrainConfig(**common, packing=True),
                                               tok.pad_token_id),
     }
+    if args.compare_loop:
+        runs["foundry_packed_loop"] = []
+
+        def packed_loop():
+            with T.varlen.loop_only():
+                return run_foundry(loaded.model, examples, T.TrainConfig(**common, packing=True), tok.pad_token_id)
+
+        measure["foundry_packed_loop"] = packed_loop
     for r in range(args.repeats):
-        order = list(measure)[r % 3:] + list(measure)[:r % 3]  # rotate the order: drift on a shared machine evens out
+        k = len(measure)
+        order = list(measure)[r % k:] + list(measure)[:r % k]  # rotate the order: drift on a shared machine evens out
         for name in order:
             runs[name].append(measure[name]())
-        b, u, p = (runs[k][-1]["tokens_per_s"] for k in runs)
+        b, u, p = (runs[k][-1]["tokens_per_s"] for k in ("baseline_trainer", "foundry_unpacked", "foundry_packed"))
+        loop = (f" | packed, loop forced {runs['foundry_packed_loop'][-1]['tokens_per_s']:,.0f} tok/s"
+                if args.compare_loop else "")
         print(f"repeat {r + 1}: baseline {b:,.0f} tok/s | foundry unpacked {u:,.0f} tok/s ({u / b:.2f}x) | "
-              f"foundry packed {p:,.0f} tok/s ({p / b:.2f}x)")
+              f"foundry packed {p:,.0f} tok/s ({p / b:.2f}x){loop}")
     med = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in runs.items()}
     ratio_unpacked = statistics.median(u["tokens_per_s"] / b["tokens_per_s"]
                                        for b, u in zip(runs["baseline_trainer"], runs["foundry_unpacked"]))
@@ -203,12 +217,20 @@ def main() -> None:
                           ("foundry_packed", "foundry packed:   ", f"ratio_packed={ratio:.3f}")):
         run = runs[key][0]
         skipped = " (run unpadded: not computed)" if run["unpadded_forward"] else ""
+        skipped += f" [attention: {', '.join(run['attention_kernels']) or 'masked sdpa'}]"
         print(f"{label}               {med[key]:,.0f} tokens/s, padding {run['padding_fraction']:.0%}{skipped}  {r}")
+    ratio_kernel = None
+    if args.compare_loop:
+        ratio_kernel = statistics.median(p["tokens_per_s"] / lp["tokens_per_s"]
+                                         for p, lp in zip(runs["foundry_packed"], runs["foundry_packed_loop"]))
+        print(f"foundry packed, loop forced:     {med['foundry_packed_loop']:,.0f} tokens/s  "
+              f"packed/loop={ratio_kernel:.3f} (the varlen kernel's gain; 1.0 where the loop is the kernel)")
     out = {"model": model_name, "mode": _shapes.MODE_RANDOM if args.random_weights else _shapes.MODE_REAL,
            "device": args.device, "threads": torch.get_num_threads(), "samples": len(examples),
            "lengths": {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths)},
            "steps": steps, "batch_size": args.batch_size, "max_seq_len": args.max_seq_len, "repeats": args.repeats,
-           "median_tokens_per_s": med, "ratio_unpacked": ratio_unpacked, "ratio": ratio, "runs": runs,
+           "median_tokens_per_s": med, "ratio_unpacked": ratio_unpacked, "ratio": ratio,
+           "ratio_packed_over_loop": ratio_kernel, "runs": runs,
            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)

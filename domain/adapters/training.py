@@ -315,6 +315,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # one per step, from step 1 (resumed runs included)
     tokens: int = 0  # real tokens processed in this run (not counting steps done before a resume)
     seconds: float = 0.0
+    attention_kernels: list[str] = field(default_factory=list)  # varlen kernels the packed forwards ran (varlen.py)
 
     @property
     def final_loss(self) -> float:
@@ -347,6 +348,7 @@ def train(model, batches: list[Batch], cfg: TrainConfig, optimizer, scheduler, *
     result = TrainResult(steps=start_step, losses=list(losses or []))
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
+    varlen.reset_kernels()
     t0 = time.perf_counter()
     for step in range(start_step, cfg.max_steps):
         batch = batch_for_step(batches, step, cfg.seed)
@@ -370,6 +372,7 @@ def train(model, batches: list[Batch], cfg: TrainConfig, optimizer, scheduler, *
             hooks.checkpoint(done, "interval")
         hooks.check()
     result.seconds = time.perf_counter() - t0
+    result.attention_kernels = sorted(varlen.kernels_used())
     return result
 
 

@@ -1,10 +1,13 @@
 """Variable-length ("unpadded") attention for packed training batches.
 
 A packed batch is flattened to one row of real tokens (no tail padding) and attention runs once per sample.
-On CUDA with flash-attn installed, in fp16/bf16, that is one call of flash-attn's varlen kernel
-(``flash_attn_varlen_func`` over the samples' cumulative lengths); elsewhere a loop of
-``scaled_dot_product_attention`` with ``is_causal=True`` on each sample's slice, the same computation. Compared with a block-diagonal mask over padded rows this does no work on
-padding, builds no ``rows × L × L`` mask, and computes only the diagonal blocks of attention.
+On CUDA in fp16/bf16 that is one varlen kernel call over the samples' cumulative lengths: flash-attn's
+``flash_attn_varlen_func`` when flash-attn is installed, else torch's own ``torch.nn.attention.varlen.varlen_attn``
+(the flash-attention kernels built into CUDA builds of torch ≥ 2.10, so no extra wheel has to travel to a GPU
+host). Elsewhere (CPU, fp32, dropout in training) a loop of ``scaled_dot_product_attention`` with
+``is_causal=True`` on each sample's slice: the same computation. ``kernels_used()`` says which ran.
+Compared with a block-diagonal mask over padded rows this does no work on padding, builds no ``rows × L × L``
+mask, and computes only the diagonal blocks of attention.
 
 It plugs into transformers as an attention implementation (``foundry_varlen``), switched on for the packed
 forward only (``packed(model, lengths)``); it behaves exactly like ``sdpa`` outside ``segments(...)``, so a
@@ -13,6 +16,9 @@ review thread sharing the model meanwhile is unaffected.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
 import threading
 from contextlib import contextmanager
 
@@ -22,6 +28,12 @@ import torch.nn.functional as F
 NAME = "foundry_varlen"
 _SDPA_GQA = torch.__version__ >= "2.5"  # scaled_dot_product_attention(enable_gqa=...)
 _state = threading.local()
+log = logging.getLogger(__name__)
+KERNEL_FLASH_ATTN = "flash_attn_varlen"
+KERNEL_TORCH = "torch_varlen"
+KERNEL_LOOP = "sdpa_loop"
+_torch_varlen_failed: list[str] = []  # the reason, once torch's kernel refused its first call on this process
+_torch_varlen_ran: list[bool] = []  # one entry once it has run (later errors are real errors, not "unsupported")
 
 
 def _lengths() -> list[int] | None:
@@ -39,6 +51,32 @@ def segments(lengths: list[int] | None):
         _state.lengths = previous
 
 
+def kernels_used() -> set[str]:
+    """The kernels packed forwards of this thread ran since the last ``reset_kernels()``."""
+    return set(getattr(_state, "kernels", ()))
+
+
+def reset_kernels() -> None:
+    _state.kernels = set()
+
+
+def _used(name: str) -> None:
+    if not hasattr(_state, "kernels"):
+        _state.kernels = set()
+    _state.kernels.add(name)
+
+
+@contextmanager
+def loop_only():
+    """Packed forwards in this block use the per-sample loop whatever the device (benchmarks compare kernels)."""
+    previous = getattr(_state, "loop_only", False)
+    _state.loop_only = True
+    try:
+        yield
+    finally:
+        _state.loop_only = previous
+
+
 def flash_varlen():
     """flash-attn's ``flash_attn_varlen_func`` if flash-attn is installed, else None."""
     try:
@@ -48,6 +86,68 @@ def flash_varlen():
     return flash_attn_varlen_func
 
 
+@functools.lru_cache(maxsize=1)
+def _torch_varlen_spec():
+    """(varlen_attn, how it is told "causal", whether it takes scale, whether it takes enable_gqa), or None.
+    Its keywords changed between torch releases (``is_causal=True`` in the first, ``window_size=(-1, 0)``
+    later), so they are read off its signature."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None
+    return varlen_attn, causal, "scale" in params, "enable_gqa" in params
+
+
+def torch_varlen_available() -> bool:
+    return _torch_varlen_spec() is not None and not _torch_varlen_failed
+
+
+def _torch_varlen(query, key, value, lengths: list[int], scaling: float | None):
+    """torch's varlen kernel: (1, heads, T, d) in, (1, T, heads, d) out; None when it cannot run this call."""
+    spec = _torch_varlen_spec()
+    if spec is None or _torch_varlen_failed:
+        return None
+    fn, causal, takes_scale, takes_gqa = spec
+    kw = dict(causal)
+    if scaling is not None:
+        if takes_scale:
+            kw["scale"] = scaling
+        elif abs(scaling - query.shape[-1] ** -0.5) > 1e-9:
+            return None  # a scale this torch's kernel cannot be given
+    if key.shape[1] != query.shape[1]:
+        if takes_gqa:
+            kw["enable_gqa"] = True
+        else:
+            groups = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    cu = torch.tensor([0, *lengths], device=query.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    longest = max(lengths)
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (T, heads, d)
+    first = not _torch_varlen_ran
+    try:
+        out = fn(q, k, v, cu, cu, longest, longest, **kw)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+        if not first:
+            raise
+        # e.g. a GPU older than the kernel supports: say so once and use the loop from now on
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        _torch_varlen_failed.append(reason)
+        log.warning("torch varlen_attn cannot run here (%s); packed batches use the per-sample loop", reason)
+        return None
+    if first:
+        _torch_varlen_ran.append(True)
+    return out.unsqueeze(0)
+
+
 def _flash(fn, query, key, value, lengths: list[int], dropout: float, scaling: float | None):
     """One varlen kernel call: (1, heads, T, d) in, (1, T, heads, d) out; grouped key/value heads as they are."""
     cu = torch.tensor([0, *lengths], device=query.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
@@ -55,6 +155,18 @@ def _flash(fn, query, key, value, lengths: list[int], dropout: float, scaling: f
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, d)
     out = fn(q, k, v, cu, cu, longest, longest, dropout_p=dropout, softmax_scale=scaling, causal=True)
     return out.unsqueeze(0), None
+
+
+def _half_dtype(query) -> torch.dtype | None:
+    """fp16/bf16 the varlen kernels can run this CUDA query in (its own, or autocast's); None elsewhere."""
+    if not query.is_cuda:
+        return None
+    if query.dtype in (torch.float16, torch.bfloat16):
+        return query.dtype
+    if query.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        return dtype if dtype in (torch.float16, torch.bfloat16) else None
+    return None
 
 
 def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
@@ -67,9 +179,20 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
                                       **kwargs)
     if query.shape[0] != 1 or sum(lengths) != query.shape[2]:
         raise ValueError(f"varlen attention: segments {sum(lengths)} tokens, input {tuple(query.shape)}")
-    fn = flash_varlen() if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) else None
+    half = _half_dtype(query)
+    kernel_ok = half is not None and not getattr(_state, "loop_only", False)
+    if kernel_ok and query.dtype != half:  # fp32 activations under autocast: the kernels take the autocast dtype
+        query, key, value = query.to(half), key.to(half), value.to(half)
+    fn = flash_varlen() if kernel_ok else None
     if fn is not None:
+        _used(KERNEL_FLASH_ATTN)
         return _flash(fn, query, key, value, lengths, dropout if module.training else 0.0, scaling)
+    if kernel_ok and not (module.training and dropout > 0):  # torch's kernel has no dropout
+        out = _torch_varlen(query, key, value, lengths, scaling)
+        if out is not None:
+            _used(KERNEL_TORCH)
+            return out, None
+    _used(KERNEL_LOOP)
     groups = getattr(module, "num_key_value_groups", 1)
     gqa = {}
     if groups > 1:

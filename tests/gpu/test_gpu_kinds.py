@@ -6,14 +6,17 @@ no Redis, PostgreSQL or broker needed. Skipped without CUDA. ``bench/gpu_check.s
 
 from __future__ import annotations
 
+import contextlib
 import math
 import uuid
+from types import SimpleNamespace
 
 import pytest
 import torch
 from sqlalchemy import select
 
 from domain import artifacts, device, jobs
+from domain.adapters.data import IGNORE, TokenizedExample
 from domain.config import reset_settings
 from domain.errors import is_out_of_memory
 from domain.ledger.db import session_scope
@@ -188,8 +191,6 @@ def test_two_process_retrain_on_two_gpus(on_cuda, tmp_path, monkeypatch):
 
 
 def test_packed_attention_uses_flash_attn_varlen_on_cuda_and_matches_the_loop():
-    from types import SimpleNamespace
-
     from domain.adapters import varlen
 
     if varlen.flash_varlen() is None:
@@ -203,6 +204,52 @@ def test_packed_attention_uses_flash_attn_varlen_on_cuda_and_matches_the_loop():
         flash, _ = varlen._attention(module, q, k, v, None, scaling=0.125)
         loop, _ = varlen._attention(module, q.float(), k.float(), v.float(), None, scaling=0.125)  # fp32: the loop
     assert torch.allclose(flash.float(), loop, atol=2e-2)
+
+
+def test_packed_attention_runs_torchs_own_varlen_kernel_on_cuda_and_matches_the_loop(tiny_tokenizer):
+    """Without flash-attn, torch's varlen_attn (in CUDA torch) is the packed forward's kernel: output and
+    gradients equal the fp32 per-sample loop within bf16 tolerance, and a packed training forward of a tiny
+    model under bf16 autocast runs it (``kernels_used``) with the loop's loss."""
+    from domain.adapters import training as T
+    from domain.adapters import varlen
+    from tests.fixtures.tiny_models import tiny_model
+
+    if varlen._torch_varlen_spec() is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    torch.manual_seed(0)
+    lengths = [37, 64, 5]
+    q = torch.randn(1, 8, sum(lengths), 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, 2, sum(lengths), 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    out = varlen._torch_varlen(q, k, v, lengths, 0.125)
+    assert out is not None, varlen._torch_varlen_failed
+    weights = torch.randn_like(out, dtype=torch.float32)
+    (out.float() * weights).sum().backward()
+    kernel_grads = [t.grad.float() for t in (q, k, v)]
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    module = SimpleNamespace(num_key_value_groups=4, training=False)
+    with varlen.segments(lengths):
+        loop, _ = varlen._attention(module, q32, k32, v32, None, scaling=0.125)  # fp32: the loop
+    (loop * weights).sum().backward()
+    assert torch.allclose(out.float(), loop, atol=2e-2)
+    for got, want in zip(kernel_grads, (q32.grad, k32.grad, v32.grad)):
+        assert (got - want).norm() <= 0.02 * want.norm() + 1e-3
+    # the same kernel inside a packed training forward (bf16 autocast over fp32 weights, as retrain runs)
+    model = tiny_model(tiny_tokenizer).to("cuda")
+    g = torch.Generator().manual_seed(1)
+    exs = [TokenizedExample(ids, [IGNORE] * 3 + ids[3:])
+           for ids in (torch.randint(5, 500, (n,), generator=g).tolist() for n in (5, 9, 3, 12, 7, 20))]
+    batch = T.make_batches(exs, 2, 32, True, tiny_tokenizer.pad_token_id)[0]
+    losses = {}
+    for name, ctx in (("kernel", contextlib.nullcontext()), ("loop", varlen.loop_only())):
+        varlen.reset_kernels()
+        with ctx, torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            total, n, _ = T.completion_loss(model, batch)
+        losses[name] = float(total) / n
+        kernels = varlen.kernels_used()
+        assert kernels == ({varlen.KERNEL_LOOP} if name == "loop" else
+                           {varlen.KERNEL_FLASH_ATTN if varlen.flash_varlen() else varlen.KERNEL_TORCH}), kernels
+    assert losses["kernel"] == pytest.approx(losses["loop"], rel=2e-2)
 
 
 def test_fsdp_shards_a_student_on_cuda_and_gathers_the_one_process_step(on_cuda, tmp_path):
