@@ -95,6 +95,16 @@ class Runtime:
         self.slots.move_to_end(handle.version_id)
         return slot
 
+    def evict(self, version_id: str) -> bool:
+        """Drop a resident adapter and hand its memory back (GPU memory included); False if it was not resident.
+        The last one goes with PEFT's wrapper: the model is the bare base again until the next adapter."""
+        slot = self.slots.pop(version_id, None)
+        if slot is None:
+            return False
+        self.stats["evictions"] += 1
+        self._delete(slot)
+        return True
+
     def _place(self, path: Path, pinned: set[str]) -> str:
         from peft import PeftConfig
 
@@ -166,7 +176,11 @@ class Runtime:
         return cached
 
     def _delete(self, slot: str) -> None:
-        self.model.delete_adapter(slot)
+        if set(self._slot_config) == {slot}:  # PEFT keeps at least one adapter: unwrap to the base instead
+            self.model = self.model.unload()
+            self._prefix_cache.clear()
+        else:
+            self.model.delete_adapter(slot)
         self._slot_config.pop(slot, None)
         self._params_cache.pop(slot, None)
         self._forget_prefixes(slot)

@@ -249,3 +249,26 @@ def test_repetition_control_and_stop_rule_keep_batched_rows_equal_to_solo_rows(l
     assert any(len(set(tuple(p[i:i + 2]) for i in range(len(p) - 1))) < len(p) - 1 for p in plain), \
         "the uncontrolled model must repeat some bigram, or the ban proves nothing"
     assert banned_tokens([1, 2, 3, 1, 2], 3) == {3} and banned_tokens([1, 2], 3) == set()
+
+
+def test_evict_drops_an_adapter_and_the_last_one_leaves_the_bare_base(lively):
+    """``Runtime.evict``: the slot, its PEFT adapter and its parameters go; evicting the last adapter unwraps the
+    model to the base (no LoRA layers left), and the next adapter loads and generates as in a fresh runtime."""
+    base, adapters = lively
+    rt = new_runtime(base, max_adapters=3)
+    prompt = encode(rt, PROMPTS[0])
+    bare = rt.generate([prompt], [None], [10])[0]
+    slots = {name: rt.ensure_adapter(handle(adapters, name)) for name in ("v1", "v2")}
+    assert rt.evict("v1") and not rt.evict("v1") and not rt.evict("never-loaded")
+    assert list(rt.slots) == ["v2"] and slots["v1"] not in rt.model.peft_config
+    assert not any(slots["v1"] in n for n, _ in rt.model.named_parameters())
+    fresh = new_runtime(base)
+    v2_alone = fresh.generate([prompt], [fresh.ensure_adapter(handle(adapters, "v2"))], [10])[0]
+    assert rt.generate([prompt], [slots["v2"]], [10])[0] == v2_alone != bare  # v2 untouched by v1's eviction
+    assert rt.evict("v2") and rt.slots == {} and rt.stats["evictions"] == 2
+    assert not any("lora_" in n for n, _ in rt.model.named_parameters()) and rt.model is rt.base
+    assert rt.generate([prompt], [None], [10])[0] == bare
+    slot = rt.ensure_adapter(handle(adapters, "v3"))
+    fresh = new_runtime(base)
+    v3_alone = fresh.generate([prompt], [fresh.ensure_adapter(handle(adapters, "v3"))], [10])[0]
+    assert rt.generate([prompt], [slot], [10])[0] == v3_alone
