@@ -74,6 +74,50 @@ def cold_child(ref: str, adapter: str, device: str, max_new: int, threads: int |
                       "adapter_load_s": t_adapter, "review_s": t_review}))
 
 
+def profile_review(rt, code: str, path: str, handle, max_new: int) -> dict:
+    """One warm review's generation (``Runtime.generate``, the call the batcher makes) under torch.profiler: wall time against device busy time and kernel launches tells a
+    launch-bound decode (many small kernels, the GPU mostly idle) from a compute-bound one; the top operators
+    by host time say which layer of the stack (PEFT, attention, sampling) to work on."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = rt.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    before = dict(rt.timings)
+    from domain.prompting import fit_prompt, shared_prefix_len
+
+    fitted = fit_prompt(rt.tokenizer, code, path, None, False, [], context_window=rt.context_window,
+                        max_new_tokens=max_new)
+    prefix = shared_prefix_len(rt.tokenizer, fitted.input_ids)
+    slot = rt.ensure_adapter(handle)
+    # the batcher thread's call, made here: the profiler records the thread that starts it
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        rt.generate([fitted.input_ids], [slot], [max_new], prefix_lens=[prefix])
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    steps = int(rt.timings["decode_steps"] - before.get("decode_steps", 0)) or max_new
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    device_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events) if cuda else 0
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    out = {"wall_ms": wall * 1000, "decode_steps": steps, "ms_per_step": wall * 1000 / steps,
+           "prefill_ms": (rt.timings["prefill_s"] - before.get("prefill_s", 0)) * 1000,
+           "decode_ms": (rt.timings["decode_s"] - before.get("decode_s", 0)) * 1000,
+           "device_busy_ms": device_us / 1000, "kernel_launches": launches,
+           "launches_per_step": launches / steps if launches else None,
+           "top_host_ops": [{"op": e.key, "calls": e.count, "self_host_ms": e.self_cpu_time_total / 1000}
+                            for e in top]}
+    busy = f", device busy {out['device_busy_ms']:.1f} ms ({out['device_busy_ms'] / out['wall_ms']:.0%}), " \
+           f"{launches} kernel launches ({out['launches_per_step']:.0f} a step)" if cuda else ""
+    print(f"profile: one warm review {out['wall_ms']:.1f} ms, {steps} decode steps, {out['ms_per_step']:.1f} ms a "
+          f"step (prefill {out['prefill_ms']:.1f} ms, decode {out['decode_ms']:.1f} ms){busy}", flush=True)
+    for row in out["top_host_ops"]:
+        print(f"  {row['self_host_ms']:9.2f} ms host  {row['calls']:6d} calls  {row['op']}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="base model id/path (default: the embedded SmolLM2)")
@@ -84,6 +128,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--cold-child", metavar="ADAPTER_DIR", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="8 new tokens, 8 swaps, 1 warm run")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one more warm review (torch.profiler): where a decode step's time goes")
     from bench import _shapes
 
     _shapes.add_option(ap)
@@ -142,6 +188,7 @@ def main() -> None:
         loads_during_warm = rt.stats["adapter_loads"] + rt.stats["hotswaps"] - loads_before
         print(f"warm review: {warm:.2f} s (median of {len(warm_runs)}; model loads 0, adapter loads {loads_during_warm})",
               flush=True)
+        profile = profile_review(rt, code, path, handles[0], args.max_new_tokens) if args.profile else None
 
         # hot-swap: both slots full, each new adapter replaces the least recently used one in place
         rt.ensure_adapter(handles[1])
@@ -179,7 +226,7 @@ def main() -> None:
               "adapter_loads_during_warm": loads_during_warm, "base_loads_during_warm": 0,
               "hotswap_ms_median": swap_ms, "hotswap_ms": [s * 1000 for s in swaps],
               "set_adapter_ms_median": set_ms, "load_adapter_ms_median": load_ms,
-              "hotswap_target_ms": 10, "ratio": ratio}
+              "hotswap_target_ms": 10, "profile": profile, "ratio": ratio}
     out = ROOT / "bench" / "results" / _shapes.result_name("adapter_switch", args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -93,7 +93,7 @@ else
   # greedy rows equal to the naive path's are expected in fp32 only (bf16 kernels differ by batch shape, and the
   # random weights' near-flat logits turn any difference into another token): the identity check in fp32
   want review_batching_fp32 && FOUNDRY_COMPUTE_DTYPE=fp32 step review_batching_fp32 60 "$PY" bench/review_batching.py --random-weights --device cuda --requests 8 --batch-size 8 --max-new-tokens 16 --rounds 1 --tag fp32
-  want adapter_switch && step adapter_switch 100 "$PY" bench/adapter_switch.py --random-weights --device cuda --max-new-tokens 16 --swaps 8 --warm-runs 2
+  want adapter_switch && step adapter_switch 100 "$PY" bench/adapter_switch.py --random-weights --device cuda --max-new-tokens 16 --swaps 8 --warm-runs 2 --profile
   # 8 steps of batch 4 last about a second on the H200 (repeats 1.84x, 1.53x, 0.92x in one run): 32 steps;
   # --compare-loop: a fourth run with the per-sample loop forced, to show what torch's varlen kernel gives
   want retrain_throughput && step retrain_throughput 120 "$PY" bench/retrain_throughput.py --random-weights --device cuda --samples 128 --steps 32 --repeats 3 --compare-loop
