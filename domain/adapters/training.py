@@ -222,27 +222,39 @@ def _decoder_and_head(model):
     return decoder, base.get_output_embeddings()
 
 
+def _completion_positions(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``hidden[:, :-1]`` at the completion positions and their targets, on ``hidden``'s device. Targets kept on
+    the host (as batches are) give those positions as index tensors found on the host: a boolean mask on the
+    GPU would need its count first, one device sync per forward."""
+    keep = targets != IGNORE
+    if keep.device == hidden.device:
+        return hidden[:, :-1][keep], targets[keep]
+    rows, cols = keep.nonzero(as_tuple=True)
+    move = lambda t: t.to(hidden.device, non_blocking=True)  # noqa: E731
+    return hidden[:, :-1][move(rows), move(cols)], move(targets[keep])
+
+
 def completion_loss(model, batch: Batch, count_correct: bool = True) -> tuple[torch.Tensor, int, int]:
     """(sum of token losses, completion tokens, correctly predicted tokens) over the batch. Logits are made only
     at completion positions (the prompt's would cost a vocabulary-wide projection for nothing); training
     passes ``count_correct=False`` to skip the argmax over them."""
     decoder, head = _decoder_and_head(model)
     device = next(model.parameters()).device
-    b = batch.to(device)
-    if b.segments is not None and varlen.supported(decoder):
+    if batch.segments is not None and varlen.supported(decoder):
         # one row of real tokens, attention per sample: no padding (packed rows' tails, unpacked batches' short
-        # samples), no attention mask, no block-diagonal mask
-        input_ids, labels, position_ids, lengths = b.unpadded()
+        # samples), no attention mask, no block-diagonal mask. Unpadded where the batch is (the host), then moved.
+        input_ids, labels, position_ids, lengths = batch.unpadded()
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         with varlen.packed(decoder, lengths):
-            hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            hidden = decoder(input_ids=move(input_ids), position_ids=move(position_ids),
+                             use_cache=False).last_hidden_state
     else:
-        labels = b.labels
+        b = batch.to(device)
+        labels = batch.labels
         hidden = decoder(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
                          use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
-    logits = head(hidden[:, :-1][keep]).float()
-    y = targets[keep]
+    picked, y = _completion_positions(hidden, labels[:, 1:])
+    logits = head(picked).float()
     loss_sum = F.cross_entropy(logits, y, reduction="sum")
     correct = int((logits.argmax(-1) == y).sum()) if count_correct and logits.numel() else 0
     return loss_sum, int(y.numel()), correct
