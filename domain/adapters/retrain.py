@@ -227,7 +227,8 @@ def _precisions(decision) -> dict | None:
 def _metrics(job: _Setup, data: _Data, result: training.TrainResult, start: int, decision) -> dict:
     return {"train_loss_first": result.losses[0] if result.losses else None, "train_loss_final": result.final_loss,
             "steps": result.steps, "resumed_from_step": start, "tokens_per_s": result.tokens_per_s,
-            "attention_kernels": result.attention_kernels, "eval": decision.candidate, "reference_eval": decision.baseline, "reference": decision.reference,
+            "attention_kernels": result.attention_kernels,
+            "eval": decision.candidate, "reference_eval": decision.baseline, "reference": decision.reference,
             "gate": {"promote": decision.promote, "reason": decision.reason, "margin": decision.margin,
                      "relative_improvement": decision.relative_improvement, "quality": decision.quality},
             "train_examples": len(data.train_ex), "eval_examples": len(data.eval_ex),
