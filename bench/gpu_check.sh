@@ -22,6 +22,10 @@ LOG=$DEST/gpu_check.log
 : > "$LOG"
 exec > >(tee -a "$LOG") 2>&1
 PY=${PYTHON:-python3}
+# here (no GPU), python3 may be a bare interpreter: the project's venv then stands in (the GPU machine has none)
+if [ -z "${PYTHON:-}" ] && ! python3 -c "import torch" >/dev/null 2>&1 && [ -x .venv/bin/python ]; then
+  PY=$ROOT/.venv/bin/python
+fi
 BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 T0=$(date +%s)
 STEPS=$(mktemp -d)
