@@ -35,15 +35,21 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 def review(rt, code: str, path: str, handle, max_new: int) -> float:
     """One review on the runtime as handle_review runs it: fit the prompt, one batch row, wait."""
     from domain.review.batcher import GenerationRequest
-    from domain.prompting import fit_prompt, shared_prefix_len
 
     t0 = time.perf_counter()
+    ids, prefix = fitted_prompt(rt, code, path, max_new)
+    rt.batcher.submit(GenerationRequest(ids, max_new, handle, prefix)).result()
+    return time.perf_counter() - t0
+
+
+def fitted_prompt(rt, code: str, path: str, max_new: int) -> tuple[list[int], int]:
+    """The review prompt's token ids as handle_review fits them, and the length of its shared prefix."""
+    from domain.prompting import fit_prompt, shared_prefix_len
+
     with rt.tokenizer_lock:
         fitted = fit_prompt(rt.tokenizer, code, path, None, False, [], context_window=rt.context_window,
                             max_new_tokens=max_new)
-        prefix = shared_prefix_len(rt.tokenizer, fitted.input_ids)
-    rt.batcher.submit(GenerationRequest(fitted.input_ids, max_new, handle, prefix)).result()
-    return time.perf_counter() - t0
+        return fitted.input_ids, shared_prefix_len(rt.tokenizer, fitted.input_ids)
 
 
 def cold_child(ref: str, adapter: str, device: str, max_new: int, threads: int | None) -> None:
@@ -75,25 +81,22 @@ def cold_child(ref: str, adapter: str, device: str, max_new: int, threads: int |
 
 
 def profile_review(rt, code: str, path: str, handle, max_new: int) -> dict:
-    """One warm review's generation (``Runtime.generate``, the call the batcher makes) under torch.profiler: wall time against device busy time and kernel launches tells a
-    launch-bound decode (many small kernels, the GPU mostly idle) from a compute-bound one; the top operators
-    by host time say which layer of the stack (PEFT, attention, sampling) to work on."""
+    """One warm review's generation (``Runtime.generate``, the call the batcher makes) under torch.profiler:
+    wall time against device busy time and kernel launches tells a launch-bound decode (many small kernels,
+    the GPU mostly idle) from a compute-bound one; the top operators by host time say which layer of the stack
+    (PEFT, attention, sampling) to work on."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     cuda = rt.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    before = dict(rt.timings)
-    from domain.prompting import fit_prompt, shared_prefix_len
-
-    fitted = fit_prompt(rt.tokenizer, code, path, None, False, [], context_window=rt.context_window,
-                        max_new_tokens=max_new)
-    prefix = shared_prefix_len(rt.tokenizer, fitted.input_ids)
+    ids, prefix = fitted_prompt(rt, code, path, max_new)
     slot = rt.ensure_adapter(handle)
+    before = dict(rt.timings)
     # the batcher thread's call, made here: the profiler records the thread that starts it
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
-        rt.generate([fitted.input_ids], [slot], [max_new], prefix_lens=[prefix])
+        rt.generate([ids], [slot], [max_new], prefix_lens=[prefix])
         if cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0

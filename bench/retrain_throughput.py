@@ -191,14 +191,14 @@ def main() -> None:
     if args.compare_loop:
         runs["foundry_packed_loop"] = []
 
-        def packed_loop():
+        def packed_loop(packed=measure["foundry_packed"]):
             with T.varlen.loop_only():
-                return run_foundry(loaded.model, examples, T.TrainConfig(**common, packing=True), tok.pad_token_id)
+                return packed()
 
         measure["foundry_packed_loop"] = packed_loop
     for r in range(args.repeats):
-        k = len(measure)
-        order = list(measure)[r % k:] + list(measure)[:r % k]  # rotate the order: drift on a shared machine evens out
+        n = len(measure)
+        order = list(measure)[r % n:] + list(measure)[:r % n]  # rotate the order: drift on a shared machine evens out
         for name in order:
             runs[name].append(measure[name]())
         b, u, p = (runs[k][-1]["tokens_per_s"] for k in ("baseline_trainer", "foundry_unpacked", "foundry_packed"))

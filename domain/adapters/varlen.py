@@ -86,6 +86,12 @@ def flash_varlen():
     return flash_attn_varlen_func
 
 
+def _cu_seqlens(lengths: list[int], device) -> tuple[torch.Tensor, int]:
+    """The varlen kernels' int32 cumulative sample lengths (0 first) and the longest sample."""
+    cu = torch.tensor([0, *lengths], device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return cu, max(lengths)
+
+
 @functools.lru_cache(maxsize=1)
 def _torch_varlen_spec():
     """(varlen_attn, how it is told "causal", whether it takes scale, whether it takes enable_gqa), or None.
@@ -127,8 +133,7 @@ def _torch_varlen(query, key, value, lengths: list[int], scaling: float | None):
         else:
             groups = query.shape[1] // key.shape[1]
             key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    cu = torch.tensor([0, *lengths], device=query.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    longest = max(lengths)
+    cu, longest = _cu_seqlens(lengths, query.device)
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (T, heads, d)
     first = not _torch_varlen_ran
     try:
@@ -150,8 +155,7 @@ def _torch_varlen(query, key, value, lengths: list[int], scaling: float | None):
 
 def _flash(fn, query, key, value, lengths: list[int], dropout: float, scaling: float | None):
     """One varlen kernel call: (1, heads, T, d) in, (1, T, heads, d) out; grouped key/value heads as they are."""
-    cu = torch.tensor([0, *lengths], device=query.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    longest = max(lengths)
+    cu, longest = _cu_seqlens(lengths, query.device)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, d)
     out = fn(q, k, v, cu, cu, longest, longest, dropout_p=dropout, softmax_scale=scaling, causal=True)
     return out.unsqueeze(0), None

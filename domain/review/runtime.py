@@ -178,7 +178,6 @@ class Runtime:
     def _delete(self, slot: str) -> None:
         if set(self._slot_config) == {slot}:  # PEFT keeps at least one adapter: unwrap to the base instead
             self.model = self.model.unload()
-            self._prefix_cache.clear()
         else:
             self.model.delete_adapter(slot)
         self._slot_config.pop(slot, None)
