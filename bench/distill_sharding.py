@@ -1,14 +1,16 @@
-"""Benchmark: a distill job on two processes with the student sharded (strategy fsdp) against replicated (ddp).
+"""Benchmark: a distill job on two processes with student and teacher sharded (strategy fsdp) against replicated (ddp).
 
 The same job twice through real ``distill`` jobs (domain.jobs.execute on a throwaway SQLite ledger, gloo on
 the CPU, nccl where FOUNDRY_DEVICE is CUDA and two GPUs are there), ``procs: 2``, same teacher, student,
 batches and schedule; only ``strategy`` differs. Measured: rank 0's training state after its first step
-(parameters, gradients, AdamW states: the report's ``train_state_bytes_per_rank``), training steps/s, and the
+(parameters, gradients, AdamW states: the report's ``train_state_bytes_per_rank``), the teacher's weights on
+rank 0 (``teacher_bytes_per_rank``: whole under ddp, its shards under fsdp), training steps/s, and the
 final loss of each (they must agree: the same updates).
 
 Headline: ``ratio=`` ddp training state per rank / fsdp training state per rank (larger is better; 2 ranks
-at most 2, less the padding of shards). Steps/s of both are printed beside it: fsdp all-gathers every layer
-in forward and backward, which costs time on the CPU.
+at most 2, less the padding of shards). Printed beside it: the same ratio for all rank 0 holds (training
+state plus teacher), and steps/s of both: fsdp all-gathers every layer of both models in forward (and the
+student's in backward), which costs time on the CPU.
 
     .venv/bin/python bench/distill_sharding.py                  # the embedded SmolLM2-135M, 6 of 30 layers
     .venv/bin/python bench/distill_sharding.py --random-weights # its shapes, random weights (bench/_shapes.py)
@@ -48,6 +50,7 @@ def run_job(teacher: str, strategy: str, a: argparse.Namespace) -> dict:
         tps = float(s.get(Job, out["job_id"]).progress_info.get("tokens_per_s") or 0.0)
     r = out["result"]["report"]
     return {"strategy": r["strategy"], "train_state_bytes_per_rank": r["train_state_bytes_per_rank"],
+            "teacher_bytes_per_rank": r["teacher_bytes_per_rank"], "teacher_params": r["teacher_params"],
             "student_params": r["student_params"], "final_loss": r["final_loss"], "tokens_per_s": tps,
             "steps_per_s": tps / (a.batch_size * a.seq_len), "job_seconds": time.perf_counter() - t0}
 
@@ -85,16 +88,21 @@ def main() -> None:
     fsdp = run_job(teacher, "fsdp", a)
     for r in (ddp, fsdp):
         print(f"{r['strategy']}: rank 0 training state {r['train_state_bytes_per_rank'] / 2**20:.1f} MiB "
-              f"({r['student_params'] / 1e6:.1f} M student parameters) | {r['steps_per_s']:.3f} steps/s | "
+              f"({r['student_params'] / 1e6:.1f} M student parameters), teacher "
+              f"{r['teacher_bytes_per_rank'] / 2**20:.1f} MiB ({r['teacher_params'] / 1e6:.1f} M) | "
+              f"{r['steps_per_s']:.3f} steps/s | "
               f"final loss {r['final_loss']:.5f} | {r['job_seconds']:.0f} s", flush=True)
     same = abs(ddp["final_loss"] - fsdp["final_loss"]) <= 1e-3 * abs(ddp["final_loss"])
     print(f"same final loss (rel 1e-3): {same}; fsdp steps/s / ddp steps/s: "
           f"{fsdp['steps_per_s'] / max(ddp['steps_per_s'], 1e-12):.3f}")
     ratio = ddp["train_state_bytes_per_rank"] / fsdp["train_state_bytes_per_rank"]
+    held = {k: r["train_state_bytes_per_rank"] + r["teacher_bytes_per_rank"] for k, r in (("ddp", ddp), ("fsdp", fsdp))}
+    print(f"rank 0 in all (training state + teacher): ddp {held['ddp'] / 2**20:.1f} MiB, fsdp "
+          f"{held['fsdp'] / 2**20:.1f} MiB: {held['ddp'] / held['fsdp']:.4f}x")
     result = {"benchmark": "distill_sharding", "mode": mode, "device": os.environ.get("FOUNDRY_DEVICE", "cpu"),
               "teacher": teacher, "quick": q, "machine": platform.platform(), "cpu_count": os.cpu_count(),
               "settings": {k: v for k, v in vars(a).items() if k not in ("out", "model")}, "ddp": ddp, "fsdp": fsdp,
-              "same_final_loss": same, "ratio": ratio,
+              "same_final_loss": same, "rank0_bytes_ratio": held["ddp"] / held["fsdp"], "ratio": ratio,
               "ratio_definition": "rank 0 training state bytes, ddp / fsdp (2 processes)"}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2))

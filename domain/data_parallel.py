@@ -31,8 +31,8 @@ bound to its GPU (``rank_device``, counted from the GPU rank 0 is configured on:
 Helpers exit when rank 0 goes away (a collective breaks or times out) or when the process that started them
 (rank 0, or the rank agent) does.
 
-Strategy fsdp (distill: ``strategy_for``, ``fsdp_shard``): the student is sharded over the ranks with torch
-FSDP2 instead of replicated; ``fsdp_full_state`` gathers it to rank 0 (a collective) for checkpoints in the
+Strategy fsdp (distill: ``strategy_for``, ``fsdp_shard``): the student, and the frozen teacher, are sharded
+over the ranks with torch FSDP2 instead of replicated; ``fsdp_full_state`` gathers it to rank 0 (a collective) for checkpoints in the
 one-process format, and ``agree`` broadcasts rank 0's soft stop so every rank takes part in that gather.
 
 Several hosts (docs/operations.md, "Training across hosts"): rank 0 puts the launch files, and the local
@@ -172,12 +172,16 @@ def strategy_for(spec, settings, procs: int) -> str:
     return strategy
 
 
-def fsdp_shard(model: torch.nn.Module, device: str) -> None:
-    """Shard ``model`` in place over the group (FSDP2 ``fully_shard``; it moves to ``device``): each decoder
-    layer (the classes in the model's ``_no_split_modules``) its own unit, the rest (embeddings, final norm,
-    output head, so tied weights stay together) the root's. FSDP averages the gradients over the ranks, so a
-    loop whose loss is already divided by the whole batch's token count backpropagates ``world`` times it
-    (``fsdp_loss_scale``): a sum is what one process would have (gloo has no pre-multiplied reduce-scatter)."""
+def fsdp_shard(model: torch.nn.Module, device: str, *, frozen: bool = False) -> None:
+    """Shard ``model`` in place over the group (FSDP2 ``fully_shard``; it moves each unit's shards to
+    ``device``, so a model loaded in host memory never lies whole on the GPU): each decoder layer (the classes
+    in the model's ``_no_split_modules``) its own unit, the rest (embeddings, final norm, output head, so tied
+    weights stay together) the root's. FSDP averages the gradients over the ranks, so a loop whose loss is
+    already divided by the whole batch's token count backpropagates ``world`` times it (``fsdp_loss_scale``):
+    a sum is what one process would have (gloo has no pre-multiplied reduce-scatter).
+    ``frozen``: a model that only runs forward under no_grad (a distill job's teacher): the root's weights are
+    freed after each forward too (FSDP keeps a trained root's gathered for the backward that follows). Every
+    rank must then call its forward the same number of times: each forward all-gathers every unit."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -189,7 +193,7 @@ def fsdp_shard(model: torch.nn.Module, device: str) -> None:
     mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
     for layer in layers:
         fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard(model, mesh=mesh, **({"reshard_after_forward": True} if frozen else {}))
 
 
 def fsdp_loss_scale() -> float:
@@ -239,6 +243,12 @@ def local_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
     for state in optimizer.state.values():
         total += sum(local(v).nbytes for v in state.values() if torch.is_tensor(v))
     return total
+
+
+def local_weight_bytes(model: torch.nn.Module) -> int:
+    """The bytes of ``model``'s parameters that this rank holds (its shards under ``fsdp_shard``): a frozen
+    teacher's share of the rank's memory."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in model.parameters())
 
 
 def agree(flag: bool, device: str | torch.device) -> bool:

@@ -28,8 +28,12 @@ With ``strategy: fsdp`` (or FOUNDRY_TRAIN_STRATEGY=fsdp) every rank shards the s
 ranks, the gradients reduce-scattered as sums. Checkpoints are the same files (rank 0 gathers the full
 weights and optimizer state, every rank taking part: interval steps are known to all, a soft stop is
 broadcast from rank 0), so a checkpoint resumes with either strategy and any number of processes; at the
-end rank 0 gathers the trained student into a plain copy for the evaluation and the artifact. The teacher
-stays whole on every rank.
+end rank 0 gathers the trained student into a plain copy for the evaluation and the artifact. The frozen
+teacher is sharded too (``frozen=True``: forward only, each layer all-gathered for its forward and freed
+after it): every rank loads it into host memory and FSDP moves only its shards to the device, so neither
+model need fit one GPU. Every forward of a sharded teacher needs every rank, so the closing evaluation runs
+inside the process group: rank 0 compares, the helpers run the teacher's forwards on the same held-out
+blocks (``heldout.reference_passes``).
 
 Failure codes: ``cuda_oom`` (``out_of_memory`` on the CPU), ``tokenizer_mismatch`` (teacher and student vocabularies differ),
 ``diverging_loss`` (NaN/inf, or a loss above ``DIVERGENCE_FACTOR`` × the first step's).
@@ -59,6 +63,7 @@ from domain.paths import data_root, fresh_dir
 from domain.specs import DistillSpec
 
 DIVERGENCE_FACTOR = 10.0
+EVAL_BATCH = 4  # held-out rows a forward in the closing comparison
 
 
 # ---- the loss ---------------------------------------------------------------------------------
@@ -372,10 +377,7 @@ def handle_distill(spec: DistillSpec, ctx: JobContext) -> Outcome:
     t0 = time.perf_counter()
     run = _setup(spec, ctx)
     trained = _train(spec, ctx, run)
-
-    ctx.progress(0.9, stage="evaluate", force=True)
-    run.student.eval()
-    cmp = heldout.compare(run.teacher, run.student, run.evals, batch_size=4, on_batch=lambda _: ctx.check())
+    cmp = trained.comparison or _evaluate(ctx, run)  # fsdp: evaluated in the group (its teacher is sharded)
 
     report = _report(spec, run, trained, cmp)
     lineage = {"teacher": run.teacher_ref, "teacher_hash": model_fingerprint(run.teacher_ref), **run.made,
@@ -417,6 +419,8 @@ class _Run:
     resume: checkpoints.Loaded | None
     procs: int  # training processes (domain/data_parallel.py)
     strategy: str  # "single", "ddp" or "fsdp" (data_parallel.strategy_for); fsdp: optimizer made in the group
+    teacher_params: int  # counted before any sharding
+    teacher_bytes: int  # the teacher's weights on rank 0 (its shards once fsdp has split it)
 
 
 @dataclass
@@ -428,6 +432,7 @@ class _Trained:
     tokens: int = 0
     last: dict = field(default_factory=dict)  # loss, kl, ce of the last step
     state_bytes: int = 0  # rank 0's training state after its first step (data_parallel.local_state_bytes)
+    comparison: heldout.Comparison | None = None  # fsdp: the closing evaluation, run inside the process group
 
     @classmethod
     def resumed(cls, ckpt: checkpoints.Loaded | None) -> _Trained:
@@ -441,9 +446,11 @@ class _Trained:
         return {"first_loss": self.first_loss, "trained_tokens": self.tokens, **self.last}
 
 
-def _load_teacher(teacher_ref: str, spec: DistillSpec, device: torch.device):
+def _load_teacher(teacher_ref: str, spec: DistillSpec, device: torch.device, *, sharded: bool = False):
+    """The frozen teacher on ``device``; ``sharded`` (strategy fsdp): left in host memory, in ``device``'s
+    dtype, for ``data_parallel.fsdp_shard`` to split onto the ranks' devices."""
     try:
-        loaded = load_causal_lm(teacher_ref, device=str(device))
+        loaded = load_causal_lm(teacher_ref, device=str(device), keep_on_cpu=sharded)
     except ModelLoadError as exc:
         raise InvalidJob(f"teacher: {exc}", field="teacher") from exc
     if getattr(loaded.model.config, "quantization_config", None) is not None:
@@ -487,7 +494,7 @@ def _setup(spec: DistillSpec, ctx: JobContext) -> _Run:
     strategy = data_parallel.strategy_for(spec, ctx.settings, procs)
     device = resolve_device(ctx.settings.device)
     teacher_ref = spec.teacher or ctx.settings.base_model_ref()
-    loaded = _load_teacher(teacher_ref, spec, device)
+    loaded = _load_teacher(teacher_ref, spec, device, sharded=strategy == "fsdp")
     teacher, tok = loaded.model, loaded.tokenizer
     steps = total_steps(spec)
     blocks = training_blocks(spec, tok, steps)
@@ -505,7 +512,8 @@ def _setup(spec: DistillSpec, ctx: JobContext) -> _Run:
     optimizer, scheduler = (None, None) if strategy == "fsdp" else _trainable(student, spec, steps, device, resume)
     return _Run(teacher_ref=teacher_ref, device=device, teacher=teacher, tokenizer=tok, steps=steps, blocks=blocks,
                 evals=evals, eval_source=eval_source, student=student, made=made, optimizer=optimizer,
-                scheduler=scheduler, resume=resume, procs=procs, strategy=strategy)
+                scheduler=scheduler, resume=resume, procs=procs, strategy=strategy, teacher_params=n_params(teacher),
+                teacher_bytes=data_parallel.local_weight_bytes(teacher))
 
 
 def _steps(spec: DistillSpec, blocks: torch.Tensor, steps: int, device: torch.device, trained: _Trained,
@@ -581,28 +589,35 @@ def _train(spec: DistillSpec, ctx: JobContext, run: _Run) -> _Trained:
         return trained
     args = {"spec": spec.model_dump(mode="json"), "teacher": run.teacher_ref, "made": run.made,
             "resume_dir": str(run.resume.folder) if run.resume is not None else None, "strategy": run.strategy}
+    data = {"blocks": run.blocks.cpu(), **({"evals": run.evals.cpu()} if fsdp else {})}
     with data_parallel.process_group("distill", run.procs, data_root() / "dist" / ctx.job_id,
-                                     device=ctx.settings.device, args=args, data={"blocks": run.blocks.cpu()},
+                                     device=ctx.settings.device, args=args, data=data,
                                      trees={"resume": args["resume_dir"]}, job_id=ctx.job_id):
-        if fsdp:
+        if fsdp:  # student and teacher split over the ranks; a host copy of the student takes the result
+            plain = copy.deepcopy(run.student)
             run.optimizer, run.scheduler = _fsdp_trainable(run.student, spec, run.steps, run.device, run.resume)
+            data_parallel.fsdp_shard(run.teacher, str(run.device), frozen=True)
+            run.teacher_bytes = data_parallel.local_weight_bytes(run.teacher)
         _steps(spec, run.blocks, run.steps, run.device, trained,
                _sharded(spec, run.student, run.teacher, run.optimizer, run.scheduler, 0, run.procs, fsdp), after)
         if fsdp:  # the trained student, gathered, as a plain model for the evaluation and the artifact
             weights, _ = data_parallel.fsdp_full_state(run.student, run.optimizer)
-            run.student = _plain_student(spec, run, weights)
+            plain.load_state_dict(weights)
+            run.student = plain.to(run.device)
+            trained.comparison = _evaluate(ctx, run)  # the helpers run the sharded teacher's forwards with it
     return trained
 
 
-def _plain_student(spec: DistillSpec, run: _Run, weights: dict) -> torch.nn.Module:
-    """A fresh, unsharded student (the same layers: ``run.made``) with ``weights``, on ``run.device``."""
-    student, _ = build_student(spec, run.teacher, run.tokenizer, made_before=run.made)
-    student.load_state_dict(weights)
-    return student.to(run.device)
+def _evaluate(ctx: JobContext, run: _Run) -> heldout.Comparison:
+    """Teacher and trained student on the held-out blocks (``heldout.compare``). With a sharded teacher every
+    rank takes part: the helpers run its forwards on the same blocks (``rank_main``)."""
+    ctx.progress(0.9, stage="evaluate", force=True)
+    run.student.eval()
+    return heldout.compare(run.teacher, run.student, run.evals, batch_size=EVAL_BATCH, on_batch=lambda _: ctx.check())
 
 
 def _report(spec: DistillSpec, run: _Run, trained: _Trained, cmp) -> dict:
-    t_params, s_params = n_params(run.teacher), n_params(run.student)
+    t_params, s_params = run.teacher_params, n_params(run.student)
     return {
         "teacher_params": t_params, "student_params": s_params, "parameter_compression_ratio": t_params / s_params,
         "teacher_layers": run.teacher.config.num_hidden_layers, "student_layers": run.student.config.num_hidden_layers,
@@ -613,6 +628,7 @@ def _report(spec: DistillSpec, run: _Run, trained: _Trained, cmp) -> dict:
         "speedup": cmp.tokens_per_s_candidate / cmp.tokens_per_s_reference,
         "steps": run.steps, "trained_tokens": trained.tokens, "resumed_from_step": trained.start, "procs": run.procs,
         "strategy": run.strategy, "train_state_bytes_per_rank": trained.state_bytes,
+        "teacher_bytes_per_rank": run.teacher_bytes,
         "final_loss": trained.last.get("loss"), "final_kl": trained.last.get("kl"), "final_ce": trained.last.get("ce"),
         "temperature": spec.temperature, "alpha": spec.alpha, "learning_rate": spec.learning_rate,
         "batch_size": spec.batch_size, "seq_len": spec.seq_len,
@@ -632,20 +648,24 @@ def _publish(ctx: JobContext, run: _Run, report: dict, lineage: dict) -> Publish
 
 def rank_main(args: dict, data: dict, rank: int, world: int, device: str) -> None:
     """Rank ``rank``'s part of a distill job: rank 0's teacher, student (its kept layers, not selected again)
-    and checkpoint, then the same steps on this rank's rows. Writes nothing."""
+    and checkpoint, then the same steps on this rank's rows. fsdp: both models sharded, and after the last
+    step this rank's part in gathering the student and in the teacher's forwards of the closing evaluation.
+    Writes nothing."""
     spec = DistillSpec.model_validate(args["spec"])
     dev = torch.device(device)
-    loaded = _load_teacher(args["teacher"], spec, dev)
+    fsdp = args.get("strategy") == "fsdp"
+    loaded = _load_teacher(args["teacher"], spec, dev, sharded=fsdp)
     torch.manual_seed(spec.seed)
     student, _ = build_student(spec, loaded.model, loaded.tokenizer, made_before=args["made"])
     resume = checkpoints.read(args["resume_dir"]) if args["resume_dir"] else None
     steps = total_steps(spec)
-    if args.get("strategy") != "fsdp":
+    if not fsdp:
         optimizer, scheduler = _trainable(student, spec, steps, dev, resume)
         _steps(spec, data["blocks"], steps, dev, _Trained.resumed(resume),
                _sharded(spec, student, loaded.model, optimizer, scheduler, rank, world))
         return
-    optimizer, scheduler = _fsdp_trainable(student.to(dev), spec, steps, dev, resume)
+    optimizer, scheduler = _fsdp_trainable(student, spec, steps, dev, resume)
+    data_parallel.fsdp_shard(loaded.model, device, frozen=True)
 
     def after(done: int) -> bool:  # rank 0's checkpoints gather from every rank: take part, and stop with it
         stop = data_parallel.agree(False, dev)
@@ -656,3 +676,4 @@ def rank_main(args: dict, data: dict, rank: int, world: int, device: str) -> Non
     if not _steps(spec, data["blocks"], steps, dev, _Trained.resumed(resume),
                   _sharded(spec, student, loaded.model, optimizer, scheduler, rank, world, fsdp=True), after):
         data_parallel.fsdp_full_state(student, optimizer)  # the trained student, gathered to rank 0
+        heldout.reference_passes(loaded.model, data["evals"], batch_size=EVAL_BATCH)

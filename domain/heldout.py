@@ -162,7 +162,17 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 4, on_batch: Calla
     return Quality(perplexity=math.exp(nll / count), tokens=count, tokens_per_s=seen / max(seconds, 1e-9))
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2's all-gathers fail on inference tensors (a sharded teacher)
+def reference_passes(reference, blocks: torch.Tensor, batch_size: int = 4) -> None:
+    """The forwards of ``reference`` that ``compare`` runs on the same arguments, and nothing else: a rank that
+    holds part of a sharded reference (FSDP) takes part in each of them while rank 0 compares."""
+    if blocks.numel() == 0:
+        return
+    for ids in _batches(blocks, batch_size):
+        _logits(reference, ids)
+
+
+@torch.no_grad()  # as reference_passes: its reference may be sharded
 def compare(reference, candidate, blocks: torch.Tensor, batch_size: int = 4,
             on_batch: Callable[[float], None] | None = None) -> Comparison:
     """Score both models on the same blocks (batch by batch: no full logits tensor is kept)."""

@@ -72,13 +72,17 @@ def load_tokenizer(ref: str):
 _load_lock = threading.RLock()  # transformers' loading is not thread-safe (meta-tensor init, lazy imports)
 
 
-def load_causal_lm(ref: str, device: str = "auto", dtype: torch.dtype | None = None, quantization_config=None) -> LoadedModel:
-    """Load a causal LM and its tokenizer from a Hugging Face id or a local path (one load at a time per process)."""
+def load_causal_lm(ref: str, device: str = "auto", dtype: torch.dtype | None = None, quantization_config=None,
+                   keep_on_cpu: bool = False) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a Hugging Face id or a local path (one load at a time per process).
+    ``keep_on_cpu``: dtype and attention kernel chosen for ``device``, but the weights left in host memory (a
+    model that FSDP will shard onto ``device``, so that no GPU ever holds all of it)."""
     with _load_lock:
-        return _load_causal_lm(ref, device, dtype, quantization_config)
+        return _load_causal_lm(ref, device, dtype, quantization_config, keep_on_cpu)
 
 
-def _load_causal_lm(ref: str, device: str, dtype: torch.dtype | None, quantization_config) -> LoadedModel:
+def _load_causal_lm(ref: str, device: str, dtype: torch.dtype | None, quantization_config,
+                    keep_on_cpu: bool = False) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     dev = resolve_device(device)
@@ -97,7 +101,9 @@ def _load_causal_lm(ref: str, device: str, dtype: torch.dtype | None, quantizati
         model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {ref!r}: {exc}") from exc
-    if quantization_config is None:
+    if keep_on_cpu and quantization_config is None:
+        dev = torch.device("cpu")
+    elif quantization_config is None:
         model.to(dev)
     model.eval()
     tok = load_tokenizer(ref)

@@ -124,8 +124,9 @@ class DistillSpec(JobSpec):
     eval_max_tokens: int = Field(4096, ge=64, le=1_000_000, description="Held-out tokens for the quality report.")
     procs: int | None = Field(None, ge=1, le=64, description="Training processes (torch.distributed); default FOUNDRY_TRAIN_PROCS.")
     strategy: Literal["ddp", "fsdp"] | None = Field(
-        None, description="How the processes share the student: 'ddp' (each holds all of it) or 'fsdp' (weights, "
-        "gradients and optimizer states sharded over them); default FOUNDRY_TRAIN_STRATEGY.")
+        None, description="How the processes share the models: 'ddp' (each holds all of both) or 'fsdp' (the "
+        "student's weights, gradients and optimizer states and the teacher's weights sharded over them); default "
+        "FOUNDRY_TRAIN_STRATEGY.")
 
     @field_validator("kept_layers")
     @classmethod

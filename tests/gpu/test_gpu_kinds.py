@@ -261,14 +261,18 @@ def test_packed_attention_runs_torchs_own_varlen_kernel_on_cuda_and_matches_the_
 
 def test_fsdp_shards_a_student_on_cuda_and_gathers_the_one_process_step(on_cuda, tmp_path):
     """Strategy fsdp's pieces on nccl and CUDA (one GPU: a group of one): ``fsdp_shard`` puts DTensor shards
-    on the GPU, a step through ``sharded_step(fsdp=True)`` equals the plain step, and ``fsdp_full_state`` gathers
-    weights and Adam moments in the one-process form."""
+    of a student on the GPU, and of a frozen teacher loaded in host memory (``keep_on_cpu``, as the job loads
+    it); a step through ``sharded_step(fsdp=True)`` with both sharded equals the plain step, the sharded
+    teacher's logits equal the plain one's, and ``fsdp_full_state`` gathers weights and Adam moments in the
+    one-process form."""
     import copy
 
-    from domain import data_parallel, distillation
+    from domain import data_parallel, distillation, heldout
 
-    teacher = load_causal_lm(str(save_tiny_model(tmp_path / "teacher", layers=4, hidden=64, seed=3)),
-                             device="cuda").model.eval().requires_grad_(False)
+    path = str(save_tiny_model(tmp_path / "teacher", layers=4, hidden=64, seed=3))
+    teacher = load_causal_lm(path, device="cuda").model.eval().requires_grad_(False)
+    host = load_causal_lm(path, device="cuda", keep_on_cpu=True).model.eval().requires_grad_(False)
+    assert {p.device.type for p in host.parameters()} == {"cpu"} and host.dtype == teacher.dtype
     student, _ = distillation.reduce_layers(teacher, 2)
     plain = copy.deepcopy(student).cuda().train()
     ids = torch.randint(0, teacher.config.vocab_size, (2, 32), device="cuda")
@@ -276,9 +280,14 @@ def test_fsdp_shards_a_student_on_cuda_and_gathers_the_one_process_step(on_cuda,
     want = distillation.train_step(plain, teacher, ids, opt, distillation.make_scheduler(opt, 4), 2.0, 0.5, None)
     with data_parallel.process_group("distill", 1, tmp_path / "w", device="cuda", args={}, data={}):
         data_parallel.fsdp_shard(student.train(), "cuda")
-        assert all(type(p).__name__ == "DTensor" and p.device.type == "cuda" for p in student.parameters())
+        data_parallel.fsdp_shard(host, "cuda", frozen=True)
+        for model in (student, host):
+            assert all(type(p).__name__ == "DTensor" and p.device.type == "cuda" for p in model.parameters())
+        with torch.no_grad():  # as the job runs it: FSDP2 all-gathers refuse inference tensors
+            assert torch.allclose(host(input_ids=ids).logits, teacher(input_ids=ids).logits, atol=1e-4)
+        heldout.reference_passes(host, ids.cpu(), batch_size=1)
         sharded_opt = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.0)
-        got = distillation.sharded_step(student, teacher, ids, sharded_opt, distillation.make_scheduler(sharded_opt, 4),
+        got = distillation.sharded_step(student, host, ids, sharded_opt, distillation.make_scheduler(sharded_opt, 4),
                                         2.0, 0.5, None, rank=0, world=1, fsdp=True)
         weights, state = data_parallel.fsdp_full_state(student, sharded_opt)
     assert got.loss.item() == pytest.approx(want.loss.item(), rel=1e-4)

@@ -248,11 +248,12 @@ def test_a_one_process_distill_checkpoint_resumes_on_two_processes(pg_ledger, te
     assert _student_gap(straight, resumed) < 0.03
 
 
-# ---- distill with strategy fsdp: the student sharded over the ranks ---------------------------------
+# ---- distill with strategy fsdp: student and teacher sharded over the ranks -------------------------
 
 def test_fsdp_distill_on_two_gloo_processes_equals_one_process(pg_ledger, teacher_dir, losses):
-    """FSDP2 shards the student's weights, gradients and AdamW states over the two ranks; the loss curve and
-    the final student are still the one-process ones."""
+    """FSDP2 shards the student's weights, gradients and AdamW states, and the frozen teacher's weights, over
+    the two ranks; the loss curve, the final student and the closing evaluation (the sharded teacher's
+    forwards run on both ranks) are still the one-process ones."""
     body = {"tenant": add_tenant(pg_ledger, "acme"), "teacher": str(teacher_dir), **DISTILL}
     one = _distill({**body, "procs": 1})
     one_losses = list(losses)
@@ -264,6 +265,12 @@ def test_fsdp_distill_on_two_gloo_processes_equals_one_process(pg_ledger, teache
     assert (one["report"]["strategy"], two["report"]["strategy"]) == ("single", "fsdp")
     assert two["report"]["final_kl"] == pytest.approx(one["report"]["final_kl"], rel=1e-5)
     assert two["report"]["perplexity_student"] == pytest.approx(one["report"]["perplexity_student"], rel=1e-4)
+    assert two["report"]["perplexity_teacher"] == pytest.approx(one["report"]["perplexity_teacher"], rel=1e-5)
+    assert two["report"]["kl_divergence"] == pytest.approx(one["report"]["kl_divergence"], rel=1e-3, abs=1e-6)
+    assert two["report"]["teacher_params"] == one["report"]["teacher_params"]
+    whole, half = one["report"]["teacher_bytes_per_rank"], two["report"]["teacher_bytes_per_rank"]
+    assert whole == 4 * one["report"]["teacher_params"]  # fp32 on the CPU
+    assert whole / 2 <= half < whole / 2 * 1.05, (whole, half)  # rank 0's shards: half, plus shard padding
     assert not any((data_root() / "dist").glob("*"))
 
 
