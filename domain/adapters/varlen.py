@@ -16,6 +16,7 @@ review thread sharing the model meanwhile is unaffected.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -32,8 +33,17 @@ log = logging.getLogger(__name__)
 KERNEL_FLASH_ATTN = "flash_attn_varlen"
 KERNEL_TORCH = "torch_varlen"
 KERNEL_LOOP = "sdpa_loop"
-_torch_varlen_failed: list[str] = []  # the reason, once torch's kernel refused its first call on this process
-_torch_varlen_ran: list[bool] = []  # one entry once it has run (later errors are real errors, not "unsupported")
+
+
+@dataclasses.dataclass
+class _TorchVarlenState:
+    """What this process has learnt of torch's varlen kernel (one per process: the GPU does not change)."""
+
+    failed: str | None = None  # the reason, once the kernel refused its first call: the loop from then on
+    ran: bool = False  # it has run once: a later error is a real error, not "unsupported here"
+
+
+_torch_varlen_state = _TorchVarlenState()
 
 
 def _lengths() -> list[int] | None:
@@ -112,13 +122,13 @@ def _torch_varlen_spec():
 
 
 def torch_varlen_available() -> bool:
-    return _torch_varlen_spec() is not None and not _torch_varlen_failed
+    return _torch_varlen_spec() is not None and _torch_varlen_state.failed is None
 
 
 def _torch_varlen(query, key, value, lengths: list[int], scaling: float | None):
     """torch's varlen kernel: (1, heads, T, d) in, (1, T, heads, d) out; None when it cannot run this call."""
     spec = _torch_varlen_spec()
-    if spec is None or _torch_varlen_failed:
+    if spec is None or _torch_varlen_state.failed is not None:
         return None
     fn, causal, takes_scale, takes_gqa = spec
     kw = dict(causal)
@@ -135,7 +145,7 @@ def _torch_varlen(query, key, value, lengths: list[int], scaling: float | None):
             key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     cu, longest = _cu_seqlens(lengths, query.device)
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (T, heads, d)
-    first = not _torch_varlen_ran
+    first = not _torch_varlen_state.ran
     try:
         out = fn(q, k, v, cu, cu, longest, longest, **kw)
     except torch.cuda.OutOfMemoryError:
@@ -145,11 +155,10 @@ def _torch_varlen(query, key, value, lengths: list[int], scaling: float | None):
             raise
         # e.g. a GPU older than the kernel supports: say so once and use the loop from now on
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        _torch_varlen_failed.append(reason)
+        _torch_varlen_state.failed = reason
         log.warning("torch varlen_attn cannot run here (%s); packed batches use the per-sample loop", reason)
         return None
-    if first:
-        _torch_varlen_ran.append(True)
+    _torch_varlen_state.ran = True
     return out.unsqueeze(0)
 
 

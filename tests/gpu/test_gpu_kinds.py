@@ -229,7 +229,7 @@ def test_packed_attention_runs_torchs_own_varlen_kernel_on_cuda_and_matches_the_
     k, v = (torch.randn(1, 2, sum(lengths), 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             for _ in range(2))
     out = varlen._torch_varlen(q, k, v, lengths, 0.125)
-    assert out is not None, varlen._torch_varlen_failed
+    assert out is not None, varlen._torch_varlen_state.failed
     weights = torch.randn_like(out, dtype=torch.float32)
     (out.float() * weights).sum().backward()
     kernel_grads = [t.grad.float() for t in (q, k, v)]

@@ -19,8 +19,7 @@ LENGTHS = [5, 9, 3]
 @pytest.fixture(autouse=True)
 def fresh_state(monkeypatch):
     """Each test starts as a new process would: torch's kernel not yet tried, no failure recorded."""
-    monkeypatch.setattr(varlen, "_torch_varlen_failed", [])
-    monkeypatch.setattr(varlen, "_torch_varlen_ran", [])
+    monkeypatch.setattr(varlen, "_torch_varlen_state", varlen._TorchVarlenState())
     varlen.reset_kernels()
 
 
@@ -116,7 +115,7 @@ def test_a_kernel_that_refuses_its_first_call_is_given_up_once_and_the_loop_runs
     with caplog.at_level("WARNING", logger="domain.adapters.varlen"):
         assert varlen._torch_varlen(q, k, v, LENGTHS, None) is None
         assert varlen._torch_varlen(q, k, v, LENGTHS, None) is None
-    assert len(varlen._torch_varlen_failed) == 1 and varlen._torch_varlen_failed[0].startswith("NotImplementedError")
+    assert (varlen._torch_varlen_state.failed or "").startswith("NotImplementedError")
     assert not varlen.torch_varlen_available()
     assert len([r for r in caplog.records if "per-sample loop" in r.getMessage()]) == 1
 
@@ -135,7 +134,7 @@ def test_errors_after_the_kernel_has_run_are_raised_not_swallowed(monkeypatch):
     assert varlen._torch_varlen(q, k, v, LENGTHS, None) is not None
     with pytest.raises(RuntimeError, match="illegal memory access"):
         varlen._torch_varlen(q, k, v, LENGTHS, None)
-    assert varlen._torch_varlen_failed == []
+    assert varlen._torch_varlen_state.failed is None
 
 
 def test_out_of_memory_on_the_first_call_is_raised_for_the_oom_path(monkeypatch):
@@ -145,7 +144,7 @@ def test_out_of_memory_on_the_first_call_is_raised_for_the_oom_path(monkeypatch)
     monkeypatch.setattr(varlen, "_torch_varlen_spec", lambda: (oom, {"window_size": (-1, 0)}, True, True))
     with pytest.raises(torch.cuda.OutOfMemoryError):
         varlen._torch_varlen(*_qkv(), LENGTHS, None)
-    assert varlen._torch_varlen_failed == []
+    assert varlen._torch_varlen_state.failed is None
 
 
 def test_on_the_cpu_packed_forwards_record_the_loop():
