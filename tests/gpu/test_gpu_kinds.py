@@ -306,3 +306,5 @@ def test_two_process_fsdp_distill_on_two_gpus(on_cuda, tmp_path):
     assert one["status"] == two["status"] == "succeeded", (one, two)
     assert two["result"]["report"]["strategy"] == "fsdp"
     assert two["result"]["report"]["final_loss"] == pytest.approx(one["result"]["report"]["final_loss"], rel=1e-3)
+    whole, half = (r["result"]["report"]["teacher_bytes_per_rank"] for r in (one, two))
+    assert whole / 2 <= half < whole / 2 * 1.05, (whole, half)  # the teacher sharded over the two GPUs
