@@ -66,3 +66,30 @@ def test_compare_matches_a_hand_computation():
 def test_empty_blocks_are_refused():
     with pytest.raises(ValueError, match="no held-out tokens"):
         heldout.perplexity(FixedLogits([0.0]), torch.zeros(0, 8, dtype=torch.long))
+
+
+class CountingLogits(FixedLogits):
+    """FixedLogits that records the shape of every forward."""
+
+    def __init__(self, row: list[float]):
+        super().__init__(row)
+        self.calls: list[tuple[int, ...]] = []
+
+    def forward(self, input_ids, use_cache=False):
+        self.calls.append(tuple(input_ids.shape))
+        return super().forward(input_ids, use_cache)
+
+
+@pytest.mark.parametrize("rows,batch_size", [(1, 4), (4, 4), (7, 4), (9, 2), (0, 4)])
+def test_reference_passes_run_exactly_the_forwards_compare_runs_of_its_reference(rows, batch_size):
+    """The helpers of an fsdp distill run reference_passes while rank 0 runs compare over a sharded teacher:
+    each forward all-gathers on every rank, so the two must make the same calls in the same order."""
+    blocks = torch.randint(0, 3, (rows, 6))
+    in_compare, in_passes = CountingLogits([1.0, 0.0, 0.0]), CountingLogits([1.0, 0.0, 0.0])
+    if rows:
+        heldout.compare(in_compare, FixedLogits([0.0, 1.0, 0.0]), blocks, batch_size=batch_size)
+    else:
+        with pytest.raises(ValueError):  # refused before any forward
+            heldout.compare(in_compare, FixedLogits([0.0, 1.0, 0.0]), blocks, batch_size=batch_size)
+    heldout.reference_passes(in_passes, blocks, batch_size=batch_size)
+    assert in_passes.calls == in_compare.calls and len(in_passes.calls) == math.ceil(rows / batch_size)
