@@ -56,7 +56,7 @@ from domain import checkpoints, costs, data_parallel, heldout
 from domain.errors import InvalidJob, JobFailed, is_out_of_memory
 from domain.contract import JobContext, Outcome
 from domain.ledger.models import new_id
-from domain.device import oom_code, train_autocast
+from domain.device import adamw, oom_code, train_autocast
 from domain.models import ModelLoadError, load_causal_lm, load_tokenizer, model_fingerprint, resolve_device
 from domain.artifacts import Published, add_artifact, data_file, publish_model
 from domain.paths import data_root, fresh_dir
@@ -464,7 +464,7 @@ def _load_teacher(teacher_ref: str, spec: DistillSpec, device: torch.device, *, 
 def _trainable(student, spec: DistillSpec, steps: int, device: torch.device, resume: checkpoints.Loaded | None):
     """The student on ``device`` in train mode, its AdamW and schedule; a checkpoint's weights and states put back."""
     student.to(device).train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=spec.learning_rate, weight_decay=0.0)
+    optimizer = adamw(student.parameters(), spec.learning_rate)
     scheduler = make_scheduler(optimizer, steps)
     if resume is not None:
         student.load_state_dict(resume.weights)
@@ -480,7 +480,7 @@ def _fsdp_trainable(student, spec: DistillSpec, steps: int, device: torch.device
     if resume is not None:
         student.load_state_dict(resume.weights)
     data_parallel.fsdp_shard(student, str(device))
-    optimizer = torch.optim.AdamW(student.parameters(), lr=spec.learning_rate, weight_decay=0.0)
+    optimizer = adamw(student.parameters(), spec.learning_rate)
     scheduler = make_scheduler(optimizer, steps)
     if resume is not None:
         data_parallel.fsdp_load_optimizer(student, optimizer, resume.state["optimizer"])

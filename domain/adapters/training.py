@@ -38,7 +38,7 @@ from domain import checkpoints
 from domain.adapters import varlen
 from domain.adapters.data import IGNORE, TokenizedExample
 from domain.config import get_settings
-from domain.device import compute_dtype, train_autocast
+from domain.device import adamw, compute_dtype, train_autocast
 
 
 @dataclass
@@ -203,7 +203,7 @@ def setup_model(base_model: torch.nn.Module, cfg: TrainConfig, init_adapter_dir:
 
 def make_optimizer(model, cfg: TrainConfig):
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = adamw(params, cfg.learning_rate, cfg.weight_decay)
     warmup, total = cfg.warmup, cfg.max_steps
 
     def lr_factor(step: int) -> float:  # linear warm-up, then cosine decay to 10 %

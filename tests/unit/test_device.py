@@ -109,3 +109,28 @@ def test_autocast_and_memory_on_cuda():
     mem = device.memory("cuda")
     assert mem["total_mb"] > mem["free_mb"] > 0 and mem["allocated_mb"] > 0
     device.release()
+
+
+def test_adamw_is_torchs_default_on_the_cpu():
+    """CPU results must not change: no fused kernel there (nor foreach forced), whatever torch offers."""
+    opt = device.adamw(torch.nn.Linear(4, 4).parameters(), 1e-3, 0.01)
+    assert not opt.defaults.get("fused") and opt.defaults["lr"] == 1e-3 and opt.defaults["weight_decay"] == 0.01
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_adamw_on_cuda_is_fused_and_steps_like_the_default():
+    torch.manual_seed(0)
+    a = torch.nn.Linear(64, 64).cuda()
+    b = torch.nn.Linear(64, 64).cuda()
+    b.load_state_dict(a.state_dict())
+    fused, plain = device.adamw(a.parameters(), 1e-2, 0.01), torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.01)
+    assert fused.defaults["fused"] is True
+    x = torch.randn(8, 64, device="cuda")
+    for _ in range(3):
+        for model, opt in ((a, fused), (b, plain)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-5)
+    plain.load_state_dict(fused.state_dict())  # the same checkpoint format either way
