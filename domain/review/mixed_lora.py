@@ -27,15 +27,20 @@ BASE = "__base__"
 
 class _Rows:
     """Which adapter each row of the batch uses, as a mask over the adapters' concatenated rank columns
-    (shared by every patched layer; rows are dropped as they finish)."""
+    (shared by every patched layer; rows are dropped as they finish). A batch of one adapter (a single
+    review, or rows of one tenant) has no mask: every column is every row's, and multiplying by ones would
+    be one more kernel a LoRA layer a decode step for the same numbers."""
 
     def __init__(self, index: torch.Tensor, n_adapters: int, rank: int, dtype: torch.dtype):
         self.rank = rank
-        onehot = torch.nn.functional.one_hot(index, n_adapters).to(dtype)  # [B, U]
-        self.mask = onehot.repeat_interleave(rank, dim=1).unsqueeze(1)  # [B, 1, U*rank]
+        self.mask = None
+        if n_adapters > 1:
+            onehot = torch.nn.functional.one_hot(index, n_adapters).to(dtype)  # [B, U]
+            self.mask = onehot.repeat_interleave(rank, dim=1).unsqueeze(1)  # [B, 1, U*rank]
 
     def select(self, keep: torch.Tensor) -> None:
-        self.mask = self.mask[keep]
+        if self.mask is not None:
+            self.mask = self.mask[keep]
 
 
 class MixedLoRA:
@@ -102,7 +107,9 @@ def _stacks(layer, unique: list[str], rank: int) -> tuple[torch.Tensor, torch.Te
 def _forward(base: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, rows: _Rows):
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = base(x, *args, **kwargs)
-        h = torch.matmul(x.to(a.dtype), a) * rows.mask  # [B, T, U*rank]: only the row's own adapter's columns
+        h = torch.matmul(x.to(a.dtype), a)  # [B, T, U*rank]
+        if rows.mask is not None:
+            h = h * rows.mask  # only the row's own adapter's columns
         return result + torch.matmul(h, b).to(result.dtype)
 
     return forward

@@ -272,3 +272,37 @@ def test_evict_drops_an_adapter_and_the_last_one_leaves_the_bare_base(lively):
     fresh = new_runtime(base)
     v3_alone = fresh.generate([prompt], [fresh.ensure_adapter(handle(adapters, "v3"))], [10])[0]
     assert rt.generate([prompt], [slot], [10])[0] == v3_alone
+
+
+def test_a_batch_of_one_adapter_runs_without_a_row_mask_and_equals_peft(lively, monkeypatch):
+    """Rows that all use one adapter skip the mask multiply (every column is theirs): same tokens as PEFT."""
+    from domain.review import mixed_lora
+
+    base, adapters = lively
+    rt = new_runtime(base, max_adapters=2)
+    slot = rt.ensure_adapter(handle(adapters, "v2"), {"v2"})
+    prompts = [encode(rt, PROMPTS[i]) for i in range(3)]
+    masks = []
+    real_rows = mixed_lora.MixedLoRA.rows
+
+    def watching(self, names):
+        cm = real_rows(self, names)
+        rows = cm.__enter__()
+        masks.append(rows.mask)
+        return _Reentered(cm, rows)
+
+    class _Reentered:
+        def __init__(self, cm, rows):
+            self.cm, self.value = cm, rows
+
+        def __enter__(self):
+            return self.value
+
+        def __exit__(self, *exc):
+            return self.cm.__exit__(*exc)
+
+    monkeypatch.setattr(mixed_lora.MixedLoRA, "rows", watching)
+    fused = rt.generate(prompts, [slot] * 3, [10] * 3)
+    assert masks and all(m is None for m in masks) and rt.stats["fused_lora_batches"] >= 1
+    monkeypatch.setattr(mixed_lora.MixedLoRA, "supported", lambda self, names: False)
+    assert rt.generate(prompts, [slot] * 3, [10] * 3) == fused
