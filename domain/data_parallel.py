@@ -32,8 +32,9 @@ Helpers exit when rank 0 goes away (a collective breaks or times out) or when th
 (rank 0, or the rank agent) does.
 
 Strategy fsdp (distill: ``strategy_for``, ``fsdp_shard``): the student, and the frozen teacher, are sharded
-over the ranks with torch FSDP2 instead of replicated; ``fsdp_full_state`` gathers it to rank 0 (a collective) for checkpoints in the
-one-process format, and ``agree`` broadcasts rank 0's soft stop so every rank takes part in that gather.
+over the ranks with torch FSDP2 instead of replicated; ``fsdp_full_state`` gathers the student to rank 0 (a
+collective) for checkpoints in the one-process format, and ``agree`` broadcasts rank 0's soft stop so every
+rank takes part in that gather.
 
 Several hosts (docs/operations.md, "Training across hosts"): rank 0 puts the launch files, and the local
 folders the kind names in ``trees`` (the resume checkpoint, the init adapter), into the artifact store and
@@ -233,22 +234,23 @@ def fsdp_load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer
 
 def local_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """The training state this rank holds, in bytes: its parameters (its shards under fsdp), their gradients
-    and the optimizer's state tensors (a frozen teacher is not counted)."""
-    def local(t: torch.Tensor) -> torch.Tensor:
-        return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard on this rank
-
-    total = 0
+    and the optimizer's state tensors (a frozen teacher is not counted: ``local_weight_bytes``)."""
+    total = local_weight_bytes(model)
     for p in model.parameters():
-        total += local(p).nbytes + (local(p.grad).nbytes if p.grad is not None else 0)
+        total += _local(p.grad).nbytes if p.grad is not None else 0
     for state in optimizer.state.values():
-        total += sum(local(v).nbytes for v in state.values() if torch.is_tensor(v))
+        total += sum(_local(v).nbytes for v in state.values() if torch.is_tensor(v))
     return total
 
 
 def local_weight_bytes(model: torch.nn.Module) -> int:
     """The bytes of ``model``'s parameters that this rank holds (its shards under ``fsdp_shard``): a frozen
     teacher's share of the rank's memory."""
-    return sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in model.parameters())
+    return sum(_local(p).nbytes for p in model.parameters())
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard on this rank
 
 
 def agree(flag: bool, device: str | torch.device) -> bool:

@@ -101,10 +101,11 @@ def _load_causal_lm(ref: str, device: str, dtype: torch.dtype | None, quantizati
         model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {ref!r}: {exc}") from exc
-    if keep_on_cpu and quantization_config is None:
-        dev = torch.device("cpu")
-    elif quantization_config is None:
-        model.to(dev)
+    if quantization_config is None:  # a quantized model is placed by its device_map
+        if keep_on_cpu:
+            dev = torch.device("cpu")  # where the weights are; FSDP moves their shards
+        else:
+            model.to(dev)
     model.eval()
     tok = load_tokenizer(ref)
     if getattr(model.generation_config, "pad_token_id", None) is None:

@@ -283,25 +283,13 @@ def test_a_batch_of_one_adapter_runs_without_a_row_mask_and_equals_peft(lively, 
     slot = rt.ensure_adapter(handle(adapters, "v2"), {"v2"})
     prompts = [encode(rt, PROMPTS[i]) for i in range(3)]
     masks = []
-    real_rows = mixed_lora.MixedLoRA.rows
 
-    def watching(self, names):
-        cm = real_rows(self, names)
-        rows = cm.__enter__()
-        masks.append(rows.mask)
-        return _Reentered(cm, rows)
+    class Watched(mixed_lora._Rows):
+        def __init__(self, *args):
+            super().__init__(*args)
+            masks.append(self.mask)
 
-    class _Reentered:
-        def __init__(self, cm, rows):
-            self.cm, self.value = cm, rows
-
-        def __enter__(self):
-            return self.value
-
-        def __exit__(self, *exc):
-            return self.cm.__exit__(*exc)
-
-    monkeypatch.setattr(mixed_lora.MixedLoRA, "rows", watching)
+    monkeypatch.setattr(mixed_lora, "_Rows", Watched)
     fused = rt.generate(prompts, [slot] * 3, [10] * 3)
     assert masks and all(m is None for m in masks) and rt.stats["fused_lora_batches"] >= 1
     monkeypatch.setattr(mixed_lora.MixedLoRA, "supported", lambda self, names: False)
